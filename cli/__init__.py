@@ -1,0 +1,1 @@
+"""The ``edgeff`` command line (installed as ``edgeff.cli``)."""

@@ -1,0 +1,196 @@
+"""``edgeff`` CLI: parses options, builds configs, calls the library, prints. No logic lives here."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import replace
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+app = typer.Typer(help="edgeff: on-device continual learning without backpropagation.", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False)
+out = Console()
+err = Console(stderr=True)
+
+
+class Dataset(str, Enum):
+    builtin = "builtin"
+    mnist = "mnist"
+    fashion_mnist = "fashion-mnist"
+    cifar10 = "cifar10"
+    cifar10_exact = "cifar10-exact"
+
+
+class Schedule(str, Enum):
+    all = "all"
+    greedy = "greedy"
+    olu = "olu"
+
+
+def _fail(msg: str) -> None:
+    err.print(f"[bold red]error:[/] {msg}", highlight=False)
+    raise typer.Exit(2)
+
+
+def _layer_summary(metrics: object) -> str:
+    from edgeff.trainer import LayerMetrics
+
+    if isinstance(metrics, list) and metrics and isinstance(metrics[0], LayerMetrics):
+        return " ".join(f"L{i + 1} {m.loss:.3f}/{m.separation:+.2f}" for i, m in enumerate(metrics))
+    return f"loss {float(metrics):.3f}"  # type: ignore[arg-type]
+
+
+@app.command()
+def train(
+    preset: Annotated[str, typer.Option(help="named configuration; see `edgeff presets`")] = "symba-mlp",
+    data: Annotated[Dataset, typer.Option(help="data set")] = Dataset.builtin,
+    data_dir: Annotated[Optional[Path], typer.Option(help="folder holding MNIST/raw, FashionMNIST/raw or CIFAR10")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="passes over the training set [default: the preset's, 3 on builtin]")] = None,
+    samples: Annotated[Optional[int], typer.Option(help="use only this many (shuffled) training samples per pass")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="samples per step, 1 for pure streaming [default: the preset's]")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="learning rate [default: the preset's]")] = None,
+    schedule: Annotated[Optional[Schedule], typer.Option(help="layer schedule [default: the preset's]")] = None,
+    seed: Annotated[int, typer.Option(help="random seed (weights, negatives, data order)")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+    backprop: Annotated[bool, typer.Option("--backprop", help="train the end-to-end backprop baseline on the same architecture")] = False,
+    out_path: Annotated[Optional[Path], typer.Option("--out", help="checkpoint to write [default: runs/PRESET.pt]")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from --out if it exists")] = False,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Train a preset on a data set, streaming batches, then report test accuracy."""
+    from edgeff import checkpoint, evaluate, get_preset, make_learner
+    from edgeff.data import load_data
+    from edgeff.errors import EdgeFFError
+    from edgeff.trainer import train_epochs
+
+    try:
+        p = get_preset(preset)
+        ds = load_data(data.value, data_dir)
+        tc = replace(p.train, seed=seed, device=device)
+        if batch_size is not None:
+            tc = replace(tc, batch_size=batch_size)
+        if lr is not None:
+            tc = replace(tc, lr=lr)
+        if schedule is not None:
+            tc = replace(tc, schedule=schedule.value)
+        n_epochs = epochs if epochs is not None else (3 if data == Dataset.builtin else tc.epochs)
+        if tc.batch_size < 1:
+            _fail(f"--batch-size must be at least 1, got {tc.batch_size}")
+        if n_epochs < 1:
+            _fail(f"--epochs must be at least 1, got {n_epochs}")
+        tc = replace(tc, epochs=n_epochs)
+        name = f"{preset}{'-bp' if backprop and p.algorithm != 'bp' else ''}"
+        path = out_path or Path("runs") / f"{name}.pt"
+        if resume and path.is_file():
+            learner, _ = checkpoint.load(path, device=device)
+            out.print(f"resuming {path} at {learner.samples_seen} samples")
+        else:
+            learner = make_learner(p, input_shape=ds.input_shape, num_classes=len(ds.classes), train=tc,
+                                   backprop=backprop)
+        per_epoch = min(samples, len(ds.y_train)) if samples else len(ds.y_train)
+        total = per_epoch * n_epochs
+        out.print(f"[bold]{name}[/] on {ds.name}: {per_epoch} samples x {n_epochs} epochs, batch "
+                  f"{tc.batch_size}, device {learner.device}", highlight=False)
+        t0 = time.perf_counter()
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TimeRemainingColumn(), TextColumn("{task.fields[layers]}"), console=out,
+                      disable=not progress, transient=False) as bar:
+            task = bar.add_task("train", total=total, completed=min(learner.samples_seen, total), layers="")
+            last = [0.0]
+
+            def on_step(m: object, n: int) -> None:
+                now = time.perf_counter()
+                if now - last[0] > 0.25:
+                    bar.update(task, advance=n, layers=_layer_summary(m))
+                    last[0] = now
+                else:
+                    bar.update(task, advance=n)
+
+            train_epochs(learner, ds, epochs=n_epochs, batch_size=tc.batch_size, seed=seed, limit=samples,
+                         on_step=on_step)
+        seconds = time.perf_counter() - t0
+        meta = {"dataset": ds.name, "classes": list(ds.classes), "mean": list(ds.mean), "std": list(ds.std),
+                "preset": preset, "samples_per_epoch": per_epoch}
+        checkpoint.save(learner, path, meta=meta)
+        res = evaluate(learner, ds.test_batches(500), per_layer=True)
+    except EdgeFFError as e:
+        _fail(str(e))
+        return
+    layers = "  ".join(f"L{i + 1} {a:.2%}" for i, a in enumerate(res.layer_accuracy))
+    out.print(f"trained in {seconds:.1f}s; test accuracy {res.accuracy:.2%} on {res.n} images"
+              + (f"  (per layer: {layers})" if layers else ""), highlight=False)
+    out.print(f"checkpoint: {path}", highlight=False)
+
+
+@app.command("eval")
+def eval_cmd(
+    checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="a file written by `edgeff train`")],
+    data: Annotated[Optional[Dataset], typer.Option(help="data set [default: the one it was trained on]")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="folder holding the full data sets")] = None,
+    layers: Annotated[Optional[str], typer.Option(help="goodness layers: all, all-but-first, last, last:K")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="evaluate on the first N test images")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+) -> None:
+    """Evaluate a checkpoint on a test set."""
+    from edgeff import checkpoint, evaluate
+    from edgeff.data import load_data
+    from edgeff.errors import EdgeFFError
+    from edgeff.model import GoodnessPredictor, select_layers
+    from edgeff.trainer import Learner
+
+    try:
+        learner, meta = checkpoint.load(checkpoint_path, device=device)
+        name = data.value if data is not None else str(meta.get("dataset", "builtin"))
+        ds = load_data(name, data_dir)
+        if tuple(ds.input_shape) != tuple(learner.model_cfg.input_shape):
+            _fail(f"{checkpoint_path} expects inputs of shape {learner.model_cfg.input_shape} but {name} has "
+                  f"{ds.input_shape}; evaluate it on the data set it was trained on ({meta.get('dataset')})")
+        if layers is not None:
+            if not isinstance(learner, Learner):
+                _fail("--layers applies to layer-local (goodness) models only")
+            select_layers(layers, len(learner.net.layers))  # validates
+            learner.predictor = GoodnessPredictor(layers)  # type: ignore[union-attr]
+        res = evaluate(learner, ds.test_batches(500, limit=limit), per_layer=True)
+    except (EdgeFFError, ValueError) as e:
+        _fail(str(e))
+        return
+    if as_json:
+        out.print_json(json.dumps({"accuracy": res.accuracy, "n": res.n, "layer_accuracy": list(res.layer_accuracy)}))
+        return
+    out.print(f"{checkpoint_path}: test accuracy {res.accuracy:.2%} on {res.n} {name} images", highlight=False)
+    for i, a in enumerate(res.layer_accuracy):
+        out.print(f"  layer {i + 1} goodness alone: {a:.2%}")
+
+
+@app.command()
+def presets() -> None:
+    """List the named configurations and the papers they come from."""
+    from edgeff.presets import PRESETS
+
+    table = Table(show_lines=True)
+    for col in ("preset", "kind", "paper", "what it is"):
+        table.add_column(col, overflow="fold")
+    for p in PRESETS.values():
+        table.add_row(p.name, p.algorithm, p.paper, p.notes)
+    out.print(table)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""The end-to-end backprop baseline: the same blocks as a ``LocalNet``, no label input, a linear
+head, cross-entropy through every layer and one optimizer. Same verbs as ``Learner``."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgeff.config import ModelConfig, TrainConfig
+from edgeff.layers import make_block, out_shape, make_optimizer
+from edgeff.trainer import as_batch, as_labels, resolve_device
+
+
+class BPNet(nn.Module):
+    def __init__(self, cfg: ModelConfig, generator: torch.Generator) -> None:
+        super().__init__()
+        shape: tuple[int, ...] = cfg.input_shape
+        blocks = []
+        for spec in cfg.layers:
+            blocks.append(make_block(spec, shape, generator, bn_momentum=cfg.bn_momentum,
+                                     bn_min_batch=cfg.bn_min_batch, bn_always_running=cfg.bn_always_running))
+            shape = out_shape(spec, shape)
+        self.blocks = nn.Sequential(*blocks)
+        dim = math.prod(shape)
+        self.head = nn.Linear(dim, cfg.num_classes)
+        bound = 1 / math.sqrt(dim)
+        nn.init.uniform_(self.head.weight, -bound, bound, generator=generator)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(x).flatten(1))  # (B, K)
+
+
+class BPLearner:
+    """Backprop on the architecture of ``model`` (its label encoder and local loss are unused)."""
+
+    kind = "bp"
+
+    def __init__(self, model: ModelConfig, train: TrainConfig) -> None:
+        self.model_cfg = model
+        self.train_cfg = train
+        self.device = resolve_device(train.device)
+        self.generator = torch.Generator().manual_seed(train.seed)
+        self.net = BPNet(model, self.generator).to(self.device)
+        self.opt = make_optimizer(list(self.net.parameters()), train.optimizer, train.lr)
+        self.step = 0
+        self.samples_seen = 0
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+
+    def learn_many(self, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> float:
+        """One end-to-end SGD step; returns the cross-entropy."""
+        xb = as_batch(x, self.model_cfg.input_shape).to(self.device)
+        yb = as_labels(y, xb.shape[0], self.model_cfg.num_classes).to(self.device)
+        self.net.train()
+        loss = F.cross_entropy(self.net(xb), yb)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.step += 1
+        self.samples_seen += xb.shape[0]
+        return float(loss.detach())
+
+    def learn_one(self, x: torch.Tensor | np.ndarray, y: int) -> float:
+        return self.learn_many(as_batch(x, self.model_cfg.input_shape, single=True), [int(y)])
+
+    def scores(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        xb = as_batch(x, self.model_cfg.input_shape).to(self.device)
+        self.net.eval()
+        with torch.no_grad():
+            return self.net(xb)
+
+    def predict_many(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        return self.scores(x).argmax(1).cpu()
+
+    def predict_one(self, x: torch.Tensor | np.ndarray) -> int:
+        return int(self.predict_many(as_batch(x, self.model_cfg.input_shape, single=True))[0])

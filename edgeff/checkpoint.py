@@ -1,0 +1,120 @@
+"""Checkpoints: everything needed to predict and to resume training exactly where it stopped.
+
+A checkpoint holds the configs, the weights and BatchNorm statistics, each live optimizer's state,
+the predictor's state, the random generator's state and the step counters. It is written
+atomically (temp file in the same folder, fsync, rename), so a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgeff import __version__
+from edgeff.baseline import BPLearner
+from edgeff.config import ModelConfig, TrainConfig
+from edgeff.errors import CheckpointError
+from edgeff.trainer import Learner
+
+FORMAT = "edgeff-checkpoint"
+FORMAT_VERSION = 1
+
+
+def _cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
+
+
+def save(learner: Learner | BPLearner, path: str | Path, *, meta: dict[str, Any] | None = None) -> Path:
+    """Write ``learner`` to ``path`` atomically; ``meta`` (data set, class names, ...) is kept with it."""
+    path = Path(path)
+    state: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "edgeff_version": __version__,
+        "kind": learner.kind,
+        "model": learner.model_cfg.to_dict(),
+        "train": learner.train_cfg.to_dict(),
+        "net": learner.net.state_dict(),
+        "generator": learner.generator.get_state(),
+        "step": learner.step,
+        "samples_seen": learner.samples_seen,
+        "meta": dict(meta or {}),
+    }
+    if isinstance(learner, Learner):
+        state["optim"] = [None if layer.opt is None else layer.opt.state_dict() for layer in learner.net.layers]
+        pred = learner.predictor
+        state["predictor"] = pred.state_dict()
+        popt = getattr(pred, "opt", None)
+        state["predictor_optim"] = None if popt is None else popt.state_dict()
+    else:
+        state["optim"] = learner.opt.state_dict()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(_cpu(state), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load(path: str | Path, *, device: str | None = None) -> tuple[Learner | BPLearner, dict[str, Any]]:
+    """Rebuild the learner saved at ``path``; returns it and its ``meta``.
+
+    Raises:
+        CheckpointError: the file is missing, not an edgeff checkpoint, or from an incompatible version.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; train one with `edgeff train --out {path}`")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}); it may be truncated "
+                              "or corrupt: retrain or restore it") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an edgeff checkpoint")
+    if state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format {state.get('format_version')}, this edgeff reads "
+                              f"{FORMAT_VERSION}; re-export it with edgeff {state.get('edgeff_version')}")
+    try:
+        model = ModelConfig.from_dict(state["model"])
+        train = TrainConfig.from_dict(state["train"])
+        if device is not None:
+            from dataclasses import replace
+
+            train = replace(train, device=device)
+        learner: Learner | BPLearner = Learner(model, train) if state["kind"] == "local" else BPLearner(model, train)
+        learner.net.load_state_dict(state["net"])
+        learner.generator.set_state(state["generator"])
+        learner.step = int(state["step"])
+        learner.samples_seen = int(state["samples_seen"])
+        if isinstance(learner, Learner):
+            for layer, opt_state in zip(learner.net.layers, state["optim"], strict=True):
+                if opt_state is not None:
+                    layer.ensure_optimizer().load_state_dict(opt_state)
+            learner.predictor.load_state_dict(state["predictor"])
+            if state.get("predictor_optim") is not None:
+                pred = learner.predictor
+                pred.opt = torch.optim.Adam(pred.linear.parameters(), lr=pred.lr)  # type: ignore[union-attr]
+                pred.opt.load_state_dict(state["predictor_optim"])
+        else:
+            learner.opt.load_state_dict(state["optim"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} does not match this edgeff version's model code: {e}") from None
+    return learner, dict(state.get("meta", {}))

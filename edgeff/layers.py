@@ -1,0 +1,207 @@
+"""Local layers: normalisation -> weights -> activation (-> max-pool), each owning its optimizer.
+
+A layer never sends a gradient upstream: the trainer detaches its output (``LocalLayer.step``), which
+is the memory contract of layer-local training. The same ``block`` modules also build the
+end-to-end backprop baseline, so both learners train exactly the same architecture.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NORMS = ("none", "length", "layer", "batch")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One local layer. ``kind`` is ``linear`` (inputs are flattened) or ``conv``."""
+
+    kind: str  # "linear" | "conv"
+    out: int  # output features (linear) or channels (conv)
+    norm: str = "none"  # applied to the layer's input: none | length | layer | batch
+    kernel: int = 3  # conv only
+    stride: int = 1  # conv only
+    padding: int = 1  # conv only
+    pool: int = 1  # max-pool size after the activation (1 = no pooling), conv only
+
+
+class LengthNorm(nn.Module):
+    """Hinton's length normalisation of each sample's vector, scaled to unit root-mean-square.
+
+    Dividing by the RMS instead of the L2 norm is the same direction with a width-independent
+    scale, so a goodness threshold (mean of squares) keeps its meaning for any layer width.
+    """
+
+    def __init__(self, eps: float = 1e-8) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rms = x.pow(2).flatten(1).mean(1).add(self.eps).sqrt()  # (B,)
+        return x / rms.view(-1, *([1] * (x.dim() - 1)))
+
+
+class SampleLayerNorm(nn.Module):
+    """LayerNorm over all non-batch dims, without affine parameters."""
+
+    def __init__(self, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[1:], eps=self.eps)
+
+
+class RunningBatchNorm(nn.Module):
+    """BatchNorm that also trains at batch size 1 (Trifecta, app. F: rolling averages throughout).
+
+    In training, a batch with at least ``min_batch`` samples is normalised with its own statistics;
+    a smaller one (or every batch when ``always_running``) with the running statistics. Either way
+    the running mean/variance are updated with ``momentum`` from the batch (the variance only
+    when the batch holds at least two values per feature), before being used. The gradient does not
+    flow through the running statistics. In eval mode the running statistics are always used.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        spatial: bool,
+        momentum: float = 0.1,
+        min_batch: int = 8,
+        always_running: bool = False,
+        eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.spatial = spatial
+        self.momentum = momentum
+        self.min_batch = min_batch
+        self.always_running = always_running
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _shape(self, v: torch.Tensor) -> torch.Tensor:
+        return v.view(1, -1, 1, 1) if self.spatial else v.view(1, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dims = [0, 2, 3] if self.spatial else [0]
+        if self.training:
+            use_batch = not self.always_running and x.shape[0] >= self.min_batch
+            n = x.numel() // x.shape[1]
+            with torch.no_grad():
+                mean = x.mean(dims)
+                self.running_mean.lerp_(mean, self.momentum)
+                if n > 1:
+                    self.running_var.lerp_(x.var(dims, unbiased=True), self.momentum)
+            if use_batch:
+                mu = x.mean(dims, keepdim=True)
+                var = x.var(dims, unbiased=False, keepdim=True)
+                xn = (x - mu) / torch.sqrt(var + self.eps)
+                return xn * self._shape(self.weight) + self._shape(self.bias)
+        mu, var = self._shape(self.running_mean), self._shape(self.running_var)
+        return (x - mu) / torch.sqrt(var + self.eps) * self._shape(self.weight) + self._shape(self.bias)
+
+
+def make_norm(
+    norm: str, features: int, *, spatial: bool, bn_momentum: float, bn_min_batch: int, bn_always_running: bool
+) -> nn.Module:
+    if norm == "none":
+        return nn.Identity()
+    if norm == "length":
+        return LengthNorm()
+    if norm == "layer":
+        return SampleLayerNorm()
+    if norm == "batch":
+        return RunningBatchNorm(
+            features,
+            spatial=spatial,
+            momentum=bn_momentum,
+            min_batch=bn_min_batch,
+            always_running=bn_always_running,
+        )
+    raise ValueError(f"unknown normalisation {norm!r}; choose one of {NORMS}")
+
+
+def out_shape(spec: LayerSpec, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of one sample after the layer (without the batch axis)."""
+    if spec.kind == "linear":
+        return (spec.out,)
+    if len(in_shape) != 3:
+        raise ValueError(f"a conv layer needs (C, H, W) inputs, got {in_shape}")
+    _, h, w = in_shape
+    h = (h + 2 * spec.padding - spec.kernel) // spec.stride + 1
+    w = (w + 2 * spec.padding - spec.kernel) // spec.stride + 1
+    return (spec.out, h // spec.pool, w // spec.pool)
+
+
+def make_block(
+    spec: LayerSpec,
+    in_shape: tuple[int, ...],
+    generator: torch.Generator,
+    *,
+    bn_momentum: float = 0.1,
+    bn_min_batch: int = 8,
+    bn_always_running: bool = False,
+) -> nn.Sequential:
+    """normalisation -> weights -> ReLU (-> max-pool), Kaiming-uniform initialised from ``generator``."""
+    bn = dict(bn_momentum=bn_momentum, bn_min_batch=bn_min_batch, bn_always_running=bn_always_running)
+    mods: list[nn.Module] = []
+    if spec.kind == "linear":
+        fan_in = math.prod(in_shape)
+        mods += [nn.Flatten(), make_norm(spec.norm, fan_in, spatial=False, **bn)]  # type: ignore[arg-type]
+        weight: nn.Module = nn.Linear(fan_in, spec.out)
+    elif spec.kind == "conv":
+        if len(in_shape) != 3:
+            raise ValueError(f"a conv layer cannot follow a linear one (input shape {in_shape})")
+        mods.append(make_norm(spec.norm, in_shape[0], spatial=True, **bn))  # type: ignore[arg-type]
+        weight = nn.Conv2d(in_shape[0], spec.out, spec.kernel, spec.stride, spec.padding)
+    else:
+        raise ValueError(f"unknown layer kind {spec.kind!r}; choose linear or conv")
+    w = weight.weight  # type: ignore[union-attr]
+    nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=generator)
+    bound = 1 / math.sqrt(w[0].numel())
+    nn.init.uniform_(weight.bias, -bound, bound, generator=generator)  # type: ignore[union-attr,arg-type]
+    mods += [weight, nn.ReLU()]
+    if spec.kind == "conv" and spec.pool > 1:
+        mods.append(nn.MaxPool2d(spec.pool))
+    return nn.Sequential(*mods)
+
+
+def make_optimizer(params: list[nn.Parameter], kind: str, lr: float) -> torch.optim.Optimizer:
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    raise ValueError(f"unknown optimizer {kind!r}; choose adam or sgd")
+
+
+class LocalLayer(nn.Module):
+    """A block with its own optimizer. The optimizer is created on demand and can be dropped
+    (greedy schedule), so a frozen layer holds no optimizer state."""
+
+    def __init__(self, block: nn.Sequential, *, optimizer: str, lr: float) -> None:
+        super().__init__()
+        self.block = block
+        self.optimizer_kind = optimizer
+        self.lr = lr
+        self.extra_params: list[nn.Parameter] = []  # e.g. a learned label channel, trained with layer 0
+        self.opt: torch.optim.Optimizer | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+    def ensure_optimizer(self) -> torch.optim.Optimizer:
+        if self.opt is None:
+            self.opt = make_optimizer(list(self.block.parameters()) + self.extra_params, self.optimizer_kind, self.lr)
+        return self.opt
+
+    def drop_optimizer(self) -> None:
+        self.opt = None

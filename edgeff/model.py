@@ -1,0 +1,201 @@
+"""The layer-local network, its predictors and its negative samplers."""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgeff.config import ModelConfig, TrainConfig
+from edgeff.labels import LabelEncoder, make_encoder
+from edgeff.layers import LocalLayer, make_block, out_shape
+from edgeff.losses import goodness
+
+
+class LocalNet(nn.Module):
+    """A label encoder followed by local layers; no layer's graph ever reaches another's."""
+
+    def __init__(self, cfg: ModelConfig, train: TrainConfig, generator: torch.Generator) -> None:
+        super().__init__()
+        if not cfg.layers:
+            raise ValueError("a model needs at least one layer")
+        self.cfg = cfg
+        self.encoder: LabelEncoder = make_encoder(
+            cfg.label, cfg.num_classes, cfg.input_shape, generator, icp_rate=cfg.icp_rate, learned=cfg.label_learned
+        )
+        shape: tuple[int, ...] = self.encoder.out_shape()
+        layers = []
+        self.shapes: list[tuple[int, ...]] = []
+        for spec in cfg.layers:
+            block = make_block(
+                spec,
+                shape,
+                generator,
+                bn_momentum=cfg.bn_momentum,
+                bn_min_batch=cfg.bn_min_batch,
+                bn_always_running=cfg.bn_always_running,
+            )
+            layers.append(LocalLayer(block, optimizer=train.optimizer, lr=train.lr))
+            shape = out_shape(spec, shape)
+            self.shapes.append(shape)
+        self.layers = nn.ModuleList(layers)
+        if cfg.label_learned:
+            layers[0].extra_params = list(self.encoder.parameters())
+
+    @property
+    def num_classes(self) -> int:
+        return self.cfg.num_classes
+
+    def features(self, z: torch.Tensor) -> list[torch.Tensor]:
+        """Every layer's output for already-encoded inputs ``z`` (no gradient)."""
+        outs = []
+        with torch.no_grad():
+            h = z
+            for layer in self.layers:
+                h = layer(h)
+                outs.append(h)
+        return outs
+
+    def label_goodness(self, x: torch.Tensor) -> torch.Tensor:
+        """Goodness of every layer for every label: (B, K, L). ``x`` is replicated K times in one batch."""
+        b, k = x.shape[0], self.num_classes
+        labels = torch.arange(k, device=x.device).repeat(b)  # (B*K,)
+        z = self.encoder(x.repeat_interleave(k, dim=0), labels)  # (B*K, C', H, W)
+        with torch.no_grad():
+            gs = [goodness(h).view(b, k) for h in self.features(z)]
+        return torch.stack(gs, dim=-1)  # (B, K, L)
+
+
+def select_layers(spec: str, n_layers: int) -> list[int]:
+    """Indices of the layers a goodness or head predictor reads.
+
+    ``all``, ``all-but-first`` (Hinton's default; the only layer when there is one), ``last``
+    (the Trifecta's default) or ``last:K`` (the Trifecta's last-K ensemble, app. I).
+    """
+    if spec == "all":
+        return list(range(n_layers))
+    if spec == "all-but-first":
+        return list(range(1, n_layers)) or [0]
+    if spec == "last":
+        return [n_layers - 1]
+    if spec.startswith("last:"):
+        try:
+            k = int(spec.split(":", 1)[1])
+        except ValueError:
+            k = 0
+        if k < 1:
+            raise ValueError(f"bad layer selection {spec!r}: use last:K with K >= 1")
+        return list(range(max(0, n_layers - k), n_layers))
+    raise ValueError(f"unknown layer selection {spec!r}; use all, all-but-first, last or last:K")
+
+
+class Predictor(Protocol):
+    """Turns a trained ``LocalNet`` into class scores; may learn alongside the stream."""
+
+    kind: str
+
+    def scores(self, net: LocalNet, x: torch.Tensor) -> torch.Tensor: ...
+
+    def learn(self, net: LocalNet, x: torch.Tensor, y: torch.Tensor) -> float | None: ...
+
+
+class GoodnessPredictor:
+    """Predict the label whose encoding gives the highest goodness, summed over chosen layers
+    (mean over the chosen layers for the Trifecta's ensemble; the arg-max is the same)."""
+
+    kind = "goodness"
+
+    def __init__(self, layers: str = "all-but-first") -> None:
+        self.layers = layers
+
+    def scores(self, net: LocalNet, x: torch.Tensor) -> torch.Tensor:
+        idx = select_layers(self.layers, len(net.layers))
+        return net.label_goodness(x)[..., idx].sum(-1)  # (B, K)
+
+    def learn(self, net: LocalNet, x: torch.Tensor, y: torch.Tensor) -> float | None:
+        return None
+
+    def state_dict(self) -> dict[str, object]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        return None
+
+
+class HeadPredictor(nn.Module):
+    """A linear softmax head on the detached, length-normalised features of one neutral-label pass
+    (Hinton's one-pass classifier): one forward pass per sample instead of one per label."""
+
+    kind = "head"
+
+    def __init__(self, net: LocalNet, layers: str, lr: float, generator: torch.Generator) -> None:
+        super().__init__()
+        self.layers = layers
+        self.idx = select_layers(layers, len(net.layers))
+        dim = sum(math.prod(net.shapes[i]) for i in self.idx)
+        self.linear = nn.Linear(dim, net.num_classes)
+        bound = 1 / math.sqrt(dim)
+        nn.init.uniform_(self.linear.weight, -bound, bound, generator=generator)
+        nn.init.zeros_(self.linear.bias)
+        self.lr = lr
+        self.opt: torch.optim.Optimizer | None = None
+
+    def _features(self, net: LocalNet, x: torch.Tensor) -> torch.Tensor:
+        outs = net.features(net.encoder.neutral(x))
+        feats = [F.normalize(outs[i].flatten(1), dim=1) * math.sqrt(outs[i][0].numel()) for i in self.idx]
+        return torch.cat(feats, dim=1)  # (B, D)
+
+    def scores(self, net: LocalNet, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.linear(self._features(net, x))
+
+    def learn(self, net: LocalNet, x: torch.Tensor, y: torch.Tensor) -> float | None:
+        feats = self._features(net, x)
+        if self.opt is None:
+            self.opt = torch.optim.Adam(self.linear.parameters(), lr=self.lr)
+        loss = F.cross_entropy(self.linear(feats), y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return float(loss.detach())
+
+
+def make_predictor(train: TrainConfig, net: LocalNet, generator: torch.Generator) -> GoodnessPredictor | HeadPredictor:
+    if train.predictor == "goodness":
+        return GoodnessPredictor(train.eval_layers)
+    if train.predictor == "head":
+        return HeadPredictor(net, train.eval_layers, train.head_lr, generator)
+    raise ValueError(f"unknown predictor {train.predictor!r}; choose goodness or head")
+
+
+class NegativeSampler(Protocol):
+    def __call__(self, net: LocalNet, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor: ...
+
+
+def uniform_negatives(net: LocalNet, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A wrong label drawn uniformly from the other K−1 classes."""
+    k = net.num_classes
+    shift = torch.randint(1, k, (y.shape[0],), generator=generator).to(y.device)
+    return (y + shift) % k
+
+
+def hard_negatives(net: LocalNet, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A wrong label drawn in proportion to softmax(current goodness) over the wrong labels (Hinton 2022).
+
+    Goodness is read in eval mode (running BatchNorm statistics are not touched) over all but the
+    first layer.
+    """
+    was_training = net.training
+    net.eval()
+    g = net.label_goodness(x)[..., select_layers("all-but-first", len(net.layers))].sum(-1)  # (B, K)
+    net.train(was_training)
+    g = g.float().cpu()
+    g[torch.arange(y.shape[0]), y.cpu()] = float("-inf")
+    probs = torch.softmax(g, dim=1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(y.device)
+
+
+NEGATIVES: dict[str, NegativeSampler] = {"uniform": uniform_negatives, "hard": hard_negatives}

@@ -1,0 +1,280 @@
+"""The streaming layer-local trainer: ``learn_one/learn_many/predict_one/predict_many``.
+
+Each step concatenates a positive batch (true labels) and a negative batch (wrong labels) and walks
+the layers once. Every training layer computes its goodness, its local loss, and steps its own
+optimizer; its output is detached before the next layer sees it. Under Overlapping Local Updates
+(Trifecta app. G, Algorithm 1) a layer whose index parity differs from the step parity passes its
+output on *without* detaching, so the next layer's loss also updates it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from edgeff.config import ModelConfig, TrainConfig
+from edgeff.errors import InputError
+from edgeff.losses import get_loss, goodness
+from edgeff.model import NEGATIVES, LocalNet, make_predictor
+
+SCHEDULES = ("all", "greedy", "olu")
+
+
+class BPLearnerLike(Protocol):
+    train_cfg: TrainConfig
+    samples_seen: int
+
+    def learn_many(self, x: torch.Tensor, y: torch.Tensor) -> Any: ...
+
+    def set_lr(self, lr: float) -> None: ...
+
+
+class ImageDataLike(Protocol):
+    y_train: np.ndarray
+
+    def train_batches(
+        self, batch_size: int, *, seed: int = 0, epoch: int = 0, limit: int | None = None, skip: int = 0
+    ) -> Iterable[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {name!r} asked for but CUDA is not available; use --device cpu or auto")
+    return dev
+
+
+@dataclass(frozen=True)
+class LayerMetrics:
+    """What one layer did on one step."""
+
+    loss: float
+    g_pos: float  # mean goodness of the positive (true-label) samples
+    g_neg: float  # mean goodness of the negative samples
+    trained: bool  # whether the layer's weights were updated on this step
+
+    @property
+    def separation(self) -> float:
+        return self.g_pos - self.g_neg
+
+
+def as_batch(x: torch.Tensor | np.ndarray, input_shape: tuple[int, int, int], *, single: bool = False) -> torch.Tensor:
+    """Check a batch and return it as float32 (B, C, H, W). Raises ``InputError`` with what to fix."""
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"expected a torch.Tensor or numpy array, got {type(x).__name__}")
+    if not (x.is_floating_point()):
+        raise InputError(f"expected float inputs (normalised pixels), got dtype {x.dtype}; convert with .float()")
+    want = tuple(input_shape)
+    if single:
+        if tuple(x.shape) != want:
+            raise InputError(f"expected one sample of shape {want}, got {tuple(x.shape)}")
+        x = x.unsqueeze(0)
+    elif x.dim() == 2 and x.shape[1] == int(np.prod(want)):
+        x = x.view(x.shape[0], *want)
+    if tuple(x.shape[1:]) != want or x.shape[0] < 1:
+        raise InputError(f"expected a batch of shape (B, {', '.join(map(str, want))}) with B >= 1, got {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise InputError("the batch contains NaN or infinite values; clean the input before learning from it")
+    return x.float()
+
+
+def as_labels(y: torch.Tensor | np.ndarray | Iterable[int] | int, n: int, num_classes: int) -> torch.Tensor:
+    y = torch.as_tensor(y if not isinstance(y, np.ndarray) else y.astype(np.int64)).long().reshape(-1)
+    if y.shape[0] != n:
+        raise InputError(f"got {y.shape[0]} labels for {n} samples")
+    if n and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise InputError(f"labels must lie in 0..{num_classes - 1}; got {int(y.min())}..{int(y.max())}")
+    return y
+
+
+class Learner:
+    """A ``LocalNet`` with its schedule, negatives and predictor, learning from a stream.
+
+    Args:
+        model: the architecture and local loss.
+        train: optimiser, schedule, predictor and seed.
+    """
+
+    kind = "local"
+
+    def __init__(self, model: ModelConfig, train: TrainConfig) -> None:
+        if train.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {train.schedule!r}; choose one of {SCHEDULES}")
+        if train.negatives not in NEGATIVES:
+            raise ValueError(f"unknown negatives {train.negatives!r}; choose one of {sorted(NEGATIVES)}")
+        self.model_cfg = model
+        self.train_cfg = train
+        self.device = resolve_device(train.device)
+        self.generator = torch.Generator().manual_seed(train.seed)
+        self.net = LocalNet(model, train, self.generator).to(self.device)
+        self.predictor = make_predictor(train, self.net, self.generator)
+        if isinstance(self.predictor, torch.nn.Module):
+            self.predictor.to(self.device)
+        self.negatives = NEGATIVES[train.negatives]
+        self.loss_fn = get_loss(model.loss, threshold=model.threshold, alpha=model.alpha)
+        self.step = 0  # learn_many calls so far
+        self.samples_seen = 0
+
+    # ----------------------------------------------------------------- schedule
+    def _greedy_active(self) -> int:
+        return min(self.step // self.train_cfg.greedy_steps, len(self.net.layers) - 1)
+
+    def _apply_greedy(self) -> int:
+        active = self._greedy_active()
+        for i, layer in enumerate(self.net.layers):
+            if i != active:
+                layer.drop_optimizer()  # frozen (or not yet started) layers keep no optimizer state
+        return active
+
+    def set_lr(self, lr: float) -> None:
+        """Set every layer's learning rate (live optimizers and those created later)."""
+        for layer in self.net.layers:
+            layer.lr = lr
+            if layer.opt is not None:
+                for group in layer.opt.param_groups:
+                    group["lr"] = lr
+
+    # ----------------------------------------------------------------- learning
+    def learn_many(self, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> list[LayerMetrics]:
+        """One local step of every scheduled layer on a batch of any size (including 1).
+
+        Returns one ``LayerMetrics`` per layer that ran. Never mutates ``x`` or ``y``.
+        """
+        xb = as_batch(x, self.model_cfg.input_shape).to(self.device)
+        yb = as_labels(y, xb.shape[0], self.model_cfg.num_classes).to(self.device)
+        b = xb.shape[0]
+        self.net.train()
+        y_neg = self.negatives(self.net, xb, yb, self.generator)
+        enc = self.net.encoder
+        h = torch.cat([enc(xb, yb), enc(xb, y_neg)])  # (2B, C', H, W): positives then negatives
+        schedule = self.train_cfg.schedule
+        n_layers = len(self.net.layers)
+        last_to_run = n_layers - 1
+        active = -1
+        if schedule == "greedy":
+            active = self._apply_greedy()
+            last_to_run = active  # layers after the active one do not run yet
+        pending = []  # OLU: layers whose graph is carried into the next layer's loss
+        metrics: list[LayerMetrics] = []
+        for i, layer in enumerate(self.net.layers):
+            if i > last_to_run:
+                break
+            trains = schedule != "greedy" or i == active
+            if not trains:
+                with torch.no_grad():
+                    out = layer(h)
+                g = goodness(out)
+                metrics.append(LayerMetrics(float(self.loss_fn(g[:b], g[b:])), float(g[:b].mean()),
+                                            float(g[b:].mean()), False))
+                h = out
+                continue
+            out = layer(h)
+            g = goodness(out)  # (2B,)
+            loss = self.loss_fn(g[:b], g[b:])
+            passes = schedule == "olu" and ((i % 2 == 0) ^ (self.step % 2 == 0)) and i < n_layers - 1
+            gd = g.detach()
+            if passes:
+                pending.append(layer)
+                metrics.append(LayerMetrics(float(loss.detach()), float(gd[:b].mean()), float(gd[b:].mean()), False))
+                h = out  # not detached: the next layer's loss updates this layer too
+                continue
+            opts = [p.ensure_optimizer() for p in pending] + [layer.ensure_optimizer()]
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for opt in opts:
+                opt.step()
+            trained_pair = bool(pending)
+            if trained_pair:
+                metrics[-1] = LayerMetrics(metrics[-1].loss, metrics[-1].g_pos, metrics[-1].g_neg, True)
+            pending = []
+            metrics.append(LayerMetrics(float(loss.detach()), float(gd[:b].mean()), float(gd[b:].mean()), True))
+            h = out.detach()  # the memory contract: no graph crosses this boundary
+        self.predictor.learn(self.net, xb, yb)
+        self.step += 1
+        self.samples_seen += b
+        return metrics
+
+    def learn_one(self, x: torch.Tensor | np.ndarray, y: int) -> list[LayerMetrics]:
+        """``learn_many`` on a single sample of shape (C, H, W)."""
+        return self.learn_many(as_batch(x, self.model_cfg.input_shape, single=True), [int(y)])
+
+    # ----------------------------------------------------------------- prediction
+    def scores(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Class scores (B, K) from the predictor; higher is more likely."""
+        xb = as_batch(x, self.model_cfg.input_shape).to(self.device)
+        self.net.eval()
+        with torch.no_grad():
+            return self.predictor.scores(self.net, xb)
+
+    def predict_many(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        return self.scores(x).argmax(1).cpu()
+
+    def predict_one(self, x: torch.Tensor | np.ndarray) -> int:
+        return int(self.predict_many(as_batch(x, self.model_cfg.input_shape, single=True))[0])
+
+    def layer_predictions(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Each layer's own goodness arg-max: (B, L)."""
+        xb = as_batch(x, self.model_cfg.input_shape).to(self.device)
+        self.net.eval()
+        return self.net.label_goodness(xb).argmax(1).cpu()
+
+
+def fit(
+    learner: Learner,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    on_step: Callable[[list[LayerMetrics], int], None] | None = None,
+) -> None:
+    """Stream ``batches`` through ``learner.learn_many``; ``on_step(metrics, batch_size)`` after each."""
+    for x, y in batches:
+        m = learner.learn_many(x, y)
+        if on_step is not None:
+            on_step(m, int(x.shape[0]))
+
+
+def train_epochs(
+    learner: Learner | BPLearnerLike,
+    data: ImageDataLike,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int = 0,
+    limit: int | None = None,
+    on_step: Callable[[object, int], None] | None = None,
+) -> None:
+    """Train for ``epochs`` passes over ``data``'s training set (the first ``limit`` shuffled samples
+    of each pass when given), resuming where ``learner.samples_seen`` says it stopped.
+
+    Each epoch's order depends only on (seed, epoch), so a learner loaded from a checkpoint continues
+    with exactly the batches an uninterrupted run would have seen. With ``train.lr_final`` set, the
+    learning rate falls linearly from ``train.lr`` to it over the whole run.
+    """
+    if batch_size < 1:
+        raise InputError(f"batch size must be at least 1, got {batch_size}")
+    per_epoch = min(limit, len(data.y_train)) if limit is not None else len(data.y_train)
+    if per_epoch < 1:
+        raise InputError("no training samples to learn from")
+    steps_per_epoch = -(-per_epoch // batch_size)
+    total = steps_per_epoch * epochs
+    done_epochs, rest = divmod(learner.samples_seen, per_epoch)
+    step = done_epochs * steps_per_epoch + -(-rest // batch_size)
+    lr0, lr1 = learner.train_cfg.lr, learner.train_cfg.lr_final
+    for epoch in range(done_epochs, epochs):
+        skip = -(-rest // batch_size) if epoch == done_epochs else 0
+        for x, y in data.train_batches(batch_size, seed=seed, epoch=epoch, limit=limit, skip=skip):
+            if lr1 is not None:
+                learner.set_lr(lr0 + (lr1 - lr0) * step / max(1, total))
+            m = learner.learn_many(x, y)
+            step += 1
+            if on_step is not None:
+                on_step(m, int(x.shape[0]))

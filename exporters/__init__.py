@@ -1,0 +1,1 @@
+"""ONNX export and onnxruntime evaluation (installed as ``edgeff.exporters``); see the export issue."""

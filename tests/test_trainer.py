@@ -1,0 +1,152 @@
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from edgeff import LayerSpec, Learner, ModelConfig, TrainConfig, evaluate, make_learner
+from edgeff.errors import InputError
+from edgeff.presets import PRESETS
+from edgeff.trainer import train_epochs
+
+TINY_MLP = ModelConfig(layers=(LayerSpec("linear", 32, norm="length"), LayerSpec("linear", 32, norm="length"),
+                               LayerSpec("linear", 16, norm="length")), label="icp", loss="symba")
+TINY_CNN = ModelConfig(layers=(LayerSpec("conv", 4, norm="batch"), LayerSpec("conv", 4, norm="batch", pool=2),
+                               LayerSpec("conv", 8, norm="batch", pool=2)), label="channel", label_learned=True)
+CPU = TrainConfig(device="cpu", batch_size=16)
+
+
+def _weights(learner: Learner) -> list[torch.Tensor]:
+    return [t.detach().clone() for t in learner.net.state_dict().values()]
+
+
+def _fixed_negatives(net, x, y, generator):  # type: ignore[no-untyped-def]
+    return (y + 1) % net.num_classes
+
+
+def _inputs_seen_by(learner: Learner, i: int) -> list[torch.Tensor]:
+    seen: list[torch.Tensor] = []
+    learner.net.layers[i].register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    return seen
+
+
+@pytest.mark.parametrize("model", [TINY_MLP, TINY_CNN], ids=["mlp", "cnn"])
+def test_no_graph_crosses_a_layer_boundary(model: ModelConfig, real_batch) -> None:
+    x, y = real_batch
+    learner = Learner(model, CPU)
+    seen = [_inputs_seen_by(learner, i) for i in (1, 2)]
+    learner.learn_many(x[:8], y[:8])
+    assert all(t.grad_fn is None and not t.requires_grad for s in seen for t in s)
+
+
+def test_later_losses_do_not_change_earlier_layers(real_batch) -> None:
+    """Oracle: layer 1's update is the same with or without layers stacked on top of it."""
+    x, y = real_batch
+    deep = Learner(TINY_MLP, CPU)
+    shallow = Learner(replace(TINY_MLP, layers=TINY_MLP.layers[:1]), CPU)
+    shallow.net.layers[0].load_state_dict(deep.net.layers[0].state_dict())
+    shallow.net.encoder.load_state_dict(deep.net.encoder.state_dict())
+    deep.negatives = shallow.negatives = _fixed_negatives
+    for _ in range(3):
+        deep.learn_many(x, y)
+        shallow.learn_many(x, y)
+    for a, b in zip(deep.net.layers[0].parameters(), shallow.net.layers[0].parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_olu_carries_the_graph_into_the_next_layer_on_alternate_steps(real_batch) -> None:
+    x, y = real_batch
+    learner = Learner(TINY_CNN, replace(CPU, schedule="olu"))
+    seen = _inputs_seen_by(learner, 1)
+    seen2 = _inputs_seen_by(learner, 2)
+    w0 = learner.net.layers[0].block[1].weight.detach().clone()
+    m = learner.learn_many(x[:8], y[:8])  # step 0: layer 0 alone, layers (1, 2) as a pair
+    assert seen[-1].grad_fn is None and seen2[-1].grad_fn is not None
+    assert [lm.trained for lm in m] == [True, True, True]
+    m = learner.learn_many(x[:8], y[:8])  # step 1: layers (0, 1) as a pair, layer 2 alone
+    assert seen[-1].grad_fn is not None and seen2[-1].grad_fn is None
+    assert not torch.equal(w0, learner.net.layers[0].block[1].weight)
+    assert learner.net.encoder.matrix.grad is not None  # the learned label channel trains with layer 0
+
+
+def test_greedy_keeps_optimizer_state_for_the_active_layer_only(real_batch) -> None:
+    x, y = real_batch
+    learner = Learner(TINY_MLP, replace(CPU, schedule="greedy", greedy_steps=2))
+    frozen0 = None
+    for step in range(7):
+        m = learner.learn_many(x[:16], y[:16])
+        active = min(step // 2, 2)
+        assert [layer.opt is not None for layer in learner.net.layers] == [i == active for i in range(3)]
+        assert len(m) == active + 1  # later layers do not run yet
+        assert [lm.trained for lm in m] == [i == active for i in range(active + 1)]
+        if step == 2:
+            frozen0 = learner.net.layers[0].block[2].weight.detach().clone()
+    assert torch.equal(frozen0, learner.net.layers[0].block[2].weight)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("schedule", ["all", "greedy", "olu"])
+def test_seeded_reproducibility(schedule: str, real_batch) -> None:
+    x, y = real_batch
+    tc = replace(CPU, schedule=schedule, greedy_steps=2, negatives="hard" if schedule == "all" else "uniform")
+    runs = []
+    for seed in (3, 3, 4):
+        learner = Learner(TINY_CNN, replace(tc, seed=seed))
+        for i in range(4):
+            learner.learn_many(x[i * 16:(i + 1) * 16], y[i * 16:(i + 1) * 16])
+        runs.append((_weights(learner), learner.scores(x)))
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][0], runs[1][0], strict=True))
+    assert torch.equal(runs[0][1], runs[1][1])
+    assert not all(torch.equal(a, b) for a, b in zip(runs[0][0], runs[2][0], strict=True))
+
+
+@pytest.mark.parametrize("name", [n for n, p in PRESETS.items() if not n.endswith("-paper")])
+def test_every_preset_learns_a_step_at_batch_one_and_batch_many(name: str, real_batch) -> None:
+    x, y = real_batch
+    learner = make_learner(name, train=replace(PRESETS[name].train, device="cpu"))
+    learner.learn_one(x[0], int(y[0]))  # batch size 1: running-statistics BatchNorm in train mode
+    out = learner.learn_many(x[:4], y[:4])
+    if isinstance(learner, Learner):
+        assert all(np.isfinite([m.loss, m.g_pos, m.g_neg]).all() for m in out)
+    else:
+        assert np.isfinite(out)
+    s = learner.scores(x[:5])
+    assert s.shape == (5, 10) and torch.isfinite(s).all()
+    assert 0 <= learner.predict_one(x[0]) < 10
+
+
+def test_symba_mlp_learns_real_mnist(mnist_small) -> None:
+    learner = make_learner("symba-mlp", train=replace(PRESETS["symba-mlp"].train, device="cpu", batch_size=50))
+    train_epochs(learner, mnist_small, epochs=1, batch_size=50)
+    res = evaluate(learner, mnist_small.test_batches(500), per_layer=True)
+    assert res.accuracy > 0.75, res  # chance is 0.10
+    assert len(res.layer_accuracy) == 2
+
+
+def test_head_predictor_learns_in_one_pass(mnist_small) -> None:
+    tc = replace(PRESETS["symba-mlp"].train, device="cpu", predictor="head", batch_size=50)
+    learner = make_learner("symba-mlp", train=tc)
+    train_epochs(learner, mnist_small, epochs=1, batch_size=50)
+    assert evaluate(learner, mnist_small.test_batches(500)).accuracy > 0.75
+
+
+def test_bad_inputs_raise_and_leave_the_learner_untouched(real_batch) -> None:
+    x, y = real_batch
+    learner = Learner(TINY_MLP, CPU)
+    before = _weights(learner)
+    bad_nan = x[:4].clone()
+    bad_nan[0, 0, 0, 0] = float("nan")
+    cases = [
+        (bad_nan, y[:4], "NaN"),
+        (x[:4, :, :20], y[:4], "shape"),
+        ((x[:4] * 255).to(torch.uint8), y[:4], "float"),
+        (x[:4], y[:3], "labels"),
+        (x[:4], torch.tensor([0, 1, 2, 10]), "0..9"),
+    ]
+    for bx, by, msg in cases:
+        with pytest.raises(InputError, match=msg):
+            learner.learn_many(bx, by)
+    with pytest.raises(InputError, match="one sample"):
+        learner.learn_one(x[:2], 1)
+    assert learner.step == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, _weights(learner), strict=True))
+    assert learner.learn_many(x[:4].flatten(1), y[:4])  # flattened batches are accepted
