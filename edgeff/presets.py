@@ -32,7 +32,7 @@ def _cnn(channels: tuple[int, ...], norm: str = "batch") -> tuple[LayerSpec, ...
 
 FF_MLP = ModelConfig(layers=_mlp(1000, 3, "length"), label="overlay", loss="ff", threshold=2.0)
 SYMBA_MLP = ModelConfig(layers=_mlp(1000, 2, "length"), label="icp", loss="symba", alpha=4.0)
-TRIFECTA_CNN = ModelConfig(layers=_cnn((32, 32, 64, 64, 128, 128)), label="channel", label_learned=True,
+TRIFECTA_CNN = ModelConfig(layers=_cnn((16, 16, 32, 32, 64, 64)), label="channel", label_learned=True,
                            loss="symba", alpha=4.0)
 TRIFECTA_CNN_PAPER = replace(TRIFECTA_CNN, layers=_cnn((64, 128, 256, 256, 512, 512)))
 
@@ -41,7 +41,7 @@ PRESETS: dict[str, Preset] = {
     for p in [
         Preset(
             "ff-mlp", "local", FF_MLP,
-            TrainConfig(lr=1e-3, batch_size=100, epochs=20, eval_layers="all-but-first"),
+            TrainConfig(lr=1e-3, lr_final=1e-4, batch_size=100, epochs=20, eval_layers="all-but-first"),
             "Hinton 2022, The Forward-Forward Algorithm",
             "3x1000 ReLU MLP, length normalisation before every layer, one-hot label overlaid on the first "
             "10 pixels, threshold loss θ=2 on goodness = mean of squares, uniform wrong-label negatives, "
@@ -50,7 +50,7 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "symba-mlp", "local", SYMBA_MLP,
-            TrainConfig(lr=1e-3, batch_size=100, epochs=20, eval_layers="all-but-first"),
+            TrainConfig(lr=1e-3, lr_final=1e-4, batch_size=100, epochs=20, eval_layers="all-but-first"),
             "Lee & Song 2023, SymBa (arXiv:2303.08418)",
             "2x1000 ReLU MLP, length normalisation, Intrinsic Class Pattern (rate 0.1) concatenated as an "
             "extra 28x28 input, SymBa loss α=4, Adam. The paper trains 2x500/2x2000 with batch 4096 for 120 "
@@ -58,9 +58,9 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "trifecta-cnn", "local", TRIFECTA_CNN,
-            TrainConfig(lr=1e-3, batch_size=128, epochs=5, schedule="olu", eval_layers="last"),
+            TrainConfig(lr=1e-3, lr_final=1e-4, batch_size=128, epochs=6, schedule="olu", eval_layers="last"),
             "Dooms, Tsang & Oramas 2023, The Trifecta (arXiv:2311.18130)",
-            "6-layer VGG-like CNN (32-32-64-64-128-128 channels, 2x2 max-pool after layers 2, 4, 6), each "
+            "6-layer VGG-like CNN (16-16-32-32-64-64 channels, 2x2 max-pool after layers 2, 4, 6), each "
             "layer BatchNorm (running statistics below 8 samples) -> conv3x3 -> ReLU (-> pool), SymBa loss "
             "α=4, Overlapping Local Updates, learned label channel, prediction by the last layer's goodness. "
             "The paper's channel widths are `trifecta-cnn-paper`.",
@@ -72,12 +72,12 @@ PRESETS: dict[str, Preset] = {
             "trifecta-cnn at GPU size (64-128-256-256-512-512), batch 1024, lr 1e-3; for a GPU.",
         ),
         Preset(
-            "bp-mlp", "bp", SYMBA_MLP, TrainConfig(lr=1e-3, batch_size=100, epochs=20),
+            "bp-mlp", "bp", SYMBA_MLP, TrainConfig(lr=1e-3, lr_final=1e-4, batch_size=100, epochs=20),
             "backprop baseline",
             "End-to-end backprop with cross-entropy through a linear head on the symba-mlp architecture.",
         ),
         Preset(
-            "bp-cnn", "bp", TRIFECTA_CNN, TrainConfig(lr=1e-3, batch_size=128, epochs=5),
+            "bp-cnn", "bp", TRIFECTA_CNN, TrainConfig(lr=1e-3, lr_final=1e-4, batch_size=128, epochs=6),
             "backprop baseline",
             "End-to-end backprop with cross-entropy through a linear head on the trifecta-cnn architecture.",
         ),

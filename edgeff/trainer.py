@@ -257,7 +257,8 @@ def train_epochs(
 
     Each epoch's order depends only on (seed, epoch), so a learner loaded from a checkpoint continues
     with exactly the batches an uninterrupted run would have seen. With ``train.lr_final`` set, the
-    learning rate falls linearly from ``train.lr`` to it over the whole run.
+    learning rate falls linearly from ``train.lr`` to it over ``train.epochs`` epochs (the planned
+    run, which may be longer than this call's ``epochs``).
     """
     if batch_size < 1:
         raise InputError(f"batch size must be at least 1, got {batch_size}")
@@ -265,7 +266,7 @@ def train_epochs(
     if per_epoch < 1:
         raise InputError("no training samples to learn from")
     steps_per_epoch = -(-per_epoch // batch_size)
-    total = steps_per_epoch * epochs
+    total = steps_per_epoch * max(epochs, learner.train_cfg.epochs)  # the lr decay's horizon
     done_epochs, rest = divmod(learner.samples_seen, per_epoch)
     step = done_epochs * steps_per_epoch + -(-rest // batch_size)
     lr0, lr1 = learner.train_cfg.lr, learner.train_cfg.lr_final

@@ -1,0 +1,101 @@
+"""Accuracy of the layer-local presets next to end-to-end backprop on the same architecture.
+
+Each job trains a preset on real data, then the backprop baseline on the same layers, the same data
+order, batch size and number of epochs, in the same process, and records both test accuracies and
+their ratio. A job has a wall-clock budget: training stops after the epoch in which the budget runs
+out, and the record says how many epochs were done (the baseline then gets that many).
+
+    python bench/accuracy.py --data-dir ../shared/data                 # every job
+    python bench/accuracy.py --data-dir ../shared/data --jobs symba-mlp:mnist,stream:symba-mlp:mnist
+
+Writes bench/results/accuracy.json (records merged by preset, dataset, mode) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from _common import merge_records, table
+from edgeff import evaluate, get_preset, make_learner
+from edgeff.data import load_data
+from edgeff.trainer import train_epochs
+
+# job name -> (preset, dataset, mode, epochs, batch size, budget in seconds for the local learner)
+JOBS: dict[str, tuple[str, str, str, int, int, float]] = {
+    "ff-mlp:mnist": ("ff-mlp", "mnist", "epochs", 20, 100, 12 * 60),
+    "symba-mlp:mnist": ("symba-mlp", "mnist", "epochs", 20, 100, 12 * 60),
+    "trifecta-cnn:mnist": ("trifecta-cnn", "mnist", "epochs", 6, 128, 25 * 60),
+    "trifecta-cnn:fashion-mnist": ("trifecta-cnn", "fashion-mnist", "epochs", 4, 128, 18 * 60),
+    "stream:symba-mlp:mnist": ("symba-mlp", "mnist", "stream", 1, 1, 30 * 60),
+    "stream:trifecta-cnn:mnist": ("trifecta-cnn", "mnist", "stream", 1, 1, 30 * 60),
+}
+
+
+def run_job(name: str, data_dir: Path, threads: int, budget_scale: float) -> dict[str, Any]:
+    preset_name, dataset, mode, epochs, batch, budget = JOBS[name]
+    budget *= budget_scale
+    p = get_preset(preset_name)
+    data = load_data(dataset, data_dir)
+    tc = replace(p.train, device="cpu", batch_size=batch, epochs=epochs, seed=0)
+    if mode == "stream":
+        tc = replace(tc, lr_final=None)  # a stream has no known end to decay towards
+
+    def train(backprop: bool, n_epochs: int, time_budget: float | None) -> tuple[Any, int, float]:
+        learner = make_learner(p, input_shape=data.input_shape, num_classes=len(data.classes), train=tc,
+                               backprop=backprop)
+        t0 = time.perf_counter()
+        done = 0
+        for ep in range(n_epochs):
+            train_epochs(learner, data, epochs=ep + 1, batch_size=batch, seed=0)
+            done = ep + 1
+            el = time.perf_counter() - t0
+            print(f"  {'bp   ' if backprop else 'local'} epoch {done}: {el:.0f}s", flush=True)
+            if time_budget is not None and el > time_budget and done < n_epochs:
+                break
+        return learner, done, time.perf_counter() - t0
+
+    print(f"{name}: {preset_name} on {dataset} ({mode}), up to {epochs} epochs, batch {batch}", flush=True)
+    local, done, seconds = train(False, epochs, budget)
+    res = evaluate(local, data.test_batches(1000), per_layer=True)
+    print(f"  local test accuracy {res.accuracy:.4f}", flush=True)
+    bp, _, bp_seconds = train(True, done, None)
+    bp_acc = evaluate(bp, data.test_batches(1000)).accuracy
+    print(f"  bp test accuracy {bp_acc:.4f}", flush=True)
+    return {
+        "job": name, "preset": preset_name, "dataset": dataset, "mode": mode, "batch_size": batch,
+        "epochs": done, "train_samples": len(data.y_train) * done, "test_samples": res.n,
+        "seconds": round(seconds, 1), "bp_seconds": round(bp_seconds, 1), "budget_s": budget,
+        "test_acc": res.accuracy, "bp_test_acc": bp_acc, "ratio": round(res.accuracy / bp_acc, 4),
+        "layer_acc": ",".join(f"{a:.4f}" for a in res.layer_accuracy), "threads": threads,
+        "schedule": tc.schedule, "lr": tc.lr, "lr_final": tc.lr_final,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", type=Path, required=True)
+    ap.add_argument("--jobs", default=",".join(JOBS), help=f"comma-separated, from: {', '.join(JOBS)}")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--budget-scale", type=float, default=1.0, help="multiply every job's time budget")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cols = ["preset", "dataset", "mode", "batch_size", "epochs", "seconds", "test_acc", "bp_seconds", "bp_test_acc",
+            "ratio"]
+    records = []
+    for name in args.jobs.split(","):
+        if name not in JOBS:
+            raise SystemExit(f"unknown job {name!r}; choose from {', '.join(JOBS)}")
+        rec = run_job(name, args.data_dir, args.threads, args.budget_scale)
+        records.append(rec)
+        merge_records("accuracy", [rec], ("preset", "dataset", "mode"))
+    print(table(records, cols))
+
+
+if __name__ == "__main__":
+    main()
