@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from _common import merge_records, table
+
 from edgeff import evaluate, get_preset, make_learner
 from edgeff.data import load_data
 from edgeff.trainer import train_epochs

@@ -8,11 +8,18 @@ import time
 from dataclasses import replace
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 app = typer.Typer(help="edgeff: on-device continual learning without backpropagation.", no_args_is_help=True,
@@ -52,16 +59,16 @@ def _layer_summary(metrics: object) -> str:
 def train(
     preset: Annotated[str, typer.Option(help="named configuration; see `edgeff presets`")] = "symba-mlp",
     data: Annotated[Dataset, typer.Option(help="data set")] = Dataset.builtin,
-    data_dir: Annotated[Optional[Path], typer.Option(help="folder holding MNIST/raw, FashionMNIST/raw or CIFAR10")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="passes over the training set [default: the preset's, 3 on builtin]")] = None,
-    samples: Annotated[Optional[int], typer.Option(help="use only this many (shuffled) training samples per pass")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="samples per step, 1 for pure streaming [default: the preset's]")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="learning rate [default: the preset's]")] = None,
-    schedule: Annotated[Optional[Schedule], typer.Option(help="layer schedule [default: the preset's]")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="folder holding MNIST/raw, FashionMNIST/raw or CIFAR10")] = None,
+    epochs: Annotated[int | None, typer.Option(help="passes over the training set [default: the preset's]")] = None,
+    samples: Annotated[int | None, typer.Option(help="use only this many (shuffled) training samples per pass")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="samples per step, 1 for pure streaming [default: the preset's]")] = None,
+    lr: Annotated[float | None, typer.Option(help="learning rate [default: the preset's]")] = None,
+    schedule: Annotated[Schedule | None, typer.Option(help="layer schedule [default: the preset's]")] = None,
     seed: Annotated[int, typer.Option(help="random seed (weights, negatives, data order)")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
     backprop: Annotated[bool, typer.Option("--backprop", help="train the end-to-end backprop baseline on the same architecture")] = False,
-    out_path: Annotated[Optional[Path], typer.Option("--out", help="checkpoint to write [default: runs/PRESET.pt]")] = None,
+    out_path: Annotated[Path | None, typer.Option("--out", help="checkpoint to write [default: runs/PRESET.pt]")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from --out if it exists")] = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
@@ -81,7 +88,7 @@ def train(
             tc = replace(tc, lr=lr)
         if schedule is not None:
             tc = replace(tc, schedule=schedule.value)
-        n_epochs = epochs if epochs is not None else (3 if data == Dataset.builtin else tc.epochs)
+        n_epochs = epochs if epochs is not None else tc.epochs
         if tc.batch_size < 1:
             _fail(f"--batch-size must be at least 1, got {tc.batch_size}")
         if n_epochs < 1:
@@ -133,10 +140,10 @@ def train(
 @app.command("eval")
 def eval_cmd(
     checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="a file written by `edgeff train`")],
-    data: Annotated[Optional[Dataset], typer.Option(help="data set [default: the one it was trained on]")] = None,
-    data_dir: Annotated[Optional[Path], typer.Option(help="folder holding the full data sets")] = None,
-    layers: Annotated[Optional[str], typer.Option(help="goodness layers: all, all-but-first, last, last:K")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="evaluate on the first N test images")] = None,
+    data: Annotated[Dataset | None, typer.Option(help="data set [default: the one it was trained on]")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="folder holding the full data sets")] = None,
+    layers: Annotated[str | None, typer.Option(help="goodness layers: all, all-but-first, last, last:K")] = None,
+    limit: Annotated[int | None, typer.Option(help="evaluate on the first N test images")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
 ) -> None:
@@ -157,8 +164,9 @@ def eval_cmd(
         if layers is not None:
             if not isinstance(learner, Learner):
                 _fail("--layers applies to layer-local (goodness) models only")
-            select_layers(layers, len(learner.net.layers))  # validates
-            learner.predictor = GoodnessPredictor(layers)  # type: ignore[union-attr]
+                return
+            select_layers(layers, len(learner.net.local_layers))  # validates
+            learner.predictor = GoodnessPredictor(layers)
         res = evaluate(learner, ds.test_batches(500, limit=limit), per_layer=True)
     except (EdgeFFError, ValueError) as e:
         _fail(str(e))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeff.config import ModelConfig, TrainConfig
-from edgeff.layers import make_block, out_shape, make_optimizer
+from edgeff.layers import make_block, make_optimizer, out_shape
 from edgeff.trainer import as_batch, as_labels, resolve_device
 
 
@@ -54,7 +54,7 @@ class BPLearner:
         for group in self.opt.param_groups:
             group["lr"] = lr
 
-    def learn_many(self, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> float:
+    def learn_many(self, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray | list[int]) -> float:
         """One end-to-end SGD step; returns the cross-entropy."""
         xb = as_batch(x, self.model_cfg.input_shape).to(self.device)
         yb = as_labels(y, xb.shape[0], self.model_cfg.num_classes).to(self.device)

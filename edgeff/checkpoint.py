@@ -18,6 +18,7 @@ from edgeff import __version__
 from edgeff.baseline import BPLearner
 from edgeff.config import ModelConfig, TrainConfig
 from edgeff.errors import CheckpointError
+from edgeff.model import HeadPredictor
 from edgeff.trainer import Learner
 
 FORMAT = "edgeff-checkpoint"
@@ -51,7 +52,7 @@ def save(learner: Learner | BPLearner, path: str | Path, *, meta: dict[str, Any]
         "meta": dict(meta or {}),
     }
     if isinstance(learner, Learner):
-        state["optim"] = [None if layer.opt is None else layer.opt.state_dict() for layer in learner.net.layers]
+        state["optim"] = [None if layer.opt is None else layer.opt.state_dict() for layer in learner.net.local_layers]
         pred = learner.predictor
         state["predictor"] = pred.state_dict()
         popt = getattr(pred, "opt", None)
@@ -105,13 +106,13 @@ def load(path: str | Path, *, device: str | None = None) -> tuple[Learner | BPLe
         learner.step = int(state["step"])
         learner.samples_seen = int(state["samples_seen"])
         if isinstance(learner, Learner):
-            for layer, opt_state in zip(learner.net.layers, state["optim"], strict=True):
+            for layer, opt_state in zip(learner.net.local_layers, state["optim"], strict=True):
                 if opt_state is not None:
                     layer.ensure_optimizer().load_state_dict(opt_state)
             learner.predictor.load_state_dict(state["predictor"])
-            if state.get("predictor_optim") is not None:
-                pred = learner.predictor
-                pred.opt = torch.optim.Adam(pred.linear.parameters(), lr=pred.lr)  # type: ignore[union-attr]
+            pred = learner.predictor
+            if state.get("predictor_optim") is not None and isinstance(pred, HeadPredictor):
+                pred.opt = torch.optim.Adam(pred.linear.parameters(), lr=pred.lr)
                 pred.opt.load_state_dict(state["predictor_optim"])
         else:
             learner.opt.load_state_dict(state["optim"])

@@ -81,7 +81,11 @@ class ImageData:
 def _read_idx(raw: Path, stem: str) -> np.ndarray:
     for p in (raw / f"{stem}.gz", raw / stem):
         if p.is_file():
-            data = gzip.open(p).read() if p.suffix == ".gz" else p.read_bytes()
+            if p.suffix == ".gz":
+                with gzip.open(p) as f:
+                    data = f.read()
+            else:
+                data = p.read_bytes()
             ndim = data[3]
             dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
             return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)

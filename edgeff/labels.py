@@ -49,6 +49,8 @@ class ICPEncoder(nn.Module):
     with probability ``rate``, 0.1 in the paper), concatenated as one extra input channel so no
     pixel of the input is covered."""
 
+    patterns: torch.Tensor
+
     def __init__(
         self, num_classes: int, in_shape: tuple[int, int, int], generator: torch.Generator, *, rate: float = 0.1
     ) -> None:
@@ -77,6 +79,8 @@ class ChannelEncoder(nn.Module):
     The matrix is random and fixed, or learned (the paper learns it under OLU). A learned matrix is
     trained by the first layer's optimizer with that layer's local loss. Initialised N(0, 1).
     """
+
+    matrix: torch.Tensor
 
     def __init__(
         self,

@@ -67,6 +67,9 @@ class RunningBatchNorm(nn.Module):
     flow through the running statistics. In eval mode the running statistics are always used.
     """
 
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+
     def __init__(
         self,
         num_features: int,
@@ -152,12 +155,12 @@ def make_block(
     bn_always_running: bool = False,
 ) -> nn.Sequential:
     """normalisation -> weights -> ReLU (-> max-pool), Kaiming-uniform initialised from ``generator``."""
-    bn = dict(bn_momentum=bn_momentum, bn_min_batch=bn_min_batch, bn_always_running=bn_always_running)
+    bn = {"bn_momentum": bn_momentum, "bn_min_batch": bn_min_batch, "bn_always_running": bn_always_running}
     mods: list[nn.Module] = []
     if spec.kind == "linear":
         fan_in = math.prod(in_shape)
         mods += [nn.Flatten(), make_norm(spec.norm, fan_in, spatial=False, **bn)]  # type: ignore[arg-type]
-        weight: nn.Module = nn.Linear(fan_in, spec.out)
+        weight: nn.Linear | nn.Conv2d = nn.Linear(fan_in, spec.out)
     elif spec.kind == "conv":
         if len(in_shape) != 3:
             raise ValueError(f"a conv layer cannot follow a linear one (input shape {in_shape})")
@@ -165,10 +168,10 @@ def make_block(
         weight = nn.Conv2d(in_shape[0], spec.out, spec.kernel, spec.stride, spec.padding)
     else:
         raise ValueError(f"unknown layer kind {spec.kind!r}; choose linear or conv")
-    w = weight.weight  # type: ignore[union-attr]
-    nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=generator)
-    bound = 1 / math.sqrt(w[0].numel())
-    nn.init.uniform_(weight.bias, -bound, bound, generator=generator)  # type: ignore[union-attr,arg-type]
+    nn.init.kaiming_uniform_(weight.weight, a=math.sqrt(5), generator=generator)
+    bound = 1 / math.sqrt(weight.weight[0].numel())
+    assert weight.bias is not None
+    nn.init.uniform_(weight.bias, -bound, bound, generator=generator)
     mods += [weight, nn.ReLU()]
     if spec.kind == "conv" and spec.pool > 1:
         mods.append(nn.MaxPool2d(spec.pool))

@@ -46,6 +46,11 @@ class LocalNet(nn.Module):
             layers[0].extra_params = list(self.encoder.parameters())
 
     @property
+    def local_layers(self) -> list[LocalLayer]:
+        """The layers, typed."""
+        return [layer for layer in self.layers if isinstance(layer, LocalLayer)]
+
+    @property
     def num_classes(self) -> int:
         return self.cfg.num_classes
 

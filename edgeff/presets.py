@@ -107,7 +107,8 @@ def make_learner(
     p = get_preset(preset) if isinstance(preset, str) else preset
     model = p.model
     if input_shape is not None:
-        model = replace(model, input_shape=tuple(input_shape))
+        c, h, w = input_shape
+        model = replace(model, input_shape=(int(c), int(h), int(w)))
     if num_classes is not None:
         model = replace(model, num_classes=num_classes)
     tc = train or p.train

@@ -34,7 +34,8 @@ class BPLearnerLike(Protocol):
 
 
 class ImageDataLike(Protocol):
-    y_train: np.ndarray
+    @property
+    def y_train(self) -> np.ndarray: ...
 
     def train_batches(
         self, batch_size: int, *, seed: int = 0, epoch: int = 0, limit: int | None = None, skip: int = 0
@@ -130,21 +131,21 @@ class Learner:
 
     def _apply_greedy(self) -> int:
         active = self._greedy_active()
-        for i, layer in enumerate(self.net.layers):
+        for i, layer in enumerate(self.net.local_layers):
             if i != active:
                 layer.drop_optimizer()  # frozen (or not yet started) layers keep no optimizer state
         return active
 
     def set_lr(self, lr: float) -> None:
         """Set every layer's learning rate (live optimizers and those created later)."""
-        for layer in self.net.layers:
+        for layer in self.net.local_layers:
             layer.lr = lr
             if layer.opt is not None:
                 for group in layer.opt.param_groups:
                     group["lr"] = lr
 
     # ----------------------------------------------------------------- learning
-    def learn_many(self, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> list[LayerMetrics]:
+    def learn_many(self, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray | list[int]) -> list[LayerMetrics]:
         """One local step of every scheduled layer on a batch of any size (including 1).
 
         Returns one ``LayerMetrics`` per layer that ran. Never mutates ``x`` or ``y``.
@@ -165,7 +166,7 @@ class Learner:
             last_to_run = active  # layers after the active one do not run yet
         pending = []  # OLU: layers whose graph is carried into the next layer's loss
         metrics: list[LayerMetrics] = []
-        for i, layer in enumerate(self.net.layers):
+        for i, layer in enumerate(self.net.local_layers):
             if i > last_to_run:
                 break
             trains = schedule != "greedy" or i == active

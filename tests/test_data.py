@@ -1,0 +1,50 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edgeff.data import load_data
+from edgeff.errors import DataNotFoundError
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def test_builtin_subset_is_real_mnist(mnist_small) -> None:
+    assert mnist_small.x_train.shape == (5000, 1, 28, 28) and mnist_small.x_test.shape == (1000, 1, 28, 28)
+    assert mnist_small.x_train.dtype == np.uint8
+    assert set(np.unique(mnist_small.y_train)) == set(range(10))
+    assert 30 < mnist_small.x_train.mean() < 37  # MNIST's mean pixel is 33.3
+
+
+def test_batches_are_normalised_seeded_and_resumable(mnist_small) -> None:
+    a = list(mnist_small.train_batches(300, seed=1, epoch=0, limit=1000))
+    b = list(mnist_small.train_batches(300, seed=1, epoch=0, limit=1000))
+    c = list(mnist_small.train_batches(300, seed=1, epoch=1, limit=1000))
+    assert [x.shape[0] for x, _ in a] == [300, 300, 300, 100]
+    assert all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(a, b, strict=True))
+    assert not torch.equal(a[0][1], c[0][1])
+    skipped = list(mnist_small.train_batches(300, seed=1, epoch=0, limit=1000, skip=2))
+    assert torch.equal(skipped[0][0], a[2][0])
+    x = torch.cat([x for x, _ in a])
+    assert abs(x.mean().item()) < 0.1 and abs(x.std().item() - 1) < 0.1
+    with pytest.raises(ValueError, match="batch size"):
+        next(mnist_small.train_batches(0))
+
+
+def test_missing_data_says_where_to_put_it(tmp_path: Path) -> None:
+    with pytest.raises(DataNotFoundError, match="needs --data-dir"):
+        load_data("mnist")
+    with pytest.raises(DataNotFoundError, match=r"MNIST/raw/ \(torchvision's layout\)"):
+        load_data("mnist", tmp_path)
+    with pytest.raises(DataNotFoundError, match="unknown data set"):
+        load_data("imagenet", tmp_path)
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="the full data sets are not beside the checkout")
+@pytest.mark.parametrize(("name", "n_train", "shape"), [("mnist", 60000, (1, 28, 28)),
+                                                       ("fashion-mnist", 60000, (1, 28, 28)),
+                                                       ("cifar10-exact", 4000, (3, 32, 32))])
+def test_full_data_sets_read_in_place(name: str, n_train: int, shape: tuple[int, ...]) -> None:
+    d = load_data(name, SHARED)
+    assert len(d.y_train) == n_train and d.input_shape == shape and len(d.classes) == 10
