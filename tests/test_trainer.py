@@ -150,3 +150,28 @@ def test_bad_inputs_raise_and_leave_the_learner_untouched(real_batch) -> None:
     assert learner.step == 0
     assert all(torch.equal(a, b) for a, b in zip(before, _weights(learner), strict=True))
     assert learner.learn_many(x[:4].flatten(1), y[:4])  # flattened batches are accepted
+
+
+@pytest.mark.parametrize("kind", ["uniform", "hard"])
+def test_negatives_are_always_wrong_labels(kind: str, real_batch) -> None:
+    from edgeff.model import NEGATIVES
+
+    x, y = real_batch
+    learner = Learner(TINY_MLP, CPU)
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([NEGATIVES[kind](learner.net, x, y, g) for _ in range(20)])  # (20, B)
+    assert (draws != y).all()
+    assert ((draws >= 0) & (draws < 10)).all()
+    assert len(torch.unique(draws)) == 10  # every class shows up as a negative somewhere
+
+
+def test_per_layer_metrics_track_separation(mnist_small) -> None:
+    learner = make_learner("symba-mlp", train=replace(PRESETS["symba-mlp"].train, device="cpu"))
+    first = last = None
+    for i, (x, y) in enumerate(mnist_small.train_batches(100, limit=3000)):
+        m = learner.learn_many(x, y)
+        first = first or m
+        last = m
+    assert last is not None and first is not None
+    assert all(lm.separation > 0.5 for lm in last)  # positives now clearly out-score negatives
+    assert all(lm.loss < f.loss for lm, f in zip(last, first, strict=True))
