@@ -24,8 +24,8 @@ from rich.table import Table
 
 app = typer.Typer(help="edgeff: on-device continual learning without backpropagation.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 class Dataset(str, Enum):
@@ -34,6 +34,16 @@ class Dataset(str, Enum):
     fashion_mnist = "fashion-mnist"
     cifar10 = "cifar10"
     cifar10_exact = "cifar10-exact"
+
+
+class Backend(str, Enum):
+    torch = "torch"
+    onnx = "onnx"
+
+
+class Quant(str, Enum):
+    static = "static"
+    dynamic = "dynamic"
 
 
 class Schedule(str, Enum):
@@ -146,8 +156,12 @@ def eval_cmd(
     limit: Annotated[int | None, typer.Option(help="evaluate on the first N test images")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+    backend: Annotated[Backend, typer.Option(help="torch, or onnx: export (or take a .onnx file) and run onnxruntime")] = Backend.torch,
 ) -> None:
-    """Evaluate a checkpoint on a test set."""
+    """Evaluate a checkpoint (or, with --backend onnx, an exported .onnx file) on a test set."""
+    if backend == Backend.onnx:
+        _eval_onnx(checkpoint_path, data, data_dir, layers, limit, as_json)
+        return
     from edgeff import checkpoint, evaluate
     from edgeff.data import load_data
     from edgeff.errors import EdgeFFError
@@ -177,6 +191,83 @@ def eval_cmd(
     out.print(f"{checkpoint_path}: test accuracy {res.accuracy:.2%} on {res.n} {name} images", highlight=False)
     for i, a in enumerate(res.layer_accuracy):
         out.print(f"  layer {i + 1} goodness alone: {a:.2%}")
+
+
+def _eval_onnx(path: Path, data: Dataset | None, data_dir: Path | None, layers: str | None,
+               limit: int | None, as_json: bool) -> None:
+    import tempfile
+
+    from edgeff import checkpoint
+    from edgeff.data import load_data
+    from edgeff.errors import EdgeFFError
+    from edgeff.exporters.onnx import OnnxPredictor, evaluate_onnx, export_onnx
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            if path.suffix == ".onnx":
+                onnx_path = path
+            else:
+                learner, meta = checkpoint.load(path, device="cpu")
+                onnx_path = export_onnx(learner, Path(tmp) / "model.onnx", meta=meta, layers=layers)
+            pred = OnnxPredictor(onnx_path)
+            name = data.value if data is not None else (pred.meta.get("dataset") or "builtin")
+            ds = load_data(name, data_dir)
+            if tuple(ds.input_shape) != tuple(pred.input_shape):
+                _fail(f"{path} expects inputs of shape {pred.input_shape} but {name} has {ds.input_shape}")
+            batches = ((x.numpy(), y.numpy()) for x, y in ds.test_batches(500, limit=limit))
+            acc = evaluate_onnx(pred, batches)
+    except (EdgeFFError, ValueError) as e:
+        _fail(str(e))
+        return
+    n = min(limit or len(ds.y_test), len(ds.y_test))
+    if as_json:
+        out.print_json(json.dumps({"accuracy": acc, "n": n, "backend": "onnx"}))
+    else:
+        out.print(f"{path}: test accuracy {acc:.2%} on {n} {name} images (onnxruntime)", highlight=False)
+
+
+@app.command()
+def export(
+    checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="a file written by `edgeff train`")],
+    out_path: Annotated[Path, typer.Option("--out", help="the .onnx file to write (a folder with --per-layer)")] = Path("model.onnx"),
+    per_layer: Annotated[bool, typer.Option("--per-layer", help="one file per local layer plus manifest.json")] = False,
+    int8: Annotated[Quant | None, typer.Option("--int8", help="also write an int8 copy: static (QDQ, calibrated) or dynamic")] = None,
+    layers: Annotated[str | None, typer.Option(help="goodness layers: all, all-but-first, last, last:K")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="folder holding the full data sets (parity and calibration images)")] = None,
+) -> None:
+    """Export a checkpoint to ONNX with its prediction rule; print sizes and parity against torch."""
+    from edgeff import checkpoint
+    from edgeff.data import load_data
+    from edgeff.errors import EdgeFFError
+    from edgeff.exporters.onnx import OnnxPredictor, export_layers, export_onnx, parity, quantize_onnx
+    from edgeff.trainer import Learner
+
+    try:
+        learner, meta = checkpoint.load(checkpoint_path, device="cpu")
+        if per_layer:
+            if not isinstance(learner, Learner):
+                _fail("--per-layer applies to layer-local models only")
+                return
+            manifest = export_layers(learner, out_path, meta=meta)
+            total = sum(p.stat().st_size for p in out_path.iterdir())
+            out.print(f"wrote {len(learner.net.local_layers)} layer files and {manifest} ({total / 1024:.1f} KiB)")
+            return
+        path = export_onnx(learner, out_path, meta=meta, layers=layers)
+        ds = load_data(str(meta.get("dataset", "builtin")), data_dir)
+        x, _ = next(ds.test_batches(256))
+        pr = parity(learner, OnnxPredictor(path), x)
+        out.print(f"wrote {path} ({path.stat().st_size / 1024:.1f} KiB); parity on {int(pr['n'])} real test images: "
+                  f"max |score diff| {pr['max_abs_diff']:.2e}, same label {pr['agreement']:.2%}", highlight=False)
+        if int8 is not None:
+            cal = [xb.numpy() for xb, _ in ds.train_batches(64, seed=0, limit=512)]
+            qpath = quantize_onnx(path, path.with_suffix(f".int8-{int8.value}.onnx"), mode=int8.value, calibration=cal)
+            qp = OnnxPredictor(qpath)
+            agree = float((qp.predict_many(x.numpy()) == learner.predict_many(x).numpy()).mean())
+            out.print(f"wrote {qpath} ({qpath.stat().st_size / 1024:.1f} KiB, "
+                      f"{qpath.stat().st_size / path.stat().st_size:.2f}x of fp32); same label as torch on "
+                      f"{agree:.2%} of {len(x)} images", highlight=False)
+    except (EdgeFFError, ValueError) as e:
+        _fail(str(e))
 
 
 @app.command()

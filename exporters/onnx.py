@@ -1,0 +1,376 @@
+"""Export trained learners to ONNX with their prediction rule inside, and run them in onnxruntime.
+
+The exported graph needs nothing but onnxruntime and numpy on the device:
+
+- goodness models: the input is replicated once per label inside the graph, each copy gets its label
+  encoding, every layer's goodness is computed and the chosen layers summed, then arg-max;
+- softmax-head models: a neutral-label pass, the chosen layers' features, the head's logits;
+- backprop models: the logits.
+
+Outputs are ``scores`` (B, K) and ``label`` (B,) int64. The batch axis is dynamic. Running-statistics
+BatchNorm is folded into one per-feature multiply-add (its normalisation sits *before* the weights
+and the convolutions are zero-padded, so folding it into the weights themselves would change the
+border pixels). Metadata (preset, class names, input shape and normalisation, edgeff version) is
+stored in the model's ``metadata_props``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgeff import __version__
+from edgeff.baseline import BPLearner
+from edgeff.errors import InputError
+from edgeff.labels import ChannelEncoder, ICPEncoder, OverlayEncoder
+from edgeff.layers import LocalLayer, RunningBatchNorm
+from edgeff.model import GoodnessPredictor, HeadPredictor, select_layers
+from edgeff.trainer import Learner
+
+OPSET = 17
+
+
+class FoldedNorm(nn.Module):
+    """Inference form of ``RunningBatchNorm``: ``x * scale + shift`` per feature."""
+
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+    def __init__(self, bn: RunningBatchNorm) -> None:
+        super().__init__()
+        scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+        shift = bn.bias.detach() - bn.running_mean * scale
+        shape = (1, -1, 1, 1) if bn.spatial else (1, -1)
+        self.register_buffer("scale", scale.view(shape).clone())
+        self.register_buffer("shift", shift.view(shape).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.shift
+
+
+def inference_block(block: nn.Sequential) -> nn.Sequential:
+    """A copy of ``block`` with every running-statistics BatchNorm folded."""
+    return nn.Sequential(*[FoldedNorm(m) if isinstance(m, RunningBatchNorm) else m for m in block]).eval()
+
+
+class AllLabels(nn.Module):
+    """(B, C, H, W) -> (B*K, C', H, W): the input once per label, each with its label encoding."""
+
+    codes: torch.Tensor
+
+    def __init__(self, encoder: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.k = num_classes
+        self.mode = "overlay" if isinstance(encoder, OverlayEncoder) else "channel"
+        if isinstance(encoder, OverlayEncoder):
+            codes = torch.eye(num_classes) * encoder.on_value  # (K, K)
+        elif isinstance(encoder, ICPEncoder):
+            codes = encoder.patterns.detach().clone()  # (K, 1, H, W)
+        elif isinstance(encoder, ChannelEncoder):
+            _, h, w = encoder.in_shape
+            codes = encoder.matrix.detach().clone().view(num_classes, 1, h, w)
+        else:
+            raise TypeError(f"cannot export label encoder {type(encoder).__name__}")
+        self.register_buffer("codes", codes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        xr = x.unsqueeze(1).expand(-1, self.k, -1, -1, -1)  # (B, K, C, H, W)
+        codes = self.codes.unsqueeze(0).expand(b, *self.codes.shape)
+        if self.mode == "overlay":
+            flat = xr.reshape(b, self.k, c * h * w)
+            z = torch.cat([codes, flat[:, :, self.k :]], dim=2)  # (B, K, C*H*W)
+            return z.reshape(-1, c, h, w)
+        return torch.cat([xr, codes], dim=2).reshape(-1, c + 1, h, w)  # (B*K, C+1, H, W)
+
+
+class GoodnessGraph(nn.Module):
+    """scores[b, k] = sum over the chosen layers of the goodness of x_b encoded with label k."""
+
+    def __init__(self, learner: Learner, layers: str) -> None:
+        super().__init__()
+        self.k = learner.model_cfg.num_classes
+        self.encode = AllLabels(learner.net.encoder, self.k)
+        self.blocks = nn.ModuleList(inference_block(layer.block) for layer in learner.net.local_layers)
+        self.idx = select_layers(layers, len(self.blocks))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.encode(x)
+        total = torch.zeros_like(x[:, 0, 0, 0]).unsqueeze(1)  # (B, 1), broadcast below
+        for i, block in enumerate(self.blocks):
+            h = block(h)
+            if i in self.idx:
+                total = total + h.pow(2).flatten(1).mean(1).view(-1, self.k)  # (B, K)
+            if i >= max(self.idx):
+                break
+        return total, total.argmax(1)
+
+
+class HeadGraph(nn.Module):
+    """One neutral-label pass and the softmax head's logits."""
+
+    def __init__(self, learner: Learner, head: HeadPredictor) -> None:
+        super().__init__()
+        enc = learner.net.encoder
+        neutral = enc.neutral(torch.zeros(1, *learner.model_cfg.input_shape))  # (1, C', H, W)
+        c = learner.model_cfg.input_shape[0]
+        self.overlay = isinstance(enc, OverlayEncoder)
+        self.k = learner.model_cfg.num_classes
+        code = neutral.flatten(1)[:, : self.k] if self.overlay else neutral[:, c:]
+        self.register_buffer("code", code.clone())
+        self.blocks = nn.ModuleList(inference_block(layer.block) for layer in learner.net.local_layers)
+        self.idx = head.idx
+        self.linear = head.linear
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, c, h, w = x.shape
+        code = self.code.expand(b, *self.code.shape[1:])
+        if self.overlay:
+            z = torch.cat([code, x.reshape(b, -1)[:, self.k :]], dim=1).reshape(b, c, h, w)
+        else:
+            z = torch.cat([x, code], dim=1)
+        feats = []
+        for i, block in enumerate(self.blocks):
+            z = block(z)
+            if i in self.idx:
+                feats.append(F.normalize(z.flatten(1), dim=1) * math.sqrt(math.prod(z.shape[1:])))
+        logits = self.linear(torch.cat(feats, dim=1))
+        return logits, logits.argmax(1)
+
+
+class BPGraph(nn.Module):
+    def __init__(self, learner: BPLearner) -> None:
+        super().__init__()
+        self.blocks = inference_block(learner.net.blocks)
+        self.head = learner.net.head
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.head(self.blocks(x).flatten(1))
+        return logits, logits.argmax(1)
+
+
+def inference_graph(learner: Learner | BPLearner, layers: str | None = None) -> nn.Module:
+    """The torch module that ``export_onnx`` traces (also usable as a fast torch predictor)."""
+    if isinstance(learner, BPLearner):
+        return BPGraph(learner).eval()
+    pred = learner.predictor
+    if isinstance(pred, HeadPredictor) and layers is None:
+        return HeadGraph(learner, pred).eval()
+    sel = layers or (pred.layers if isinstance(pred, GoodnessPredictor) else "all-but-first")
+    return GoodnessGraph(learner, sel).eval()
+
+
+def _metadata(learner: Learner | BPLearner, meta: dict[str, Any], kind: str) -> dict[str, str]:
+    return {
+        "edgeff_version": __version__,
+        "preset": str(meta.get("preset", "")),
+        "dataset": str(meta.get("dataset", "")),
+        "classes": json.dumps(list(meta.get("classes", [str(i) for i in range(learner.model_cfg.num_classes)]))),
+        "input_shape": json.dumps(list(learner.model_cfg.input_shape)),
+        "mean": json.dumps(list(meta.get("mean", []))),
+        "std": json.dumps(list(meta.get("std", []))),
+        "prediction": kind,
+    }
+
+
+def _export_module(module: nn.Module, sample: torch.Tensor, path: Path, outputs: list[str],
+                   props: dict[str, str]) -> Path:
+    import onnx
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dyn = {"x": {0: "batch"}, **{o: {0: "batch"} for o in outputs}}
+    with torch.no_grad():
+        torch.onnx.export(module, (sample,), str(path), input_names=["x"], output_names=outputs,
+                          dynamic_axes=dyn, opset_version=OPSET, dynamo=False)
+    model = onnx.load(str(path))
+    for k, v in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = k, v
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def export_onnx(
+    learner: Learner | BPLearner,
+    path: str | Path,
+    *,
+    meta: dict[str, Any] | None = None,
+    layers: str | None = None,
+) -> Path:
+    """Write the inference graph of ``learner`` with its prediction rule to ``path``.
+
+    Args:
+        learner: a trained ``Learner`` or ``BPLearner`` (any device; exported from a CPU copy).
+        meta: checkpoint metadata (preset, dataset, classes, mean, std) stored in the file.
+        layers: for goodness models, override the layer selection (all, all-but-first, last, last:K).
+    Returns:
+        the path written.
+    """
+    graph = inference_graph(learner, layers).cpu()
+    kind = "logits" if not isinstance(graph, GoodnessGraph) else f"goodness:{layers or 'default'}"
+    sample = torch.zeros(2, *learner.model_cfg.input_shape)
+    return _export_module(graph, sample, Path(path), ["scores", "label"], _metadata(learner, meta or {}, kind))
+
+
+def export_layers(learner: Learner, folder: str | Path, *, meta: dict[str, Any] | None = None) -> Path:
+    """One ONNX file per local layer (input ``x`` -> output ``h``, plus its goodness ``g``) and a
+    ``manifest.json`` giving the order, shapes and the label encoding constants needed to feed layer 1."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shape: tuple[int, ...] = learner.net.encoder.out_shape()
+    entries = []
+
+    class _Layer(nn.Module):
+        def __init__(self, block: nn.Sequential) -> None:
+            super().__init__()
+            self.block = inference_block(block)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            h = self.block(x)
+            return h, h.pow(2).flatten(1).mean(1)
+
+    for i, layer in enumerate(learner.net.local_layers):
+        assert isinstance(layer, LocalLayer)
+        name = f"layer{i + 1}.onnx"
+        props = _metadata(learner, meta or {}, f"layer {i + 1}")
+        _export_module(_Layer(layer.block).cpu(), torch.zeros(2, *shape), folder / name, ["h", "g"], props)
+        out = tuple(learner.net.shapes[i])
+        entries.append({"file": name, "input_shape": list(shape), "output_shape": list(out)})
+        shape = out
+    codes = AllLabels(learner.net.encoder, learner.model_cfg.num_classes).codes
+    np.save(folder / "label_codes.npy", codes.cpu().numpy())
+    manifest = {"edgeff_version": __version__, "label_encoder": type(learner.net.encoder).__name__,
+                "label_codes": "label_codes.npy", "layers": entries, **_metadata(learner, meta or {}, "per-layer")}
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return folder / "manifest.json"
+
+
+class OnnxPredictor:
+    """Predict with an exported file in onnxruntime: the same ``predict_one/predict_many`` as a learner.
+
+    Inputs are normalised float32 images (B, C, H, W) (or one (C, H, W) image for ``predict_one``).
+    """
+
+    def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads is not None:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InputError(f"ONNX file {self.path} does not exist; write one with `edgeff export`")
+        self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        props = self.session.get_modelmeta().custom_metadata_map
+        self.meta = props
+        self.input_shape = tuple(json.loads(props["input_shape"]))
+        self.classes = json.loads(props.get("classes", "[]"))
+
+    def _check(self, x: np.ndarray | torch.Tensor, single: bool) -> np.ndarray:
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().numpy()
+        if not isinstance(x, np.ndarray):
+            raise InputError(f"expected a numpy array or tensor, got {type(x).__name__}")
+        if not np.issubdtype(x.dtype, np.floating):
+            raise InputError(f"expected float inputs (normalised pixels), got dtype {x.dtype}")
+        if single:
+            if x.shape != self.input_shape:
+                raise InputError(f"expected one sample of shape {self.input_shape}, got {x.shape}")
+            x = x[None]
+        if x.ndim != 4 or x.shape[1:] != self.input_shape or x.shape[0] < 1:
+            raise InputError(f"expected a batch of shape (B, {', '.join(map(str, self.input_shape))}), got {x.shape}")
+        if not np.isfinite(x).all():
+            raise InputError("the batch contains NaN or infinite values")
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def scores(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+        return self.session.run(["scores"], {"x": self._check(x, False)})[0]
+
+    def predict_many(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+        return self.session.run(["label"], {"x": self._check(x, False)})[0]
+
+    def predict_one(self, x: np.ndarray | torch.Tensor) -> int:
+        return int(self.session.run(["label"], {"x": self._check(x, True)})[0][0])
+
+
+def quantize_onnx(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    mode: str = "static",
+    calibration: list[np.ndarray] | None = None,
+) -> Path:
+    """int8 copy of an exported file with onnxruntime's quantization tools.
+
+    ``static``: QDQ format, per-channel int8 weights and uint8 activations whose ranges come from
+    ``calibration`` (batches of real, normalised training images). ``dynamic``: int8 weights, activation
+    ranges computed at run time (MatMul/Gemm only in onnxruntime, so convolutions stay fp32).
+    The metadata of ``src`` is kept.
+    """
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    src, dst = Path(src), Path(dst)
+    if mode == "dynamic":
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    elif mode == "static":
+        if not calibration:
+            raise InputError("static quantization needs calibration batches of real training images")
+        batches = [np.ascontiguousarray(b, dtype=np.float32) for b in calibration]
+
+        class _Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self.it = iter(batches)
+
+            def get_next(self) -> dict[str, np.ndarray] | None:
+                b = next(self.it, None)
+                return None if b is None else {"x": b}
+
+        quantize_static(str(src), str(dst), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    else:
+        raise InputError(f"unknown quantization mode {mode!r}; choose static or dynamic")
+    model = onnx.load(str(dst))
+    have = {p.key for p in model.metadata_props}
+    for p in onnx.load(str(src)).metadata_props:
+        if p.key not in have:
+            entry = model.metadata_props.add()
+            entry.key, entry.value = p.key, p.value
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "quantization", mode
+    onnx.save(model, str(dst))
+    return dst
+
+
+def parity(learner: Learner | BPLearner, predictor: OnnxPredictor, x: torch.Tensor) -> dict[str, float]:
+    """Compare torch and onnxruntime on the same images: max |score difference| and label agreement."""
+    st = learner.scores(x).cpu().numpy()
+    so = predictor.scores(x.cpu().numpy())
+    return {"n": float(len(x)), "max_abs_diff": float(np.abs(st - so).max()),
+            "agreement": float((st.argmax(1) == so.argmax(1)).mean())}
+
+
+def evaluate_onnx(predictor: OnnxPredictor, batches: Any) -> float:  # noqa: ANN401
+    """Accuracy of an exported model over (x, y) batches."""
+    correct = n = 0
+    for x, y in batches:
+        correct += int((predictor.predict_many(x) == np.asarray(y)).sum())
+        n += len(y)
+    if n == 0:
+        raise InputError("no samples to evaluate")
+    return correct / n
