@@ -20,17 +20,17 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from _common import merge_records, table
+from edgeff.exporters.onnx import OnnxPredictor, export_onnx, quantize_onnx
+
 from edgeff import get_preset, make_learner
 from edgeff.data import load_data
-from edgeff.exporters.onnx import OnnxPredictor, export_onnx, quantize_onnx
 from edgeff.trainer import train_epochs
 
 PRESETS = ["ff-mlp", "symba-mlp", "trifecta-cnn", "bp-mlp", "bp-cnn"]
 
 
-def _median_ms(fn: Any, x: Any, calls: int) -> float:  # noqa: ANN401
+def _median_ms(fn: Any, x: Any, calls: int) -> float:
     for _ in range(5):
         fn(x)
     times = []

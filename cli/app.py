@@ -197,10 +197,11 @@ def _eval_onnx(path: Path, data: Dataset | None, data_dir: Path | None, layers: 
                limit: int | None, as_json: bool) -> None:
     import tempfile
 
+    from edgeff.exporters.onnx import OnnxPredictor, evaluate_onnx, export_onnx
+
     from edgeff import checkpoint
     from edgeff.data import load_data
     from edgeff.errors import EdgeFFError
-    from edgeff.exporters.onnx import OnnxPredictor, evaluate_onnx, export_onnx
 
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -236,10 +237,11 @@ def export(
     data_dir: Annotated[Path | None, typer.Option(help="folder holding the full data sets (parity and calibration images)")] = None,
 ) -> None:
     """Export a checkpoint to ONNX with its prediction rule; print sizes and parity against torch."""
+    from edgeff.exporters.onnx import OnnxPredictor, export_layers, export_onnx, parity, quantize_onnx
+
     from edgeff import checkpoint
     from edgeff.data import load_data
     from edgeff.errors import EdgeFFError
-    from edgeff.exporters.onnx import OnnxPredictor, export_layers, export_onnx, parity, quantize_onnx
     from edgeff.trainer import Learner
 
     try:

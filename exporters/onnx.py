@@ -116,6 +116,8 @@ class GoodnessGraph(nn.Module):
 class HeadGraph(nn.Module):
     """One neutral-label pass and the softmax head's logits."""
 
+    code: torch.Tensor
+
     def __init__(self, learner: Learner, head: HeadPredictor) -> None:
         super().__init__()
         enc = learner.net.encoder
@@ -365,7 +367,7 @@ def parity(learner: Learner | BPLearner, predictor: OnnxPredictor, x: torch.Tens
             "agreement": float((st.argmax(1) == so.argmax(1)).mean())}
 
 
-def evaluate_onnx(predictor: OnnxPredictor, batches: Any) -> float:  # noqa: ANN401
+def evaluate_onnx(predictor: OnnxPredictor, batches: Any) -> float:
     """Accuracy of an exported model over (x, y) batches."""
     correct = n = 0
     for x, y in batches:

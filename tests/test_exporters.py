@@ -8,13 +8,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from edgeff.cli.app import app
+from edgeff.exporters.onnx import OnnxPredictor, export_layers, export_onnx, parity, quantize_onnx
 from typer.testing import CliRunner
 
 from edgeff import Learner, make_learner
 from edgeff.checkpoint import save
-from edgeff.cli.app import app
 from edgeff.errors import InputError
-from edgeff.exporters.onnx import OnnxPredictor, export_layers, export_onnx, parity, quantize_onnx
 from edgeff.presets import PRESETS
 from edgeff.trainer import train_epochs
 
