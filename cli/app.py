@@ -81,6 +81,8 @@ def train(
     out_path: Annotated[Path | None, typer.Option("--out", help="checkpoint to write [default: runs/PRESET.pt]")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from --out if it exists")] = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    optim_state: Annotated[str, typer.Option(help="optimizer state dtype between steps: float32, bfloat16 or float16 (frugal)")] = "float32",
+    memory_report: Annotated[bool, typer.Option("--memory-report", help="measure per-layer memory on real batches after training")] = False,
 ) -> None:
     """Train a preset on a data set, streaming batches, then report test accuracy."""
     from edgeff import checkpoint, evaluate, get_preset, make_learner
@@ -91,7 +93,9 @@ def train(
     try:
         p = get_preset(preset)
         ds = load_data(data.value, data_dir)
-        tc = replace(p.train, seed=seed, device=device)
+        if optim_state not in ("float32", "bfloat16", "float16"):
+            _fail(f"--optim-state must be float32, bfloat16 or float16, got {optim_state!r}")
+        tc = replace(p.train, seed=seed, device=device, optim_state_dtype=optim_state)
         if batch_size is not None:
             tc = replace(tc, batch_size=batch_size)
         if lr is not None:
@@ -141,6 +145,16 @@ def train(
     except EdgeFFError as e:
         _fail(str(e))
         return
+    if memory_report:
+        from edgeff.memory import account, measure_learner
+
+        real = list(ds.train_batches(tc.batch_size, seed=seed + 1, limit=4 * tc.batch_size))[:4]
+        measured = measure_learner(learner, real)
+        if learner.kind == "local":
+            measured = {**measured, "local_layers": measured["layers"], "local_transient": measured["transient"]}
+        report = account(learner.model_cfg, learner.train_cfg, tc.batch_size)
+        _print_memory(report, measured if learner.kind == "local" else None,
+                      f"{name}: memory per layer on real {ds.name} batches of {tc.batch_size}")
     layers = "  ".join(f"L{i + 1} {a:.2%}" for i, a in enumerate(res.layer_accuracy))
     out.print(f"trained in {seconds:.1f}s; test accuracy {res.accuracy:.2%} on {res.n} images"
               + (f"  (per layer: {layers})" if layers else ""), highlight=False)
@@ -269,6 +283,69 @@ def export(
                       f"{qpath.stat().st_size / path.stat().st_size:.2f}x of fp32); same label as torch on "
                       f"{agree:.2%} of {len(x)} images", highlight=False)
     except (EdgeFFError, ValueError) as e:
+        _fail(str(e))
+
+
+def _kib(v: float) -> str:
+    return f"{v:,.1f}"
+
+
+def _print_memory(report: object, measured: dict | None, title: str) -> None:
+    from edgeff.memory import MemoryReport, rows
+
+    assert isinstance(report, MemoryReport)
+    table = Table(title=title)
+    recs = rows(report, measured)
+    cols = list(recs[0])
+    for c in cols:
+        table.add_column(c.replace("_kib", " KiB").replace("_", " "), justify="right")
+    for r in recs:
+        table.add_row(*[str(r[c]) if c == "layer" else _kib(r[c]) for c in cols])
+    out.print(table)
+    out.print(f"accounted peak: layer-local ({report.schedule}) {report.local_peak / 1024:,.1f} KiB, backprop "
+              f"{report.bp_peak / 1024:,.1f} KiB, ratio {report.local_peak / report.bp_peak:.2f}; physical limit "
+              f"(greedy) {report.physical_limit / 1024:,.1f} KiB", highlight=False)
+    if measured is not None:
+        lt, bt = measured["local_transient"], measured.get("bp_transient")
+        line = f"measured step peak above the resident baseline ({measured['method']}): layer-local {lt / 1024:,.1f} KiB"
+        if bt:
+            line += f", backprop {bt / 1024:,.1f} KiB, ratio {lt / bt:.2f}"
+        out.print(line + f" (accounted: {report.local_transient / 1024:,.1f} / {report.bp_transient / 1024:,.1f} KiB)",
+                  highlight=False)
+
+
+@app.command()
+def memory(
+    preset: Annotated[str, typer.Argument(help="named configuration; see `edgeff presets`")] = "trifecta-cnn",
+    batch_size: Annotated[int, typer.Option(help="samples per step")] = 32,
+    dtype: Annotated[str, typer.Option(help="float32, float16, bfloat16 or float64 (accounting only)")] = "float32",
+    schedule: Annotated[Schedule | None, typer.Option(help="layer schedule [default: the preset's]")] = None,
+    measure: Annotated[bool, typer.Option("--measure", help="also measure in a fresh subprocess (CPU: /proc, 1 thread)")] = False,
+    plot: Annotated[Path | None, typer.Option(help="write a grouped bar chart per layer (needs matplotlib)")] = None,
+    device: Annotated[str, typer.Option(help="device for --measure: cpu, cuda or auto")] = "cpu",
+    optim_state: Annotated[str, typer.Option(help="optimizer state dtype between steps: float32, bfloat16, float16")] = "float32",
+) -> None:
+    """Per-layer memory of a training step: layer-local next to backprop on the same architecture."""
+    from edgeff import get_preset
+    from edgeff.errors import EdgeFFError
+    from edgeff.memory import account
+    from edgeff.memory import measure as measure_fn
+    from edgeff.memory import plot as plot_fn
+
+    try:
+        p = get_preset(preset)
+        if batch_size < 1:
+            _fail(f"--batch-size must be at least 1, got {batch_size}")
+        tc = replace(p.train, device=device, optim_state_dtype=optim_state)
+        if schedule is not None:
+            tc = replace(tc, schedule=schedule.value)
+        report = account(p.model, tc, batch_size, dtype=dtype)
+        measured = measure_fn(p.model, tc, batch_size) if measure else None
+        _print_memory(report, measured, f"{preset}, batch {batch_size}, {dtype}")
+        if plot is not None:
+            plot_fn(report, str(plot), measured, title=f"{preset}: training memory, batch {batch_size}")
+            out.print(f"plot: {plot}")
+    except (EdgeFFError, ValueError, RuntimeError) as e:
         _fail(str(e))
 
 

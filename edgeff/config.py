@@ -45,6 +45,7 @@ class TrainConfig:
 
     lr: float = 1e-3  # every layer's learning rate
     optimizer: str = "adam"  # adam | sgd (momentum 0.9)
+    optim_state_dtype: str = "float32"  # float32 | bfloat16 | float16: optimizer state between steps
     schedule: str = "all"  # all (every layer every batch) | greedy | olu (Overlapping Local Updates)
     greedy_steps: int = 1000  # greedy: steps each layer trains before it freezes
     negatives: str = "uniform"  # uniform wrong label | hard (drawn by current goodness)

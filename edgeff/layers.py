@@ -190,11 +190,12 @@ class LocalLayer(nn.Module):
     """A block with its own optimizer. The optimizer is created on demand and can be dropped
     (greedy schedule), so a frozen layer holds no optimizer state."""
 
-    def __init__(self, block: nn.Sequential, *, optimizer: str, lr: float) -> None:
+    def __init__(self, block: nn.Sequential, *, optimizer: str, lr: float, state_dtype: str = "float32") -> None:
         super().__init__()
         self.block = block
         self.optimizer_kind = optimizer
         self.lr = lr
+        self.state_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[state_dtype]
         self.extra_params: list[nn.Parameter] = []  # e.g. a learned label channel, trained with layer 0
         self.opt: torch.optim.Optimizer | None = None
 
@@ -208,3 +209,21 @@ class LocalLayer(nn.Module):
 
     def drop_optimizer(self) -> None:
         self.opt = None
+
+    def _cast_state(self, dtype: torch.dtype) -> None:
+        if self.opt is None:
+            return
+        for st in self.opt.state.values():
+            for k, v in st.items():
+                if k != "step" and isinstance(v, torch.Tensor) and v.is_floating_point():
+                    st[k] = v.to(dtype)
+
+    def optimizer_step(self) -> None:
+        """Step the optimizer; with a low-precision ``state_dtype`` the state is held in that dtype
+        between steps and widened to float32 only while this layer steps (frugal mode)."""
+        opt = self.ensure_optimizer()
+        if self.state_dtype != torch.float32:
+            self._cast_state(torch.float32)
+        opt.step()
+        if self.state_dtype != torch.float32:
+            self._cast_state(self.state_dtype)

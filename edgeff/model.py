@@ -38,7 +38,7 @@ class LocalNet(nn.Module):
                 bn_min_batch=cfg.bn_min_batch,
                 bn_always_running=cfg.bn_always_running,
             )
-            layers.append(LocalLayer(block, optimizer=train.optimizer, lr=train.lr))
+            layers.append(LocalLayer(block, optimizer=train.optimizer, lr=train.lr, state_dtype=train.optim_state_dtype))
             shape = out_shape(spec, shape)
             self.shapes.append(shape)
         self.layers = nn.ModuleList(layers)

@@ -124,6 +124,8 @@ class Learner:
         self.loss_fn = get_loss(model.loss, threshold=model.threshold, alpha=model.alpha)
         self.step = 0  # learn_many calls so far
         self.samples_seen = 0
+        # called as hook(i, True) before layer i's step and hook(i, False) after it (memory measurement)
+        self.layer_hook: Callable[[int, bool], None] | None = None
 
     # ----------------------------------------------------------------- schedule
     def _greedy_active(self) -> int:
@@ -166,9 +168,14 @@ class Learner:
             last_to_run = active  # layers after the active one do not run yet
         pending = []  # OLU: layers whose graph is carried into the next layer's loss
         metrics: list[LayerMetrics] = []
+        hook = self.layer_hook
         for i, layer in enumerate(self.net.local_layers):
             if i > last_to_run:
                 break
+            if hook is not None:
+                if i > 0:
+                    hook(i - 1, False)
+                hook(i, True)
             trains = schedule != "greedy" or i == active
             if not trains:
                 with torch.no_grad():
@@ -188,18 +195,20 @@ class Learner:
                 metrics.append(LayerMetrics(float(loss.detach()), float(gd[:b].mean()), float(gd[b:].mean()), False))
                 h = out  # not detached: the next layer's loss updates this layer too
                 continue
-            opts = [p.ensure_optimizer() for p in pending] + [layer.ensure_optimizer()]
-            for opt in opts:
-                opt.zero_grad(set_to_none=True)
+            stepping = [*pending, layer]
+            for lay in stepping:
+                lay.ensure_optimizer().zero_grad(set_to_none=True)
             loss.backward()
-            for opt in opts:
-                opt.step()
+            for lay in stepping:
+                lay.optimizer_step()
             trained_pair = bool(pending)
             if trained_pair:
                 metrics[-1] = LayerMetrics(metrics[-1].loss, metrics[-1].g_pos, metrics[-1].g_neg, True)
             pending = []
             metrics.append(LayerMetrics(float(loss.detach()), float(gd[:b].mean()), float(gd[b:].mean()), True))
             h = out.detach()  # the memory contract: no graph crosses this boundary
+        if hook is not None:
+            hook(min(last_to_run, n_layers - 1), False)
         self.predictor.learn(self.net, xb, yb)
         self.step += 1
         self.samples_seen += b

@@ -1,0 +1,77 @@
+from dataclasses import replace
+
+import pytest
+import torch
+
+from edgeff import LayerSpec, Learner, ModelConfig, TrainConfig
+from edgeff.memory import account, measure
+from edgeff.presets import PRESETS
+
+F32 = 4
+TINY = ModelConfig(layers=(LayerSpec("linear", 3),), input_shape=(1, 2, 2), num_classes=2, label="overlay")
+
+
+def test_hand_checkable_linear_4_to_3_with_adam() -> None:
+    r = account(TINY, TrainConfig(optimizer="adam"), batch_size=5)
+    (m,) = r.local
+    assert m.params == 15 * F32  # 4x3 weights + 3 biases
+    assert m.grads == 15 * F32
+    assert m.optimizer == 30 * F32  # two Adam moments
+    assert m.input == 10 * 4 * F32  # 5 positives + 5 negatives, 4 values each
+    assert m.output == 10 * 3 * F32
+    assert m.saved == 10 * 3 * F32  # ReLU keeps its output (which goodness squares); the input is not extra
+    sgd = account(TINY, TrainConfig(optimizer="sgd"), batch_size=5)
+    assert sgd.local[0].optimizer == 15 * F32  # one momentum buffer
+    half = account(TINY, TrainConfig(optim_state_dtype="bfloat16"), batch_size=5)
+    assert half.local[0].optimizer == 30 * 2
+    # backprop: the same layer without a label input, plus a 3 -> 2 linear head
+    assert r.bp[0].params == 15 * F32 and r.bp[0].input == 5 * 4 * F32
+    assert r.bp[1].params == (3 * 2 + 2) * F32
+
+
+def test_schedules_keep_the_optimizer_state_they_should() -> None:
+    p = PRESETS["trifecta-cnn"]
+    full = account(p.model, replace(p.train, schedule="all"), 8)
+    greedy = account(p.model, replace(p.train, schedule="greedy"), 8)
+    params = sum(m.params for m in full.local)
+    assert full.local_resident - params == sum(m.optimizer for m in full.local)
+    assert greedy.local_resident - params == max(m.optimizer for m in greedy.local)
+    assert greedy.physical_limit == greedy.local_peak <= full.local_peak
+
+
+def test_accounting_grows_linearly_with_the_batch() -> None:
+    p = PRESETS["symba-mlp"]
+    a, b = account(p.model, p.train, 10), account(p.model, p.train, 20)
+    for la, lb in zip(a.local, b.local, strict=True):
+        assert lb.saved == 2 * la.saved and lb.output == 2 * la.output and lb.params == la.params
+    with pytest.raises(ValueError, match="batch size"):
+        account(p.model, p.train, 0)
+
+
+def test_measured_peak_grows_with_batch_size() -> None:
+    model = ModelConfig(layers=(LayerSpec("conv", 8, norm="batch"), LayerSpec("conv", 8, norm="batch", pool=2)),
+                        label="channel")
+    tc = TrainConfig(device="cpu")
+    small, big = measure(model, tc, 2, steps=2), measure(model, tc, 128, steps=2)
+    assert big["local_transient"] > 4 * max(small["local_transient"], 1)
+    assert big["bp_transient"] > small["bp_transient"]
+    assert len(big["local_layers"]) == 2 and "VmHWM" in big["method"]
+    # the accounted working set bounds the measurement (within 15%) at a batch where it is not noise
+    acc = account(model, tc, 128)
+    assert big["local_transient"] <= 1.15 * acc.local_transient
+
+
+def test_frugal_optimizer_state_is_held_in_bfloat16_and_still_learns(mnist_small) -> None:
+    p = PRESETS["symba-mlp"]
+    accs = {}
+    for dtype in ("float32", "bfloat16"):
+        learner = Learner(p.model, replace(p.train, device="cpu", optim_state_dtype=dtype))
+        for x, y in mnist_small.train_batches(100, limit=2000):
+            learner.learn_many(x, y)
+        states = [v for layer in learner.net.local_layers for st in layer.opt.state.values()  # type: ignore[union-attr]
+                  for k, v in st.items() if k != "step"]
+        assert states and all(v.dtype == getattr(torch, dtype) for v in states)
+        x, y = next(mnist_small.test_batches(1000))
+        accs[dtype] = (learner.predict_many(x) == y).float().mean().item()
+    assert accs["bfloat16"] > 0.35  # chance is 0.1
+    assert accs["bfloat16"] > accs["float32"] - 0.05
