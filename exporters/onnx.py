@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,7 @@ class HeadGraph(nn.Module):
         self.register_buffer("code", code.clone())
         self.blocks = nn.ModuleList(inference_block(layer.block) for layer in learner.net.local_layers)
         self.idx = head.idx
+        self.scales = {i: math.sqrt(math.prod(learner.net.shapes[i])) for i in head.idx}
         self.linear = head.linear
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,7 +144,7 @@ class HeadGraph(nn.Module):
         for i, block in enumerate(self.blocks):
             z = block(z)
             if i in self.idx:
-                feats.append(F.normalize(z.flatten(1), dim=1) * math.sqrt(math.prod(z.shape[1:])))
+                feats.append(F.normalize(z.flatten(1), dim=1) * self.scales[i])
         logits = self.linear(torch.cat(feats, dim=1))
         return logits, logits.argmax(1)
 
@@ -188,7 +190,9 @@ def _export_module(module: nn.Module, sample: torch.Tensor, path: Path, outputs:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     dyn = {"x": {0: "batch"}, **{o: {0: "batch"} for o in outputs}}
-    with torch.no_grad():
+    # The TorchScript exporter (dynamo=False): the dynamo one needs onnxscript, which is not a dependency.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export")
         torch.onnx.export(module, (sample,), str(path), input_names=["x"], output_names=outputs,
                           dynamic_axes=dyn, opset_version=OPSET, dynamo=False)
     model = onnx.load(str(path))
@@ -304,6 +308,30 @@ class OnnxPredictor:
         return int(self.session.run(["label"], {"x": self._check(x, True)})[0][0])
 
 
+def _quantize_constants(model: Any, min_elems: int = 1024) -> None:  # noqa: ANN401
+    """Store every large float32 constant the quantizer left alone (the label-encoding codes) as int8
+    with a per-tensor scale and a ``DequantizeLinear`` in front of its users (symmetric, zero point 0;
+    binary ICP patterns come back exactly)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = model.graph
+    for init in list(g.initializer):
+        if init.data_type != TensorProto.FLOAT:
+            continue
+        a = numpy_helper.to_array(init)
+        if a.size < min_elems:
+            continue
+        scale = float(np.abs(a).max()) / 127 or 1.0
+        q = np.clip(np.round(a / scale), -127, 127).astype(np.int8)
+        name = init.name
+        g.initializer.remove(init)
+        g.initializer.extend([numpy_helper.from_array(q, f"{name}_q8"),
+                              numpy_helper.from_array(np.array(scale, np.float32), f"{name}_q8_scale"),
+                              numpy_helper.from_array(np.array(0, np.int8), f"{name}_q8_zp")])
+        g.node.insert(0, helper.make_node("DequantizeLinear", [f"{name}_q8", f"{name}_q8_scale", f"{name}_q8_zp"],
+                                          [name], name=f"{name}_dequantize"))
+
+
 def quantize_onnx(
     src: str | Path,
     dst: str | Path,
@@ -316,7 +344,8 @@ def quantize_onnx(
     ``static``: QDQ format, per-channel int8 weights and uint8 activations whose ranges come from
     ``calibration`` (batches of real, normalised training images). ``dynamic``: int8 weights, activation
     ranges computed at run time (MatMul/Gemm only in onnxruntime, so convolutions stay fp32).
-    The metadata of ``src`` is kept.
+    Large constants left in float32 (the label codes) are stored as int8 too. The metadata of ``src``
+    is kept.
     """
     import onnx
     from onnxruntime.quantization import (
@@ -348,6 +377,7 @@ def quantize_onnx(
     else:
         raise InputError(f"unknown quantization mode {mode!r}; choose static or dynamic")
     model = onnx.load(str(dst))
+    _quantize_constants(model)
     have = {p.key for p in model.metadata_props}
     for p in onnx.load(str(src)).metadata_props:
         if p.key not in have:
