@@ -19,8 +19,8 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-
 from _common import merge_records, table
+
 from edgeff import BPLearner, LayerSpec, Learner
 from edgeff.data import load_data
 from edgeff.memory import account, measure
@@ -35,7 +35,7 @@ def models() -> dict[str, tuple[Any, Any]]:
             "mlp-4x1000": (mlp4, replace(mlp.train, device="cpu"))}
 
 
-def throughput(model: Any, train: Any, n: int) -> dict[str, float]:  # noqa: ANN401
+def throughput(model: Any, train: Any, n: int) -> dict[str, float]:
     data = load_data("builtin")
     batches = list(data.train_batches(1, seed=0, limit=n))
     out = {}

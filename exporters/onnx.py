@@ -308,7 +308,7 @@ class OnnxPredictor:
         return int(self.session.run(["label"], {"x": self._check(x, True)})[0][0])
 
 
-def _quantize_constants(model: Any, min_elems: int = 1024) -> None:  # noqa: ANN401
+def _quantize_constants(model: Any, min_elems: int = 1024) -> None:
     """Store every large float32 constant the quantizer left alone (the label-encoding codes) as int8
     with a per-tensor scale and a ``DequantizeLinear`` in front of its users (symmetric, zero point 0;
     binary ICP patterns come back exactly)."""
