@@ -30,7 +30,7 @@ from edgeff.trainer import train_epochs
 JOBS: dict[str, tuple[str, str, str, int, int, float]] = {
     "ff-mlp:mnist": ("ff-mlp", "mnist", "epochs", 20, 100, 12 * 60),
     "symba-mlp:mnist": ("symba-mlp", "mnist", "epochs", 20, 100, 12 * 60),
-    "trifecta-cnn:mnist": ("trifecta-cnn", "mnist", "epochs", 12, 128, 30 * 60),
+    "trifecta-cnn:mnist": ("trifecta-cnn", "mnist", "epochs", 6, 128, 25 * 60),
     "trifecta-cnn:fashion-mnist": ("trifecta-cnn", "fashion-mnist", "epochs", 4, 128, 18 * 60),
     "stream:symba-mlp:mnist": ("symba-mlp", "mnist", "stream", 1, 1, 30 * 60),
     "stream:trifecta-cnn:mnist": ("trifecta-cnn", "mnist", "stream", 1, 1, 30 * 60),

@@ -58,7 +58,7 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "trifecta-cnn", "local", TRIFECTA_CNN,
-            TrainConfig(lr=1e-3, lr_final=1e-4, batch_size=128, epochs=12, schedule="olu", eval_layers="last"),
+            TrainConfig(lr=1e-3, lr_final=1e-4, batch_size=128, epochs=6, schedule="olu", eval_layers="last"),
             "Dooms, Tsang & Oramas 2023, The Trifecta (arXiv:2311.18130)",
             "6-layer VGG-like CNN (16-16-32-32-64-64 channels, 2x2 max-pool after layers 2, 4, 6), each "
             "layer BatchNorm (running statistics below 8 samples) -> conv3x3 -> ReLU (-> pool), SymBa loss "
@@ -77,7 +77,7 @@ PRESETS: dict[str, Preset] = {
             "End-to-end backprop with cross-entropy through a linear head on the symba-mlp architecture.",
         ),
         Preset(
-            "bp-cnn", "bp", TRIFECTA_CNN, TrainConfig(lr=1e-3, lr_final=1e-4, batch_size=128, epochs=12),
+            "bp-cnn", "bp", TRIFECTA_CNN, TrainConfig(lr=1e-3, lr_final=1e-4, batch_size=128, epochs=6),
             "backprop baseline",
             "End-to-end backprop with cross-entropy through a linear head on the trifecta-cnn architecture.",
         ),

@@ -193,6 +193,7 @@ def _export_module(module: nn.Module, sample: torch.Tensor, path: Path, outputs:
     # The TorchScript exporter (dynamo=False): the dynamo one needs onnxscript, which is not a dependency.
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
         torch.onnx.export(module, (sample,), str(path), input_names=["x"], output_names=outputs,
                           dynamic_axes=dyn, opset_version=OPSET, dynamo=False)
     model = onnx.load(str(path))
