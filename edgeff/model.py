@@ -158,7 +158,12 @@ class HeadPredictor(nn.Module):
             return self.linear(self._features(net, x))
 
     def learn(self, net: LocalNet, x: torch.Tensor, y: torch.Tensor) -> float | None:
+        """One cross-entropy step on the features the head will see at inference (eval mode, so the
+        neutral pass does not touch the running BatchNorm statistics)."""
+        was_training = net.training
+        net.eval()
         feats = self._features(net, x)
+        net.train(was_training)
         if self.opt is None:
             self.opt = torch.optim.Adam(self.linear.parameters(), lr=self.lr)
         loss = F.cross_entropy(self.linear(feats), y)
