@@ -75,3 +75,32 @@ def test_frugal_optimizer_state_is_held_in_bfloat16_and_still_learns(mnist_small
         accs[dtype] = (learner.predict_many(x) == y).float().mean().item()
     assert accs["bfloat16"] > 0.35  # chance is 0.1
     assert accs["bfloat16"] > accs["float32"] - 0.05
+
+
+def test_cli_memory_table_and_plot(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from edgeff.cli.app import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["memory", "trifecta-cnn", "--batch-size", "4"])
+    assert res.exit_code == 0, res.output
+    assert "accounted peak: layer-local (olu)" in res.output and "physical limit" in res.output
+    res = runner.invoke(app, ["memory", "nope"])
+    assert res.exit_code == 2 and "unknown preset" in res.output
+    pytest.importorskip("matplotlib")
+    res = runner.invoke(app, ["memory", "symba-mlp", "--batch-size", "2", "--plot", str(tmp_path / "m.png")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_memory_report_measures_real_batches(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from edgeff.cli.app import app
+
+    res = CliRunner().invoke(app, ["train", "--samples", "300", "--epochs", "1", "--batch-size", "50", "--no-progress",
+                                   "--device", "cpu", "--memory-report", "--out", str(tmp_path / "m.pt")])
+    assert res.exit_code == 0, res.output
+    assert "memory per layer on real builtin batches of 50" in res.output
+    assert "VmHWM" in res.output
