@@ -82,6 +82,7 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="continue from --out if it exists")] = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
     optim_state: Annotated[str, typer.Option(help="optimizer state dtype between steps: float32, bfloat16 or float16 (frugal)")] = "float32",
+    lazy: Annotated[bool, typer.Option("--lazy", help="read the IDX training files batch by batch, in file order (no data set in RAM)")] = False,
     memory_report: Annotated[bool, typer.Option("--memory-report", help="measure per-layer memory on real batches after training")] = False,
 ) -> None:
     """Train a preset on a data set, streaming batches, then report test accuracy."""
@@ -135,8 +136,16 @@ def train(
                 else:
                     bar.update(task, advance=n)
 
-            train_epochs(learner, ds, epochs=n_epochs, batch_size=tc.batch_size, seed=seed, limit=samples,
-                         on_step=on_step)
+            if lazy:
+                from edgeff.data import lazy_train_batches
+                from edgeff.trainer import fit
+
+                for _ in range(n_epochs):
+                    fit(learner, lazy_train_batches(ds.name, data_dir or Path("."), tc.batch_size, limit=samples),
+                        on_step=on_step)
+            else:
+                train_epochs(learner, ds, epochs=n_epochs, batch_size=tc.batch_size, seed=seed, limit=samples,
+                             on_step=on_step)
         seconds = time.perf_counter() - t0
         meta = {"dataset": ds.name, "classes": list(ds.classes), "mean": list(ds.mean), "std": list(ds.std),
                 "preset": preset, "samples_per_epoch": per_epoch}

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -134,3 +135,63 @@ def load_data(name: str = "builtin", data_dir: str | Path | None = None) -> Imag
     tr = z["x_train"].transpose(0, 3, 1, 2)
     te = z["x_test"].transpose(0, 3, 1, 2)
     return ImageData(name, tr, z["y_train"], te, z["y_test"], CIFAR, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+
+
+def stream_idx(
+    images: str | Path,
+    labels: str | Path,
+    batch_size: int,
+    *,
+    mean: tuple[float, ...] = (0.1307,),
+    std: tuple[float, ...] = (0.3081,),
+    limit: int | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Read an IDX image/label pair (``.gz`` or raw) lazily, in file order, one batch at a time.
+
+    Only one batch of pixels is ever in memory (frugal mode: no data set in RAM), at the price of no
+    shuffling. Batches are normalised like ``ImageData.normalise``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    images, labels = Path(images), Path(labels)
+    for p in (images, labels):
+        if not p.is_file():
+            raise DataNotFoundError(f"{p} does not exist")
+
+    def _open(p: Path) -> Any:
+        return gzip.open(p, "rb") if p.suffix == ".gz" else open(p, "rb")
+
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    with _open(images) as fi, _open(labels) as fl:
+        hi = fi.read(4)
+        dims = [int.from_bytes(fi.read(4), "big") for _ in range(hi[3])]
+        hl = fl.read(4)
+        n_labels = int.from_bytes(fl.read(4), "big")
+        if hi[2] != 8 or hl[2] != 8 or dims[0] != n_labels:
+            raise DataNotFoundError(f"{images} and {labels} are not a matching uint8 IDX image/label pair")
+        shape = (1, *dims[1:]) if len(dims) == 3 else tuple(dims[1:])
+        per = int(np.prod(shape))
+        total = n_labels if limit is None else min(limit, n_labels)
+        done = 0
+        while done < total:
+            n = min(batch_size, total - done)
+            x = np.frombuffer(fi.read(n * per), np.uint8).reshape(n, *shape)
+            y = np.frombuffer(fl.read(n), np.uint8).astype(np.int64)
+            xt = torch.from_numpy(x.copy()).float().div_(255.0)
+            yield (xt - m) / s, torch.from_numpy(y)
+            done += n
+
+
+def lazy_train_batches(
+    name: str, data_dir: str | Path, batch_size: int, *, limit: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``stream_idx`` over the training files of ``mnist`` or ``fashion-mnist`` under ``data_dir``."""
+    folders = {"mnist": ("MNIST", (0.1307,), (0.3081,)), "fashion-mnist": ("FashionMNIST", (0.2860,), (0.3530,))}
+    if name not in folders:
+        raise DataNotFoundError(f"lazy reading works for the IDX sets (mnist, fashion-mnist), not {name!r}")
+    folder, mean, std = folders[name]
+    raw = Path(data_dir).expanduser() / folder / "raw"
+    pick = [next((p for p in (raw / f"{stem}.gz", raw / stem) if p.is_file()), raw / f"{stem}.gz")
+            for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")]
+    return stream_idx(pick[0], pick[1], batch_size, mean=mean, std=std, limit=limit)

@@ -240,10 +240,10 @@ class Learner:
 
 
 def fit(
-    learner: Learner,
+    learner: Learner | BPLearnerLike,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     *,
-    on_step: Callable[[list[LayerMetrics], int], None] | None = None,
+    on_step: Callable[[Any, int], None] | None = None,
 ) -> None:
     """Stream ``batches`` through ``learner.learn_many``; ``on_step(metrics, batch_size)`` after each."""
     for x, y in batches:

@@ -48,3 +48,22 @@ def test_missing_data_says_where_to_put_it(tmp_path: Path) -> None:
 def test_full_data_sets_read_in_place(name: str, n_train: int, shape: tuple[int, ...]) -> None:
     d = load_data(name, SHARED)
     assert len(d.y_train) == n_train and d.input_shape == shape and len(d.classes) == 10
+
+
+def test_stream_idx_reads_lazily_in_file_order(mnist_small, tmp_path: Path) -> None:
+    import gzip
+
+    from edgeff.data import stream_idx
+
+    x, y = mnist_small.x_train[:250, 0], mnist_small.y_train[:250]
+    with gzip.open(tmp_path / "img.gz", "wb") as f:
+        f.write(bytes([0, 0, 8, 3]) + b"".join(v.to_bytes(4, "big") for v in (250, 28, 28)) + x.tobytes())
+    with gzip.open(tmp_path / "lab.gz", "wb") as f:
+        f.write(bytes([0, 0, 8, 1]) + (250).to_bytes(4, "big") + y.tobytes())
+    batches = list(stream_idx(tmp_path / "img.gz", tmp_path / "lab.gz", 100))
+    assert [b[0].shape[0] for b in batches] == [100, 100, 50]
+    assert torch.equal(torch.cat([b[1] for b in batches]), torch.from_numpy(y.astype(np.int64)))
+    assert torch.allclose(torch.cat([b[0] for b in batches]), mnist_small.normalise(mnist_small.x_train[:250]))
+    assert len(list(stream_idx(tmp_path / "img.gz", tmp_path / "lab.gz", 64, limit=70))) == 2
+    with pytest.raises(DataNotFoundError):
+        next(stream_idx(tmp_path / "nope.gz", tmp_path / "lab.gz", 1))

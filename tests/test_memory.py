@@ -78,9 +78,8 @@ def test_frugal_optimizer_state_is_held_in_bfloat16_and_still_learns(mnist_small
 
 
 def test_cli_memory_table_and_plot(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from typer.testing import CliRunner
-
     from edgeff.cli.app import app
+    from typer.testing import CliRunner
 
     runner = CliRunner()
     res = runner.invoke(app, ["memory", "trifecta-cnn", "--batch-size", "4"])
@@ -95,9 +94,8 @@ def test_cli_memory_table_and_plot(tmp_path) -> None:  # type: ignore[no-untyped
 
 
 def test_train_memory_report_measures_real_batches(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from typer.testing import CliRunner
-
     from edgeff.cli.app import app
+    from typer.testing import CliRunner
 
     res = CliRunner().invoke(app, ["train", "--samples", "300", "--epochs", "1", "--batch-size", "50", "--no-progress",
                                    "--device", "cpu", "--memory-report", "--out", str(tmp_path / "m.pt")])
