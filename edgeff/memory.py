@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -291,18 +292,12 @@ def measure(model: ModelConfig, train: TrainConfig, batch_size: int, *, steps: i
     code = ("import json, sys; from edgeff.memory import _measure_main; "
             "print(json.dumps(_measure_main(json.loads(sys.argv[1]))))")
     proc = subprocess.run([sys.executable, "-c", code, payload], capture_output=True, text=True, check=False,
-                          env={**_env(), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                                # freed blocks go straight back to the OS, so the peak RSS sees every new allocation
                                "MALLOC_MMAP_THRESHOLD_": "4096", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_TOP_PAD_": "0"})
     if proc.returncode != 0:
         raise RuntimeError(f"memory measurement failed: {proc.stderr.strip()[-2000:]}")
     return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
-
-
-def _env() -> dict[str, str]:
-    import os
-
-    return dict(os.environ)
 
 
 def _measure_main(p: dict[str, Any]) -> dict[str, Any]:

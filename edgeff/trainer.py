@@ -201,8 +201,7 @@ class Learner:
             loss.backward()
             for lay in stepping:
                 lay.optimizer_step()
-            trained_pair = bool(pending)
-            if trained_pair:
+            if pending:
                 metrics[-1] = LayerMetrics(metrics[-1].loss, metrics[-1].g_pos, metrics[-1].g_neg, True)
             pending = []
             metrics.append(LayerMetrics(float(loss.detach()), float(gd[:b].mean()), float(gd[b:].mean()), True))
