@@ -33,7 +33,7 @@ from edgeff.errors import InputError
 from edgeff.labels import ChannelEncoder, ICPEncoder, OverlayEncoder
 from edgeff.layers import LocalLayer, RunningBatchNorm
 from edgeff.model import GoodnessPredictor, HeadPredictor, select_layers
-from edgeff.trainer import Learner
+from edgeff.trainer import Learner, as_batch
 
 OPSET = 17
 
@@ -283,21 +283,9 @@ class OnnxPredictor:
         self.classes = json.loads(props.get("classes", "[]"))
 
     def _check(self, x: np.ndarray | torch.Tensor, single: bool) -> np.ndarray:
-        if isinstance(x, torch.Tensor):
-            x = x.detach().cpu().numpy()
-        if not isinstance(x, np.ndarray):
-            raise InputError(f"expected a numpy array or tensor, got {type(x).__name__}")
-        if not np.issubdtype(x.dtype, np.floating):
-            raise InputError(f"expected float inputs (normalised pixels), got dtype {x.dtype}")
-        if single:
-            if x.shape != self.input_shape:
-                raise InputError(f"expected one sample of shape {self.input_shape}, got {x.shape}")
-            x = x[None]
-        if x.ndim != 4 or x.shape[1:] != self.input_shape or x.shape[0] < 1:
-            raise InputError(f"expected a batch of shape (B, {', '.join(map(str, self.input_shape))}), got {x.shape}")
-        if not np.isfinite(x).all():
-            raise InputError("the batch contains NaN or infinite values")
-        return np.ascontiguousarray(x, dtype=np.float32)
+        """The same checks and messages as the torch learners (``edgeff.trainer.as_batch``)."""
+        xb = as_batch(x, self.input_shape, single=single)  # type: ignore[arg-type]
+        return np.ascontiguousarray(xb.detach().cpu().numpy(), dtype=np.float32)
 
     def scores(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
         return self.session.run(["scores"], {"x": self._check(x, False)})[0]
