@@ -10,6 +10,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import (
@@ -369,6 +370,193 @@ def presets() -> None:
     for p in PRESETS.values():
         table.add_row(p.name, p.algorithm, p.paper, p.notes)
     out.print(table)
+
+
+# --------------------------------------------------------------------------- device
+device_app = typer.Typer(help="Talk to a device (a real board, or `edgeff device-sim`) over any serial port URL.",
+                         no_args_is_help=True)
+app.add_typer(device_app, name="device")
+
+PortOpt = Annotated[str, typer.Option("--port", help="pyserial URL: /dev/ttyUSB0, a pty path, socket://host:port")]
+
+
+class Rule(str, Enum):
+    goodness = "goodness"
+    embed = "embed"
+
+
+@app.command("device-sim")
+def device_sim(
+    budget: Annotated[str, typer.Option(help="RAM budget, e.g. 512KiB or 4MiB")] = "4MiB",
+    state_dir: Annotated[Path | None, typer.Option(help="where SAVE writes state and a restart restores it")] = None,
+    socket_port: Annotated[int | None, typer.Option("--socket", help="serve socket://127.0.0.1:PORT instead of a pty (0 = any)")] = None,
+    link: Annotated[Path | None, typer.Option(help="keep a symlink to the pty at this path (stable across restarts)")] = None,
+    seed: Annotated[int, typer.Option(help="device RNG seed")] = 0,
+) -> None:
+    """Run a simulated device (numpy only, no torch) on a new pty or a TCP port; prints the port to use."""
+    from edgeff.firmware_sim.device import main as sim_main
+
+    argv = ["--budget", budget, "--seed", str(seed)]
+    if state_dir is not None:
+        argv += ["--state-dir", str(state_dir)]
+    if socket_port is not None:
+        argv += ["--socket", str(socket_port)]
+    if link is not None:
+        argv += ["--link", str(link)]
+    raise typer.Exit(sim_main(argv))
+
+
+def _client(port: str, fault_rate: float = 0.0, seed: int = 0):  # type: ignore[no-untyped-def]
+    from edgeff.firmware_sim.faults import FaultyPort
+
+    from edgeff.host import DeviceClient
+
+    if fault_rate > 0:
+        return DeviceClient(port, timeout=0.05, wrap=lambda p: FaultyPort(p, rate=fault_rate, seed=seed))
+    return DeviceClient(port)
+
+
+def _device_data(data: Dataset, data_dir: Path | None):  # type: ignore[no-untyped-def]
+    from edgeff.data import load_data
+
+    ds = load_data(data.value, data_dir)
+    return ds, ds.x_train.reshape(len(ds.x_train), -1), ds.x_test.reshape(len(ds.x_test), -1)
+
+
+@device_app.command("info")
+def device_info(port: PortOpt) -> None:
+    """Capabilities, loaded model, per-layer memory and link counters of a device."""
+    from edgeff.errors import EdgeFFError
+
+    try:
+        with _client(port) as c:
+            info, st = c.info, c.device_stats()
+    except EdgeFFError as e:
+        _fail(str(e))
+    model = info.get("model")
+    out.print(f"device {info['device']} protocol {info['protocol']}, RAM budget {_kib(info['ram_budget'])}, "
+              f"boot {info['boot_id']:#x}, samples seen {info['samples_seen']}", highlight=False)
+    out.print(f"layer kinds {info['layer_kinds']}, rules {info['rules']}, losses {info['losses']}", highlight=False)
+    if model is None:
+        out.print("no model loaded (edgeff device load)")
+        return
+    out.print(f"model: {model['rule']}, widths {model['widths']}, {len(model['classes'])} classes", highlight=False)
+    mem = st["memory"]
+    table = Table(title="device memory (KiB)")
+    for col in ("layer", "params", "optimizer", "train working set (plan)", "last step working set"):
+        table.add_column(col, justify="right")
+    for lay in mem["layers"]:
+        table.add_row(str(lay["layer"] + 1), _kib(lay["params"]), _kib(lay["optimizer"]), _kib(lay["train_working"]),
+                      _kib(lay.get("last_working", 0)))
+    out.print(table)
+    out.print(f"planned total at batch 1 {_kib(mem['total'])} of {_kib(st['ram_budget'])}; measured now "
+              f"{_kib(st['traced_current'])}, peak {_kib(st['traced_peak'])}; counters {st['counters']}", highlight=False)
+
+
+@device_app.command("load")
+def device_load(
+    port: PortOpt,
+    checkpoint_path: Annotated[Path | None, typer.Option("--checkpoint", help="a trained symba-mlp/ff-mlp checkpoint to upload")] = None,
+    rule: Annotated[Rule, typer.Option(help="fresh model: goodness (SymBa + ICP) or embed (label embeddings)")] = Rule.embed,
+    layers: Annotated[str, typer.Option(help="fresh model: comma-separated layer widths")] = "128,128",
+    groups: Annotated[int, typer.Option(help="embed rule: feature groups per layer")] = 4,
+    optimizer: Annotated[str, typer.Option(help="adam or sgd (SGD keeps half the optimizer state)")] = "adam",
+    lr: Annotated[float, typer.Option(help="learning rate")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="initialisation seed")] = 0,
+    data: Annotated[Dataset, typer.Option(help="data set the model is for (input size, classes, normalisation)")] = Dataset.builtin,
+    data_dir: Annotated[Path | None, typer.Option(help="folder holding the full data sets")] = None,
+) -> None:
+    """Upload a model: a trained checkpoint, or a fresh one to train on the device."""
+    from edgeff.firmware_sim.numpy_net import ModelError, init_model
+
+    from edgeff.errors import EdgeFFError
+
+    try:
+        ds, _, _ = _device_data(data, data_dir)
+        if checkpoint_path is not None:
+            from edgeff.exporters.device import to_device_model
+
+            from edgeff import checkpoint
+
+            learner, meta = checkpoint.load(checkpoint_path, device="cpu")
+            net = to_device_model(learner, classes=list(ds.classes), mean=float(np.mean(ds.mean)),  # type: ignore[arg-type]
+                                  std=float(np.mean(ds.std)))
+        else:
+            widths = [int(w) for w in layers.split(",") if w.strip()]
+            net = init_model(rule.value, widths, input_dim=int(np.prod(ds.input_shape)), classes=list(ds.classes),
+                             seed=seed, groups=groups if rule == Rule.embed else 1, optimizer=optimizer, lr=lr,
+                             input_mean=float(np.mean(ds.mean)), input_std=float(np.mean(ds.std)))
+        blob = net.to_bytes()
+        with _client(port) as c, Progress(TextColumn("upload"), BarColumn(), MofNCompleteColumn(), console=out) as bar:
+            task = bar.add_task("upload", total=len(blob))
+            meta = c.load(blob, progress=lambda done, total: bar.update(task, completed=done))
+            budget = c.info["ram_budget"]
+    except (EdgeFFError, ModelError, ValueError) as e:
+        _fail(str(e))
+    out.print(f"loaded {net.rule} model {[net.layer_out(i) for i in range(net.n_layers)]} ({len(blob)} bytes); "
+              f"needs {_kib(meta['memory'])} of the device's {_kib(budget)}", highlight=False)
+
+
+@device_app.command("stream")
+def device_stream(
+    port: PortOpt,
+    data: Annotated[Dataset, typer.Option(help="data set to stream")] = Dataset.builtin,
+    data_dir: Annotated[Path | None, typer.Option(help="folder holding the full data sets")] = None,
+    samples: Annotated[int | None, typer.Option(help="stream only the first N (shuffled) training samples")] = None,
+    batch_size: Annotated[int, typer.Option(help="samples per TRAIN frame")] = 10,
+    save_every: Annotated[int, typer.Option(help="device saves its state every N samples (0 = only at the end)")] = 500,
+    seed: Annotated[int, typer.Option(help="data order seed")] = 0,
+    fault_rate: Annotated[float, typer.Option(help="inject link faults at this rate (testing)")] = 0.0,
+) -> None:
+    """Train on the device from a stream of training samples; resumes by itself after a device reset."""
+    from edgeff.errors import EdgeFFError
+
+    if batch_size < 1:
+        _fail("--batch-size must be at least 1")
+    try:
+        ds, x, _ = _device_data(data, data_dir)
+        order = np.random.default_rng([seed, 0]).permutation(len(x))[:samples]
+        xs, ys = x[order], ds.y_train[order].astype(np.int64)
+        c = _client(port, fault_rate, seed)
+        c.open()
+        with Progress(TextColumn("stream"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TimeRemainingColumn(), console=out) as bar:
+            task = bar.add_task("stream", total=len(xs))
+            res = c.stream(xs, ys, batch_size=batch_size, save_every=save_every or None,
+                           progress=lambda pos: bar.update(task, completed=pos))
+        st = c.device_stats()
+        c.close()
+    except (EdgeFFError, ValueError) as e:
+        _fail(str(e))
+    ls = res.losses[-1] if res.losses else []
+    out.print(f"{res.samples} samples in {res.seconds:.1f} s ({res.samples_per_s:.0f} samples/s), last losses "
+              f"{' '.join(f'{v:.3f}' for v in ls)}; link: {c.stats.requests} requests, {c.stats.retransmits} "
+              f"retransmits, {res.reconnects} reconnects; device memory peak {_kib(st['traced_peak'])} of "
+              f"{_kib(st['ram_budget'])}", highlight=False)
+
+
+@device_app.command("eval")
+def device_eval(
+    port: PortOpt,
+    data: Annotated[Dataset, typer.Option(help="data set to evaluate on (its test split)")] = Dataset.builtin,
+    data_dir: Annotated[Path | None, typer.Option(help="folder holding the full data sets")] = None,
+    limit: Annotated[int | None, typer.Option(help="evaluate only the first N test samples")] = None,
+    batch_size: Annotated[int, typer.Option(help="samples per INFER frame")] = 50,
+) -> None:
+    """Accuracy of the device's on-device predictions on a test set."""
+    from edgeff.errors import EdgeFFError
+
+    try:
+        ds, _, xt = _device_data(data, data_dir)
+        xt, yt = xt[:limit], ds.y_test[:limit]
+        t0 = time.perf_counter()
+        with _client(port) as c:
+            acc, _ = c.evaluate(xt, yt, batch_size=batch_size)
+        dt = time.perf_counter() - t0
+    except (EdgeFFError, ValueError) as e:
+        _fail(str(e))
+    out.print(f"device accuracy {acc * 100:.2f}% on {len(yt)} {ds.name} test samples ({len(yt) / dt:.0f} samples/s)",
+              highlight=False)
 
 
 def main() -> None:

@@ -1,13 +1,30 @@
-"""edgeff: on-device continual learning without backpropagation."""
+"""edgeff: on-device continual learning without backpropagation.
+
+The public names are imported lazily (PEP 562), so ``import edgeff.firmware_sim`` — the simulated
+device, which must run without torch — does not pull torch in.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from edgeff.baseline import BPLearner
-from edgeff.config import ModelConfig, TrainConfig
-from edgeff.evaluation import EvalResult, evaluate
-from edgeff.layers import LayerSpec
-from edgeff.presets import PRESETS, get_preset, make_learner
-from edgeff.trainer import LayerMetrics, Learner, fit
+_EXPORTS = {
+    "PRESETS": "edgeff.presets",
+    "BPLearner": "edgeff.baseline",
+    "EvalResult": "edgeff.evaluation",
+    "LayerMetrics": "edgeff.trainer",
+    "LayerSpec": "edgeff.layers",
+    "Learner": "edgeff.trainer",
+    "ModelConfig": "edgeff.config",
+    "TrainConfig": "edgeff.config",
+    "evaluate": "edgeff.evaluation",
+    "fit": "edgeff.trainer",
+    "get_preset": "edgeff.presets",
+    "make_learner": "edgeff.presets",
+}
 
 __all__ = [
     "PRESETS",
@@ -24,3 +41,17 @@ __all__ = [
     "get_preset",
     "make_learner",
 ]
+
+if TYPE_CHECKING:
+    from edgeff.baseline import BPLearner
+    from edgeff.config import ModelConfig, TrainConfig
+    from edgeff.evaluation import EvalResult, evaluate
+    from edgeff.layers import LayerSpec
+    from edgeff.presets import PRESETS, get_preset, make_learner
+    from edgeff.trainer import LayerMetrics, Learner, fit
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'edgeff' has no attribute {name!r}")

@@ -1,0 +1,388 @@
+"""The simulated device: a RAM budget, a numpy network, and the protocol's request handlers.
+
+``Device.receive(bytes) -> bytes`` is the whole firmware: it decodes frames, drops duplicates by
+sequence number (answering them from its reply cache, never applying twice), NACKs corrupt frames and
+answers every request with an ACK or an ERROR. ``serve_pty`` / ``serve_socket`` put it at one end of a
+real pty pair or a TCP socket; ``main`` is ``edgeff device-sim``. No torch is imported here.
+
+RAM budget: a model or a batch is refused (ERROR ``too_big``, saying by how much) when
+``NumpyNet.memory_plan`` — weights, optimizer state, label codes and one layer's working set — exceeds
+the budget. Measured memory (``tracemalloc``, which sees numpy's buffers) is reported by STATS.
+A model upload is staged chunk by chunk outside the budget (a real board writes it to flash).
+
+State survives resets: SAVE writes the model, optimizer state, RNG and sample counters atomically to
+``state_dir/state.npz``; RESET (or a restart of the process) restores from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import select
+import socket
+import sys
+import tempfile
+import time
+import tracemalloc
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from edgeff.firmware_sim.numpy_net import RULES, ModelError, NumpyNet
+from edgeff.firmware_sim.protocol import (
+    MAX_PAYLOAD,
+    VERSION,
+    FrameDecoder,
+    FrameError,
+    Message,
+    MsgType,
+    encode_frame,
+)
+
+STATE_FILE = "state.npz"
+
+
+class DeviceError(Exception):
+    """A request the device refuses; becomes an ERROR reply with ``code`` and a message."""
+
+    def __init__(self, code: str, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+
+
+def parse_size(text: str) -> int:
+    """``"512KiB"``, ``"4MiB"``, ``"1.5MB"``, ``"65536"`` -> bytes."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMG]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"cannot read a size from {text!r}; write e.g. 512KiB or 4MiB")
+    num, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
+    base = 1024 if binary or unit == "" else 1000
+    return int(num * base ** " KMG".index(unit or " "))
+
+
+def kib(n: int) -> str:
+    return f"{n / 1024:.1f} KiB"
+
+
+class Device:
+    """Firmware state and request handlers (see the module docstring).
+
+    Args:
+        budget: RAM budget in bytes.
+        state_dir: where SAVE writes and boot restores state; ``None`` keeps nothing across resets.
+        seed: seeds the RNG for negatives, noise and new classes (saved with the state).
+    """
+
+    def __init__(self, budget: int, state_dir: str | Path | None = None, *, seed: int = 0) -> None:
+        self.budget = budget
+        self.state_dir = Path(state_dir) if state_dir is not None else None
+        if self.state_dir is not None:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.seed = seed
+        self.boots = 0
+        self.decoder = FrameDecoder()
+        self.counters = {"frames_rx": 0, "frames_tx": 0, "frame_errors": 0, "nacks": 0, "duplicates": 0,
+                         "stale_train": 0}
+        self.boot()
+
+    # ----------------------------------------------------------------- lifecycle
+    def boot(self) -> None:
+        """Start from the saved state (or empty): what a power cycle does."""
+        self.boots += 1
+        self.boot_id = int.from_bytes(os.urandom(4), "little")
+        self.net: NumpyNet | None = None
+        self.rng = np.random.default_rng(self.seed)
+        self.samples_seen = 0
+        self.applied_crc = 0  # crc32 over the ids of every applied sample, in order
+        self.last_seq: int | None = None
+        self.last_reply: bytes | None = None
+        self.staging: dict[str, Any] | None = None
+        self.decoder = FrameDecoder()
+        path = self.state_dir / STATE_FILE if self.state_dir is not None else None
+        if path is not None and path.exists():
+            try:
+                net, state = NumpyNet.from_bytes(path.read_bytes())
+            except ModelError as e:
+                print(f"device: ignoring unreadable saved state ({e})", file=sys.stderr)
+                return
+            self.net = net
+            self.samples_seen = int(state.get("samples_seen", 0))
+            self.applied_crc = int(state.get("applied_crc", 0))
+            if "rng" in state:
+                self.rng.bit_generator.state = state["rng"]
+
+    def save(self) -> int:
+        if self.state_dir is None:
+            raise DeviceError("no_storage", "this device was started without a state directory (--state-dir)")
+        if self.net is None:
+            raise DeviceError("no_model", "no model loaded; send LOAD_MODEL first")
+        state = {"samples_seen": self.samples_seen, "applied_crc": self.applied_crc,
+                 "rng": self.rng.bit_generator.state}
+        data = self.net.to_bytes(state=state)
+        fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=".state-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.state_dir / STATE_FILE)  # atomic: a reset never sees half a file
+        return len(data)
+
+    # ----------------------------------------------------------------- bytes in, bytes out
+    def receive(self, data: bytes) -> bytes:
+        """Feed bytes from the link; returns the bytes to send back."""
+        out = bytearray()
+        for item in self.decoder.feed(data):
+            if isinstance(item, FrameError):
+                self.counters["frame_errors"] += 1
+                self.counters["nacks"] += 1
+                out += self._send(Message(MsgType.NACK, 0, {"error": str(item)}))
+                continue
+            self.counters["frames_rx"] += 1
+            if item.type != MsgType.HELLO and item.seq == self.last_seq and self.last_reply is not None:
+                self.counters["duplicates"] += 1  # a retransmission: answer again, apply nothing
+                self.counters["frames_tx"] += 1
+                out += self.last_reply
+                continue
+            reply = self._send(self.handle(item))
+            if item.type == MsgType.RESET:
+                self.boot()  # the reply was built before rebooting; the new boot has an empty cache
+            else:
+                self.last_seq, self.last_reply = item.seq, reply
+            out += reply
+        return bytes(out)
+
+    def _send(self, msg: Message) -> bytes:
+        self.counters["frames_tx"] += 1
+        return encode_frame(msg)
+
+    def handle(self, msg: Message) -> Message:
+        """One request -> its ACK or ERROR reply (the state is unchanged when it is an ERROR)."""
+        handlers = {
+            MsgType.HELLO: self._hello, MsgType.LOAD_MODEL: self._load, MsgType.INFER: self._infer,
+            MsgType.TRAIN: self._train, MsgType.ADD_CLASS: self._add_class, MsgType.STATS: self._stats,
+            MsgType.SAVE: self._save, MsgType.RESET: self._reset,
+        }
+        fn = handlers.get(msg.type)
+        try:
+            if fn is None:
+                raise DeviceError("bad_request", f"{msg.type.name} is not a request")
+            meta, arrays = fn(msg)
+        except DeviceError as e:
+            return Message(MsgType.ERROR, msg.seq, {"code": e.code, "text": str(e), "boot": self.boot_id})
+        except (ModelError, KeyError, TypeError, ValueError) as e:
+            return Message(MsgType.ERROR, msg.seq, {"code": "bad_request", "text": f"{type(e).__name__}: {e}",
+                                                    "boot": self.boot_id})
+        return Message(MsgType.ACK, msg.seq, {**meta, "boot": self.boot_id}, arrays)
+
+    # ----------------------------------------------------------------- handlers
+    def _require_model(self) -> NumpyNet:
+        if self.net is None:
+            raise DeviceError("no_model", "no model loaded; send LOAD_MODEL first (edgeff device load)")
+        return self.net
+
+    def _fit(self, net: NumpyNet, batch: int, what: str) -> dict[str, Any]:
+        plan = net.memory_plan(batch)
+        if plan["total"] > self.budget:
+            raise DeviceError(
+                "too_big",
+                f"{what} needs {kib(plan['total'])} (resident {kib(plan['resident'])} + working set "
+                f"{kib(plan['working'])} at batch {batch}) but the RAM budget is {kib(self.budget)}: over by "
+                f"{kib(plan['total'] - self.budget)}. Use fewer or narrower layers, SGD instead of Adam, "
+                "or a smaller batch.",
+            )
+        return plan
+
+    def _hello(self, msg: Message) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        self.last_seq = None  # a new session: sequence numbers start over
+        net = self.net
+        return {
+            "protocol": VERSION, "device": "edgeff-firmware-sim", "ram_budget": self.budget,
+            "max_payload": MAX_PAYLOAD, "layer_kinds": ["linear"], "norms": ["none", "length"],
+            "rules": list(RULES), "losses": ["symba", "ff", "embed"], "boot_id": self.boot_id, "boots": self.boots,
+            "samples_seen": self.samples_seen, "applied_crc": self.applied_crc,
+            "model": None if net is None else {"rule": net.rule, "classes": net.spec["classes"],
+                                               "widths": [net.layer_out(i) for i in range(net.n_layers)],
+                                               "input_dim": net.spec["input_dim"]},
+        }, {}
+
+    def _load(self, msg: Message) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        chunk = msg.arrays.get("chunk", np.zeros(0, np.uint8)).tobytes()
+        offset, total, crc = int(msg.meta["offset"]), int(msg.meta["total"]), int(msg.meta["crc32"])
+        if offset == 0:
+            self.staging = {"total": total, "crc32": crc, "parts": []}
+        st = self.staging
+        if st is None or st["total"] != total or st["crc32"] != crc:
+            raise DeviceError("bad_request", "model chunk out of order; restart the upload at offset 0")
+        have = sum(len(p) for p in st["parts"])
+        if offset != have:
+            raise DeviceError("bad_request", f"model chunk at offset {offset}, expected {have}")
+        st["parts"].append(chunk)
+        have += len(chunk)
+        if have < total:
+            return {"received": have}, {}
+        self.staging = None
+        blob = b"".join(st["parts"])
+        if have != total or zlib.crc32(blob) != crc:
+            raise DeviceError("bad_model", "model checksum mismatch after upload; send it again")
+        try:
+            net, _ = NumpyNet.from_bytes(blob)
+        except ModelError as e:
+            raise DeviceError("bad_model", str(e)) from None
+        plan = self._fit(net, 1, "this model")
+        self.net = net
+        self.samples_seen = 0
+        self.applied_crc = 0
+        self.rng = np.random.default_rng(int(net.spec.get("seed", self.seed)))
+        return {"received": have, "memory": plan["total"], "classes": net.spec["classes"]}, {}
+
+    def _infer(self, msg: Message) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        net = self._require_model()
+        x = msg.arrays["x"]
+        self._fit(net, x.shape[0], f"inference on {x.shape[0]} samples")
+        layer_scores = net.layer_scores(x)  # (B, K, L)
+        scores = layer_scores[..., net.spec["eval_layers"]].sum(-1)
+        arrays = {"scores": scores, "pred": scores.argmax(1).astype(np.int64)}
+        if msg.meta.get("per_layer"):
+            arrays["layer_pred"] = layer_scores.argmax(1).astype(np.int64)  # (B, L)
+        return {}, arrays
+
+    def _train(self, msg: Message) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        net = self._require_model()
+        x, y = msg.arrays["x"], msg.arrays["y"]
+        first = int(msg.meta["first"])
+        if first < self.samples_seen:  # already applied (a retransmission across a reconnect)
+            self.counters["stale_train"] += 1
+            return {"applied": False, "samples_seen": self.samples_seen}, {}
+        if first > self.samples_seen:
+            raise DeviceError("out_of_order", f"batch starts at sample {first} but the device has applied "
+                                              f"{self.samples_seen}; resume from there")
+        self._fit(net, x.shape[0], f"training on a batch of {x.shape[0]}")
+        losses = net.train_step(x, y, self.rng)
+        for i in range(first, first + x.shape[0]):
+            self.applied_crc = zlib.crc32(i.to_bytes(8, "little"), self.applied_crc)
+        self.samples_seen += x.shape[0]
+        return {"applied": True, "losses": losses, "samples_seen": self.samples_seen}, {}
+
+    def _add_class(self, msg: Message) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        net = self._require_model()
+        backup = NumpyNet.from_bytes(net.to_bytes())[0]
+        rng_state = self.rng.bit_generator.state
+        index = net.add_class(str(msg.meta["name"]), self.rng, msg.arrays.get("x"))
+        try:
+            self._fit(net, 1, f"the model with class {msg.meta['name']!r}")
+        except DeviceError:
+            self.net, self.rng.bit_generator.state = backup, rng_state
+            raise
+        return {"index": index, "classes": net.spec["classes"]}, {}
+
+    def _stats(self, msg: Message) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        cur, peak = tracemalloc.get_traced_memory() if tracemalloc.is_tracing() else (0, 0)
+        meta: dict[str, Any] = {
+            "ram_budget": self.budget, "traced_current": cur, "traced_peak": peak, "boot_id": self.boot_id,
+            "samples_seen": self.samples_seen, "applied_crc": self.applied_crc, "counters": dict(self.counters),
+            "torch_loaded": "torch" in sys.modules,
+        }
+        if self.net is not None:
+            plan = self.net.memory_plan(1)
+            for lay, used in zip(plan["layers"], self.net.last_working or [0] * self.net.n_layers, strict=False):
+                lay["last_working"] = used
+            meta["memory"] = plan
+        if msg.meta.get("reset_peak") and tracemalloc.is_tracing():
+            tracemalloc.reset_peak()
+        return meta, {}
+
+    def _save(self, msg: Message) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        return {"bytes": self.save(), "samples_seen": self.samples_seen}, {}
+
+    def _reset(self, msg: Message) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        return {"rebooting": True}, {}
+
+
+# --------------------------------------------------------------------------- transports
+def serve_fd(dev: Device, fd: int, *, idle: float = 0.5, until: float | None = None) -> None:
+    """Serve on a file descriptor (a pty master) until ``until`` (a ``time.monotonic`` deadline) or forever."""
+    while until is None or time.monotonic() < until:
+        ready, _, _ = select.select([fd], [], [], idle)
+        if not ready:
+            continue
+        try:
+            data = os.read(fd, 65536)
+        except OSError:  # EIO: no one has the other end open right now
+            time.sleep(0.05)
+            continue
+        reply = dev.receive(data)
+        view = memoryview(reply)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+
+
+def open_pty(link: str | Path | None = None) -> tuple[int, int, str]:
+    """A raw pty pair: (master fd, slave fd, slave path). With ``link``, a symlink to the slave is
+    (re)pointed atomically, so a host can reopen the same path after the device restarts."""
+    import tty
+
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    tty.setraw(master)
+    path = os.ttyname(slave)
+    if link is not None:
+        link = Path(link)
+        tmp = link.with_name(f".{link.name}.{os.getpid()}")
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        os.symlink(path, tmp)
+        os.replace(tmp, link)
+    return master, slave, path
+
+
+def serve_socket(dev: Device, port: int, *, host: str = "127.0.0.1", announce: bool = True) -> None:
+    """Serve one TCP client at a time (pyserial URL ``socket://HOST:PORT``), forever."""
+    srv = socket.create_server((host, port))
+    if announce:
+        print(f"port: socket://{host}:{srv.getsockname()[1]}", flush=True)
+    while True:
+        conn, _ = srv.accept()
+        with conn:
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    break
+                conn.sendall(dev.receive(data))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``edgeff device-sim``: run a simulated device and print the port to open."""
+    ap = argparse.ArgumentParser(prog="edgeff device-sim", description=__doc__.split("\n")[0])
+    ap.add_argument("--budget", default="4MiB", help="RAM budget, e.g. 512KiB or 4MiB (default 4MiB)")
+    ap.add_argument("--state-dir", default=None, help="where SAVE writes state and boot restores it")
+    ap.add_argument("--socket", type=int, default=None, metavar="PORT",
+                    help="serve socket://127.0.0.1:PORT instead of a pty (0 = any free port)")
+    ap.add_argument("--link", default=None, help="keep a symlink at this path pointing to the pty")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    try:
+        budget = parse_size(args.budget)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    tracemalloc.start()
+    dev = Device(budget, args.state_dir, seed=args.seed)
+    if args.socket is not None:
+        serve_socket(dev, args.socket)
+        return 0
+    master, _slave, path = open_pty(args.link)  # the slave stays open here so the pty survives host reconnects
+    print(f"port: {args.link or path}", flush=True)
+    print(f"device: RAM budget {kib(budget)}, state {args.state_dir or '(none)'}, pty {path}", file=sys.stderr,
+          flush=True)
+    try:
+        serve_fd(dev, master)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

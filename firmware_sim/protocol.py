@@ -1,0 +1,226 @@
+"""The framed serial protocol, as pure bytes <-> messages (no I/O here; the transport is separate).
+
+A frame on the wire is ``COBS(header + payload + crc32) + b"\\x00"``:
+
+- header (little-endian, 12 bytes): protocol version (u8), message type (u8), flags (u8, 0),
+  reserved (u8), sequence number (u32), payload length (u32);
+- payload: a message body (``encode_body``): a u32 length, a UTF-8 JSON object (the message's
+  small fields plus a table of arrays), then the arrays' raw little-endian bytes;
+- crc32: ``zlib.crc32`` over header + payload (u32).
+
+COBS (Consistent Overhead Byte Stuffing) removes every 0x00 from the frame, so 0x00 always marks a
+frame boundary and a receiver resynchronises after any corruption at the next delimiter.
+
+Reliability lives one level up (``edgeff.host.DeviceClient`` and ``edgeff.firmware_sim.device``):
+every request is answered by an ACK (or ERROR) carrying the request's sequence number; the sender
+retransmits on timeout or NACK; the receiver answers a repeated sequence number from its cache
+without applying the request twice.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+import numpy as np
+
+VERSION = 1
+HEADER = struct.Struct("<BBBBII")  # version, type, flags, reserved, seq, payload length
+CRC = struct.Struct("<I")
+MAX_PAYLOAD = 1 << 20  # 1 MiB: a longer frame is dropped as corrupt
+DTYPES = ("uint8", "int8", "int32", "int64", "float32", "float64")
+
+
+class MsgType(IntEnum):
+    HELLO = 1  # -> device capabilities, boot id, samples seen
+    LOAD_MODEL = 2  # one chunk of a model file; the last chunk installs it
+    INFER = 3  # x -> scores, class
+    TRAIN = 4  # x, y -> per-layer losses
+    ADD_CLASS = 5  # a new class, optionally initialised from examples
+    STATS = 6  # -> per-layer memory and counters
+    SAVE = 7  # persist the device state (atomic)
+    RESET = 8  # reboot: drop RAM, restore the saved state
+    ERROR = 9  # reply: code + text
+    ACK = 10  # reply: the request's result
+    NACK = 11  # reply: a corrupt frame arrived; please retransmit
+
+
+class FrameError(ValueError):
+    """A frame that cannot be decoded (bad COBS, length, version, CRC or body)."""
+
+
+@dataclass(frozen=True)
+class Message:
+    """One protocol message: its type, sequence number, JSON-able fields and named arrays."""
+
+    type: MsgType
+    seq: int
+    meta: dict[str, Any] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- COBS
+def cobs_encode(data: bytes) -> bytes:
+    """COBS-encode ``data``: the result holds no 0x00 byte and is at most len/254 + 1 bytes longer."""
+    out = bytearray()
+    block = bytearray()
+    for byte in data:
+        if byte == 0:
+            out.append(len(block) + 1)
+            out += block
+            block.clear()
+        else:
+            block.append(byte)
+            if len(block) == 254:
+                out.append(255)
+                out += block
+                block.clear()
+    out.append(len(block) + 1)
+    out += block
+    return bytes(out)
+
+
+def cobs_decode(data: bytes) -> bytes:
+    """Invert ``cobs_encode``; raises ``FrameError`` on a malformed encoding."""
+    out = bytearray()
+    i, n = 0, len(data)
+    while i < n:
+        code = data[i]
+        if code == 0:
+            raise FrameError("COBS: zero byte inside a frame")
+        end = i + code
+        if end > n:
+            raise FrameError("COBS: block runs past the end of the frame")
+        block = data[i + 1 : end]
+        if 0 in block:
+            raise FrameError("COBS: zero byte inside a frame")
+        out += block
+        i = end
+        if code != 255 and i < n:
+            out.append(0)
+    return bytes(out)
+
+
+# --------------------------------------------------------------------------- bodies
+def encode_body(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
+    """A message body: u32 JSON length, JSON ``{"meta": ..., "arrays": [[name, dtype, shape], ...]}``,
+    then each array's little-endian bytes in table order."""
+    table = []
+    blobs = []
+    for name, a in arrays.items():
+        a = np.asarray(a)
+        if a.dtype.name not in DTYPES:
+            raise ValueError(f"array {name!r} has dtype {a.dtype}; the protocol carries {DTYPES}")
+        table.append([name, a.dtype.name, list(a.shape)])
+        blobs.append(np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).tobytes())
+    head = json.dumps({"meta": meta, "arrays": table}, separators=(",", ":")).encode()
+    return struct.pack("<I", len(head)) + head + b"".join(blobs)
+
+
+def decode_body(body: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Invert ``encode_body``; raises ``FrameError`` on any inconsistency."""
+    if len(body) < 4:
+        raise FrameError("body shorter than its length field")
+    (n,) = struct.unpack_from("<I", body)
+    if 4 + n > len(body):
+        raise FrameError("body JSON runs past the payload")
+    try:
+        head = json.loads(body[4 : 4 + n].decode())
+        meta, table = head["meta"], head["arrays"]
+        if not isinstance(meta, dict) or not isinstance(table, list):
+            raise TypeError("meta must be an object and arrays a list")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise FrameError(f"bad body header: {e}") from None
+    arrays: dict[str, np.ndarray] = {}
+    pos = 4 + n
+    try:
+        for name, dtype, shape in table:
+            if dtype not in DTYPES or not all(isinstance(s, int) and s >= 0 for s in shape):
+                raise FrameError(f"bad array entry {name!r}")
+            dt = np.dtype(dtype).newbyteorder("<")
+            size = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+            if pos + size > len(body):
+                raise FrameError(f"array {name!r} runs past the payload")
+            arrays[str(name)] = np.frombuffer(body, dt, count=size // dt.itemsize, offset=pos).reshape(shape).astype(
+                dtype
+            )
+            pos += size
+    except (ValueError, TypeError) as e:
+        raise FrameError(f"bad array table: {e}") from None
+    if pos != len(body):
+        raise FrameError("trailing bytes after the last array")
+    return meta, arrays
+
+
+# --------------------------------------------------------------------------- frames
+def encode_frame(msg: Message) -> bytes:
+    """The bytes to put on the wire for ``msg``, delimiter included."""
+    payload = encode_body(msg.meta, msg.arrays)
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(f"message payload of {len(payload)} bytes exceeds the {MAX_PAYLOAD}-byte frame limit")
+    raw = HEADER.pack(VERSION, int(msg.type), 0, 0, msg.seq & 0xFFFFFFFF, len(payload)) + payload
+    return cobs_encode(raw + CRC.pack(zlib.crc32(raw))) + b"\x00"
+
+
+def decode_frame(frame: bytes) -> Message:
+    """Decode one frame (without its 0x00 delimiter); raises ``FrameError`` if it is not intact."""
+    raw = cobs_decode(frame)
+    if len(raw) < HEADER.size + CRC.size:
+        raise FrameError(f"frame of {len(raw)} bytes is shorter than header + CRC")
+    body, (crc,) = raw[: -CRC.size], CRC.unpack(raw[-CRC.size :])
+    if zlib.crc32(body) != crc:
+        raise FrameError("CRC mismatch")
+    version, mtype, _flags, _res, seq, length = HEADER.unpack_from(body)
+    if version != VERSION:
+        raise FrameError(f"protocol version {version}, expected {VERSION}")
+    if length != len(body) - HEADER.size:
+        raise FrameError("payload length field does not match the frame")
+    try:
+        kind = MsgType(mtype)
+    except ValueError:
+        raise FrameError(f"unknown message type {mtype}") from None
+    meta, arrays = decode_body(body[HEADER.size :])
+    return Message(kind, seq, meta, arrays)
+
+
+class FrameDecoder:
+    """Splits a byte stream at 0x00 delimiters and decodes each frame.
+
+    ``feed`` never raises: a damaged frame comes out as a ``FrameError`` item, so the caller can
+    NACK it; bytes beyond ``max_frame`` without a delimiter are discarded up to the next one.
+    """
+
+    def __init__(self, max_frame: int = 2 * MAX_PAYLOAD) -> None:
+        self.max_frame = max_frame
+        self._buf = bytearray()
+        self._overflow = False
+
+    def feed(self, data: bytes) -> list[Message | FrameError]:
+        out: list[Message | FrameError] = []
+        for chunk_i, chunk in enumerate(bytes(data).split(b"\x00")):
+            if chunk_i > 0:  # a delimiter preceded this chunk: the buffered frame is complete
+                out.extend(self._finish())
+            if self._overflow:
+                continue
+            self._buf += chunk
+            if len(self._buf) > self.max_frame:
+                self._buf.clear()
+                self._overflow = True
+        return out
+
+    def _finish(self) -> list[Message | FrameError]:
+        if self._overflow:
+            self._overflow = False
+            return [FrameError("frame longer than the limit")]
+        if not self._buf:
+            return []  # back-to-back delimiters: nothing between them
+        frame = bytes(self._buf)
+        self._buf.clear()
+        try:
+            return [decode_frame(frame)]
+        except FrameError as e:
+            return [e]
