@@ -380,6 +380,10 @@ app.add_typer(device_app, name="device")
 PortOpt = Annotated[str, typer.Option("--port", help="pyserial URL: /dev/ttyUSB0, a pty path, socket://host:port")]
 
 
+def _bkib(n: int) -> str:
+    return f"{n / 1024:.1f} KiB"
+
+
 class Rule(str, Enum):
     goodness = "goodness"
     embed = "embed"
@@ -434,7 +438,7 @@ def device_info(port: PortOpt) -> None:
     except EdgeFFError as e:
         _fail(str(e))
     model = info.get("model")
-    out.print(f"device {info['device']} protocol {info['protocol']}, RAM budget {_kib(info['ram_budget'])}, "
+    out.print(f"device {info['device']} protocol {info['protocol']}, RAM budget {_bkib(info['ram_budget'])}, "
               f"boot {info['boot_id']:#x}, samples seen {info['samples_seen']}", highlight=False)
     out.print(f"layer kinds {info['layer_kinds']}, rules {info['rules']}, losses {info['losses']}", highlight=False)
     if model is None:
@@ -446,11 +450,11 @@ def device_info(port: PortOpt) -> None:
     for col in ("layer", "params", "optimizer", "train working set (plan)", "last step working set"):
         table.add_column(col, justify="right")
     for lay in mem["layers"]:
-        table.add_row(str(lay["layer"] + 1), _kib(lay["params"]), _kib(lay["optimizer"]), _kib(lay["train_working"]),
-                      _kib(lay.get("last_working", 0)))
+        table.add_row(str(lay["layer"] + 1), _bkib(lay["params"]), _bkib(lay["optimizer"]), _bkib(lay["train_working"]),
+                      _bkib(lay.get("last_working", 0)))
     out.print(table)
-    out.print(f"planned total at batch 1 {_kib(mem['total'])} of {_kib(st['ram_budget'])}; measured now "
-              f"{_kib(st['traced_current'])}, peak {_kib(st['traced_peak'])}; counters {st['counters']}", highlight=False)
+    out.print(f"planned total at batch 1 {_bkib(mem['total'])} of {_bkib(st['ram_budget'])}; measured now "
+              f"{_bkib(st['traced_current'])}, peak {_bkib(st['traced_peak'])}; counters {st['counters']}", highlight=False)
 
 
 @device_app.command("load")
@@ -494,7 +498,7 @@ def device_load(
     except (EdgeFFError, ModelError, ValueError) as e:
         _fail(str(e))
     out.print(f"loaded {net.rule} model {[net.layer_out(i) for i in range(net.n_layers)]} ({len(blob)} bytes); "
-              f"needs {_kib(meta['memory'])} of the device's {_kib(budget)}", highlight=False)
+              f"needs {_bkib(meta['memory'])} of the device's {_bkib(budget)}", highlight=False)
 
 
 @device_app.command("stream")
@@ -531,8 +535,8 @@ def device_stream(
     ls = res.losses[-1] if res.losses else []
     out.print(f"{res.samples} samples in {res.seconds:.1f} s ({res.samples_per_s:.0f} samples/s), last losses "
               f"{' '.join(f'{v:.3f}' for v in ls)}; link: {c.stats.requests} requests, {c.stats.retransmits} "
-              f"retransmits, {res.reconnects} reconnects; device memory peak {_kib(st['traced_peak'])} of "
-              f"{_kib(st['ram_budget'])}", highlight=False)
+              f"retransmits, {res.reconnects} reconnects; device memory peak {_bkib(st['traced_peak'])} of "
+              f"{_bkib(st['ram_budget'])}", highlight=False)
 
 
 @device_app.command("eval")

@@ -111,7 +111,10 @@ class DeviceClient:
     # ----------------------------------------------------------------- session
     def open(self) -> dict[str, Any]:
         """Open the port and say HELLO; returns the device's capabilities."""
-        port = open_port(self.url)
+        try:
+            port = open_port(self.url)
+        except (OSError, ValueError) as e:  # serial.SerialException is an OSError
+            raise LinkError(f"cannot open {self.url}: {e}. Check the port (edgeff device-sim prints it).") from None
         self.port = self.wrap(port) if self.wrap is not None else port
         self._decoder = FrameDecoder()
         self.boot_id = None

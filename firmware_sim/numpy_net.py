@@ -373,8 +373,8 @@ class NumpyNet:
         if self.rule == "goodness":
             if self.spec["label"] == "icp":
                 assert self.codes is not None
-                row = (rng.random((1, self.codes.shape[1])) < float(self.spec.get("icp_rate", 0.1))).astype(F32)
-                self.codes = np.concatenate([self.codes, row])
+                pattern = (rng.random((1, self.codes.shape[1])) < float(self.spec.get("icp_rate", 0.1))).astype(F32)
+                self.codes = np.concatenate([self.codes, pattern])
             elif k + 1 > int(self.spec["input_dim"]):
                 raise ModelError("no input position left to overlay another class on")
         else:
@@ -386,10 +386,10 @@ class NumpyNet:
                     feats = self.layer_forward(i, feats)[2]
                 f = self.group_mean(self.n_layers - 1, feats).mean(0)  # (d,)
                 pmat = pool_matrix(self.embed.shape[1], f.shape[0])
-                row: np.ndarray = np.linalg.pinv(pmat) @ f
+                row = np.linalg.pinv(pmat) @ f
             else:
-                row = rng.normal(size=self.embed.shape[1])
-            row = (row / (float(np.linalg.norm(row)) + 1e-12) * scale).astype(F32)
+                row = np.asarray(rng.normal(size=self.embed.shape[1]), F32)
+            row = np.asarray(row / (float(np.linalg.norm(row)) + 1e-12) * scale, F32)
             self.embed = np.concatenate([self.embed, row[None]])
             if "E" in self.opt:  # the new row starts with empty optimizer state
                 st = self.opt["E"]

@@ -94,3 +94,45 @@ def test_console_script_runs(tmp_path: Path) -> None:
     assert "test accuracy" in proc.stdout and (tmp_path / "m.pt").is_file()
     proc = subprocess.run([exe, "train", "--preset", "nope"], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2 and "unknown preset" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.fixture
+def sim_port(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """`edgeff device-sim` as a real subprocess of the console script, on a pty."""
+    exe = shutil.which("edgeff") or str(Path(sys.executable).with_name("edgeff"))
+    proc = subprocess.Popen([exe, "device-sim", "--budget", "8MiB", "--state-dir", str(tmp_path / "dev")],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("port: "), line
+    yield line.split("port: ", 1)[1].strip()
+    proc.kill()
+    proc.wait()
+
+
+def test_cli_device_load_stream_eval_info(sim_port: str, trained: Path) -> None:
+    res = runner.invoke(app, ["device", "info", "--port", sim_port])
+    assert res.exit_code == 0, res.output
+    assert "no model loaded" in res.output and "8192.0 KiB" in res.output
+    res = runner.invoke(app, ["device", "load", "--port", sim_port, "--rule", "embed", "--layers", "64,64"])
+    assert res.exit_code == 0, res.output
+    assert "loaded embed model [64, 64]" in res.output
+    res = runner.invoke(app, ["device", "stream", "--port", sim_port, "--samples", "1500", "--batch-size", "10"])
+    assert res.exit_code == 0, res.output
+    assert "1500 samples" in res.output and "device memory peak" in res.output
+    res = runner.invoke(app, ["device", "eval", "--port", sim_port, "--limit", "500"])
+    assert res.exit_code == 0, res.output
+    m = re.search(r"device accuracy ([\d.]+)%", res.output)
+    assert m and float(m.group(1)) > 50  # one pass over 1,500 real images, chance is 10%
+    res = runner.invoke(app, ["device", "info", "--port", sim_port])
+    assert res.exit_code == 0 and "samples seen 1500" in res.output, res.output
+    # a torch-trained symba-mlp checkpoint runs on the device and predicts like it does on the host
+    res = runner.invoke(app, ["device", "load", "--port", sim_port, "--checkpoint", str(trained)])
+    assert res.exit_code == 2 and "over by" in res.output  # 2x1000 with Adam does not fit 8 MiB
+
+
+def test_cli_device_errors(sim_port: str) -> None:
+    res = runner.invoke(app, ["device", "eval", "--port", sim_port, "--limit", "10"])
+    assert res.exit_code == 2 and "no model loaded" in res.output
+    res = runner.invoke(app, ["device", "info", "--port", "/nonexistent/tty"])
+    assert res.exit_code == 2 and "error" in res.output

@@ -1,0 +1,240 @@
+"""The simulated device: request handling in-process, then host <-> device over a real pty pair."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeff.data import ImageData
+from edgeff.firmware_sim.device import Device, parse_size
+from edgeff.firmware_sim.faults import FaultyPort
+from edgeff.firmware_sim.numpy_net import NumpyNet, init_model
+from edgeff.firmware_sim.protocol import FrameDecoder, Message, MsgType, encode_frame
+from edgeff.host import CHUNK, DeviceClient, DeviceRefusedError
+
+
+def _flat(ds: ImageData, n: int, *, test: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    x, y = (ds.x_test, ds.y_test) if test else (ds.x_train, ds.y_train)
+    return x[:n].reshape(n, -1), y[:n].astype(np.int64)
+
+
+def _ask(dev: Device, msg: Message) -> Message:
+    (reply,) = FrameDecoder().feed(dev.receive(encode_frame(msg)))
+    assert isinstance(reply, Message)
+    return reply
+
+
+def _load(dev: Device, net: NumpyNet, seq: int = 1) -> Message:
+    blob = net.to_bytes()
+    meta = {"total": len(blob), "crc32": zlib.crc32(blob)}
+    for off in range(0, len(blob), CHUNK):
+        reply = _ask(dev, Message(MsgType.LOAD_MODEL, seq, {**meta, "offset": off},
+                                  {"chunk": np.frombuffer(blob[off : off + CHUNK], np.uint8)}))
+        seq += 1
+    return reply
+
+
+def test_parse_size() -> None:
+    assert parse_size("512KiB") == 512 * 1024
+    assert parse_size("4MiB") == 4 * 1024 * 1024
+    assert parse_size("1.5MB") == 1_500_000
+    assert parse_size("65536") == 65536
+    with pytest.raises(ValueError, match="512KiB"):
+        parse_size("lots")
+
+
+def test_device_refuses_a_model_over_budget_and_says_by_how_much() -> None:
+    dev = Device(parse_size("512KiB"))
+    reply = _load(dev, init_model("embed", [256, 256]))
+    assert reply.type == MsgType.ERROR and reply.meta["code"] == "too_big"
+    assert "over by" in reply.meta["text"] and "512.0 KiB" in reply.meta["text"]
+    assert dev.net is None  # nothing installed
+    ok = _load(dev, init_model("embed", [32], optimizer="sgd"), seq=2)
+    assert ok.type == MsgType.ACK
+    big_batch = _ask(dev, Message(MsgType.TRAIN, 3, {"first": 0},
+                                  {"x": np.zeros((1000, 784), np.uint8), "y": np.zeros(1000, np.int64)}))
+    assert big_batch.type == MsgType.ERROR and "batch of 1000" in big_batch.meta["text"]
+    assert dev.samples_seen == 0
+
+
+def test_duplicate_frames_are_answered_but_never_applied_twice(mnist_small: ImageData) -> None:
+    dev = Device(parse_size("4MiB"))
+    _load(dev, init_model("embed", [32]))
+    x, y = _flat(mnist_small, 4)
+    frame = encode_frame(Message(MsgType.TRAIN, 2, {"first": 0}, {"x": x, "y": y}))
+    replies = FrameDecoder().feed(dev.receive(frame + frame + frame))
+    assert len(replies) == 3 and all(isinstance(r, Message) and r.type == MsgType.ACK for r in replies)
+    assert dev.samples_seen == 4 and dev.counters["duplicates"] == 2
+    # a new sequence number with an old sample range is recognised as already applied
+    again = _ask(dev, Message(MsgType.TRAIN, 3, {"first": 0}, {"x": x, "y": y}))
+    assert again.meta["applied"] is False and dev.samples_seen == 4
+    gap = _ask(dev, Message(MsgType.TRAIN, 4, {"first": 10}, {"x": x, "y": y}))
+    assert gap.type == MsgType.ERROR and gap.meta["code"] == "out_of_order"
+
+
+def test_corrupt_frame_gets_a_nack(mnist_small: ImageData) -> None:
+    dev = Device(parse_size("4MiB"))
+    frame = bytearray(encode_frame(Message(MsgType.HELLO, 1)))
+    frame[5] ^= 0x40
+    (reply,) = FrameDecoder().feed(dev.receive(bytes(frame)))
+    assert isinstance(reply, Message) and reply.type == MsgType.NACK
+    assert dev.counters["frame_errors"] == 1
+
+
+def test_save_reset_restores_the_saved_state(tmp_path: Path, mnist_small: ImageData) -> None:
+    dev = Device(parse_size("4MiB"), tmp_path)
+    _load(dev, init_model("goodness", [32], label="icp"))
+    x, y = _flat(mnist_small, 10)
+    _ask(dev, Message(MsgType.TRAIN, 2, {"first": 0}, {"x": x, "y": y}))
+    assert _ask(dev, Message(MsgType.SAVE, 3)).type == MsgType.ACK
+    saved = dev.net.scores(x)  # type: ignore[union-attr]
+    _ask(dev, Message(MsgType.TRAIN, 4, {"first": 10}, {"x": x, "y": y}))
+    boot = dev.boot_id
+    _ask(dev, Message(MsgType.RESET, 5))
+    assert dev.boot_id != boot and dev.samples_seen == 10
+    np.testing.assert_array_equal(dev.net.scores(x), saved)  # type: ignore[union-attr]
+    # a fresh process with the same state directory restores it too
+    assert Device(parse_size("4MiB"), tmp_path).samples_seen == 10
+
+
+def test_add_class_over_budget_leaves_the_model_untouched(mnist_small: ImageData) -> None:
+    net = init_model("goodness", [16], label="icp", optimizer="sgd")
+    dev = Device(net.memory_plan(1)["total"] + 100)  # no room for another pattern
+    _load(dev, net)
+    reply = _ask(dev, Message(MsgType.ADD_CLASS, 2, {"name": "ten"}))
+    assert reply.type == MsgType.ERROR and reply.meta["code"] == "too_big"
+    assert dev.net is not None and dev.net.num_classes == 10
+
+
+# --------------------------------------------------------------------------- over a real pty
+def _start(budget: str, state_dir: Path | None = None, link: Path | None = None) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "edgeff.firmware_sim.device", "--budget", budget]
+    if state_dir is not None:
+        cmd += ["--state-dir", str(state_dir)]
+    if link is not None:
+        cmd += ["--link", str(link)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("port: "), line
+    return proc, line.split("port: ", 1)[1].strip()
+
+
+@pytest.fixture
+def device_pty(tmp_path: Path) -> Iterator[str]:
+    proc, url = _start("16MiB", tmp_path / "state")
+    yield url
+    proc.kill()
+    proc.wait()
+
+
+def test_end_to_end_train_on_device_equals_numpy_in_process(device_pty: str, mnist_small: ImageData) -> None:
+    x, y = _flat(mnist_small, 2000)
+    xt, yt = _flat(mnist_small, 1000, test=True)
+    net = init_model("embed", [128, 128], groups=4, seed=0)
+    with DeviceClient(device_pty) as dev:
+        assert dev.info["model"] is None and dev.info["ram_budget"] == 16 * 1024 * 1024
+        dev.load(net)
+        res = dev.stream(x, y, batch_size=10, save_every=500)
+        assert res.samples == 2000 and res.reconnects == 0
+        acc, pred = dev.evaluate(xt, yt)
+        stats = dev.device_stats()
+    assert stats["torch_loaded"] is False  # the device learns with numpy only
+    assert stats["samples_seen"] == 2000 and stats["counters"]["duplicates"] == 0
+    assert 0 < stats["traced_peak"]
+    rng = np.random.default_rng(net.spec["seed"])
+    for i in range(0, 2000, 10):
+        net.train_step(x[i : i + 10], y[i : i + 10], rng)
+    local = net.scores(xt).argmax(1)
+    assert (pred == local).mean() >= 0.999  # the same training run, bit for bit up to float noise
+    assert acc == pytest.approx(float((local == yt).mean()), abs=0.002)
+    assert acc > 0.6  # 2,000 real samples, one pass: far above chance (10%)
+
+
+def test_faults_lose_nothing_and_apply_nothing_twice(device_pty: str, mnist_small: ImageData) -> None:
+    n = 1500
+    x, y = _flat(mnist_small, n)
+    net = init_model("embed", [32], seed=0)
+    with DeviceClient(device_pty) as clean:
+        clean.load(net)
+    port = None
+
+    def wrap(p: object) -> FaultyPort:
+        nonlocal port
+        port = FaultyPort(p, rate=0.05, seed=1, max_delay=0.01)
+        return port
+
+    with DeviceClient(device_pty, timeout=0.05, wrap=wrap) as dev:
+        res = dev.stream(x, y, batch_size=1, save_every=None)
+        stats = dev.device_stats()
+    assert port is not None and sum(port.injected.values()) > 50  # faults really happened, both ways
+    assert port.injected["rx_corrupt"] > 0 and port.injected["tx_drop"] > 0
+    assert res.samples == n and stats["samples_seen"] == n
+    expected = 0
+    for i in range(n):
+        expected = zlib.crc32(i.to_bytes(8, "little"), expected)
+    assert stats["applied_crc"] == expected  # every sample exactly once, in order
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        net.train_step(x[i : i + 1], y[i : i + 1], rng)
+    with DeviceClient(device_pty) as dev:
+        np.testing.assert_allclose(dev.infer(x[:50])["scores"], net.scores(x[:50]), atol=1e-5)
+
+
+def test_stream_resumes_after_the_device_process_dies(tmp_path: Path, mnist_small: ImageData) -> None:
+    link, state = tmp_path / "edgeff-dev", tmp_path / "state"
+    proc, url = _start("16MiB", state, link)
+    n = 1200
+    x, y = _flat(mnist_small, n)
+    net = init_model("goodness", [64], seed=0, label="icp")
+    client = DeviceClient(url, timeout=0.1, reconnect_s=30)
+    client.open()
+    client.load(net)
+    seen: list[int] = []
+    result = {}
+
+    def run() -> None:
+        result["res"] = client.stream(x, y, batch_size=10, save_every=200, progress=seen.append)
+
+    t = threading.Thread(target=run)
+    t.start()
+    while not seen or seen[-1] < 500:  # kill it mid-stream, between saves
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    time.sleep(0.3)
+    proc, _ = _start("16MiB", state, link)  # power back on: restores the last save
+    t.join(timeout=120)
+    try:
+        assert not t.is_alive()
+        res = result["res"]
+        assert res.reconnects >= 1 and res.samples == n
+        stats = client.device_stats()
+        expected = 0
+        for i in range(n):
+            expected = zlib.crc32(i.to_bytes(8, "little"), expected)
+        assert stats["samples_seen"] == n and stats["applied_crc"] == expected
+        rng = np.random.default_rng(0)
+        for i in range(0, n, 10):
+            net.train_step(x[i : i + 10], y[i : i + 10], rng)
+        np.testing.assert_allclose(client.infer(x[:50])["scores"], net.scores(x[:50]), atol=1e-5)
+    finally:
+        client.close()
+        proc.kill()
+        proc.wait()
+
+
+def test_host_reports_device_errors_clearly(device_pty: str) -> None:
+    with DeviceClient(device_pty) as dev:
+        with pytest.raises(DeviceRefusedError, match="no model loaded"):
+            dev.infer(np.zeros((1, 784), np.uint8))
+        with pytest.raises(DeviceRefusedError, match="not an edgeff device model"):
+            dev.load(b"nope" * 10)
