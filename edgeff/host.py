@@ -306,8 +306,18 @@ class DeviceClient:
         return result
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, *, batch_size: int = 50) -> tuple[float, np.ndarray]:
-        """Accuracy of the device's predictions on ``x``, and the predictions."""
-        preds = [self.infer(x[i : i + batch_size])["pred"] for i in range(0, len(x), batch_size)]
+        """Accuracy of the device's predictions on ``x``, and the predictions. A batch the device has
+        no RAM for is halved until it fits."""
+        preds = []
+        i = 0
+        while i < len(x):
+            try:
+                preds.append(self.infer(x[i : i + batch_size])["pred"])
+            except DeviceRefusedError as e:
+                if e.code != "too_big" or batch_size == 1:
+                    raise
+                batch_size //= 2
+                continue
+            i += batch_size
         pred = np.concatenate(preds) if preds else np.zeros(0, np.int64)
         return float((pred == np.asarray(y)).mean()) if len(pred) else float("nan"), pred
-

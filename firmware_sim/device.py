@@ -120,14 +120,14 @@ class Device:
             raise DeviceError("no_model", "no model loaded; send LOAD_MODEL first")
         state = {"samples_seen": self.samples_seen, "applied_crc": self.applied_crc,
                  "rng": self.rng.bit_generator.state}
-        data = self.net.to_bytes(state=state)
         fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=".state-")
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            self.net.write(f, state=state)  # array by array: no second copy of the model in RAM
             f.flush()
             os.fsync(f.fileno())
+            size = f.tell()
         os.replace(tmp, self.state_dir / STATE_FILE)  # atomic: a reset never sees half a file
-        return len(data)
+        return size
 
     # ----------------------------------------------------------------- bytes in, bytes out
     def receive(self, data: bytes) -> bytes:
@@ -353,6 +353,27 @@ def serve_socket(dev: Device, port: int, *, host: str = "127.0.0.1", announce: b
                 conn.sendall(dev.receive(data))
 
 
+def warm_up() -> None:
+    """Run every code path once (model I/O, training, inference, frames, a state save) so the modules
+    they import lazily are loaded before memory tracing starts: code lives in flash on a board, and the
+    RAM figures should count data only."""
+    from edgeff.firmware_sim.numpy_net import init_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dev = Device(1 << 30, tmp)
+        for rule in RULES:
+            net = init_model(rule, [4], input_dim=4, classes=["a", "b"])
+            blob = net.to_bytes()
+            frames = [Message(MsgType.LOAD_MODEL, 1, {"offset": 0, "total": len(blob), "crc32": zlib.crc32(blob)},
+                              {"chunk": np.frombuffer(blob, np.uint8)}),
+                      Message(MsgType.TRAIN, 2, {"first": 0}, {"x": np.zeros((2, 4), np.uint8), "y": np.zeros(2, np.int64)}),
+                      Message(MsgType.INFER, 3, {}, {"x": np.zeros((2, 4), np.uint8)}),
+                      Message(MsgType.ADD_CLASS, 4, {"name": "c"}, {"x": np.zeros((1, 4), np.uint8)}),
+                      Message(MsgType.SAVE, 5), Message(MsgType.STATS, 6), Message(MsgType.RESET, 7)]
+            for msg in frames:
+                dev.receive(encode_frame(msg))
+
+
 def main(argv: list[str] | None = None) -> int:
     """``edgeff device-sim``: run a simulated device and print the port to open."""
     ap = argparse.ArgumentParser(prog="edgeff device-sim", description=__doc__.split("\n")[0])
@@ -368,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    warm_up()
     tracemalloc.start()
     dev = Device(budget, args.state_dir, seed=args.seed)
     if args.socket is not None:

@@ -42,11 +42,11 @@ class ModelError(ValueError):
 
 
 def _softplus(x: np.ndarray) -> np.ndarray:
-    return np.logaddexp(0.0, x).astype(F32)
+    return np.logaddexp(0.0, x).astype(F32, copy=False)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(F32)
+    return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(F32, copy=False)
 
 
 def pool_matrix(dim: int, width: int) -> np.ndarray:
@@ -110,6 +110,12 @@ class NumpyNet:
 
     def to_bytes(self, *, state: dict[str, Any] | None = None) -> bytes:
         """The model as an ``.npz`` (no pickles): spec JSON, arrays, optimizer state, and ``state``."""
+        buf = io.BytesIO()
+        self.write(buf, state=state)
+        return buf.getvalue()
+
+    def write(self, f: Any, *, state: dict[str, Any] | None = None) -> None:
+        """``to_bytes`` written straight to a file object, array by array (no copy of the whole model)."""
         arrays: dict[str, np.ndarray] = {}
         for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
             arrays[f"W{i}"], arrays[f"b{i}"] = w, b
@@ -123,9 +129,7 @@ class NumpyNet:
             steps[name] = st.t
         head = {"spec": self.spec, "opt_steps": steps, "state": state or {}}
         arrays["header"] = np.frombuffer(json.dumps(head).encode(), np.uint8)
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)  # type: ignore[arg-type]
-        return buf.getvalue()
+        np.savez(f, **arrays)  # type: ignore[arg-type]
 
     @classmethod
     def from_bytes(cls, data: bytes) -> tuple[NumpyNet, dict[str, Any]]:
@@ -136,8 +140,8 @@ class NumpyNet:
             head = json.loads(arrays.pop("header").tobytes().decode())
             spec = head["spec"]
             n = len(spec["layers"])
-            weights = [arrays[f"W{i}"].astype(F32) for i in range(n)]
-            biases = [arrays[f"b{i}"].astype(F32) for i in range(n)]
+            weights = [arrays[f"W{i}"].astype(F32, copy=False) for i in range(n)]
+            biases = [arrays[f"b{i}"].astype(F32, copy=False) for i in range(n)]
         except ModelError:
             raise
         except Exception as e:  # noqa: BLE001 - any parse failure is the same user-facing error
@@ -183,16 +187,16 @@ class NumpyNet:
         if x.ndim != 2 or x.shape[1] != int(self.spec["input_dim"]):
             raise ModelError(f"expected inputs of shape (B, {self.spec['input_dim']}), got {x.shape}")
         if x.dtype == np.uint8:
-            return ((x.astype(F32) / F32(255.0) - F32(self.spec["input_mean"])) / F32(self.spec["input_std"])).astype(F32)
+            return ((x.astype(F32, copy=False) / F32(255.0) - F32(self.spec["input_mean"])) / F32(self.spec["input_std"])).astype(F32, copy=False)
         if not np.all(np.isfinite(x)):
             raise ModelError("inputs hold NaN or infinite values")
-        return x.astype(F32)
+        return x.astype(F32, copy=False)
 
     def encode(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Goodness rule: the label written into the input (ICP appended, or one-hot overlay)."""
         if self.spec["label"] == "icp":
             assert self.codes is not None
-            return np.concatenate([x, self.codes[y].astype(F32)], axis=1)  # (B, D + code_dim)
+            return np.concatenate([x, self.codes[y].astype(F32, copy=False)], axis=1)  # (B, D + code_dim)
         out = x.copy()
         k = self.num_classes
         out[:, :k] = np.eye(k, dtype=F32)[y]
@@ -201,21 +205,21 @@ class NumpyNet:
     def layer_forward(self, i: int, a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Returns (normalised input u, pre-activation z, output h) of layer i."""
         if self.spec["layers"][i].get("norm", "none") == "length":
-            rms = np.sqrt((a * a).mean(1, keepdims=True) + F32(EPS_LEN)).astype(F32)
-            u = (a / rms).astype(F32)
+            rms = np.sqrt((a * a).mean(1, keepdims=True) + F32(EPS_LEN)).astype(F32, copy=False)
+            u = (a / rms).astype(F32, copy=False)
         else:
             u = a
-        z = (u @ self.weights[i].T + self.biases[i]).astype(F32)  # (B, out)
-        return u, z, np.maximum(z, 0).astype(F32)
+        z = (u @ self.weights[i].T + self.biases[i]).astype(F32, copy=False)  # (B, out)
+        return u, z, np.maximum(z, 0).astype(F32, copy=False)
 
     def group_mean(self, i: int, h: np.ndarray) -> np.ndarray:
         g = int(self.spec["layers"][i].get("groups", 1))
-        return h.reshape(h.shape[0], g, -1).mean(1).astype(F32)  # (B, C/G)
+        return h.reshape(h.shape[0], g, -1).mean(1).astype(F32, copy=False)  # (B, C/G)
 
     def pooled_embed(self, i: int) -> np.ndarray:
         assert self.embed is not None
         d = self.layer_out(i) // int(self.spec["layers"][i].get("groups", 1))
-        return (self.embed @ pool_matrix(self.embed.shape[1], d).T).astype(F32)  # (Z, d)
+        return (self.embed @ pool_matrix(self.embed.shape[1], d).T).astype(F32, copy=False)  # (Z, d)
 
     def layer_scores(self, x: np.ndarray) -> np.ndarray:
         """Per-layer class scores (B, K, L): goodness of every label, or ``f · E_pooledᵀ``."""
@@ -232,7 +236,7 @@ class NumpyNet:
             for i in range(self.n_layers):
                 a = self.layer_forward(i, a)[2]
                 out.append(self.group_mean(i, a) @ self.pooled_embed(i).T)
-        return np.stack(out, axis=-1).astype(F32)
+        return np.stack(out, axis=-1).astype(F32, copy=False)
 
     def scores(self, x: np.ndarray, layers: list[int] | None = None) -> np.ndarray:
         """Class scores (B, K) summed over ``layers`` (default: the spec's ``eval_layers``)."""
@@ -281,15 +285,15 @@ class NumpyNet:
             d = g_pos - g_neg
             loss = float(_softplus(-a * d).mean())
             s = _sigmoid(-a * d)  # d softplus(-a d)/dd = -a σ(-a d)
-            return loss, (-a * s / b).astype(F32), (a * s / b).astype(F32)
+            return loss, (-a * s / b).astype(F32, copy=False), (a * s / b).astype(F32, copy=False)
         th = F32(self.spec.get("threshold", 2.0))
         loss = float((_softplus(th - g_pos) + _softplus(g_neg - th)).mean())
-        return loss, (-_sigmoid(th - g_pos) / b).astype(F32), (_sigmoid(g_neg - th) / b).astype(F32)
+        return loss, (-_sigmoid(th - g_pos) / b).astype(F32, copy=False), (_sigmoid(g_neg - th) / b).astype(F32, copy=False)
 
     def _step_layer(self, i: int, u: np.ndarray, z: np.ndarray, dh: np.ndarray) -> None:
-        dz = (dh * (z > 0)).astype(F32)  # (B', out)
-        self._update(f"W{i}", self.weights[i], (dz.T @ u).astype(F32))
-        self._update(f"b{i}", self.biases[i], dz.sum(0).astype(F32))
+        dz = (dh * (z > 0)).astype(F32, copy=False)  # (B', out)
+        self._update(f"W{i}", self.weights[i], (dz.T @ u).astype(F32, copy=False))
+        self._update(f"b{i}", self.biases[i], dz.sum(0).astype(F32, copy=False))
 
     def train_step(
         self,
@@ -325,7 +329,7 @@ class NumpyNet:
                 u, z, h = self.layer_forward(i, a)
                 g = (h * h).mean(1)  # (2B,)
                 loss, dgp, dgn = self.goodness_loss(g[:b], g[b:])
-                dh = (np.concatenate([dgp, dgn])[:, None] * F32(2.0 / h.shape[1]) * h).astype(F32)
+                dh = (np.concatenate([dgp, dgn])[:, None] * F32(2.0 / h.shape[1]) * h).astype(F32, copy=False)
                 self.last_working.append(4 * (a.size + u.size + z.size + h.size + dh.size))
                 self._step_layer(i, u, z, dh)
                 losses.append(loss)
@@ -338,23 +342,23 @@ class NumpyNet:
             f = self.group_mean(i, h)  # (B, d)
             e = self.pooled_embed(i)  # (K, d)
             if noise is not None:
-                e = (e + noise[i]).astype(F32)
+                e = (e + noise[i]).astype(F32, copy=False)
             elif self.spec.get("embed_noise", True):
-                e = (e + rng.normal(0.0, 1.0 / e.shape[1], e.shape)).astype(F32)
-            logits = (f @ e.T).astype(F32)  # (B, K)
+                e = (e + rng.normal(0.0, 1.0 / e.shape[1], e.shape)).astype(F32, copy=False)
+            logits = (f @ e.T).astype(F32, copy=False)  # (B, K)
             logits_s = logits - logits.max(1, keepdims=True)
             p = np.exp(logits_s)
             p /= p.sum(1, keepdims=True)
             losses.append(float(-(np.log(p[np.arange(b), y] + 1e-30)).mean()))
-            dlog = ((p - onehot) / b).astype(F32)  # (B, K)
+            dlog = ((p - onehot) / b).astype(F32, copy=False)  # (B, K)
             groups = int(self.spec["layers"][i].get("groups", 1))
-            df = (dlog @ e).astype(F32)  # (B, d)
-            dh = np.tile(df / F32(groups), (1, groups)).astype(F32)  # (B, C): each group gets df / G
+            df = (dlog @ e).astype(F32, copy=False)  # (B, d)
+            dh = np.tile(df / F32(groups), (1, groups)).astype(F32, copy=False)  # (B, C): each group gets df / G
             self.last_working.append(4 * (a.size + u.size + z.size + h.size + dh.size + logits.size))
             if i == self.n_layers - 1 and self.spec.get("embed_learned", True):
                 assert self.embed is not None
                 de = (dlog.T @ f) @ pool_matrix(self.embed.shape[1], e.shape[1])  # (K, C_D)
-                self._update("E", self.embed, de.astype(F32))
+                self._update("E", self.embed, de.astype(F32, copy=False))
             self._step_layer(i, u, z, dh)
             a = h
         return losses
@@ -373,7 +377,7 @@ class NumpyNet:
         if self.rule == "goodness":
             if self.spec["label"] == "icp":
                 assert self.codes is not None
-                pattern = (rng.random((1, self.codes.shape[1])) < float(self.spec.get("icp_rate", 0.1))).astype(F32)
+                pattern = (rng.random((1, self.codes.shape[1])) < float(self.spec.get("icp_rate", 0.1))).astype(F32, copy=False)
                 self.codes = np.concatenate([self.codes, pattern])
             elif k + 1 > int(self.spec["input_dim"]):
                 raise ModelError("no input position left to overlay another class on")
@@ -467,18 +471,18 @@ def init_model(
     codes = embed = None
     n_in = input_dim
     if rule == "goodness" and label == "icp":
-        codes = (rng.random((k, input_dim)) < icp_rate).astype(F32)
+        codes = (rng.random((k, input_dim)) < icp_rate).astype(F32, copy=False)
         n_in += input_dim
     weights, biases = [], []
     for w in widths:
         bound = 1.0 / np.sqrt(n_in)
-        weights.append(rng.uniform(-bound, bound, (w, n_in)).astype(F32))
-        biases.append(rng.uniform(-bound, bound, w).astype(F32))
+        weights.append(rng.uniform(-bound, bound, (w, n_in)).astype(F32, copy=False))
+        biases.append(rng.uniform(-bound, bound, w).astype(F32, copy=False))
         n_in = w
     layers = [{"out": w, "norm": norm, "groups": groups if rule == "embed" else 1} for w in widths]
     if rule == "embed":
         dim = embed_dim or max(w // groups for w in widths)
-        embed = rng.normal(size=(k, dim)).astype(F32)
+        embed = rng.normal(size=(k, dim)).astype(F32, copy=False)
         default_eval = list(range(len(widths)))  # any layer predicts; together they do best
     else:
         default_eval = list(range(1, len(widths))) or [0]

@@ -65,44 +65,51 @@ class Message:
 
 # --------------------------------------------------------------------------- COBS
 def cobs_encode(data: bytes) -> bytes:
-    """COBS-encode ``data``: the result holds no 0x00 byte and is at most len/254 + 1 bytes longer."""
+    """COBS-encode ``data``: the result holds no 0x00 byte and is at most len/254 + 1 bytes longer.
+
+    With a virtual 0x00 in front, COBS replaces every 0x00 by the distance to the next one (or to the
+    end); vectorised with numpy when no run of non-zero bytes reaches 254, else block by block.
+    """
+    buf = np.frombuffer(b"\x00" + bytes(data), np.uint8).copy()
+    zeros = np.flatnonzero(buf == 0)
+    dist = np.diff(np.append(zeros, len(buf)))
+    if dist.max(initial=0) < 255:
+        buf[zeros] = dist
+        return buf.tobytes()
     out = bytearray()
-    block = bytearray()
-    for byte in data:
-        if byte == 0:
-            out.append(len(block) + 1)
-            out += block
-            block.clear()
-        else:
-            block.append(byte)
-            if len(block) == 254:
-                out.append(255)
-                out += block
-                block.clear()
-    out.append(len(block) + 1)
-    out += block
+    for seg in bytes(data).split(b"\x00"):
+        i = 0
+        while len(seg) - i >= 254:
+            out.append(255)
+            out += seg[i : i + 254]
+            i += 254
+        out.append(len(seg) - i + 1)
+        out += seg[i:]
     return bytes(out)
 
 
 def cobs_decode(data: bytes) -> bytes:
     """Invert ``cobs_encode``; raises ``FrameError`` on a malformed encoding."""
-    out = bytearray()
-    i, n = 0, len(data)
-    while i < n:
-        code = data[i]
-        if code == 0:
-            raise FrameError("COBS: zero byte inside a frame")
-        end = i + code
-        if end > n:
-            raise FrameError("COBS: block runs past the end of the frame")
-        block = data[i + 1 : end]
-        if 0 in block:
-            raise FrameError("COBS: zero byte inside a frame")
-        out += block
-        i = end
-        if code != 255 and i < n:
-            out.append(0)
-    return bytes(out)
+    n = len(data)
+    if b"\x00" in data:
+        raise FrameError("COBS: zero byte inside a frame")
+    codes = []
+    i = 0
+    while i < n:  # one step per block: the code bytes chain through the frame
+        codes.append(i)
+        i += data[i]
+    if i != n:
+        raise FrameError("COBS: block runs past the end of the frame")
+    if not codes:
+        return b""
+    arr = np.frombuffer(data, np.uint8)
+    pos = np.asarray(codes)
+    keep = np.ones(n, bool)
+    keep[pos[0]] = False  # the leading code byte
+    keep[pos[1:][arr[pos[:-1]] == 255]] = False  # a 255-block is not followed by a zero
+    out = arr.copy()
+    out[pos] = 0
+    return out[keep].tobytes()
 
 
 # --------------------------------------------------------------------------- bodies

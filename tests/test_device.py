@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from edgeff.data import ImageData
 from edgeff.firmware_sim.device import Device, parse_size
 from edgeff.firmware_sim.faults import FaultyPort
 from edgeff.firmware_sim.numpy_net import NumpyNet, init_model
 from edgeff.firmware_sim.protocol import FrameDecoder, Message, MsgType, encode_frame
+
+from edgeff.data import ImageData
 from edgeff.host import CHUNK, DeviceClient, DeviceRefusedError
 
 

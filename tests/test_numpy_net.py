@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from edgeff.firmware_sim.numpy_net import ModelError, NumpyNet, init_model, pool_matrix
 
 from edgeff.data import ImageData
-from edgeff.firmware_sim.numpy_net import ModelError, NumpyNet, init_model, pool_matrix
 from edgeff.layers import LengthNorm
 from edgeff.losses import ff_loss, goodness, symba_loss
 
@@ -156,7 +156,7 @@ def test_add_class_leaves_existing_scores_unchanged(mnist_small: ImageData, rule
 
 def test_bad_inputs_and_specs_are_refused(mnist_small: ImageData) -> None:
     net = init_model("embed", [8], seed=0)
-    x, y = _images(mnist_small, 4)
+    x, _ = _images(mnist_small, 4)
     with pytest.raises(ModelError, match="shape"):
         net.scores(x[:, :100])
     with pytest.raises(ModelError, match="NaN"):
@@ -184,6 +184,7 @@ def test_exported_symba_mlp_scores_like_torch(mnist_small: ImageData) -> None:
     from dataclasses import replace
 
     from edgeff.exporters.device import flatten_images, to_device_model
+
     from edgeff.layers import LayerSpec
     from edgeff.presets import get_preset, make_learner
 
@@ -202,8 +203,9 @@ def test_exported_symba_mlp_scores_like_torch(mnist_small: ImageData) -> None:
 
 
 def test_export_refuses_what_the_device_cannot_run() -> None:
-    from edgeff.errors import InputError
     from edgeff.exporters.device import to_device_model
+
+    from edgeff.errors import InputError
     from edgeff.presets import make_learner
 
     with pytest.raises(InputError, match="label channel|Linear"):

@@ -2,9 +2,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from edgeff.firmware_sim.protocol import (
     FrameDecoder,
     FrameError,
@@ -15,6 +12,8 @@ from edgeff.firmware_sim.protocol import (
     decode_frame,
     encode_frame,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,173 @@
+"""The serial path end to end: a simulated device process on a real pty, driven by the host.
+
+    python bench/device.py [--data-dir ../shared/data] [--fault-frames 10000]
+
+Measured in one run (writes bench/results/device.json, prints tables):
+
+- ``e2e``: load a fresh model, train on-device on 2,000 real MNIST training images (one pass, batch 10),
+  evaluate on 1,000 test images; beside it the same numpy training run in this process. Reports both
+  accuracies, their prediction agreement, on-device vs in-process time (the link's cost as a ratio), and
+  the device's measured peak memory (tracemalloc, numpy buffers included) against its plan and budget.
+- ``faults``: ``--fault-frames`` TRAIN frames of one sample each through a port that drops, corrupts,
+  duplicates and delays 5% of frames/chunks in both directions; lost and double-applied samples from
+  the device's own counters (sample count and a CRC over the applied sample ids, in order).
+- ``throughput``: TRAIN and INFER frames/s and samples/s over the pty at batch 1, 10, 50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from _common import merge_records, table
+from edgeff.firmware_sim.device import parse_size
+from edgeff.firmware_sim.faults import FaultyPort
+from edgeff.firmware_sim.numpy_net import init_model
+from edgeff.host import DeviceClient
+
+from edgeff.data import load_data
+
+
+def start_device(budget: str, state_dir: str) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen([sys.executable, "-m", "edgeff.firmware_sim.device", "--budget", budget, "--state-dir",
+                             state_dir], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    return proc, proc.stdout.readline().split("port: ", 1)[1].strip()
+
+
+def expected_crc(n: int) -> int:
+    crc = 0
+    for i in range(n):
+        crc = zlib.crc32(i.to_bytes(8, "little"), crc)
+    return crc
+
+
+def e2e(url: str, budget: int, rule: str, widths: list[int], x: np.ndarray, y: np.ndarray, xt: np.ndarray,
+        yt: np.ndarray, dataset: str) -> dict[str, Any]:
+    kw = {"groups": 4} if rule == "embed" else {}
+    net = init_model(rule, widths, seed=0, **kw)
+    with DeviceClient(url) as dev:
+        dev.load(net)
+        dev.device_stats(reset_peak=True)  # measure the training stream, not the upload
+        res = dev.stream(x, y, batch_size=10, save_every=500)
+        train_peak = dev.device_stats(reset_peak=True)
+        t0 = time.perf_counter()
+        acc, pred = dev.evaluate(xt, yt, batch_size=50)
+        eval_s = time.perf_counter() - t0
+        st = dev.device_stats()
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(net.spec["seed"])
+    for i in range(0, len(x), 10):
+        net.train_step(x[i : i + 10], y[i : i + 10], rng)
+    local_s = time.perf_counter() - t0
+    local = net.scores(xt).argmax(1)
+    plan = net.memory_plan(10)
+    return {
+        "kind": "e2e", "rule": rule, "widths": "-".join(map(str, widths)), "dataset": dataset,
+        "train_samples": len(x), "test_samples": len(xt), "batch_size": 10, "epochs": 1,
+        "device_test_acc": acc, "inproc_test_acc": float((local == yt).mean()),
+        "agreement": float((pred == local).mean()), "device_train_s": res.seconds, "inproc_train_s": local_s,
+        "train_time_ratio": res.seconds / local_s, "device_eval_s": eval_s,
+        "budget_kib": budget / 1024, "plan_kib": plan["total"] / 1024,
+        "train_peak_kib": train_peak["traced_peak"] / 1024, "eval_peak_kib": st["traced_peak"] / 1024,
+        "peak_over_budget": train_peak["traced_peak"] / budget, "peak_over_plan": train_peak["traced_peak"] / plan["total"],
+        "torch_in_device": st["torch_loaded"],
+    }
+
+
+def faults(url: str, n: int, x: np.ndarray, y: np.ndarray, rate: float) -> dict[str, Any]:
+    net = init_model("embed", [32], seed=0)
+    with DeviceClient(url) as dev:
+        dev.load(net)
+    ports: list[FaultyPort] = []
+
+    def wrap(p: object) -> FaultyPort:
+        ports.append(FaultyPort(p, rate=rate, seed=7, max_delay=0.01))
+        return ports[-1]
+
+    idx = np.arange(n) % len(x)
+    with DeviceClient(url, timeout=0.05, wrap=wrap) as dev:
+        res = dev.stream(x[idx], y[idx], batch_size=1, save_every=None)
+        link = dev.stats
+    with DeviceClient(url) as dev:
+        st = dev.device_stats()
+    injected = {k: sum(p.injected[k] for p in ports) for k in ports[0].injected}
+    seen = int(st["samples_seen"])
+    return {
+        "kind": "faults", "fault_rate": rate, "frames": n, "samples_sent": n, "device_samples": seen,
+        "lost": max(0, n - seen), "double_applied": max(0, seen - n),
+        "crc_ok": st["applied_crc"] == expected_crc(n), "injected": sum(injected.values()),
+        **{f"inj_{k}": v for k, v in injected.items()},
+        "retransmits": link.retransmits, "nacks": link.nacks, "corrupt_replies": link.corrupt_replies,
+        "device_duplicates": st["counters"]["duplicates"], "device_frame_errors": st["counters"]["frame_errors"],
+        "seconds": res.seconds, "samples_per_s": res.samples_per_s,
+    }
+
+
+def throughput(url: str, x: np.ndarray, y: np.ndarray, batch: int, n: int) -> list[dict[str, Any]]:
+    net = init_model("embed", [128, 128], groups=4, seed=0)
+    out = []
+    with DeviceClient(url) as dev:
+        dev.load(net)
+        res = dev.stream(x[:n], y[:n], batch_size=batch, save_every=None)
+        frames = -(-n // batch)
+        out.append({"kind": "throughput", "op": "train", "batch_size": batch, "frames": frames,
+                    "seconds": res.seconds, "frames_per_s": frames / res.seconds, "samples_per_s": n / res.seconds})
+        t0 = time.perf_counter()
+        for i in range(0, n, batch):
+            dev.infer(x[i : i + batch])
+        dt = time.perf_counter() - t0
+        out.append({"kind": "throughput", "op": "infer", "batch_size": batch, "frames": frames, "seconds": dt,
+                    "frames_per_s": frames / dt, "samples_per_s": n / dt})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data-dir", default=None, help="full MNIST (default: the builtin real MNIST subset)")
+    ap.add_argument("--fault-frames", type=int, default=10_000)
+    ap.add_argument("--fault-rate", type=float, default=0.05)
+    ap.add_argument("--budget", default="4MiB")
+    args = ap.parse_args()
+    ds = load_data("mnist" if args.data_dir else "builtin", args.data_dir)
+    x = ds.x_train.reshape(len(ds.x_train), -1)[:2000]
+    y = ds.y_train[:2000].astype(np.int64)
+    xt = ds.x_test.reshape(len(ds.x_test), -1)[:1000]
+    yt = ds.y_test[:1000].astype(np.int64)
+    budget = parse_size(args.budget)
+    records: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, url = start_device(args.budget, tmp)
+        try:
+            for rule, widths in [("embed", [128, 128]), ("goodness", [64, 64])]:
+                records.append(e2e(url, budget, rule, widths, x, y, xt, yt, ds.name))
+                print(f"e2e {rule}: {records[-1]['device_test_acc']:.4f}", flush=True)
+            for batch in (1, 10, 50):
+                records += throughput(url, x, y, batch, 1000 if batch == 1 else 2000)
+            records.append(faults(url, args.fault_frames, x, y, args.fault_rate))
+        finally:
+            proc.kill()
+            proc.wait()
+    merge_records("device", records, ("kind", "rule", "op", "batch_size", "fault_rate"))
+    print(table([r for r in records if r["kind"] == "e2e"],
+                ["rule", "widths", "train_samples", "device_test_acc", "inproc_test_acc", "agreement",
+                 "device_train_s", "inproc_train_s", "train_time_ratio", "budget_kib", "plan_kib", "train_peak_kib",
+                 "peak_over_budget", "peak_over_plan", "torch_in_device"]))
+    print()
+    print(table([r for r in records if r["kind"] == "throughput"],
+                ["op", "batch_size", "frames", "seconds", "frames_per_s", "samples_per_s"]))
+    print()
+    print(table([r for r in records if r["kind"] == "faults"],
+                ["fault_rate", "frames", "device_samples", "lost", "double_applied", "crc_ok", "injected",
+                 "retransmits", "nacks", "corrupt_replies", "device_duplicates", "device_frame_errors", "seconds"]))
+
+
+if __name__ == "__main__":
+    main()
