@@ -22,7 +22,6 @@ import sys
 import tempfile
 import time
 import zlib
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,9 +29,9 @@ from _common import merge_records, table
 from edgeff.firmware_sim.device import parse_size
 from edgeff.firmware_sim.faults import FaultyPort
 from edgeff.firmware_sim.numpy_net import init_model
-from edgeff.host import DeviceClient
 
 from edgeff.data import load_data
+from edgeff.host import DeviceClient
 
 
 def start_device(budget: str, state_dir: str) -> tuple[subprocess.Popen[str], str]:

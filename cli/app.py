@@ -461,6 +461,7 @@ def device_info(port: PortOpt) -> None:
 def device_load(
     port: PortOpt,
     checkpoint_path: Annotated[Path | None, typer.Option("--checkpoint", help="a trained symba-mlp/ff-mlp checkpoint to upload")] = None,
+    onnx_path: Annotated[Path | None, typer.Option("--onnx", help="an `edgeff export` ONNX file (inference only on the device)")] = None,
     rule: Annotated[Rule, typer.Option(help="fresh model: goodness (SymBa + ICP) or embed (label embeddings)")] = Rule.embed,
     layers: Annotated[str, typer.Option(help="fresh model: comma-separated layer widths")] = "128,128",
     groups: Annotated[int, typer.Option(help="embed rule: feature groups per layer")] = 4,
@@ -477,6 +478,16 @@ def device_load(
 
     try:
         ds, _, _ = _device_data(data, data_dir)
+        if onnx_path is not None:
+            if not onnx_path.is_file():
+                _fail(f"ONNX file {onnx_path} does not exist; write one with `edgeff export`")
+            blob = onnx_path.read_bytes()
+            with _client(port) as c:
+                meta = c.load(blob)
+                budget = c.info["ram_budget"]
+            out.print(f"loaded ONNX model {onnx_path.name} ({len(blob)} bytes, inference only); needs about "
+                      f"{_bkib(meta['memory'])} of the device's {_bkib(budget)}", highlight=False)
+            return
         if checkpoint_path is not None:
             from edgeff.exporters.device import to_device_model
 

@@ -264,7 +264,7 @@ class DeviceClient:
 
         Sample i of this stream is the device's sample ``start + i`` (``start`` defaults to the
         device's count when the stream begins). Every ``save_every`` samples (and at the end) the
-        device saves its state; after a reset it restores the last save and the stream resumes
+        device saves its state (if it has storage); after a reset it restores the last save and the stream resumes
         from the device's own count, so every sample is applied exactly once to the final state.
         """
         if len(x) != len(y):
@@ -277,6 +277,8 @@ class DeviceClient:
             self.hello()  # the device's count now (a LOAD_MODEL resets it)
         offset = int(self.info["samples_seen"]) if start is None else start
         pos = int(self.info["samples_seen"]) - offset
+        if not self.info.get("storage", True):
+            save_every = None  # nowhere to save: a reset loses the stream's progress
         result = StreamResult(0, 0.0)
         last_save = pos
         t0 = time.perf_counter()

@@ -26,6 +26,7 @@ import tempfile
 import time
 import tracemalloc
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from edgeff.firmware_sim.protocol import (
 )
 
 STATE_FILE = "state.npz"
+ONNX_FILE = "model.onnx"
 
 
 class DeviceError(Exception):
@@ -64,6 +66,44 @@ def parse_size(text: str) -> int:
 
 def kib(n: int) -> str:
     return f"{n / 1024:.1f} KiB"
+
+
+class OnnxModel:
+    """An ``edgeff export`` ONNX graph run by onnxruntime (inference only). Input normalisation, shape
+    and class names come from the file's metadata. Planned RAM: twice the file size (onnxruntime holds
+    the initializers next to the parsed graph) — onnxruntime's own allocations are outside tracemalloc."""
+
+    def __init__(self, blob: bytes) -> None:
+        import json
+
+        try:
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = 1
+            self.session = ort.InferenceSession(blob, opts, providers=["CPUExecutionProvider"])
+            props = self.session.get_modelmeta().custom_metadata_map
+            self.shape = tuple(int(v) for v in json.loads(props["input_shape"]))
+            c = self.shape[0]
+            self.mean = np.asarray(json.loads(props.get("mean", "[]")) or [0.0] * c, np.float32).reshape(1, -1, 1, 1)
+            self.std = np.asarray(json.loads(props.get("std", "[]")) or [1.0] * c, np.float32).reshape(1, -1, 1, 1)
+            self.classes = [str(v) for v in json.loads(props.get("classes", "[]"))]
+        except ImportError:
+            raise DeviceError("unsupported", "this device has no onnxruntime; load a device model instead") from None
+        except Exception as e:  # noqa: BLE001 - any parse failure is the same user-facing error
+            raise DeviceError("bad_model", f"neither an edgeff device model nor a readable edgeff ONNX file "
+                                           f"({type(e).__name__}: {e})") from None
+        self.blob = blob
+        self.input_dim = int(np.prod(self.shape))
+        self.plan_bytes = 2 * len(blob)
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        if x.ndim != 2 or x.shape[1] != self.input_dim:
+            raise DeviceError("bad_input", f"expected inputs of shape (B, {self.input_dim}), got {x.shape}")
+        xf = x.reshape(-1, *self.shape).astype(np.float32)
+        if x.dtype == np.uint8:
+            xf = (xf / np.float32(255.0) - self.mean) / self.std
+        return np.asarray(self.session.run(["scores"], {"x": np.ascontiguousarray(xf, np.float32)})[0])
 
 
 class Device:
@@ -93,6 +133,7 @@ class Device:
         self.boots += 1
         self.boot_id = int.from_bytes(os.urandom(4), "little")
         self.net: NumpyNet | None = None
+        self.onnx: OnnxModel | None = None
         self.rng = np.random.default_rng(self.seed)
         self.samples_seen = 0
         self.applied_crc = 0  # crc32 over the ids of every applied sample, in order
@@ -101,6 +142,12 @@ class Device:
         self.staging: dict[str, Any] | None = None
         self.decoder = FrameDecoder()
         path = self.state_dir / STATE_FILE if self.state_dir is not None else None
+        if self.state_dir is not None and (self.state_dir / ONNX_FILE).exists():
+            try:
+                self.onnx = OnnxModel((self.state_dir / ONNX_FILE).read_bytes())
+            except DeviceError as e:
+                print(f"device: ignoring unreadable saved ONNX model ({e})", file=sys.stderr)
+            return
         if path is not None and path.exists():
             try:
                 net, state = NumpyNet.from_bytes(path.read_bytes())
@@ -116,17 +163,28 @@ class Device:
     def save(self) -> int:
         if self.state_dir is None:
             raise DeviceError("no_storage", "this device was started without a state directory (--state-dir)")
+        if self.onnx is not None:
+            self._write_atomic(ONNX_FILE, lambda f: f.write(self.onnx.blob))  # type: ignore[union-attr]
+            (self.state_dir / STATE_FILE).unlink(missing_ok=True)
+            return len(self.onnx.blob)
         if self.net is None:
             raise DeviceError("no_model", "no model loaded; send LOAD_MODEL first")
         state = {"samples_seen": self.samples_seen, "applied_crc": self.applied_crc,
                  "rng": self.rng.bit_generator.state}
+        net = self.net
+        size = self._write_atomic(STATE_FILE, lambda f: net.write(f, state=state))  # array by array
+        (self.state_dir / ONNX_FILE).unlink(missing_ok=True)
+        return size
+
+    def _write_atomic(self, name: str, write: Callable[[Any], Any]) -> int:
+        assert self.state_dir is not None
         fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=".state-")
         with os.fdopen(fd, "wb") as f:
-            self.net.write(f, state=state)  # array by array: no second copy of the model in RAM
+            write(f)
             f.flush()
             os.fsync(f.fileno())
             size = f.tell()
-        os.replace(tmp, self.state_dir / STATE_FILE)  # atomic: a reset never sees half a file
+        os.replace(tmp, self.state_dir / name)  # atomic: a reset never sees half a file
         return size
 
     # ----------------------------------------------------------------- bytes in, bytes out
@@ -178,6 +236,10 @@ class Device:
 
     # ----------------------------------------------------------------- handlers
     def _require_model(self) -> NumpyNet:
+        if self.onnx is not None:
+            raise DeviceError("unsupported", "the loaded model is an ONNX graph, which this device runs for "
+                                             "inference only; load a device model (edgeff device load --rule or "
+                                             "--checkpoint) to train or grow it")
         if self.net is None:
             raise DeviceError("no_model", "no model loaded; send LOAD_MODEL first (edgeff device load)")
         return self.net
@@ -201,8 +263,9 @@ class Device:
             "protocol": VERSION, "device": "edgeff-firmware-sim", "ram_budget": self.budget,
             "max_payload": MAX_PAYLOAD, "layer_kinds": ["linear"], "norms": ["none", "length"],
             "rules": list(RULES), "losses": ["symba", "ff", "embed"], "boot_id": self.boot_id, "boots": self.boots,
-            "samples_seen": self.samples_seen, "applied_crc": self.applied_crc,
-            "model": None if net is None else {"rule": net.rule, "classes": net.spec["classes"],
+            "samples_seen": self.samples_seen, "applied_crc": self.applied_crc, "storage": self.state_dir is not None,
+            "model": {"rule": "onnx", "classes": self.onnx.classes, "widths": [], "input_dim": self.onnx.input_dim}
+            if self.onnx is not None else None if net is None else {"rule": net.rule, "classes": net.spec["classes"],
                                                "widths": [net.layer_out(i) for i in range(net.n_layers)],
                                                "input_dim": net.spec["input_dim"]},
         }, {}
@@ -226,18 +289,29 @@ class Device:
         blob = b"".join(st["parts"])
         if have != total or zlib.crc32(blob) != crc:
             raise DeviceError("bad_model", "model checksum mismatch after upload; send it again")
+        if not blob.startswith(b"PK"):  # not an .npz (zip): an ONNX graph, for inference only
+            model = OnnxModel(blob)
+            if model.plan_bytes > self.budget:
+                raise DeviceError("too_big", f"this ONNX model needs about {kib(model.plan_bytes)} but the RAM "
+                                             f"budget is {kib(self.budget)}: over by {kib(model.plan_bytes - self.budget)}")
+            self.onnx, self.net = model, None
+            self.samples_seen = self.applied_crc = 0
+            return {"received": have, "memory": model.plan_bytes, "classes": model.classes, "format": "onnx"}, {}
         try:
             net, _ = NumpyNet.from_bytes(blob)
         except ModelError as e:
             raise DeviceError("bad_model", str(e)) from None
         plan = self._fit(net, 1, "this model")
-        self.net = net
+        self.net, self.onnx = net, None
         self.samples_seen = 0
         self.applied_crc = 0
         self.rng = np.random.default_rng(int(net.spec.get("seed", self.seed)))
         return {"received": have, "memory": plan["total"], "classes": net.spec["classes"]}, {}
 
     def _infer(self, msg: Message) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        if self.onnx is not None:
+            scores = self.onnx.scores(msg.arrays["x"])
+            return {}, {"scores": scores, "pred": scores.argmax(1).astype(np.int64)}
         net = self._require_model()
         x = msg.arrays["x"]
         self._fit(net, x.shape[0], f"inference on {x.shape[0]} samples")
@@ -284,6 +358,9 @@ class Device:
             "samples_seen": self.samples_seen, "applied_crc": self.applied_crc, "counters": dict(self.counters),
             "torch_loaded": "torch" in sys.modules,
         }
+        if self.onnx is not None:
+            meta["memory"] = {"layers": [], "resident": self.onnx.plan_bytes, "working": 0,
+                              "total": self.onnx.plan_bytes}
         if self.net is not None:
             plan = self.net.memory_plan(1)
             for lay, used in zip(plan["layers"], self.net.last_working or [0] * self.net.n_layers, strict=False):

@@ -236,5 +236,48 @@ def test_host_reports_device_errors_clearly(device_pty: str) -> None:
     with DeviceClient(device_pty) as dev:
         with pytest.raises(DeviceRefusedError, match="no model loaded"):
             dev.infer(np.zeros((1, 784), np.uint8))
-        with pytest.raises(DeviceRefusedError, match="not an edgeff device model"):
+        with pytest.raises(DeviceRefusedError, match="neither an edgeff device model nor"):
             dev.load(b"nope" * 10)
+
+
+def test_onnx_model_runs_on_the_device_for_inference_only(device_pty: str, mnist_small: ImageData,
+                                                         tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from edgeff.exporters.onnx import export_onnx
+
+    from edgeff.layers import LayerSpec
+    from edgeff.presets import get_preset, make_learner
+
+    p = get_preset("symba-mlp")
+    learner = make_learner(replace(p, model=replace(p.model, layers=(LayerSpec("linear", 128, norm="length"),) * 2)))
+    for xb, yb in mnist_small.train_batches(100, limit=500):
+        learner.learn_many(xb, yb)
+    path = export_onnx(learner, tmp_path / "m.onnx", meta={"mean": [0.1307], "std": [0.3081]})
+    xt, _ = _flat(mnist_small, 200, test=True)
+    xb, _ = next(mnist_small.test_batches(200))
+    with DeviceClient(device_pty) as dev:
+        meta = dev.load(Path(path).read_bytes())
+        assert meta["format"] == "onnx"
+        got = dev.infer(xt)
+        with pytest.raises(DeviceRefusedError, match="inference only"):
+            dev.train(xt[:2], np.array([0, 1]), 0)
+    want = learner.predict_many(xb).numpy()
+    assert (got["pred"] == want).mean() >= 0.99  # uint8 pixels normalised on the device from the file's metadata
+
+
+def test_socket_transport(tmp_path: Path, mnist_small: ImageData) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "edgeff.firmware_sim.device", "--socket", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().split("port: ", 1)[1].strip()
+        assert url.startswith("socket://")
+        x, y = _flat(mnist_small, 100)
+        with DeviceClient(url) as dev:
+            dev.load(init_model("embed", [16]))
+            assert dev.stream(x, y, batch_size=10).samples == 100
+            assert dev.device_stats()["samples_seen"] == 100
+    finally:
+        proc.kill()
+        proc.wait()
