@@ -36,6 +36,12 @@ JOBS: dict[str, tuple[str, str, str, int, int, float]] = {
     "symba-mlp:mnist": ("symba-mlp", "mnist", "epochs", 20, 100, 12 * 60),
     "trifecta-cnn:mnist": ("trifecta-cnn", "mnist", "epochs", 6, 128, 25 * 60),
     "trifecta-cnn:fashion-mnist": ("trifecta-cnn", "fashion-mnist", "epochs", 4, 128, 18 * 60),
+    "cfl-mlp:mnist": ("cfl-mlp", "mnist", "epochs", 30, 128, 12 * 60),
+    "cff-mlp:mnist": ("cff-mlp", "mnist", "epochs", 30, 128, 12 * 60),
+    "cfl-mlp:fashion-mnist": ("cfl-mlp", "fashion-mnist", "epochs", 30, 128, 12 * 60),
+    "cff-mlp:fashion-mnist": ("cff-mlp", "fashion-mnist", "epochs", 30, 128, 12 * 60),
+    "cfl-conv512:mnist": ("cfl-conv512", "mnist", "epochs", 4, 128, 30 * 60),
+    "cfl-conv:mnist": ("cfl-conv", "mnist", "epochs", 4, 128, 30 * 60),
     "stream:symba-mlp:mnist": ("symba-mlp", "mnist", "stream", 1, 1, 30 * 60),
     "stream:trifecta-cnn:mnist": ("trifecta-cnn", "mnist", "stream", 1, 1, 30 * 60),
 }

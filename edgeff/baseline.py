@@ -25,14 +25,18 @@ class BPNet(nn.Module):
                                      bn_min_batch=cfg.bn_min_batch, bn_always_running=cfg.bn_always_running))
             shape = out_shape(spec, shape)
         self.blocks = nn.Sequential(*blocks)
-        dim = math.prod(shape)
+        self.global_pool = cfg.global_pool and len(shape) == 3
+        dim = shape[0] if self.global_pool else math.prod(shape)
         self.head = nn.Linear(dim, cfg.num_classes)
         bound = 1 / math.sqrt(dim)
         nn.init.uniform_(self.head.weight, -bound, bound, generator=generator)
         nn.init.zeros_(self.head.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(x).flatten(1))  # (B, K)
+        h = self.blocks(x)
+        if self.global_pool:
+            h = h.mean((2, 3))  # (B, C): global average pooling
+        return self.head(h.flatten(1))  # (B, K)
 
 
 class BPLearner:

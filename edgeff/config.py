@@ -18,12 +18,20 @@ class ModelConfig:
     label: str = "icp"  # overlay (FF) | icp (SymBa) | channel (Trifecta)
     label_learned: bool = False  # channel encoder only: learn the label matrix with layer 0
     icp_rate: float = 0.1  # SymBa's pattern sampling rate
-    loss: str = "symba"  # ff | symba
+    loss: str = "symba"  # ff | symba (goodness, label in the input) | supcon (CFF) | cfl (label embeddings)
     threshold: float = 2.0  # FF loss θ
     alpha: float = 4.0  # SymBa α
     bn_momentum: float = 0.1  # running-statistics BatchNorm momentum
     bn_min_batch: int = 8  # batches (pos+neg) smaller than this normalise with running stats in training
     bn_always_running: bool = False  # always normalise with running stats (single-sample training)
+    global_pool: bool = False  # conv features are averaged over H×W before a head (BP baseline, CFL's GAP)
+    temperature: float = 0.15  # supcon τ (CFF's code: 0.15); CFL's L_feat uses 0.07
+    margin_first: float = 0.0  # CFF+M: margin at the first layer (0.4), falling linearly to margin_last
+    margin_last: float = 0.0  # CFF+M: margin at the last layer (0.1)
+    cfl_weights: tuple[float, float, float] = (1.0, 0.0, 1.0)  # CFL λ1 (L_batch), λ2 (L_dict), λ3 (L_feat)
+    embed_dim: int = 0  # CFL dictionary width C_D (0: the widest layer's feature width)
+    groups: int = 1  # CFL/CFF linear layers: K feature groups per output (features = mean over groups)
+    embed_noise: bool = True  # CFL: N(0, 1/C_l²) noise on the pooled embeddings while training
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -36,6 +44,8 @@ class ModelConfig:
         d = dict(d)
         d["layers"] = tuple(LayerSpec(**s) for s in d["layers"])
         d["input_shape"] = tuple(d["input_shape"])
+        if "cfl_weights" in d:
+            d["cfl_weights"] = tuple(d["cfl_weights"])
         return ModelConfig(**d)
 
 
@@ -44,7 +54,7 @@ class TrainConfig:
     """How the layers learn and how the model predicts."""
 
     lr: float = 1e-3  # every layer's learning rate
-    optimizer: str = "adam"  # adam | sgd (momentum 0.9)
+    optimizer: str = "adam"  # adam | adamw (weight decay 0.01) | sgd (momentum 0.9)
     optim_state_dtype: str = "float32"  # float32 | bfloat16 | float16: optimizer state between steps
     schedule: str = "all"  # all (every layer every batch) | greedy | olu (Overlapping Local Updates)
     greedy_steps: int = 1000  # greedy: steps each layer trains before it freezes

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from edgeff.baseline import BPLearner
+from edgeff.contrastive import ContrastiveLearner
 from edgeff.trainer import Learner
 
 
@@ -15,18 +16,18 @@ from edgeff.trainer import Learner
 class EvalResult:
     accuracy: float
     n: int
-    layer_accuracy: tuple[float, ...] = ()  # goodness arg-max of each layer alone (goodness models)
+    layer_accuracy: tuple[float, ...] = ()  # each layer's own prediction (goodness and CFL models)
 
 
 def evaluate(
-    learner: Learner | BPLearner, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, per_layer: bool = False
+    learner: Learner | BPLearner | ContrastiveLearner, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, per_layer: bool = False
 ) -> EvalResult:
     """Accuracy of ``learner.predict_many``; with ``per_layer``, also each layer's own goodness accuracy."""
     correct, n = 0, 0
     layer_correct: torch.Tensor | None = None
     for x, y in batches:
         y = y.cpu()
-        if per_layer and isinstance(learner, Learner):
+        if per_layer and hasattr(learner, "layer_predictions"):
             lp = learner.layer_predictions(x)  # (B, L)
             hits = (lp == y[:, None]).sum(0)
             layer_correct = hits if layer_correct is None else layer_correct + hits

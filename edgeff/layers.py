@@ -28,6 +28,7 @@ class LayerSpec:
     stride: int = 1  # conv only
     padding: int = 1  # conv only
     pool: int = 1  # max-pool size after the activation (1 = no pooling), conv only
+    order: str = "pre"  # pre: norm-weights-ReLU (FF, Trifecta) | post: weights-norm-ReLU (CFL conv) | post-act: weights-ReLU-norm (CFL FC)
 
 
 class LengthNorm(nn.Module):
@@ -156,15 +157,21 @@ def make_block(
 ) -> nn.Sequential:
     """normalisation -> weights -> ReLU (-> max-pool), Kaiming-uniform initialised from ``generator``."""
     bn = {"bn_momentum": bn_momentum, "bn_min_batch": bn_min_batch, "bn_always_running": bn_always_running}
+    if spec.order not in ("pre", "post", "post-act"):
+        raise ValueError(f"unknown layer order {spec.order!r}; choose pre, post or post-act")
+    post = spec.order != "pre"
     mods: list[nn.Module] = []
     if spec.kind == "linear":
         fan_in = math.prod(in_shape)
-        mods += [nn.Flatten(), make_norm(spec.norm, fan_in, spatial=False, **bn)]  # type: ignore[arg-type]
+        mods.append(nn.Flatten())
+        if not post:
+            mods.append(make_norm(spec.norm, fan_in, spatial=False, **bn))  # type: ignore[arg-type]
         weight: nn.Linear | nn.Conv2d = nn.Linear(fan_in, spec.out)
     elif spec.kind == "conv":
         if len(in_shape) != 3:
             raise ValueError(f"a conv layer cannot follow a linear one (input shape {in_shape})")
-        mods.append(make_norm(spec.norm, in_shape[0], spatial=True, **bn))  # type: ignore[arg-type]
+        if not post:
+            mods.append(make_norm(spec.norm, in_shape[0], spatial=True, **bn))  # type: ignore[arg-type]
         weight = nn.Conv2d(in_shape[0], spec.out, spec.kernel, spec.stride, spec.padding)
     else:
         raise ValueError(f"unknown layer kind {spec.kind!r}; choose linear or conv")
@@ -172,7 +179,13 @@ def make_block(
     bound = 1 / math.sqrt(weight.weight[0].numel())
     assert weight.bias is not None
     nn.init.uniform_(weight.bias, -bound, bound, generator=generator)
-    mods += [weight, nn.ReLU()]
+    mods.append(weight)
+    out_norm = make_norm(spec.norm, spec.out, spatial=spec.kind == "conv", **bn) if post else None  # type: ignore[arg-type]
+    if spec.order == "post":
+        mods.append(out_norm)  # type: ignore[arg-type]
+    mods.append(nn.ReLU())
+    if spec.order == "post-act":
+        mods.append(out_norm)  # type: ignore[arg-type]
     if spec.kind == "conv" and spec.pool > 1:
         mods.append(nn.MaxPool2d(spec.pool))
     return nn.Sequential(*mods)
@@ -181,9 +194,11 @@ def make_block(
 def make_optimizer(params: list[nn.Parameter], kind: str, lr: float) -> torch.optim.Optimizer:
     if kind == "adam":
         return torch.optim.Adam(params, lr=lr)
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=lr)  # weight decay 0.01 (CFL and CFF train with AdamW)
     if kind == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9)
-    raise ValueError(f"unknown optimizer {kind!r}; choose adam or sgd")
+    raise ValueError(f"unknown optimizer {kind!r}; choose adam, adamw or sgd")
 
 
 class LocalLayer(nn.Module):

@@ -48,3 +48,94 @@ def get_loss(name: str, *, threshold: float = 2.0, alpha: float = 4.0) -> LossFn
     if name == "symba":
         return lambda gp, gn: symba_loss(gp, gn, alpha=alpha)
     raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
+
+
+# --------------------------------------------------------------------------- contrastive family
+def _masked_logsumexp(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Row-wise log Σ exp over the entries where ``mask`` is True (−inf for an empty row)."""
+    return torch.logsumexp(logits.masked_fill(~mask, float("-inf")), dim=1)
+
+
+def supcon_loss(z: torch.Tensor, y: torch.Tensor, *, tau: float = 0.15, margin: float = 0.0) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020, L_out), as used per layer by Contrastive
+    Forward-Forward (Aghagolzadeh & Ezoji, eq. 3):
+
+        L_i = −1/|P(i)| Σ_{p∈P(i)} log( exp(Q(z_i, z_p)/τ) / Σ_{a≠i} exp(Q(z_i, z_a)/τ) ),
+
+    averaged over the anchors that have a positive. ``z`` must be L2-normalised (N, C). With
+    ``margin`` m > 0 this is the Marginal Contrastive Loss (CFF+M, eq. 15): Q(a, b) = min(a·b + m, 1)
+    for same-class pairs (wherever they appear, numerator and denominator), a·b otherwise.
+    A batch without any positive pair gives 0 (with a gradient of zeros).
+    """
+    n = z.shape[0]
+    sim = z @ z.T  # (N, N) cosine similarities
+    same = y[:, None] == y[None, :]
+    not_self = ~torch.eye(n, dtype=torch.bool, device=z.device)
+    pos = same & not_self
+    if margin:
+        sim = torch.where(pos, torch.clamp(sim + margin, max=1.0), sim)
+    logits = sim / tau
+    log_denom = _masked_logsumexp(logits, not_self)  # (N,)
+    n_pos = pos.sum(1)
+    valid = n_pos > 0
+    if not bool(valid.any()):
+        return z.sum() * 0.0
+    log_prob = logits - log_denom[:, None]
+    per_anchor = -(log_prob * pos).sum(1) / n_pos.clamp(min=1)
+    return per_anchor[valid].mean()
+
+
+def cfl_batch_loss(h: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """CFL's batch embedding contrastive loss (Lee et al., eq. 4): with t_n the (pooled, noisy) label
+    embedding of sample n's label,
+
+        L_n = −log( exp⟨h̄_n, t_n⟩ / Σ_{i: y_i ≠ y_n} exp⟨h̄_n, t_i⟩ ),
+
+    the denominator holding only the other-label samples' embeddings (dot products, not cosines).
+    Averaged over the samples that have a negative in the batch; 0 when none has (e.g. batch 1).
+    """
+    logits = h @ t.T  # (N, N)
+    neg = y[:, None] != y[None, :]
+    valid = neg.any(1)
+    if not bool(valid.any()):
+        return h.sum() * 0.0
+    per = -logits.diagonal() + _masked_logsumexp(logits, neg)
+    return per[valid].mean()
+
+
+def cfl_dict_loss(h: torch.Tensor, y: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """CFL's dictionary contrastive loss (Lee et al., eq. 6): softmax cross-entropy of the dot
+    products between each mean feature h̄_n (N, C) and every (pooled, noisy) dictionary row d (Z, C)."""
+    return F.cross_entropy(h @ d.T, y)
+
+
+def cfl_feat_loss(z: torch.Tensor, y: torch.Tensor, *, tau: float = 0.07) -> torch.Tensor:
+    """CFL's feature contrastive loss (Lee et al., eq. 9), on L2-normalised mean features z (N, C):
+
+        L_n = −log( 1/|P(n)| Σ_{p∈P(n)} exp(⟨z_n, z_p⟩/τ) / Σ_{k∈N(n)} exp(⟨z_n, z_k⟩/τ) ),
+
+    positives summed inside the log, negatives only in the denominator; averaged over the samples
+    that have both a positive and a negative (0 when none has).
+    """
+    n = z.shape[0]
+    logits = (z @ z.T) / tau
+    same = y[:, None] == y[None, :]
+    pos = same & ~torch.eye(n, dtype=torch.bool, device=z.device)
+    neg = ~same
+    valid = pos.any(1) & neg.any(1)
+    if not bool(valid.any()):
+        return z.sum() * 0.0
+    per = -(_masked_logsumexp(logits, pos) - torch.log(pos.sum(1).clamp(min=1).float())) + _masked_logsumexp(logits, neg)
+    return per[valid].mean()
+
+
+def margin_at(layer: int, n_layers: int, first: float, last: float) -> float:
+    """CFF+M's margin schedule: ``first`` at layer 0 falling linearly to ``last`` at the last layer."""
+    if n_layers <= 1:
+        return last
+    return first + (last - first) * layer / (n_layers - 1)
+
+
+FEATURE_LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    "supcon": supcon_loss, "cfl_batch": cfl_batch_loss, "cfl_dict": cfl_dict_loss, "cfl_feat": cfl_feat_loss,
+}

@@ -45,7 +45,7 @@ from edgeff.config import ModelConfig, TrainConfig
 from edgeff.layers import make_block, out_shape
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-OPT_SLOTS = {"adam": 2, "sgd": 1}
+OPT_SLOTS = {"adam": 2, "adamw": 2, "sgd": 1}
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,7 @@ def account(
             out.append(LayerMemory(
                 layer=i + 1, params=n * item, grads=n * item, optimizer=int((slots_f if local else OPT_SLOTS[train.optimizer]) * n * item), saved=saved,
                 input=rows * math.prod(shape) * item, output=rows * math.prod(nxt) * item,
-                workspace=(n * item if train.optimizer == "adam" else 0) + 2 * largest))
+                workspace=(n * item if train.optimizer in ("adam", "adamw") else 0) + 2 * largest))
             shape = nxt
         return out
 
@@ -195,7 +195,7 @@ def account(
     local_resident, local_peak = peak(train.schedule)
     _, limit = peak("greedy")
     bp_resident = sum(m.params + m.optimizer for m in bp)
-    bp_work = (sum(m.params for m in bp) if train.optimizer == "adam" else 0) + max(m.workspace - m.params
+    bp_work = (sum(m.params for m in bp) if train.optimizer in ("adam", "adamw") else 0) + max(m.workspace - m.params
                                                                                       for m in bp_layers)
     bp_peak = bp_resident + bp[0].input + sum(m.saved + m.grads for m in bp) + bp[-1].output + bp_work
     return MemoryReport(batch_size, dtype, train.schedule, tuple(local), tuple(bp), local_resident, local_peak,

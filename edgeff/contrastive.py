@@ -1,0 +1,255 @@
+"""The contrastive family: one forward pass per sample, no label in the input.
+
+- **CFL** (Lee et al., *Backpropagation-free contrastive forward learning using label embeddings*):
+  a learned label-embedding dictionary D (Z × C_D) gives every layer a local target. Layer l's output
+  is read as K feature vectors of width C_l (conv: K = H×W locations; linear: the output split into
+  ``groups`` contiguous chunks); their mean h̄ represents the sample. D is average-pooled to C_l
+  (stride C_D / C_l, kernel C_D − (C_l − 1)·stride, no padding) and, while training, gets noise
+  N(0, 1/C_l²). Loss: λ1·L_batch + λ2·L_dict + λ3·L_feat (``edgeff.losses``); D receives gradients only
+  from the last layer's loss and steps with that layer's optimizer. Any layer predicts in one pass by
+  arg-max ⟨h̄, pooled D⟩; the scores of ``eval_layers`` are summed (softmax-normalised per layer so no
+  layer's scale dominates — the arg-max of a single layer is unchanged).
+- **CFF** (Aghagolzadeh & Ezoji, *Contrastive Forward-Forward*): every layer minimises the supervised
+  contrastive loss on its L2-normalised mean feature (CFF+M: the marginal variant, margin falling
+  linearly from ``margin_first`` to ``margin_last``). One-forward mode (a single view; the paper's
+  two-view mode needs augmentations and is not implemented here). Prediction: a linear head trained
+  with cross-entropy on the detached last-layer mean features, alongside the stream (the paper's
+  stage 2 run concurrently; it converges to the same frozen-feature head once the encoder settles).
+
+``ContrastiveLearner`` speaks the same verbs as ``edgeff.trainer.Learner``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgeff.config import ModelConfig, TrainConfig
+from edgeff.layers import LocalLayer, make_block, make_optimizer, out_shape
+from edgeff.losses import cfl_batch_loss, cfl_dict_loss, cfl_feat_loss, margin_at, supcon_loss
+from edgeff.model import select_layers
+from edgeff.trainer import LayerMetrics, as_batch, as_labels, resolve_device
+
+CONTRASTIVE_LOSSES = ("supcon", "cfl")
+
+
+def feature_vectors(h: torch.Tensor, groups: int) -> torch.Tensor:
+    """A layer's output as K feature vectors: (B, K, C). Conv (B, C, H, W): K = H·W; linear (B, G·C): K = G."""
+    if h.dim() == 4:
+        return h.flatten(2).transpose(1, 2)  # (B, H*W, C)
+    b, n = h.shape
+    if n % groups:
+        raise ValueError(f"a linear layer of width {n} cannot be split into {groups} groups")
+    return h.view(b, groups, n // groups)  # (B, G, C)
+
+
+def pool_embeddings(d: torch.Tensor, width: int) -> torch.Tensor:
+    """CFL's average pooling of the dictionary rows (Z, C_D) to ``width`` values (Z, width)."""
+    dim = d.shape[1]
+    if width > dim:
+        raise ValueError(f"cannot pool {dim}-wide embeddings to {width} values; raise embed_dim")
+    stride = dim // width
+    return F.avg_pool1d(d[None], dim - (width - 1) * stride, stride)[0]
+
+
+class ContrastiveNet(nn.Module):
+    """Local layers (no label encoder), the CFL dictionary or the CFF head."""
+
+    def __init__(self, cfg: ModelConfig, train: TrainConfig, generator: torch.Generator) -> None:
+        super().__init__()
+        if cfg.loss not in CONTRASTIVE_LOSSES:
+            raise ValueError(f"ContrastiveNet trains {CONTRASTIVE_LOSSES}, not {cfg.loss!r}")
+        if not cfg.layers:
+            raise ValueError("a model needs at least one layer")
+        self.cfg = cfg
+        shape: tuple[int, ...] = cfg.input_shape
+        layers = []
+        self.shapes: list[tuple[int, ...]] = []
+        for spec in cfg.layers:
+            block = make_block(spec, shape, generator, bn_momentum=cfg.bn_momentum, bn_min_batch=cfg.bn_min_batch,
+                               bn_always_running=cfg.bn_always_running)
+            layers.append(LocalLayer(block, optimizer=train.optimizer, lr=train.lr, state_dtype=train.optim_state_dtype))
+            shape = out_shape(spec, shape)
+            self.shapes.append(shape)
+        self.layers = nn.ModuleList(layers)
+        self.widths = [s[0] if len(s) == 3 else s[0] // cfg.groups for s in self.shapes]  # C_l per layer
+        self.embed: nn.Parameter | None = None
+        if cfg.loss == "cfl":
+            dim = cfg.embed_dim or max(self.widths)
+            self.embed = nn.Parameter(torch.randn(cfg.num_classes, dim, generator=generator))
+            layers[-1].extra_params = [self.embed]  # D learns from the last layer's loss only
+        self.head = nn.Linear(self.widths[-1], cfg.num_classes)
+        bound = 1 / math.sqrt(self.widths[-1])
+        nn.init.uniform_(self.head.weight, -bound, bound, generator=generator)
+        nn.init.zeros_(self.head.bias)
+
+    @property
+    def local_layers(self) -> list[LocalLayer]:
+        return [layer for layer in self.layers if isinstance(layer, LocalLayer)]
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.embed.shape[0]) if self.embed is not None else self.cfg.num_classes
+
+    def mean_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every layer's mean feature vector h̄ (B, C_l), no gradient."""
+        out = []
+        with torch.no_grad():
+            h = x
+            for layer in self.layers:
+                h = layer(h)
+                out.append(feature_vectors(h, self.cfg.groups).mean(1))
+        return out
+
+    def layer_scores(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """CFL: ⟨h̄, pooled D⟩ per layer, each (B, Z)."""
+        assert self.embed is not None
+        return [f @ pool_embeddings(self.embed.detach(), f.shape[1]).T for f in self.mean_features(x)]
+
+
+class ContrastiveLearner:
+    """Learns a ``ContrastiveNet`` layer by layer from a stream; ``Learner``'s verbs.
+
+    Args:
+        model: layers and ``loss`` = ``cfl`` or ``supcon`` with their hyperparameters.
+        train: optimiser, eval_layers (CFL), head_lr (CFF), seed.
+    """
+
+    kind = "contrastive"
+
+    def __init__(self, model: ModelConfig, train: TrainConfig) -> None:
+        self.model_cfg = model
+        self.train_cfg = train
+        self.device = resolve_device(train.device)
+        self.generator = torch.Generator().manual_seed(train.seed)
+        self.net = ContrastiveNet(model, train, self.generator).to(self.device)
+        self.head_opt = make_optimizer(list(self.net.head.parameters()), "adam", train.head_lr) \
+            if model.loss == "supcon" else None
+        self.eval_layers = select_layers(train.eval_layers, len(self.net.layers))
+        self.step = 0
+        self.samples_seen = 0
+        self.layer_hook: Callable[[int, bool], None] | None = None
+
+    def set_lr(self, lr: float) -> None:
+        for layer in self.net.local_layers:
+            layer.lr = lr
+            if layer.opt is not None:
+                for group in layer.opt.param_groups:
+                    group["lr"] = lr
+
+    # ----------------------------------------------------------------- losses
+    def _noise(self, shape: tuple[int, ...], width: int) -> torch.Tensor:
+        if not self.model_cfg.embed_noise:
+            return torch.zeros(shape, device=self.device)
+        return (torch.randn(shape, generator=self.generator) / width).to(self.device)
+
+    def _cfl_loss(self, i: int, hbar: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        cfg = self.model_cfg
+        assert self.net.embed is not None
+        d = self.net.embed if i == len(self.net.layers) - 1 else self.net.embed.detach()  # CFL eq. 3
+        c = hbar.shape[1]
+        pooled = pool_embeddings(d, c)  # (Z, C_l)
+        l1, l2, l3 = cfg.cfl_weights
+        loss = hbar.new_zeros(())
+        if l1:
+            t = pooled[y] + self._noise((y.shape[0], c), c)  # one noisy embedding per sample (eq. 2)
+            loss = loss + l1 * cfl_batch_loss(hbar, y, t)
+        if l2:
+            loss = loss + l2 * cfl_dict_loss(hbar, y, pooled + self._noise(tuple(pooled.shape), c))
+        if l3:
+            loss = loss + l3 * cfl_feat_loss(F.normalize(hbar, dim=1), y, tau=cfg.temperature)
+        return loss
+
+    def _supcon_loss(self, i: int, hbar: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        cfg = self.model_cfg
+        m = margin_at(i, len(self.net.layers), cfg.margin_first, cfg.margin_last)
+        return supcon_loss(F.normalize(hbar, dim=1), y, tau=cfg.temperature, margin=m)
+
+    # ----------------------------------------------------------------- learning
+    def learn_many(self, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray | list[int]) -> list[LayerMetrics]:
+        """One local step of every layer on a batch; returns one ``LayerMetrics`` per layer (loss; the
+        goodness fields hold the mean feature norm for positives and 0). Never mutates ``x`` or ``y``."""
+        xb = as_batch(x, self.model_cfg.input_shape).to(self.device)
+        yb = as_labels(y, xb.shape[0], self.net.num_classes).to(self.device)
+        self.net.train()
+        loss_fn = self._cfl_loss if self.model_cfg.loss == "cfl" else self._supcon_loss
+        metrics = []
+        h = xb
+        hook = self.layer_hook
+        for i, layer in enumerate(self.net.local_layers):
+            if hook is not None:
+                hook(i, True)
+            out = layer(h)
+            hbar = feature_vectors(out, self.model_cfg.groups).mean(1)  # (B, C_l)
+            loss = loss_fn(i, hbar, yb)
+            opt = layer.ensure_optimizer()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            layer.optimizer_step()
+            metrics.append(LayerMetrics(float(loss.detach()), float(hbar.detach().norm(dim=1).mean()), 0.0, True))
+            h = out.detach()  # the memory contract: no graph crosses this boundary
+            if hook is not None:
+                hook(i, False)
+        if self.head_opt is not None:  # CFF's linear head on the detached last-layer features
+            feats = feature_vectors(h, self.model_cfg.groups).mean(1)
+            head_loss = F.cross_entropy(self.net.head(feats), yb)
+            self.head_opt.zero_grad(set_to_none=True)
+            head_loss.backward()
+            self.head_opt.step()
+        self.step += 1
+        self.samples_seen += xb.shape[0]
+        return metrics
+
+    def learn_one(self, x: torch.Tensor | np.ndarray, y: int) -> list[LayerMetrics]:
+        return self.learn_many(as_batch(x, self.model_cfg.input_shape, single=True), [int(y)])
+
+    # ----------------------------------------------------------------- prediction
+    def _layer_scores(self, xb: torch.Tensor) -> list[torch.Tensor]:
+        self.net.eval()
+        if self.model_cfg.loss == "cfl":
+            return self.net.layer_scores(xb)
+        with torch.no_grad():
+            return [self.net.head(self.net.mean_features(xb)[-1])]
+
+    def scores(self, x: torch.Tensor | np.ndarray, layers: list[int] | None = None) -> torch.Tensor:
+        """Class scores (B, Z). CFL: the per-layer dot-product scores of ``layers`` (default: the
+        train config's ``eval_layers``), each softmax-normalised, summed. CFF: the head's logits."""
+        xb = as_batch(x, self.model_cfg.input_shape).to(self.device)
+        per = self._layer_scores(xb)
+        if self.model_cfg.loss != "cfl":
+            return per[-1]
+        sel = self.eval_layers if layers is None else layers
+        if len(sel) == 1:
+            return per[sel[0]]
+        return torch.stack([per[i].softmax(1) for i in sel]).sum(0)
+
+    def predict_many(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        return self.scores(x).argmax(1).cpu()
+
+    def predict_one(self, x: torch.Tensor | np.ndarray) -> int:
+        return int(self.predict_many(as_batch(x, self.model_cfg.input_shape, single=True))[0])
+
+    def layer_predictions(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Each layer's own prediction (B, L) (CFL); CFF has only the head: (B, 1)."""
+        xb = as_batch(x, self.model_cfg.input_shape).to(self.device)
+        return torch.stack([s.argmax(1) for s in self._layer_scores(xb)], dim=1).cpu()
+
+    # ----------------------------------------------------------------- zero-shot
+    def zero_shot_scores(self, x: torch.Tensor | np.ndarray, groups: list[list[int]],
+                         layers: list[int] | None = None) -> torch.Tensor:
+        """CFL zero-shot: scores (B, G) for new classes, each the mean of existing class embeddings."""
+        if self.net.embed is None:
+            raise ValueError("zero-shot prediction needs label embeddings (a cfl model)")
+        xb = as_batch(x, self.model_cfg.input_shape).to(self.device)
+        self.net.eval()
+        d = self.net.embed.detach()
+        new = torch.stack([d[torch.tensor(g, device=d.device)].mean(0) for g in groups])  # (G, C_D)
+        feats = self.net.mean_features(xb)
+        sel = self.eval_layers if layers is None else layers
+        per = [(feats[i] @ pool_embeddings(new, feats[i].shape[1]).T).softmax(1) for i in sel]
+        return torch.stack(per).sum(0)
