@@ -214,7 +214,7 @@ def eval_cmd(
         return
     out.print(f"{checkpoint_path}: test accuracy {res.accuracy:.2%} on {res.n} {name} images", highlight=False)
     for i, a in enumerate(res.layer_accuracy):
-        out.print(f"  layer {i + 1} goodness alone: {a:.2%}")
+        out.print(f"  layer {i + 1} alone: {a:.2%}")
 
 
 def _eval_onnx(path: Path, data: Dataset | None, data_dir: Path | None, layers: str | None,

@@ -17,7 +17,9 @@ import torch
 from edgeff import __version__
 from edgeff.baseline import BPLearner
 from edgeff.config import ModelConfig, TrainConfig
+from edgeff.contrastive import ContrastiveLearner
 from edgeff.errors import CheckpointError
+from edgeff.mirror import MirrorLearner
 from edgeff.model import HeadPredictor
 from edgeff.trainer import Learner
 
@@ -35,7 +37,7 @@ def _cpu(obj: Any) -> Any:
     return obj
 
 
-def save(learner: Learner | BPLearner, path: str | Path, *, meta: dict[str, Any] | None = None) -> Path:
+def save(learner: Learner | BPLearner | ContrastiveLearner | MirrorLearner, path: str | Path, *, meta: dict[str, Any] | None = None) -> Path:
     """Write ``learner`` to ``path`` atomically; ``meta`` (data set, class names, ...) is kept with it."""
     path = Path(path)
     state: dict[str, Any] = {
@@ -51,7 +53,14 @@ def save(learner: Learner | BPLearner, path: str | Path, *, meta: dict[str, Any]
         "samples_seen": learner.samples_seen,
         "meta": dict(meta or {}),
     }
-    if isinstance(learner, Learner):
+    if isinstance(learner, MirrorLearner):
+        state["optim"] = [None if layer.opt is None else layer.opt.state_dict()
+                          for m in learner.mirrors for layer in m.local_layers]
+        state["predictor_optim"] = [o.state_dict() for o in getattr(learner, "_out_opts", [])]
+    elif isinstance(learner, ContrastiveLearner):
+        state["optim"] = [None if layer.opt is None else layer.opt.state_dict() for layer in learner.net.local_layers]
+        state["predictor_optim"] = None if learner.head_opt is None else learner.head_opt.state_dict()
+    elif isinstance(learner, Learner):
         state["optim"] = [None if layer.opt is None else layer.opt.state_dict() for layer in learner.net.local_layers]
         pred = learner.predictor
         state["predictor"] = pred.state_dict()
@@ -74,7 +83,7 @@ def save(learner: Learner | BPLearner, path: str | Path, *, meta: dict[str, Any]
     return path
 
 
-def load(path: str | Path, *, device: str | None = None) -> tuple[Learner | BPLearner, dict[str, Any]]:
+def load(path: str | Path, *, device: str | None = None) -> tuple[Learner | BPLearner | ContrastiveLearner | MirrorLearner, dict[str, Any]]:
     """Rebuild the learner saved at ``path``; returns it and its ``meta``.
 
     Raises:
@@ -100,12 +109,28 @@ def load(path: str | Path, *, device: str | None = None) -> tuple[Learner | BPLe
             from dataclasses import replace
 
             train = replace(train, device=device)
-        learner: Learner | BPLearner = Learner(model, train) if state["kind"] == "local" else BPLearner(model, train)
+        kinds: dict[str, Any] = {"local": Learner, "bp": BPLearner, "contrastive": ContrastiveLearner,
+                                 "mirror": MirrorLearner}
+        if state["kind"] not in kinds:
+            raise CheckpointError(f"{path} holds a {state['kind']!r} learner, which this edgeff does not know")
+        learner: Learner | BPLearner | ContrastiveLearner | MirrorLearner = kinds[state["kind"]](model, train)
         learner.net.load_state_dict(state["net"])
         learner.generator.set_state(state["generator"])
         learner.step = int(state["step"])
         learner.samples_seen = int(state["samples_seen"])
-        if isinstance(learner, Learner):
+        if isinstance(learner, MirrorLearner):
+            for layer, opt_state in zip([la for m in learner.mirrors for la in m.local_layers], state["optim"], strict=True):
+                if opt_state is not None:
+                    layer.ensure_optimizer().load_state_dict(opt_state)
+            for i, opt_state in enumerate(state.get("predictor_optim") or []):
+                learner._out_opt(i).load_state_dict(opt_state)
+        elif isinstance(learner, ContrastiveLearner):
+            for layer, opt_state in zip(learner.net.local_layers, state["optim"], strict=True):
+                if opt_state is not None:
+                    layer.ensure_optimizer().load_state_dict(opt_state)
+            if learner.head_opt is not None and state.get("predictor_optim") is not None:
+                learner.head_opt.load_state_dict(state["predictor_optim"])
+        elif isinstance(learner, Learner):
             for layer, opt_state in zip(learner.net.local_layers, state["optim"], strict=True):
                 if opt_state is not None:
                     layer.ensure_optimizer().load_state_dict(opt_state)

@@ -18,7 +18,7 @@ class ModelConfig:
     label: str = "icp"  # overlay (FF) | icp (SymBa) | channel (Trifecta)
     label_learned: bool = False  # channel encoder only: learn the label matrix with layer 0
     icp_rate: float = 0.1  # SymBa's pattern sampling rate
-    loss: str = "symba"  # ff | symba (goodness, label in the input) | supcon (CFF) | cfl (label embeddings)
+    loss: str = "symba"  # ff | symba (goodness, label in the input) | supcon (CFF) | cfl (label embeddings) | mirror
     threshold: float = 2.0  # FF loss θ
     alpha: float = 4.0  # SymBa α
     bn_momentum: float = 0.1  # running-statistics BatchNorm momentum
@@ -32,6 +32,7 @@ class ModelConfig:
     embed_dim: int = 0  # CFL dictionary width C_D (0: the widest layer's feature width)
     groups: int = 1  # CFL/CFF linear layers: K feature groups per output (features = mean over groups)
     embed_noise: bool = True  # CFL: N(0, 1/C_l²) noise on the pooled embeddings while training
+    mirror_negatives: bool = False  # mirror FFCL: also same-class (+1) and other-class (−1) pairs
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -9,6 +9,7 @@ import torch
 
 from edgeff.baseline import BPLearner
 from edgeff.contrastive import ContrastiveLearner
+from edgeff.mirror import MirrorLearner
 from edgeff.trainer import Learner
 
 
@@ -20,7 +21,7 @@ class EvalResult:
 
 
 def evaluate(
-    learner: Learner | BPLearner | ContrastiveLearner, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, per_layer: bool = False
+    learner: Learner | BPLearner | ContrastiveLearner | MirrorLearner, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, per_layer: bool = False
 ) -> EvalResult:
     """Accuracy of ``learner.predict_many``; with ``per_layer``, also each layer's own goodness accuracy."""
     correct, n = 0, 0

@@ -11,7 +11,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 NORMS = ("none", "length", "layer", "batch")
@@ -55,7 +54,10 @@ class SampleLayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, x.shape[1:], eps=self.eps)
+        flat = x.flatten(1)  # (B, N); written out (not F.layer_norm) so ONNX export keeps a dynamic shape
+        mu = flat.mean(1, keepdim=True)
+        var = flat.var(1, unbiased=False, keepdim=True)
+        return ((flat - mu) / torch.sqrt(var + self.eps)).view_as(x)
 
 
 class RunningBatchNorm(nn.Module):

@@ -29,9 +29,11 @@ from torch import nn
 
 from edgeff import __version__
 from edgeff.baseline import BPLearner
+from edgeff.contrastive import ContrastiveLearner, pool_embeddings
 from edgeff.errors import InputError
 from edgeff.labels import ChannelEncoder, ICPEncoder, OverlayEncoder
 from edgeff.layers import LocalLayer, RunningBatchNorm
+from edgeff.mirror import MirrorLearner
 from edgeff.model import GoodnessPredictor, HeadPredictor, select_layers
 from edgeff.trainer import Learner, as_batch
 
@@ -154,16 +156,78 @@ class BPGraph(nn.Module):
         super().__init__()
         self.blocks = inference_block(learner.net.blocks)
         self.head = learner.net.head
+        self.global_pool = learner.net.global_pool
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.head(self.blocks(x).flatten(1))
+        h = self.blocks(x)
+        if self.global_pool:
+            h = h.mean((2, 3))
+        logits = self.head(h.flatten(1))
         return logits, logits.argmax(1)
 
 
-def inference_graph(learner: Learner | BPLearner, layers: str | None = None) -> nn.Module:
+class ContrastiveGraph(nn.Module):
+    """One pass: CFL scores (per-layer ⟨mean feature, pooled embeddings⟩, softmax-summed over the chosen
+    layers, as ``ContrastiveLearner.scores``) or CFF's head logits on the last layer's mean feature."""
+
+    def __init__(self, learner: ContrastiveLearner, layers: str | None) -> None:
+        super().__init__()
+        net = learner.net
+        self.blocks = nn.ModuleList(inference_block(layer.block) for layer in net.local_layers)
+        self.groups = learner.model_cfg.groups
+        self.cfl = net.embed is not None
+        if self.cfl:
+            assert net.embed is not None
+            self.idx = select_layers(layers, len(self.blocks)) if layers else learner.eval_layers
+            for i in self.idx:
+                self.register_buffer(f"emb{i}", pool_embeddings(net.embed.detach(), net.widths[i]).T.clone())  # (C_l, Z)
+        else:
+            self.idx = [len(self.blocks) - 1]
+            self.head = net.head
+
+    def _mean(self, h: torch.Tensor) -> torch.Tensor:
+        if h.dim() == 4:
+            return h.mean((2, 3))  # (B, C): the mean over the H*W feature vectors
+        return h.reshape(h.shape[0], self.groups, -1).mean(1)  # (B, C): the mean over the groups
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = x
+        per = []
+        for i, block in enumerate(self.blocks):
+            h = block(h)
+            if i in self.idx:
+                f = self._mean(h)
+                per.append(f @ getattr(self, f"emb{i}") if self.cfl else self.head(f))
+            if i >= max(self.idx):
+                break
+        scores = per[0] if len(per) == 1 else torch.stack([p.softmax(1) for p in per]).sum(0)
+        return scores, scores.argmax(1)
+
+
+class MirrorGraph(nn.Module):
+    """Mirror FFCL: the mean of both models' sigmoid outputs."""
+
+    def __init__(self, learner: MirrorLearner) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(*[inference_block(la.block) for la in m.local_layers])
+                                    for m in learner.mirrors)
+        self.outs = nn.ModuleList(m.out for m in learner.mirrors)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = [torch.sigmoid(out(blocks(x).flatten(1))) for blocks, out in zip(self.blocks, self.outs, strict=True)]
+        scores = torch.stack(probs).mean(0)
+        return scores, scores.argmax(1)
+
+
+def inference_graph(learner: Learner | BPLearner | ContrastiveLearner | MirrorLearner,
+                    layers: str | None = None) -> nn.Module:
     """The torch module that ``export_onnx`` traces (also usable as a fast torch predictor)."""
+    if isinstance(learner, MirrorLearner):
+        return MirrorGraph(learner).eval()
     if isinstance(learner, BPLearner):
         return BPGraph(learner).eval()
+    if isinstance(learner, ContrastiveLearner):
+        return ContrastiveGraph(learner, layers).eval()
     pred = learner.predictor
     if isinstance(pred, HeadPredictor) and layers is None:
         return HeadGraph(learner, pred).eval()
@@ -171,7 +235,7 @@ def inference_graph(learner: Learner | BPLearner, layers: str | None = None) -> 
     return GoodnessGraph(learner, sel).eval()
 
 
-def _metadata(learner: Learner | BPLearner, meta: dict[str, Any], kind: str) -> dict[str, str]:
+def _metadata(learner: Learner | BPLearner | ContrastiveLearner | MirrorLearner, meta: dict[str, Any], kind: str) -> dict[str, str]:
     return {
         "edgeff_version": __version__,
         "preset": str(meta.get("preset", "")),
@@ -206,7 +270,7 @@ def _export_module(module: nn.Module, sample: torch.Tensor, path: Path, outputs:
 
 
 def export_onnx(
-    learner: Learner | BPLearner,
+    learner: Learner | BPLearner | ContrastiveLearner | MirrorLearner,
     path: str | Path,
     *,
     meta: dict[str, Any] | None = None,
@@ -223,6 +287,8 @@ def export_onnx(
     """
     graph = inference_graph(learner, layers).cpu()
     kind = "logits" if not isinstance(graph, GoodnessGraph) else f"goodness:{layers or 'default'}"
+    if isinstance(graph, ContrastiveGraph) and graph.cfl:
+        kind = f"label-embedding:{layers or learner.train_cfg.eval_layers}"
     sample = torch.zeros(2, *learner.model_cfg.input_shape)
     return _export_module(graph, sample, Path(path), ["scores", "label"], _metadata(learner, meta or {}, kind))
 
@@ -230,6 +296,8 @@ def export_onnx(
 def export_layers(learner: Learner, folder: str | Path, *, meta: dict[str, Any] | None = None) -> Path:
     """One ONNX file per local layer (input ``x`` -> output ``h``, plus its goodness ``g``) and a
     ``manifest.json`` giving the order, shapes and the label encoding constants needed to feed layer 1."""
+    if not isinstance(learner, Learner):
+        raise InputError("per-layer export is for goodness models; export the whole graph instead")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     shape: tuple[int, ...] = learner.net.encoder.out_shape()
@@ -378,7 +446,7 @@ def quantize_onnx(
     return dst
 
 
-def parity(learner: Learner | BPLearner, predictor: OnnxPredictor, x: torch.Tensor) -> dict[str, float]:
+def parity(learner: Learner | BPLearner | ContrastiveLearner | MirrorLearner, predictor: OnnxPredictor, x: torch.Tensor) -> dict[str, float]:
     """Compare torch and onnxruntime on the same images: max |score difference| and label agreement."""
     st = learner.scores(x).cpu().numpy()
     so = predictor.scores(x.cpu().numpy())

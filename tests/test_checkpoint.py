@@ -110,3 +110,18 @@ def test_greedy_checkpoint_holds_one_optimizer_state(real_batch, tmp_path: Path)
     save(learner, tmp_path / "g.pt")
     state = torch.load(tmp_path / "g.pt", weights_only=True)
     assert [s is not None for s in state["optim"]] == [False, True, False]
+
+
+@pytest.mark.parametrize("preset", ["cfl-mlp", "cff-mlp", "cfl-conv", "ffcl-mirror"])
+def test_contrastive_resume_mid_stream_is_exact(preset: str, real_batch, tmp_path: Path) -> None:
+    from edgeff import make_learner
+    from edgeff.checkpoint import load, save
+    x, y = real_batch
+    a = make_learner(preset)
+    a.learn_many(x[:32], y[:32])
+    path = save(a, tmp_path / "c.pt")
+    b, _ = load(path)
+    assert b.kind == a.kind and b.samples_seen == 32
+    a.learn_many(x[32:], y[32:])  # both continue from the same state: same noise, same optimizer steps
+    b.learn_many(x[32:], y[32:])
+    assert torch.equal(a.scores(x), b.scores(x))

@@ -32,7 +32,7 @@ def test_train_then_eval_on_builtin_data(trained: Path) -> None:
     res = runner.invoke(app, ["eval", str(trained), "--device", "cpu"])
     assert res.exit_code == 0, res.output
     assert _accuracy(res.output) > 0.6
-    assert "layer 2 goodness alone" in res.output
+    assert "layer 2 alone" in res.output
     res = runner.invoke(app, ["eval", str(trained), "--layers", "last", "--limit", "200", "--json"])
     assert res.exit_code == 0 and '"n": 200' in res.output
 

@@ -194,3 +194,33 @@ def test_zero_shot_super_classes(mnist_small: ImageData) -> None:
     sup = torch.tensor([next(g for g, members in enumerate(groups) if int(c) in members) for c in y])
     zs = learner.zero_shot_scores(x, groups).argmax(1)
     assert (zs == sup).float().mean() > 0.4  # chance ~ 0.25-0.4 by group size
+
+
+# --------------------------------------------------------------------------- mirror FFCL
+def test_mirror_loss_hand_computed() -> None:
+    from edgeff.mirror import mirror_loss
+
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert float(mirror_loss(a, a.clone(), None)) == pytest.approx(0.0, abs=1e-6)
+    b = torch.tensor([[0.0, 1.0], [1.0, 0.0]])  # orthogonal to its partner: 1 - cos = 1
+    assert float(mirror_loss(a, b, None)) == pytest.approx(1.0)
+    # with labels [0, 1] and target == a: pairs (0,0),(1,1) same, cos 1 -> 0; (0,1),(1,0) other, cos 0
+    # -> max(0, 0 - 0.3) = 0; plus the self term 0
+    assert float(mirror_loss(a, a.clone(), torch.tensor([0, 1]), margin=0.3)) == pytest.approx(0.0, abs=1e-6)
+    # labels [0, 0]: the cross pairs are positives with cos 0 -> (0 + 1 + 1 + 0) / 4
+    assert float(mirror_loss(a, a.clone(), torch.tensor([0, 0]))) == pytest.approx(0.5)
+
+
+def test_mirror_models_learn_and_never_share_gradients(mnist_small: ImageData) -> None:
+    from edgeff.mirror import MirrorLearner
+
+    learner = make_learner("ffcl-mirror")
+    assert isinstance(learner, MirrorLearner)
+    for xb, yb in mnist_small.train_batches(128, seed=0, limit=3000):
+        learner.learn_many(xb, yb)
+    a, b = learner.mirrors
+    assert not torch.equal(a.local_layers[0].block[1].weight, b.local_layers[0].block[1].weight)
+    res = evaluate(learner, mnist_small.test_batches(500, limit=500))
+    assert res.accuracy > 0.3  # one pass over 3,000 images (~41%); chance is 0.1
+    x, _ = next(mnist_small.test_batches(8))
+    assert [learner.predict_one(x[i]) for i in range(8)] == learner.predict_many(x).tolist()

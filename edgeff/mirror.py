@@ -1,0 +1,165 @@
+"""Mirror FFCL (Improved Forward-Forward Contrastive Learning, arXiv:2405.03432): two identical models
+see the same inputs; each hidden layer is pulled toward the corresponding layer of the *other* model
+with a cosine-embedding loss (the other model's output is a fixed target: no gradient crosses models
+or layers); each model's output layer learns with binary cross-entropy on one-hot targets from its
+detached last hidden features. Prediction: the mean of both models' sigmoid outputs.
+
+The paper pulls only each sample's two copies together (``negatives=False``, 784-64-64-10, ~63% on
+MNIST): nothing in the hidden layers depends on the label, so they stay close to their random start.
+``negatives=True`` is our supervised variant: each sample's features are also pulled toward the other
+model's features of every same-class sample in the batch and pushed (cosine below ``margin``) away from
+every other-class sample — the same cosine-embedding loss, fed label-aware pairs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgeff.config import ModelConfig, TrainConfig
+from edgeff.layers import LocalLayer, make_block, make_optimizer, out_shape
+from edgeff.trainer import LayerMetrics, as_batch, as_labels, resolve_device
+
+
+def mirror_loss(h: torch.Tensor, target: torch.Tensor, y: torch.Tensor | None, *, margin: float = 0.0) -> torch.Tensor:
+    """Cosine-embedding loss of features ``h`` (B, N) toward the other model's ``target`` (B, N).
+
+    ``y`` None: pairs (i, i) with target +1 only (the paper): mean of 1 − cos(h_i, t_i).
+    With labels: additionally every pair (i, j) of the batch, +1 when y_i = y_j (1 − cos) and −1
+    otherwise (max(0, cos − margin)), averaged over the B² pairs.
+    """
+    h, target = h.flatten(1), target.flatten(1)
+    loss = F.cosine_embedding_loss(h, target, torch.ones(h.shape[0], device=h.device))
+    if y is None:
+        return loss
+    cos = F.normalize(h, dim=1) @ F.normalize(target, dim=1).T  # (B, B): every pair across the two models
+    same = (y[:, None] == y[None, :]).float()
+    pair = same * (1 - cos) + (1 - same) * torch.clamp(cos - margin, min=0)  # CosineEmbeddingLoss, per pair
+    return loss + pair.mean()
+
+
+class MirrorModel(nn.Module):
+    """One of the two mirrored models: local hidden layers and the BCE output layer."""
+
+    def __init__(self, layers: list[LocalLayer], out: nn.Linear) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.out = out
+
+    @property
+    def local_layers(self) -> list[LocalLayer]:
+        return [layer for layer in self.layers if isinstance(layer, LocalLayer)]
+
+
+class MirrorLearner:
+    """Two mirrored layer-local models (``Learner``'s verbs).
+
+    Args:
+        model: the hidden layers (``layers``) and ``loss`` = ``mirror``; ``mirror_negatives`` picks the
+            supervised pairing, ``margin_last`` its cosine margin.
+        train: optimizer (Adam in the paper), lr, seed.
+    """
+
+    kind = "mirror"
+
+    def __init__(self, model: ModelConfig, train: TrainConfig) -> None:
+        self.model_cfg = model
+        self.train_cfg = train
+        self.device = resolve_device(train.device)
+        self.generator = torch.Generator().manual_seed(train.seed)
+        self.mirrors = [self._build(model, train).to(self.device) for _ in range(2)]
+        self.models = nn.ModuleList(self.mirrors)
+        self.step = 0
+        self.samples_seen = 0
+
+    def _build(self, cfg: ModelConfig, train: TrainConfig) -> MirrorModel:
+        shape: tuple[int, ...] = cfg.input_shape
+        layers = []
+        for spec in cfg.layers:
+            layers.append(LocalLayer(make_block(spec, shape, self.generator), optimizer=train.optimizer, lr=train.lr))
+            shape = out_shape(spec, shape)
+        out = nn.Linear(math.prod(shape), cfg.num_classes)
+        bound = 1 / math.sqrt(math.prod(shape))
+        nn.init.uniform_(out.weight, -bound, bound, generator=self.generator)
+        nn.init.zeros_(out.bias)
+        return MirrorModel(layers, out)
+
+    @property
+    def net(self) -> nn.ModuleList:
+        return self.models
+
+    def set_lr(self, lr: float) -> None:
+        for m in self.mirrors:
+            for layer in m.local_layers:
+                layer.lr = lr
+                if layer.opt is not None:
+                    for g in layer.opt.param_groups:
+                        g["lr"] = lr
+        for opt in getattr(self, "_out_opts", []):
+            for g in opt.param_groups:
+                g["lr"] = lr
+
+    def _out_opt(self, i: int) -> torch.optim.Optimizer:
+        if not hasattr(self, "_out_opts"):
+            self._out_opts = [make_optimizer(list(m.out.parameters()), self.train_cfg.optimizer, self.train_cfg.lr)
+                              for m in self.mirrors]
+        return self._out_opts[i]
+
+    def learn_many(self, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray | list[int]) -> list[LayerMetrics]:
+        """One local step of every layer of both models; metrics per layer (model A's loss)."""
+        xb = as_batch(x, self.model_cfg.input_shape).to(self.device)
+        yb = as_labels(y, xb.shape[0], self.model_cfg.num_classes).to(self.device)
+        labels = yb if self.model_cfg.mirror_negatives else None
+        self.models.train()
+        ha, hb = xb, xb
+        metrics = []
+        for la, lb in zip(self.mirrors[0].local_layers, self.mirrors[1].local_layers, strict=True):
+            oa, ob = la(ha), lb(hb)
+            losses = []
+            for layer, out, other in ((la, oa, ob), (lb, ob, oa)):
+                loss = mirror_loss(out, other.detach(), labels, margin=self.model_cfg.margin_last)
+                opt = layer.ensure_optimizer()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                layer.optimizer_step()
+                losses.append(float(loss.detach()))
+            metrics.append(LayerMetrics(losses[0], 0.0, 0.0, True))
+            ha, hb = oa.detach(), ob.detach()
+        onehot = F.one_hot(yb, self.model_cfg.num_classes).float()
+        for i, (m, h) in enumerate(zip(self.mirrors, (ha, hb), strict=True)):
+            loss = F.binary_cross_entropy_with_logits(m.out(h.flatten(1)), onehot)
+            opt = self._out_opt(i)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if i == 0:
+                metrics.append(LayerMetrics(float(loss.detach()), 0.0, 0.0, True))
+        self.step += 1
+        self.samples_seen += xb.shape[0]
+        return metrics
+
+    def learn_one(self, x: torch.Tensor | np.ndarray, y: int) -> list[LayerMetrics]:
+        return self.learn_many(as_batch(x, self.model_cfg.input_shape, single=True), [int(y)])
+
+    def scores(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Mean of both models' sigmoid outputs (B, K)."""
+        xb = as_batch(x, self.model_cfg.input_shape).to(self.device)
+        self.models.eval()
+        outs = []
+        with torch.no_grad():
+            for m in self.mirrors:
+                h = xb
+                for layer in m.local_layers:
+                    h = layer(h)
+                outs.append(torch.sigmoid(m.out(h.flatten(1))))
+        return torch.stack(outs).mean(0)
+
+    def predict_many(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        return self.scores(x).argmax(1).cpu()
+
+    def predict_one(self, x: torch.Tensor | np.ndarray) -> int:
+        return int(self.predict_many(as_batch(x, self.model_cfg.input_shape, single=True))[0])
