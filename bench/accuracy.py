@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import merge_records, table
+from _common import RESULTS, merge_records, table
 
 from edgeff import evaluate, get_preset, make_learner
+from edgeff.contrastive import ContrastiveLearner
 from edgeff.data import load_data
+from edgeff.explain import attention_maps, save_attention
 from edgeff.trainer import train_epochs
 
 # job name -> (preset, dataset, mode, epochs, batch size, budget in seconds for the local learner).
@@ -42,9 +44,41 @@ JOBS: dict[str, tuple[str, str, str, int, int, float]] = {
     "cff-mlp:fashion-mnist": ("cff-mlp", "fashion-mnist", "epochs", 30, 128, 12 * 60),
     "cfl-conv512:mnist": ("cfl-conv512", "mnist", "epochs", 4, 128, 30 * 60),
     "cfl-conv:mnist": ("cfl-conv", "mnist", "epochs", 4, 128, 30 * 60),
+    "cfl-conv512:fashion-mnist": ("cfl-conv512", "fashion-mnist", "epochs", 4, 128, 30 * 60),
+    "cfl-conv512:cifar10": ("cfl-conv512", "cifar10", "epochs", 10, 128, 30 * 60),
+    "ffcl-mirror:mnist": ("ffcl-mirror", "mnist", "epochs", 20, 128, 12 * 60),
+    "ffcl-mirror-paper:mnist": ("ffcl-mirror-paper", "mnist", "epochs", 30, 64, 12 * 60),
     "stream:symba-mlp:mnist": ("symba-mlp", "mnist", "stream", 1, 1, 30 * 60),
     "stream:trifecta-cnn:mnist": ("trifecta-cnn", "mnist", "stream", 1, 1, 30 * 60),
 }
+
+
+# Fashion-MNIST super-classes for CFL zero-shot (a new class = the mean of its members' embeddings)
+SUPER_CLASSES = {
+    "fashion-mnist": {"tops": [0, 2, 4, 6], "footwear": [5, 7, 9], "trouser+dress": [1, 3], "bag": [8]},
+    "mnist": {"round": [0, 6, 8, 9], "straight": [1, 4, 7], "curved": [2, 3, 5]},
+}
+
+
+def zero_shot(local: ContrastiveLearner, bp: Any, data: Any) -> dict[str, Any]:
+    """CFL zero-shot super-class accuracy, next to both trained classifiers' fine predictions mapped to
+    the same super-classes (the paper's comparison), on the whole test set."""
+    groups = list(SUPER_CLASSES[data.name].values())
+    to_group = torch.tensor([next(g for g, members in enumerate(groups) if c in members)
+                             for c in range(len(data.classes))])
+    hits = {"zs": 0, "mapped": 0, "bp_mapped": 0}
+    n = 0
+    for x, y in data.test_batches(1000):
+        g = to_group[y]
+        hits["zs"] += int((local.zero_shot_scores(x, groups).argmax(1).cpu() == g).sum())
+        hits["mapped"] += int((to_group[local.predict_many(x)] == g).sum())
+        hits["bp_mapped"] += int((to_group[bp.predict_many(x)] == g).sum())
+        n += len(y)
+    out = {"zero_shot_groups": ";".join(f"{k}={'+'.join(map(str, v))}" for k, v in SUPER_CLASSES[data.name].items()),
+           "zero_shot_acc": hits["zs"] / n, "mapped_acc": hits["mapped"] / n, "bp_mapped_acc": hits["bp_mapped"] / n}
+    print(f"  zero-shot super-classes {out['zero_shot_acc']:.4f} (CFL fine->super {out['mapped_acc']:.4f}, "
+          f"BP fine->super {out['bp_mapped_acc']:.4f})", flush=True)
+    return out
 
 
 def run_job(name: str, data_dir: Path, threads: int, budget_scale: float) -> dict[str, Any]:
@@ -77,7 +111,15 @@ def run_job(name: str, data_dir: Path, threads: int, budget_scale: float) -> dic
     bp, _, bp_seconds = train(True, done, None)
     bp_acc = evaluate(bp, data.test_batches(1000)).accuracy
     print(f"  bp test accuracy {bp_acc:.4f}", flush=True)
-    return {
+    extra: dict[str, Any] = {}
+    if isinstance(local, ContrastiveLearner) and local.net.embed is not None:
+        extra.update(zero_shot(local, bp, data))
+        if all(len(s) == 3 for s in local.net.shapes):
+            x = data.normalise(data.x_test[:1])[0]
+            maps, _ = attention_maps(local, x)
+            files = save_attention(data.x_test[0], maps, RESULTS / f"attention_{preset_name}_{dataset}.png")
+            extra["attention_png"] = ",".join(str(f.relative_to(RESULTS.parent)) for f in files)
+    return {**extra,
         "job": name, "preset": preset_name, "dataset": dataset, "mode": mode, "batch_size": batch,
         "epochs": done, "train_samples": len(data.y_train) * done, "test_samples": res.n,
         "seconds": round(seconds, 1), "bp_seconds": round(bp_seconds, 1), "budget_s": budget,

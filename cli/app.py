@@ -372,6 +372,39 @@ def presets() -> None:
     out.print(table)
 
 
+@app.command()
+def explain(
+    checkpoint_path: Annotated[Path, typer.Argument(help="a cfl-conv / cfl-conv512 checkpoint")],
+    out_path: Annotated[Path, typer.Option("--out", help="PNG to write (plus one file per layer)")] = Path("attention.png"),
+    index: Annotated[int, typer.Option(help="which test image")] = 0,
+    label: Annotated[int | None, typer.Option(help="class to explain [default: the prediction]")] = None,
+    data: Annotated[Dataset | None, typer.Option(help="data set [default: the checkpoint's]")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="folder holding the full data sets")] = None,
+) -> None:
+    """Attention maps of a label-embedding conv model: per layer, each location's feature · the class embedding."""
+    from edgeff import checkpoint
+    from edgeff.contrastive import ContrastiveLearner
+    from edgeff.data import load_data
+    from edgeff.errors import EdgeFFError
+    from edgeff.explain import attention_maps, save_attention
+
+    try:
+        learner, meta = checkpoint.load(checkpoint_path, device="cpu")
+        if not isinstance(learner, ContrastiveLearner):
+            _fail("attention maps need a label-embedding model (cfl-conv, cfl-conv512)")
+        ds = load_data((data.value if data else meta.get("dataset", "builtin")), data_dir)
+        if not 0 <= index < len(ds.y_test):
+            _fail(f"--index must be in 0..{len(ds.y_test) - 1}")
+        x = ds.normalise(ds.x_test[index : index + 1])[0]
+        maps, cls = attention_maps(learner, x, label)  # type: ignore[arg-type]
+        files = save_attention(ds.x_test[index], maps, out_path)
+    except EdgeFFError as e:
+        _fail(str(e))
+    names = ds.classes
+    out.print(f"test image {index} (true {names[int(ds.y_test[index])]}), explaining class {names[cls]}: "
+              f"{', '.join(str(f) for f in files)}", highlight=False)
+
+
 # --------------------------------------------------------------------------- device
 device_app = typer.Typer(help="Talk to a device (a real board, or `edgeff device-sim`) over any serial port URL.",
                          no_args_is_help=True)

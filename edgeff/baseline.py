@@ -25,8 +25,8 @@ class BPNet(nn.Module):
                                      bn_min_batch=cfg.bn_min_batch, bn_always_running=cfg.bn_always_running))
             shape = out_shape(spec, shape)
         self.blocks = nn.Sequential(*blocks)
-        self.global_pool = cfg.global_pool and len(shape) == 3
-        dim = shape[0] if self.global_pool else math.prod(shape)
+        self.global_pool = cfg.global_pool and len(shape) in (2, 3)  # conv maps or ViT tokens
+        dim = (shape[0] if len(shape) == 3 else shape[1]) if self.global_pool else math.prod(shape)
         self.head = nn.Linear(dim, cfg.num_classes)
         bound = 1 / math.sqrt(dim)
         nn.init.uniform_(self.head.weight, -bound, bound, generator=generator)
@@ -35,7 +35,7 @@ class BPNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.blocks(x)
         if self.global_pool:
-            h = h.mean((2, 3))  # (B, C): global average pooling
+            h = h.mean((2, 3)) if h.dim() == 4 else h.mean(1)  # (B, C): global average pooling / token mean
         return self.head(h.flatten(1))  # (B, K)
 
 

@@ -39,9 +39,12 @@ CONTRASTIVE_LOSSES = ("supcon", "cfl")
 
 
 def feature_vectors(h: torch.Tensor, groups: int) -> torch.Tensor:
-    """A layer's output as K feature vectors: (B, K, C). Conv (B, C, H, W): K = H·W; linear (B, G·C): K = G."""
+    """A layer's output as K feature vectors: (B, K, C). Conv (B, C, H, W): K = H·W; ViT (B, N, E): the
+    N tokens; linear (B, G·C): K = G."""
     if h.dim() == 4:
         return h.flatten(2).transpose(1, 2)  # (B, H*W, C)
+    if h.dim() == 3:
+        return h  # (B, N, E) tokens
     b, n = h.shape
     if n % groups:
         raise ValueError(f"a linear layer of width {n} cannot be split into {groups} groups")
@@ -77,7 +80,8 @@ class ContrastiveNet(nn.Module):
             shape = out_shape(spec, shape)
             self.shapes.append(shape)
         self.layers = nn.ModuleList(layers)
-        self.widths = [s[0] if len(s) == 3 else s[0] // cfg.groups for s in self.shapes]  # C_l per layer
+        # C_l per layer: conv channels, ViT embedding width, or a linear layer's group width
+        self.widths = [s[0] if len(s) == 3 else s[1] if len(s) == 2 else s[0] // cfg.groups for s in self.shapes]
         self.embed: nn.Parameter | None = None
         if cfg.loss == "cfl":
             dim = cfg.embed_dim or max(self.widths)

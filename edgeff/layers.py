@@ -20,13 +20,16 @@ NORMS = ("none", "length", "layer", "batch")
 class LayerSpec:
     """One local layer. ``kind`` is ``linear`` (inputs are flattened) or ``conv``."""
 
-    kind: str  # "linear" | "conv"
+    kind: str  # "linear" | "conv" | "vit" (a pre-LN transformer encoder layer; the first also embeds patches)
     out: int  # output features (linear) or channels (conv)
     norm: str = "none"  # applied to the layer's input: none | length | layer | batch
     kernel: int = 3  # conv only
     stride: int = 1  # conv only
     padding: int = 1  # conv only
     pool: int = 1  # max-pool size after the activation (1 = no pooling), conv only
+    heads: int = 4  # vit only: attention heads
+    patch: int = 4  # vit only: patch size of the first vit layer
+    mlp_ratio: int = 2  # vit only: MLP hidden width / embedding width
     order: str = "pre"  # pre: norm-weights-ReLU (FF, Trifecta) | post: weights-norm-ReLU (CFL conv) | post-act: weights-ReLU-norm (CFL FC)
 
 
@@ -137,15 +140,81 @@ def make_norm(
 
 
 def out_shape(spec: LayerSpec, in_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Shape of one sample after the layer (without the batch axis)."""
+    """Shape of one sample after the layer (without the batch axis); vit layers give (tokens, E)."""
     if spec.kind == "linear":
         return (spec.out,)
+    if spec.kind == "vit":
+        if len(in_shape) == 3:
+            return ((in_shape[1] // spec.patch) * (in_shape[2] // spec.patch), spec.out)
+        if len(in_shape) != 2 or in_shape[1] != spec.out:
+            raise ValueError(f"a vit layer of width {spec.out} cannot follow a layer with output {in_shape}")
+        return in_shape
     if len(in_shape) != 3:
         raise ValueError(f"a conv layer needs (C, H, W) inputs, got {in_shape}")
     _, h, w = in_shape
     h = (h + 2 * spec.padding - spec.kernel) // spec.stride + 1
     w = (w + 2 * spec.padding - spec.kernel) // spec.stride + 1
     return (spec.out, h // spec.pool, w // spec.pool)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p×p patches -> linear projection + learned positional embedding: (B, N, E)."""
+
+    def __init__(self, in_shape: tuple[int, ...], dim: int, patch: int, generator: torch.Generator) -> None:
+        super().__init__()
+        c, h, w = in_shape
+        if h % patch or w % patch:
+            raise ValueError(f"patch size {patch} does not divide the {h}x{w} input")
+        self.proj = nn.Conv2d(c, dim, patch, patch)
+        nn.init.kaiming_uniform_(self.proj.weight, a=math.sqrt(5), generator=generator)
+        assert self.proj.bias is not None
+        nn.init.zeros_(self.proj.bias)
+        self.pos = nn.Parameter(torch.randn(1, (h // patch) * (w // patch), dim, generator=generator) * 0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2) + self.pos  # (B, N, E)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention written out (no fused kernel, so it exports to ONNX opset 17)."""
+
+    def __init__(self, dim: int, heads: int, generator: torch.Generator) -> None:
+        super().__init__()
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        for m in (self.qkv, self.proj):
+            nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5), generator=generator)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, e = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, N, d)
+        q, k, v = qkv.unbind(0)
+        att = torch.softmax((q @ k.transpose(-2, -1)) * self.scale, dim=-1)  # (B, H, N, N)
+        return self.proj((att @ v).transpose(1, 2).reshape(b, n, e))  # (B, N, E)
+
+
+class EncoderLayer(nn.Module):
+    """Pre-LN transformer encoder layer (ViT): z = x + MHSA(LN(x)); out = z + MLP(LN(z))."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int, generator: torch.Generator) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"embedding width {dim} is not divisible by {heads} heads")
+        self.ln1 = nn.LayerNorm(dim)
+        self.attn = SelfAttention(dim, heads, generator)
+        self.ln2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+        for m in [self.mlp[0], self.mlp[2]]:
+            nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5), generator=generator)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.ln1(x)
+        z = x + self.attn(y)
+        return z + self.mlp(self.ln2(z))  # (B, N, E)
 
 
 def make_block(
@@ -159,10 +228,17 @@ def make_block(
 ) -> nn.Sequential:
     """normalisation -> weights -> ReLU (-> max-pool), Kaiming-uniform initialised from ``generator``."""
     bn = {"bn_momentum": bn_momentum, "bn_min_batch": bn_min_batch, "bn_always_running": bn_always_running}
+    if spec.kind == "vit":
+        mods: list[nn.Module] = []
+        if len(in_shape) == 3:
+            mods.append(PatchEmbed(in_shape, spec.out, spec.patch, generator))
+        out_shape(spec, in_shape)  # validates the input
+        mods.append(EncoderLayer(spec.out, spec.heads, spec.mlp_ratio, generator))
+        return nn.Sequential(*mods)
     if spec.order not in ("pre", "post", "post-act"):
         raise ValueError(f"unknown layer order {spec.order!r}; choose pre, post or post-act")
     post = spec.order != "pre"
-    mods: list[nn.Module] = []
+    mods = []
     if spec.kind == "linear":
         fan_in = math.prod(in_shape)
         mods.append(nn.Flatten())
@@ -176,7 +252,7 @@ def make_block(
             mods.append(make_norm(spec.norm, in_shape[0], spatial=True, **bn))  # type: ignore[arg-type]
         weight = nn.Conv2d(in_shape[0], spec.out, spec.kernel, spec.stride, spec.padding)
     else:
-        raise ValueError(f"unknown layer kind {spec.kind!r}; choose linear or conv")
+        raise ValueError(f"unknown layer kind {spec.kind!r}; choose linear, conv or vit")
     nn.init.kaiming_uniform_(weight.weight, a=math.sqrt(5), generator=generator)
     bound = 1 / math.sqrt(weight.weight[0].numel())
     assert weight.bias is not None

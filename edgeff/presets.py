@@ -46,6 +46,10 @@ _CONV256 = LayerSpec("conv", 256, norm="batch", stride=2, padding=1, order="post
 _CONV512 = LayerSpec("conv", 512, norm="batch", stride=2, padding=1, order="post")
 CFL_CONV = replace(CFL_MLP, layers=(_CONV64, _CONV256), groups=1, global_pool=True)
 CFL_CONV512 = replace(CFL_CONV, layers=(_CONV64, _CONV256, _CONV512))
+# CFF ViT[E H L] (sec. 3.4): patch projection + first encoder layer = layer 1, one local layer per
+# further pre-LN encoder layer, tokens mean-pooled, no class token; the paper's CIFAR-10 model is ViT[128 4 5]
+CFF_VIT = ModelConfig(layers=(LayerSpec("vit", 128, heads=4, patch=4),) * 5, input_shape=(3, 32, 32), label="none",
+                      loss="supcon", temperature=0.15, margin_first=0.4, margin_last=0.1, global_pool=True)
 # Mirror FFCL (arXiv:2405.03432): two 784-64-64-10 models, cosine pull between corresponding layers
 FFCL_PAPER = ModelConfig(layers=_mlp(64, 2, "none"), label="none", loss="mirror")
 FFCL_MIRROR = replace(FFCL_PAPER, layers=(LayerSpec("linear", 256, norm="layer", order="post-act"),) * 2,
@@ -121,6 +125,15 @@ PRESETS: dict[str, Preset] = {
             "MLP[500 3] with ReLU, marginal supervised contrastive loss per layer (τ=0.15, margin 0.4 -> 0.1), "
             "one-forward mode (one view; digits get no augmentation), linear head on the detached last-layer "
             "features trained alongside. Paper: AdamW, two views; here AdamW lr 1e-3 -> 1e-4, batch 128, 30 epochs.",
+        ),
+        Preset(
+            "cff-vit", "local", CFF_VIT,
+            TrainConfig(lr=1e-3, lr_final=1e-4, optimizer="adamw", batch_size=128, epochs=10, head_lr=1e-3),
+            "Aghagolzadeh & Ezoji 2024, Contrastive Forward-Forward (CFF+M), ViT",
+            "ViT[128 4 5], patch 4, pre-LN encoder layers (MLP ratio 2), each a local layer with the marginal "
+            "supervised contrastive loss (τ=0.15, margin 0.4 -> 0.1) on its mean token; linear head on the detached "
+            "last-layer mean token. One-forward mode without augmentation (the paper: two views with random crop "
+            "and flips, 100s of epochs). Built for 3x32x32 (CIFAR-10); other inputs need a patch size dividing them.",
         ),
         Preset(
             "ffcl-mirror-paper", "local", FFCL_PAPER,

@@ -161,7 +161,7 @@ class BPGraph(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.blocks(x)
         if self.global_pool:
-            h = h.mean((2, 3))
+            h = h.mean((2, 3)) if h.dim() == 4 else h.mean(1)
         logits = self.head(h.flatten(1))
         return logits, logits.argmax(1)
 
@@ -188,6 +188,8 @@ class ContrastiveGraph(nn.Module):
     def _mean(self, h: torch.Tensor) -> torch.Tensor:
         if h.dim() == 4:
             return h.mean((2, 3))  # (B, C): the mean over the H*W feature vectors
+        if h.dim() == 3:
+            return h.mean(1)  # (B, E): the mean over the tokens
         return h.reshape(h.shape[0], self.groups, -1).mean(1)  # (B, C): the mean over the groups
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,7 @@ from edgeff.contrastive import ContrastiveLearner, feature_vectors, pool_embeddi
 from edgeff.data import ImageData
 from edgeff.losses import cfl_batch_loss, cfl_dict_loss, cfl_feat_loss, margin_at, supcon_loss
 
-CONTRASTIVE_PRESETS = ["cfl-mlp", "cfl-conv", "cfl-conv512", "cff-mlp"]
+CONTRASTIVE_PRESETS = ["cfl-mlp", "cfl-conv", "cfl-conv512", "cff-mlp", "cff-vit"]
 
 
 # --------------------------------------------------------------------------- losses, by hand
@@ -116,6 +116,9 @@ def _small(name: str) -> ContrastiveLearner:
     p = get_preset(name)
     if name == "cfl-conv512":
         p = replace(p, model=replace(p.model, layers=tuple(replace(s, out=s.out // 8) for s in p.model.layers)))
+    if name == "cff-vit":  # ViT[32 2 2] on 28x28 digits
+        p = replace(p, model=replace(p.model, input_shape=(1, 28, 28),
+                                     layers=(replace(p.model.layers[0], out=32, heads=2),) * 2))
     learner = make_learner(p)
     assert isinstance(learner, ContrastiveLearner)
     return learner
@@ -224,3 +227,35 @@ def test_mirror_models_learn_and_never_share_gradients(mnist_small: ImageData) -
     assert res.accuracy > 0.3  # one pass over 3,000 images (~41%); chance is 0.1
     x, _ = next(mnist_small.test_batches(8))
     assert [learner.predict_one(x[i]) for i in range(8)] == learner.predict_many(x).tolist()
+
+
+def test_attention_maps_average_to_the_layer_scores(real_batch: tuple[torch.Tensor, torch.Tensor], tmp_path) -> None:
+    from edgeff.errors import InputError
+    from edgeff.explain import attention_maps, save_attention
+
+    learner = _small("cfl-conv")
+    x, y = real_batch
+    learner.learn_many(x, y)
+    maps, cls = attention_maps(learner, x[0], label=3)
+    assert cls == 3 and [m.shape for m in maps] == [(26, 26), (13, 13)]
+    per_layer = learner.net.layer_scores(x[:1])
+    for m, s in zip(maps, per_layer, strict=True):
+        assert m.mean() == pytest.approx(float(s[0, 3]), rel=1e-4, abs=1e-5)  # the map's mean is the score
+    files = save_attention(x[0].numpy(), maps, tmp_path / "att.png")
+    assert len(files) == 3 and all(f.stat().st_size > 0 for f in files)
+    with pytest.raises(InputError, match="convolutional"):
+        attention_maps(_small("cfl-mlp"), x[0])
+
+
+def test_cli_explain(tmp_path) -> None:
+    from edgeff.cli.app import app
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    ck = tmp_path / "c.pt"
+    res = runner.invoke(app, ["train", "--preset", "cfl-conv", "--samples", "300", "--epochs", "1", "--no-progress",
+                              "--device", "cpu", "--out", str(ck)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["explain", str(ck), "--out", str(tmp_path / "a.png"), "--index", "3"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "a_layer1.png").is_file() and (tmp_path / "a_layer2.png").is_file()

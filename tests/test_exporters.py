@@ -18,7 +18,7 @@ from edgeff.errors import InputError
 from edgeff.presets import PRESETS
 from edgeff.trainer import train_epochs
 
-EXPORTABLE = [n for n in PRESETS if not n.endswith("-paper")]
+EXPORTABLE = [n for n in PRESETS if not n.endswith("-paper") and n != "cff-vit"]  # cff-vit: CIFAR-shaped, below
 
 
 def _trained(name: str, mnist_small, **train_kw):  # type: ignore[no-untyped-def]
@@ -149,3 +149,12 @@ def test_exported_scores_are_float32_with_dynamic_batch(mnist_small, tmp_path: P
     for b in (1, 3, 65):
         s = pred.scores(torch.zeros(b, 1, 28, 28))
         assert s.shape == (b, 10) and s.dtype == np.float32
+
+
+def test_vit_exports_with_parity(mnist_small, tmp_path: Path) -> None:
+    learner = make_learner("cff-vit", input_shape=(1, 28, 28), train=replace(PRESETS["cff-vit"].train, device="cpu"))
+    train_epochs(learner, mnist_small, epochs=1, batch_size=50, limit=200)
+    path = export_onnx(learner, tmp_path / "vit.onnx")
+    x, _ = next(mnist_small.test_batches(64))
+    res = parity(learner, OnnxPredictor(path), x)
+    assert res["agreement"] == 1.0 and res["max_abs_diff"] < 1e-4
