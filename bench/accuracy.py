@@ -46,6 +46,7 @@ JOBS: dict[str, tuple[str, str, str, int, int, float]] = {
     "cfl-conv:mnist": ("cfl-conv", "mnist", "epochs", 4, 128, 30 * 60),
     "cfl-conv512:fashion-mnist": ("cfl-conv512", "fashion-mnist", "epochs", 4, 128, 30 * 60),
     "cfl-conv512:cifar10": ("cfl-conv512", "cifar10", "epochs", 10, 128, 30 * 60),
+    "cff-vit:cifar10": ("cff-vit", "cifar10", "epochs", 10, 128, 30 * 60),
     "ffcl-mirror:mnist": ("ffcl-mirror", "mnist", "epochs", 20, 128, 12 * 60),
     "ffcl-mirror-paper:mnist": ("ffcl-mirror-paper", "mnist", "epochs", 30, 64, 12 * 60),
     "stream:symba-mlp:mnist": ("symba-mlp", "mnist", "stream", 1, 1, 30 * 60),

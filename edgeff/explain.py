@@ -64,10 +64,10 @@ def save_attention(image: np.ndarray, maps: list[np.ndarray], path: str | Path, 
     img = np.asarray(image, np.float32)
     img = img.mean(0) if img.ndim == 3 else img
     img = (img - img.min()) / max(float(img.max() - img.min()), 1e-8)
-    tiles = [Image.fromarray((np.stack([img] * 3, -1) * 255).astype(np.uint8)).resize((size, size), Image.NEAREST)]
+    tiles = [Image.fromarray((np.stack([img] * 3, -1) * 255).astype(np.uint8)).resize((size, size), Image.Resampling.NEAREST)]
     files = []
     for i, m in enumerate(maps):
-        tile = Image.fromarray((_heat(m) * 255).astype(np.uint8)).resize((size, size), Image.NEAREST)
+        tile = Image.fromarray((_heat(m) * 255).astype(np.uint8)).resize((size, size), Image.Resampling.NEAREST)
         f = path.with_name(f"{path.stem}_layer{i + 1}{path.suffix or '.png'}")
         tile.save(f)
         files.append(f)

@@ -207,9 +207,10 @@ class EncoderLayer(nn.Module):
         self.ln1 = nn.LayerNorm(dim)
         self.attn = SelfAttention(dim, heads, generator)
         self.ln2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
-        for m in [self.mlp[0], self.mlp[2]]:
+        fc1, fc2 = nn.Linear(dim, mlp_ratio * dim), nn.Linear(mlp_ratio * dim, dim)
+        for m in (fc1, fc2):
             nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5), generator=generator)
+        self.mlp = nn.Sequential(fc1, nn.GELU(), fc2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.ln1(x)
