@@ -58,6 +58,7 @@ JOBS: dict[str, tuple[str, str, str, int, int, float]] = {
 SUPER_CLASSES = {
     "fashion-mnist": {"tops": [0, 2, 4, 6], "footwear": [5, 7, 9], "trouser+dress": [1, 3], "bag": [8]},
     "mnist": {"round": [0, 6, 8, 9], "straight": [1, 4, 7], "curved": [2, 3, 5]},
+    "cifar10": {"vehicles": [0, 1, 8, 9], "animals": [2, 3, 4, 5, 6, 7]},
 }
 
 
@@ -113,7 +114,7 @@ def run_job(name: str, data_dir: Path, threads: int, budget_scale: float) -> dic
     bp_acc = evaluate(bp, data.test_batches(1000)).accuracy
     print(f"  bp test accuracy {bp_acc:.4f}", flush=True)
     extra: dict[str, Any] = {}
-    if isinstance(local, ContrastiveLearner) and local.net.embed is not None:
+    if isinstance(local, ContrastiveLearner) and local.net.embed is not None and dataset in SUPER_CLASSES:
         extra.update(zero_shot(local, bp, data))
         if all(len(s) == 3 for s in local.net.shapes):
             x = data.normalise(data.x_test[:1])[0]
