@@ -141,10 +141,7 @@ class ContrastiveLearner:
 
     def set_lr(self, lr: float) -> None:
         for layer in self.net.local_layers:
-            layer.lr = lr
-            if layer.opt is not None:
-                for group in layer.opt.param_groups:
-                    group["lr"] = lr
+            layer.set_lr(lr)
 
     # ----------------------------------------------------------------- losses
     def _noise(self, shape: tuple[int, ...], width: int) -> torch.Tensor:

@@ -304,6 +304,13 @@ class LocalLayer(nn.Module):
     def drop_optimizer(self) -> None:
         self.opt = None
 
+    def set_lr(self, lr: float) -> None:
+        """This layer's learning rate, for its live optimizer and any created later."""
+        self.lr = lr
+        if self.opt is not None:
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+
     def _cast_state(self, dtype: torch.dtype) -> None:
         if self.opt is None:
             return

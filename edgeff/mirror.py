@@ -95,10 +95,7 @@ class MirrorLearner:
     def set_lr(self, lr: float) -> None:
         for m in self.mirrors:
             for layer in m.local_layers:
-                layer.lr = lr
-                if layer.opt is not None:
-                    for g in layer.opt.param_groups:
-                        g["lr"] = lr
+                layer.set_lr(lr)
         for opt in getattr(self, "_out_opts", []):
             for g in opt.param_groups:
                 g["lr"] = lr

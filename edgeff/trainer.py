@@ -141,10 +141,7 @@ class Learner:
     def set_lr(self, lr: float) -> None:
         """Set every layer's learning rate (live optimizers and those created later)."""
         for layer in self.net.local_layers:
-            layer.lr = lr
-            if layer.opt is not None:
-                for group in layer.opt.param_groups:
-                    group["lr"] = lr
+            layer.set_lr(lr)
 
     # ----------------------------------------------------------------- learning
     def learn_many(self, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray | list[int]) -> list[LayerMetrics]:
