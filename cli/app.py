@@ -405,6 +405,132 @@ def explain(
               f"{', '.join(str(f) for f in files)}", highlight=False)
 
 
+# --------------------------------------------------------------------------- continual learning
+class Scenario(str, Enum):
+    split = "split"
+    add_one_class = "add-one-class"
+
+
+@app.command("add-class")
+def add_class(
+    checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="a file written by `edgeff train`")],
+    name: Annotated[str, typer.Option(help="the new class's name")],
+    data_path: Annotated[Path | None, typer.Option("--data", help="examples of the class: a folder of images, or a .npy/.npz array (uint8 pixels or normalised floats)")] = None,
+    out_path: Annotated[Path | None, typer.Option("--out", help="checkpoint to write [default: overwrite CHECKPOINT]")] = None,
+) -> None:
+    """Add a class to a trained model: a new label embedding (or pattern / head row), initialised from
+    the examples' mean feature, usable at once; it keeps learning when training resumes."""
+    from edgeff import checkpoint
+    from edgeff.data import load_examples
+    from edgeff.errors import EdgeFFError
+
+    try:
+        learner, meta = checkpoint.load(checkpoint_path, device="cpu")
+        names = list(meta.get("classes", []))
+        if not learner.model_cfg.class_names and len(names) == learner.model_cfg.num_classes:
+            learner.model_cfg = replace(learner.model_cfg, class_names=tuple(names))
+        x = None
+        if data_path is not None:
+            x = load_examples(data_path, learner.model_cfg.input_shape, tuple(meta.get("mean", [0.0])),
+                              tuple(meta.get("std", [1.0])))
+        before = learner.model_cfg.num_classes
+        idx = learner.add_class(name, examples=x)  # type: ignore[union-attr]
+        path = checkpoint.save(learner, out_path or checkpoint_path, meta={**meta, "classes": list(learner.class_names)})  # type: ignore[union-attr]
+    except EdgeFFError as e:
+        _fail(str(e))
+        return
+    out.print(f"added class {name!r} as index {idx} ({before} -> {before + 1} classes)", highlight=False)
+    if x is not None:
+        hits = int((learner.predict_many(x) == idx).sum())
+        out.print(f"{hits}/{x.shape[0]} of its {x.shape[0]} examples are already predicted as {name!r}", highlight=False)
+    out.print(f"checkpoint: {path}", highlight=False)
+
+
+@app.command()
+def continual(
+    scenario: Annotated[Scenario, typer.Argument(help="split (5 experiences x 2 classes, online) or add-one-class")],
+    data: Annotated[Dataset, typer.Option(help="builtin, mnist or fashion-mnist")] = Dataset.builtin,
+    data_dir: Annotated[Path | None, typer.Option(help="folder holding MNIST/raw or FashionMNIST/raw")] = None,
+    preset: Annotated[str, typer.Option(help="architecture and local rule")] = "cfl-mlp",
+    backprop: Annotated[bool, typer.Option("--backprop", help="the end-to-end backprop baseline (growing head) instead")] = False,
+    buffer: Annotated[int, typer.Option(help="reservoir replay buffer capacity (0: none)")] = 0,
+    asymmetric: Annotated[bool, typer.Option(help="with a buffer: fresh samples compete only with the fresh classes (ER-ACE)")] = True,
+    batch_size: Annotated[int, typer.Option(help="stream samples per step")] = 10,
+    k: Annotated[int, typer.Option(help="add-one-class: examples of the new class in the stream")] = 50,
+    new_class: Annotated[int, typer.Option(help="add-one-class: which class arrives last")] = 9,
+    traffic: Annotated[int, typer.Option(help="add-one-class: old-class samples streamed alongside")] = 2000,
+    pretrain_epochs: Annotated[int, typer.Option(help="add-one-class: epochs on the other classes first")] = 1,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    plot: Annotated[Path | None, typer.Option(help="split: write accuracy over the stream to this PNG (needs matplotlib)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Run a class-incremental scenario and print the accuracy matrix, forgetting and backward transfer."""
+    import torch
+
+    from edgeff.continual import (
+        ReplayBuffer,
+        add_one_class,
+        plot_stream,
+        pretrain_without,
+        split_scenario,
+    )
+    from edgeff.data import load_data
+    from edgeff.errors import EdgeFFError
+
+    torch.manual_seed(seed)
+    try:
+        if data not in (Dataset.builtin, Dataset.mnist, Dataset.fashion_mnist):
+            _fail("continual scenarios run on builtin, mnist or fashion-mnist")
+        if buffer < 0 or batch_size < 1:
+            _fail("--buffer must be >= 0 and --batch-size >= 1")
+        ds = load_data(data.value, data_dir)
+        who = f"{preset}{' (backprop)' if backprop else ''}"
+        if scenario == Scenario.add_one_class:
+            learner = pretrain_without(ds, new_class, preset=preset, backprop=backprop, epochs=pretrain_epochs, seed=seed)
+            replay = ReplayBuffer(buffer, seed=seed, asymmetric=asymmetric) if buffer else None
+            r = add_one_class(learner, ds, new_class, k, traffic=traffic, batch_size=batch_size, replay=replay, seed=seed)
+            rec = {"scenario": scenario.value, "dataset": ds.name, "preset": preset, "backprop": backprop, "k": k,
+                   "new_class": ds.classes[new_class], "new_recall": r.new_recall, "old_before": r.old_before,
+                   "old_after": r.old_after, "old_drop_pt": r.old_drop, "buffer": buffer}
+            if as_json:
+                out.print(json.dumps(rec), highlight=False)
+            else:
+                out.print(f"{who} on {ds.name}: class {ds.classes[new_class]!r} added from {k} examples in "
+                          f"{r.samples} streamed samples: new-class recall {r.new_recall:.2%}, old classes "
+                          f"{r.old_before:.2%} -> {r.old_after:.2%} (drop {r.old_drop:.2f} pt)", highlight=False)
+            return
+        n = len(ds.y_train)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TimeRemainingColumn(), console=err, disable=not progress or as_json) as bar:
+            task = bar.add_task("stream", total=n)
+            res = split_scenario(ds, preset=preset, backprop=backprop, buffer=buffer, asymmetric=asymmetric,
+                                 batch_size=batch_size, seed=seed, eval_every=max(1, n // 50) if plot else 0,
+                                 on_step=lambda m, b: bar.update(task, advance=b))
+        if plot is not None:
+            plot_stream(res, plot, names=ds.classes, title=f"{who}, split {ds.name}, buffer {buffer}")
+    except (EdgeFFError, RuntimeError) as e:
+        _fail(str(e))
+        return
+    if as_json:
+        out.print(json.dumps({"scenario": scenario.value, "dataset": ds.name, "preset": preset, "backprop": backprop,
+                              "buffer": buffer, "matrix": res.matrix.tolist(), "average_accuracy": res.average_accuracy,
+                              "forgetting": res.forgetting, "backward_transfer": res.backward_transfer}), highlight=False)
+        return
+    table = Table(title=f"{who}, split {ds.name}, buffer {buffer}: accuracy on each experience (rows: after training on)")
+    table.add_column("after")
+    heads = ["+".join(ds.classes[c] for c in cls) for cls in res.classes]
+    for h in heads:
+        table.add_column(h, justify="right")
+    for i, row in enumerate(res.matrix):
+        table.add_row(f"exp {i + 1}", *[f"{100 * v:.1f}" for v in row])
+    out.print(table)
+    out.print(f"average accuracy {res.average_accuracy:.2%}, forgetting {100 * res.forgetting:.2f} pt, "
+              f"backward transfer {100 * res.backward_transfer:+.2f} pt", highlight=False)
+    if plot is not None:
+        out.print(f"plot: {plot}", highlight=False)
+
+
 # --------------------------------------------------------------------------- device
 device_app = typer.Typer(help="Talk to a device (a real board, or `edgeff device-sim`) over any serial port URL.",
                          no_args_is_help=True)

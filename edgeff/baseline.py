@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeff.config import ModelConfig, TrainConfig
-from edgeff.layers import make_block, make_optimizer, out_shape
+from edgeff.layers import class_row, grow_linear, make_block, make_optimizer, out_shape
 from edgeff.trainer import as_batch, as_labels, resolve_device
 
 
@@ -32,11 +32,15 @@ class BPNet(nn.Module):
         nn.init.uniform_(self.head.weight, -bound, bound, generator=generator)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """What the head reads: (B, D)."""
         h = self.blocks(x)
         if self.global_pool:
             h = h.mean((2, 3)) if h.dim() == 4 else h.mean(1)  # (B, C): global average pooling / token mean
-        return self.head(h.flatten(1))  # (B, K)
+        return h.flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))  # (B, K)
 
 
 class BPLearner:
@@ -58,12 +62,21 @@ class BPLearner:
         for group in self.opt.param_groups:
             group["lr"] = lr
 
-    def learn_many(self, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray | list[int]) -> float:
-        """One end-to-end SGD step; returns the cross-entropy."""
+    def learn_many(self, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray | list[int], *,
+                   fresh: int | None = None) -> float:
+        """One end-to-end SGD step; returns the cross-entropy. ``fresh``: the first ``fresh`` samples are
+        new stream samples whose softmax runs over the fresh samples' classes only, the rest replayed
+        ones over every class (ER-ACE, Caccia et al. 2022)."""
         xb = as_batch(x, self.model_cfg.input_shape).to(self.device)
         yb = as_labels(y, xb.shape[0], self.model_cfg.num_classes).to(self.device)
         self.net.train()
-        loss = F.cross_entropy(self.net(xb), yb)
+        logits = self.net(xb)  # (B, K)
+        if fresh is not None and fresh < yb.shape[0]:
+            k = self.model_cfg.num_classes
+            allowed = torch.ones(yb.shape[0], k, dtype=torch.bool, device=self.device)
+            allowed[:fresh] = torch.isin(torch.arange(k, device=self.device), yb[:fresh])
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        loss = F.cross_entropy(logits, yb)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -73,6 +86,25 @@ class BPLearner:
 
     def learn_one(self, x: torch.Tensor | np.ndarray, y: int) -> float:
         return self.learn_many(as_batch(x, self.model_cfg.input_shape, single=True), [int(y)])
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.model_cfg.names
+
+    def add_class(self, name: str, examples: torch.Tensor | np.ndarray | None = None) -> int:
+        """A growing output head: one more logit, its weights imprinted from the mean feature of
+        ``examples`` (or random) at the mean norm of the existing rows, bias the mean existing bias;
+        the optimizer's state grows with it. Returns the new class's index."""
+        cfg = self.model_cfg.with_class(name)
+        proto = None
+        if examples is not None:
+            xb = as_batch(examples, self.model_cfg.input_shape).to(self.device)
+            self.net.eval()
+            with torch.no_grad():
+                proto = self.net.features(xb).mean(0)
+        grow_linear(self.net.head, class_row(self.net.head.weight, proto, self.generator), [self.opt])
+        self.model_cfg = cfg
+        return cfg.num_classes - 1
 
     def scores(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
         xb = as_batch(x, self.model_cfg.input_shape).to(self.device)

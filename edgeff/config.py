@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from edgeff.errors import InputError
 from edgeff.layers import LayerSpec
 
 
@@ -33,6 +34,25 @@ class ModelConfig:
     groups: int = 1  # CFL/CFF linear layers: K feature groups per output (features = mean over groups)
     embed_noise: bool = True  # CFL: N(0, 1/C_l²) noise on the pooled embeddings while training
     mirror_negatives: bool = False  # mirror FFCL: also same-class (+1) and other-class (−1) pairs
+    class_names: tuple[str, ...] = ()  # one name per class (empty: "0".."K-1"); grows with add_class
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The class names, defaulting to the class indices."""
+        return self.class_names or tuple(str(i) for i in range(self.num_classes))
+
+    def with_class(self, name: str) -> ModelConfig:
+        """This config with one more class called ``name`` (online class addition).
+
+        Raises:
+            InputError: the name is empty or already taken.
+        """
+        name = str(name).strip()
+        if not name:
+            raise InputError("a new class needs a non-empty name")
+        if name in self.names:
+            raise InputError(f"class {name!r} already exists (index {self.names.index(name)}); pick another name")
+        return replace(self, num_classes=self.num_classes + 1, class_names=(*self.names, name))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -45,6 +65,8 @@ class ModelConfig:
         d = dict(d)
         d["layers"] = tuple(LayerSpec(**s) for s in d["layers"])
         d["input_shape"] = tuple(d["input_shape"])
+        if "class_names" in d:
+            d["class_names"] = tuple(d["class_names"])
         if "cfl_weights" in d:
             d["cfl_weights"] = tuple(d["cfl_weights"])
         return ModelConfig(**d)

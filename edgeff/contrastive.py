@@ -7,8 +7,9 @@
   (stride C_D / C_l, kernel C_D − (C_l − 1)·stride, no padding) and, while training, gets noise
   N(0, 1/C_l²). Loss: λ1·L_batch + λ2·L_dict + λ3·L_feat (``edgeff.losses``); D receives gradients only
   from the last layer's loss and steps with that layer's optimizer. Any layer predicts in one pass by
-  arg-max ⟨h̄, pooled D⟩; the scores of ``eval_layers`` are summed (softmax-normalised per layer so no
-  layer's scale dominates — the arg-max of a single layer is unchanged).
+  arg-max ⟨h̄, pooled D⟩; the scores of ``eval_layers`` are summed after dividing each layer's by
+  ‖h̄‖ (so no layer's feature scale dominates; a single layer's arg-max is the paper's rule, and the
+  existing classes' scores do not move when a class is added).
 - **CFF** (Aghagolzadeh & Ezoji, *Contrastive Forward-Forward*): every layer minimises the supervised
   contrastive loss on its L2-normalised mean feature (CFF+M: the marginal variant, margin falling
   linearly from ``margin_first`` to ``margin_last``). One-forward mode (a single view; the paper's
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeff.config import ModelConfig, TrainConfig
-from edgeff.layers import LocalLayer, make_block, make_optimizer, out_shape
+from edgeff.layers import LocalLayer, class_row, grow_linear, grow_rows, make_block, make_optimizer, out_shape
 from edgeff.losses import cfl_batch_loss, cfl_dict_loss, cfl_feat_loss, margin_at, supcon_loss
 from edgeff.model import select_layers
 from edgeff.trainer import LayerMetrics, as_batch, as_labels, resolve_device
@@ -111,9 +112,9 @@ class ContrastiveNet(nn.Module):
         return out
 
     def layer_scores(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """CFL: ⟨h̄, pooled D⟩ per layer, each (B, Z)."""
+        """CFL: ⟨h̄ / ‖h̄‖, pooled D⟩ per layer, each (B, Z) (per sample, the arg-max of ⟨h̄, pooled D⟩)."""
         assert self.embed is not None
-        return [f @ pool_embeddings(self.embed.detach(), f.shape[1]).T for f in self.mean_features(x)]
+        return [F.normalize(f, dim=1) @ pool_embeddings(self.embed.detach(), f.shape[1]).T for f in self.mean_features(x)]
 
 
 class ContrastiveLearner:
@@ -149,7 +150,7 @@ class ContrastiveLearner:
             return torch.zeros(shape, device=self.device)
         return (torch.randn(shape, generator=self.generator) / width).to(self.device)
 
-    def _cfl_loss(self, i: int, hbar: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _cfl_loss(self, i: int, hbar: torch.Tensor, y: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.model_cfg
         assert self.net.embed is not None
         d = self.net.embed if i == len(self.net.layers) - 1 else self.net.embed.detach()  # CFL eq. 3
@@ -161,22 +162,32 @@ class ContrastiveLearner:
             t = pooled[y] + self._noise((y.shape[0], c), c)  # one noisy embedding per sample (eq. 2)
             loss = loss + l1 * cfl_batch_loss(hbar, y, t)
         if l2:
-            loss = loss + l2 * cfl_dict_loss(hbar, y, pooled + self._noise(tuple(pooled.shape), c))
+            loss = loss + l2 * cfl_dict_loss(hbar, y, pooled + self._noise(tuple(pooled.shape), c), allowed=allowed)
         if l3:
             loss = loss + l3 * cfl_feat_loss(F.normalize(hbar, dim=1), y, tau=cfg.temperature)
         return loss
 
-    def _supcon_loss(self, i: int, hbar: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _supcon_loss(self, i: int, hbar: torch.Tensor, y: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.model_cfg
         m = margin_at(i, len(self.net.layers), cfg.margin_first, cfg.margin_last)
         return supcon_loss(F.normalize(hbar, dim=1), y, tau=cfg.temperature, margin=m)
 
     # ----------------------------------------------------------------- learning
-    def learn_many(self, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray | list[int]) -> list[LayerMetrics]:
+    def learn_many(self, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray | list[int], *,
+                   fresh: int | None = None) -> list[LayerMetrics]:
         """One local step of every layer on a batch; returns one ``LayerMetrics`` per layer (loss; the
-        goodness fields hold the mean feature norm for positives and 0). Never mutates ``x`` or ``y``."""
+        goodness fields hold the mean feature norm for positives and 0). Never mutates ``x`` or ``y``.
+
+        ``fresh``: the batch is ``fresh`` new stream samples followed by replayed ones; CFL's L_dict
+        then lets a fresh sample compete only with the fresh samples' classes (ER-ACE's asymmetric
+        loss), replayed samples with every class. Ignored by CFF.
+        """
         xb = as_batch(x, self.model_cfg.input_shape).to(self.device)
         yb = as_labels(y, xb.shape[0], self.net.num_classes).to(self.device)
+        allowed = None
+        if fresh is not None and fresh < yb.shape[0]:
+            allowed = torch.ones(yb.shape[0], self.net.num_classes, dtype=torch.bool, device=self.device)
+            allowed[:fresh] = torch.isin(torch.arange(self.net.num_classes, device=self.device), yb[:fresh])
         self.net.train()
         loss_fn = self._cfl_loss if self.model_cfg.loss == "cfl" else self._supcon_loss
         metrics = []
@@ -187,7 +198,7 @@ class ContrastiveLearner:
                 hook(i, True)
             out = layer(h)
             hbar = feature_vectors(out, self.model_cfg.groups).mean(1)  # (B, C_l)
-            loss = loss_fn(i, hbar, yb)
+            loss = loss_fn(i, hbar, yb, allowed)
             opt = layer.ensure_optimizer()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -219,7 +230,7 @@ class ContrastiveLearner:
 
     def scores(self, x: torch.Tensor | np.ndarray, layers: list[int] | None = None) -> torch.Tensor:
         """Class scores (B, Z). CFL: the per-layer dot-product scores of ``layers`` (default: the
-        train config's ``eval_layers``), each softmax-normalised, summed. CFF: the head's logits."""
+        train config's ``eval_layers``), summed. CFF: the head's logits."""
         xb = as_batch(x, self.model_cfg.input_shape).to(self.device)
         per = self._layer_scores(xb)
         if self.model_cfg.loss != "cfl":
@@ -227,7 +238,7 @@ class ContrastiveLearner:
         sel = self.eval_layers if layers is None else layers
         if len(sel) == 1:
             return per[sel[0]]
-        return torch.stack([per[i].softmax(1) for i in sel]).sum(0)
+        return torch.stack([per[i] for i in sel]).sum(0)
 
     def predict_many(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
         return self.scores(x).argmax(1).cpu()
@@ -239,6 +250,48 @@ class ContrastiveLearner:
         """Each layer's own prediction (B, L) (CFL); CFF has only the head: (B, 1)."""
         xb = as_batch(x, self.model_cfg.input_shape).to(self.device)
         return torch.stack([s.argmax(1) for s in self._layer_scores(xb)], dim=1).cpu()
+
+    # ----------------------------------------------------------------- growth
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.model_cfg.names
+
+    def add_class(self, name: str, examples: torch.Tensor | np.ndarray | None = None) -> int:
+        """Add a class online; returns its index. Usable for prediction at every layer at once.
+
+        CFL: a new dictionary row. From ``examples`` it is their mean feature at each of the
+        ``eval_layers`` (the layers that predict), L2-normalised, widened to C_D by repeating each value
+        (the inverse of CFL's average pooling when C_D is a multiple of C_l; nearest-neighbour otherwise)
+        and averaged over those layers; without examples, a random direction. Either way it is scaled to
+        the mean norm of the existing rows. The row then learns from the stream with the last layer's
+        optimizer, whose state grows with it. CFF: the head gets a row imprinted from the last layer's
+        mean feature (or random). The existing classes' per-layer scores are unchanged until training
+        resumes.
+
+        Raises:
+            InputError: the name is empty or taken, or ``examples`` has the wrong shape; nothing changes.
+        """
+        cfg = self.model_cfg.with_class(name)
+        feats = None
+        if examples is not None:
+            xb = as_batch(examples, self.model_cfg.input_shape).to(self.device)
+            self.net.eval()
+            feats = self.net.mean_features(xb)  # per layer (n, C_l)
+        if self.net.embed is not None:
+            proto = None
+            if feats is not None:
+                dim = self.net.embed.shape[1]
+                proto = torch.stack([F.interpolate(F.normalize(feats[i].mean(0), dim=0)[None, None], size=dim)[0, 0]
+                                     for i in self.eval_layers]).mean(0)  # (C_D,)
+            last = self.net.local_layers[-1]
+            row = class_row(self.net.embed, proto, self.generator)
+            grow_rows(self.net, "embed", row[None], [last.opt])
+            last.extra_params = [self.net.embed]
+        head_proto = None if feats is None else feats[-1].mean(0)
+        grow_linear(self.net.head, class_row(self.net.head.weight, head_proto, self.generator), [self.head_opt])
+        self.model_cfg = cfg
+        self.net.cfg = cfg
+        return cfg.num_classes - 1
 
     # ----------------------------------------------------------------- zero-shot
     def zero_shot_scores(self, x: torch.Tensor | np.ndarray, groups: list[list[int]],
@@ -252,5 +305,5 @@ class ContrastiveLearner:
         new = torch.stack([d[torch.tensor(g, device=d.device)].mean(0) for g in groups])  # (G, C_D)
         feats = self.net.mean_features(xb)
         sel = self.eval_layers if layers is None else layers
-        per = [(feats[i] @ pool_embeddings(new, feats[i].shape[1]).T).softmax(1) for i in sel]
+        per = [F.normalize(feats[i], dim=1) @ pool_embeddings(new, feats[i].shape[1]).T for i in sel]
         return torch.stack(per).sum(0)

@@ -195,3 +195,54 @@ def lazy_train_batches(
     pick = [next((p for p in (raw / f"{stem}.gz", raw / stem) if p.is_file()), raw / f"{stem}.gz")
             for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")]
     return stream_idx(pick[0], pick[1], batch_size, mean=mean, std=std, limit=limit)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def load_examples(path: str | Path, input_shape: tuple[int, int, int], mean: tuple[float, ...],
+                  std: tuple[float, ...]) -> torch.Tensor:
+    """Examples of one class for ``add_class``, as a normalised float batch (N, C, H, W).
+
+    ``path`` is a folder of image files (converted to the model's channels and resized to H×W), or a
+    ``.npy``/``.npz`` array (the ``x`` key, else the first array) of shape (N, H, W) or (N, C, H, W):
+    uint8 arrays are raw pixels and get the model's normalisation, float arrays are taken as already
+    normalised.
+
+    Raises:
+        DataNotFoundError: nothing readable at ``path``.
+        InputError: images or arrays that do not fit the model's input shape.
+    """
+    from edgeff.errors import InputError
+
+    p = Path(path).expanduser()
+    c, h, w = input_shape
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataNotFoundError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {p}")
+        from PIL import Image
+
+        imgs = []
+        for f in files:
+            with Image.open(f) as im:
+                im = im.convert("L" if c == 1 else "RGB").resize((w, h))
+                a = np.asarray(im, dtype=np.uint8)
+            imgs.append(a[None] if c == 1 else a.transpose(2, 0, 1))
+        arr: np.ndarray = np.stack(imgs)
+    elif p.is_file() and p.suffix in (".npy", ".npz"):
+        z = np.load(p)
+        if isinstance(z, np.lib.npyio.NpzFile):
+            arr = z["x"] if "x" in z.files else z[z.files[0]]
+        else:
+            arr = z
+    else:
+        raise DataNotFoundError(f"{p} is neither a folder of images nor a .npy/.npz file")
+    if arr.ndim == 3 and c == 1:
+        arr = arr[:, None]
+    if arr.ndim != 4 or tuple(arr.shape[1:]) != (c, h, w) or arr.shape[0] < 1:
+        raise InputError(f"examples in {p} have shape {tuple(arr.shape)}; the model needs (N, {c}, {h}, {w})")
+    if arr.dtype == np.uint8:
+        x = torch.from_numpy(np.ascontiguousarray(arr)).float().div_(255.0)
+        return (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+    return torch.from_numpy(np.ascontiguousarray(arr)).float()

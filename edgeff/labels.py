@@ -6,9 +6,14 @@ Every encoder maps images ``x`` (B, C, H, W) and labels ``y`` (B,) to the networ
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from edgeff.errors import InputError
+from edgeff.layers import grow_rows
 
 ENCODERS = ("overlay", "icp", "channel")
 
@@ -43,6 +48,14 @@ class OverlayEncoder(nn.Module):
         return self._write(x, torch.full((x.shape[0], self.num_classes), self.on_value / self.num_classes,
                                          dtype=x.dtype, device=x.device))
 
+    def grow(self, generator: torch.Generator, optimizers: Sequence[torch.optim.Optimizer | None] = ()) -> None:
+        """One more class: its one-hot slot is the next input value, so the old labels' codes now also
+        zero that (border) pixel and their goodness moves slightly (the icp and channel encoders keep it
+        exactly)."""
+        if self.num_classes + 1 > self.in_shape[0] * self.in_shape[1] * self.in_shape[2]:
+            raise InputError("no input value left to overlay another class on; use an icp or channel model")
+        self.num_classes += 1
+
 
 class ICPEncoder(nn.Module):
     """SymBa's Intrinsic Class Patterns: a fixed sparse random binary image per class (each pixel on
@@ -58,6 +71,7 @@ class ICPEncoder(nn.Module):
         self.num_classes = num_classes
         self.in_shape = in_shape
         _, h, w = in_shape
+        self.rate = rate
         patterns = (torch.rand(num_classes, 1, h, w, generator=generator) < rate).float()
         self.register_buffer("patterns", patterns)  # (K, 1, H, W)
 
@@ -71,6 +85,12 @@ class ICPEncoder(nn.Module):
     def neutral(self, x: torch.Tensor) -> torch.Tensor:
         mean = self.patterns.mean(0, keepdim=True).to(x.dtype).expand(x.shape[0], -1, -1, -1)
         return torch.cat([x, mean], dim=1)
+
+    def grow(self, generator: torch.Generator, optimizers: Sequence[torch.optim.Optimizer | None] = ()) -> None:
+        """One more class: a new fixed sparse pattern drawn like the others."""
+        _, h, w = self.in_shape
+        grow_rows(self, "patterns", (torch.rand(1, 1, h, w, generator=generator) < self.rate).float())
+        self.num_classes += 1
 
 
 class ChannelEncoder(nn.Module):
@@ -115,6 +135,13 @@ class ChannelEncoder(nn.Module):
     def neutral(self, x: torch.Tensor) -> torch.Tensor:
         code = torch.full((x.shape[0], self.num_classes), 1.0 / self.num_classes, dtype=x.dtype, device=x.device)
         return self._cat(x, code)
+
+    def grow(self, generator: torch.Generator, optimizers: Sequence[torch.optim.Optimizer | None] = ()) -> None:
+        """One more class: a new N(0, 1) row of the label matrix (a learned matrix keeps learning with
+        the optimizers given, whose state grows with it)."""
+        _, h, w = self.in_shape
+        grow_rows(self, "matrix", torch.randn(1, h * w, generator=generator), optimizers)
+        self.num_classes += 1
 
 
 LabelEncoder = OverlayEncoder | ICPEncoder | ChannelEncoder

@@ -8,6 +8,7 @@ end-to-end backprop baseline, so both learners train exactly the same architectu
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -328,3 +329,60 @@ class LocalLayer(nn.Module):
         opt.step()
         if self.state_dtype != torch.float32:
             self._cast_state(self.state_dtype)
+
+
+def grow_rows(
+    owner: nn.Module, name: str, rows: torch.Tensor, optimizers: Sequence[torch.optim.Optimizer | None] = ()
+) -> torch.Tensor:
+    """Append ``rows`` (n, ...) to the tensor ``owner.<name>`` along dim 0 (online class addition).
+
+    A parameter stays a parameter and is swapped in every optimizer in ``optimizers`` that holds it;
+    its state grows with it: first moments (and momentum buffers) start at zero for the new rows,
+    second moments (``exp_avg_sq``) at the mean of the existing rows, so the new rows step at the same
+    scale as the old ones instead of Adam's ~1/sqrt(1 − β2) jump for a zero second moment with a mature
+    step count. Existing rows and their state are unchanged. Returns the new tensor.
+    """
+    old = getattr(owner, name)
+    data = torch.cat([old.detach(), rows.to(old.device, old.dtype)])  # (K+n, ...)
+    if isinstance(old, nn.Parameter):
+        new: torch.Tensor = nn.Parameter(data, requires_grad=old.requires_grad)
+        setattr(owner, name, new)
+        for opt in optimizers:
+            if opt is None:
+                continue
+            for group in opt.param_groups:
+                for j, p in enumerate(group["params"]):
+                    if p is old:
+                        group["params"][j] = new
+            if old in opt.state:
+                st = opt.state.pop(old)
+                for k, v in list(st.items()):
+                    if isinstance(v, torch.Tensor) and v.shape == old.shape:
+                        fill = v.mean(0, keepdim=True) if k.endswith("exp_avg_sq") else torch.zeros_like(v[:1])
+                        st[k] = torch.cat([v, fill.expand(rows.shape[0], *v.shape[1:])])
+                opt.state[new] = st
+    else:
+        owner.register_buffer(name, data)
+        new = data
+    return new
+
+
+def class_row(existing: torch.Tensor, proto: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+    """A new class's row for a (K, D) matrix of class vectors (label embeddings, head weights): the
+    direction of ``proto`` (D,) — a mean feature of the class's examples — or a random Gaussian one,
+    scaled to the mean row norm of ``existing`` so no class starts louder than the others."""
+    rows = existing.detach()
+    if proto is None:
+        proto = torch.randn(rows.shape[1], generator=generator).to(rows.device)
+    scale = rows.norm(dim=1).mean() if rows.shape[0] else torch.tensor(float(rows.shape[1]) ** 0.5)  # randn's norm
+    return proto.to(rows.dtype).flatten() / proto.norm().clamp_min(1e-12) * scale  # (D,)
+
+
+def grow_linear(linear: nn.Linear, row: torch.Tensor, optimizers: Sequence[torch.optim.Optimizer | None] = ()) -> None:
+    """Give ``linear`` one more output (a new class): weight row ``row`` (D,), bias the mean of the
+    existing biases; optimizer state grows as in ``grow_rows``."""
+    grow_rows(linear, "weight", row[None], optimizers)
+    if linear.bias is not None:
+        b = linear.bias.detach()
+        grow_rows(linear, "bias", (b.mean() if b.numel() else b.new_zeros(())).reshape(1), optimizers)
+    linear.out_features += 1

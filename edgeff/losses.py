@@ -103,10 +103,18 @@ def cfl_batch_loss(h: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> torch.T
     return per[valid].mean()
 
 
-def cfl_dict_loss(h: torch.Tensor, y: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+def cfl_dict_loss(h: torch.Tensor, y: torch.Tensor, d: torch.Tensor, *, allowed: torch.Tensor | None = None) -> torch.Tensor:
     """CFL's dictionary contrastive loss (Lee et al., eq. 6): softmax cross-entropy of the dot
-    products between each mean feature h̄_n (N, C) and every (pooled, noisy) dictionary row d (Z, C)."""
-    return F.cross_entropy(h @ d.T, y)
+    products between each mean feature h̄_n (N, C) and every (pooled, noisy) dictionary row d (Z, C).
+
+    ``allowed`` (N, Z) bool, optional, limits each sample's softmax to some rows (it must allow the
+    sample's own label): the asymmetric replay loss of ER-ACE (Caccia et al. 2022), where a fresh
+    stream sample competes only with the classes of the fresh batch.
+    """
+    logits = h @ d.T  # (N, Z)
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    return F.cross_entropy(logits, y)
 
 
 def cfl_feat_loss(z: torch.Tensor, y: torch.Tensor, *, tau: float = 0.07) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeff.config import ModelConfig, TrainConfig
-from edgeff.layers import LocalLayer, make_block, make_optimizer, out_shape
+from edgeff.layers import LocalLayer, class_row, grow_linear, make_block, make_optimizer, out_shape
 from edgeff.trainer import LayerMetrics, as_batch, as_labels, resolve_device
 
 
@@ -106,8 +106,10 @@ class MirrorLearner:
                               for m in self.mirrors]
         return self._out_opts[i]
 
-    def learn_many(self, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray | list[int]) -> list[LayerMetrics]:
-        """One local step of every layer of both models; metrics per layer (model A's loss)."""
+    def learn_many(self, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray | list[int], *,
+                   fresh: int | None = None) -> list[LayerMetrics]:
+        """One local step of every layer of both models; metrics per layer (model A's loss). ``fresh``
+        (replayed samples follow) is accepted and ignored: the BCE outputs are independent per class."""
         xb = as_batch(x, self.model_cfg.input_shape).to(self.device)
         yb = as_labels(y, xb.shape[0], self.model_cfg.num_classes).to(self.device)
         labels = yb if self.model_cfg.mirror_negatives else None
@@ -141,6 +143,29 @@ class MirrorLearner:
 
     def learn_one(self, x: torch.Tensor | np.ndarray, y: int) -> list[LayerMetrics]:
         return self.learn_many(as_batch(x, self.model_cfg.input_shape, single=True), [int(y)])
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.model_cfg.names
+
+    def add_class(self, name: str, examples: torch.Tensor | np.ndarray | None = None) -> int:
+        """Both models' output layers get one more unit, imprinted from the mean last hidden feature of
+        ``examples`` (or random) at the mean norm of the existing rows. Returns the new index."""
+        cfg = self.model_cfg.with_class(name)
+        xb = None if examples is None else as_batch(examples, self.model_cfg.input_shape).to(self.device)
+        self.models.eval()
+        for i, m in enumerate(self.mirrors):
+            proto = None
+            if xb is not None:
+                with torch.no_grad():
+                    h = xb
+                    for layer in m.local_layers:
+                        h = layer(h)
+                    proto = h.flatten(1).mean(0)
+            opts = [self._out_opts[i]] if hasattr(self, "_out_opts") else []
+            grow_linear(m.out, class_row(m.out.weight, proto, self.generator), opts)
+        self.model_cfg = cfg
+        return cfg.num_classes - 1
 
     def scores(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Mean of both models' sigmoid outputs (B, K)."""

@@ -11,7 +11,7 @@ from torch import nn
 
 from edgeff.config import ModelConfig, TrainConfig
 from edgeff.labels import LabelEncoder, make_encoder
-from edgeff.layers import LocalLayer, make_block, out_shape
+from edgeff.layers import LocalLayer, class_row, grow_linear, make_block, out_shape
 from edgeff.losses import goodness
 
 
@@ -106,6 +106,8 @@ class Predictor(Protocol):
 
     def learn(self, net: LocalNet, x: torch.Tensor, y: torch.Tensor) -> float | None: ...
 
+    def grow(self, net: LocalNet, examples: torch.Tensor | None, generator: torch.Generator) -> None: ...
+
 
 class GoodnessPredictor:
     """Predict the label whose encoding gives the highest goodness, summed over chosen layers
@@ -122,6 +124,9 @@ class GoodnessPredictor:
 
     def learn(self, net: LocalNet, x: torch.Tensor, y: torch.Tensor) -> float | None:
         return None
+
+    def grow(self, net: LocalNet, examples: torch.Tensor | None, generator: torch.Generator) -> None:
+        """Nothing to grow: goodness is read for every label the encoder knows."""
 
     def state_dict(self) -> dict[str, object]:
         return {}
@@ -156,6 +161,15 @@ class HeadPredictor(nn.Module):
     def scores(self, net: LocalNet, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.linear(self._features(net, x))
+
+    def grow(self, net: LocalNet, examples: torch.Tensor | None, generator: torch.Generator) -> None:
+        """One more output row: the new class's mean feature over ``examples`` (weight imprinting), or
+        random, at the mean norm of the existing rows; its bias is the mean existing bias."""
+        proto = None
+        if examples is not None:
+            with torch.no_grad():
+                proto = self._features(net, examples).mean(0)  # (D,)
+        grow_linear(self.linear, class_row(self.linear.weight, proto, generator), [self.opt])
 
     def learn(self, net: LocalNet, x: torch.Tensor, y: torch.Tensor) -> float | None:
         """One cross-entropy step on the features the head will see at inference (eval mode, so the

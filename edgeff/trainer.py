@@ -97,6 +97,16 @@ def as_labels(y: torch.Tensor | np.ndarray | Iterable[int] | int, n: int, num_cl
     return y
 
 
+def _fresh_negatives(y: torch.Tensor, fallback: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """For each label, another label present in ``y`` drawn uniformly; ``fallback`` where none is."""
+    classes = torch.unique(y)  # sorted
+    if classes.numel() < 2:
+        return fallback
+    pos = torch.searchsorted(classes, y)  # each label's place among the fresh classes
+    shift = torch.randint(1, classes.numel(), (y.shape[0],), generator=generator).to(y.device)
+    return classes[(pos + shift) % classes.numel()]
+
+
 class Learner:
     """A ``LocalNet`` with its schedule, negatives and predictor, learning from a stream.
 
@@ -144,16 +154,23 @@ class Learner:
             layer.set_lr(lr)
 
     # ----------------------------------------------------------------- learning
-    def learn_many(self, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray | list[int]) -> list[LayerMetrics]:
+    def learn_many(self, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray | list[int], *,
+                   fresh: int | None = None) -> list[LayerMetrics]:
         """One local step of every scheduled layer on a batch of any size (including 1).
 
         Returns one ``LayerMetrics`` per layer that ran. Never mutates ``x`` or ``y``.
+        ``fresh``: the batch is ``fresh`` new stream samples followed by replayed ones; a fresh sample's
+        negative label is then drawn from the fresh samples' other classes (when there are any), the
+        goodness analogue of ER-ACE's asymmetric loss, so new data does not push down old classes.
         """
         xb = as_batch(x, self.model_cfg.input_shape).to(self.device)
         yb = as_labels(y, xb.shape[0], self.model_cfg.num_classes).to(self.device)
         b = xb.shape[0]
         self.net.train()
         y_neg = self.negatives(self.net, xb, yb, self.generator)
+        if fresh is not None and 0 < fresh < b:
+            y_neg = y_neg.clone()
+            y_neg[:fresh] = _fresh_negatives(yb[:fresh], y_neg[:fresh], self.generator)
         enc = self.net.encoder
         h = torch.cat([enc(xb, yb), enc(xb, y_neg)])  # (2B, C', H, W): positives then negatives
         schedule = self.train_cfg.schedule
@@ -214,6 +231,35 @@ class Learner:
         """``learn_many`` on a single sample of shape (C, H, W)."""
         return self.learn_many(as_batch(x, self.model_cfg.input_shape, single=True), [int(y)])
 
+    # ----------------------------------------------------------------- growth
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.model_cfg.names
+
+    def add_class(self, name: str, examples: torch.Tensor | np.ndarray | None = None) -> int:
+        """Add a class online; returns its index (the old classes keep theirs).
+
+        The label encoder grows (a new Intrinsic Class Pattern, label-channel row or overlay slot) and
+        so does a head predictor. Goodness has nothing to initialise from ``examples`` — the new label
+        is learned from the stream — but a head predictor imprints their mean feature. The goodness
+        and scores of the existing classes are unchanged until training resumes (a head predictor's
+        neutral input averages over the classes, so its scores do move).
+
+        Raises:
+            InputError: the name is empty or taken, or ``examples`` has the wrong shape; nothing changes.
+        """
+        cfg = self.model_cfg.with_class(name)
+        xb = None if examples is None else as_batch(examples, self.model_cfg.input_shape).to(self.device)
+        first = self.net.local_layers[0]
+        self.net.encoder.grow(self.generator, [first.opt])
+        if self.model_cfg.label_learned:
+            first.extra_params = list(self.net.encoder.parameters())
+        self.model_cfg = cfg
+        self.net.cfg = cfg
+        self.net.eval()
+        self.predictor.grow(self.net, xb, self.generator)
+        return cfg.num_classes - 1
+
     # ----------------------------------------------------------------- prediction
     def scores(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Class scores (B, K) from the predictor; higher is more likely."""
@@ -235,15 +281,38 @@ class Learner:
         return self.net.label_goodness(xb).argmax(1).cpu()
 
 
+class ReplayLike(Protocol):
+    batch: int | None
+
+    def __len__(self) -> int: ...
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None: ...
+
+    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
 def fit(
     learner: Learner | BPLearnerLike,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     *,
     on_step: Callable[[Any, int], None] | None = None,
+    replay: ReplayLike | None = None,
 ) -> None:
-    """Stream ``batches`` through ``learner.learn_many``; ``on_step(metrics, batch_size)`` after each."""
+    """Stream ``batches`` through ``learner.learn_many``; ``on_step(metrics, batch_size)`` after each.
+
+    With a ``replay`` buffer (e.g. ``edgeff.continual.ReplayBuffer``) every step learns from the batch
+    plus ``replay.batch`` (default: as many) samples drawn from the buffer (experience replay), and the batch is then offered to
+    the buffer; ``on_step`` counts the stream's samples only.
+    """
     for x, y in batches:
-        m = learner.learn_many(x, y)
+        xs, ys = x, y
+        if replay is not None and len(replay):
+            rx, ry = replay.sample(replay.batch or int(x.shape[0]))
+            xs, ys = torch.cat([x, rx.to(x.device)]), torch.cat([torch.as_tensor(y), ry.to(torch.as_tensor(y).device)])
+        m = learner.learn_many(xs, ys, fresh=int(x.shape[0])) if xs is not x and getattr(replay, "asymmetric", False) \
+            else learner.learn_many(xs, ys)
+        if replay is not None:
+            replay.add(x, torch.as_tensor(y))
         if on_step is not None:
             on_step(m, int(x.shape[0]))
 

@@ -61,7 +61,7 @@ def to_device_model(learner: Learner, *, classes: list[str] | None = None, mean:
     spec = {
         "format": "edgeff-device-model", "version": 1, "rule": "goodness",
         "input_dim": int(np.prod(cfg.input_shape)), "input_mean": mean, "input_std": std,
-        "classes": classes or [str(c) for c in range(k)], "layers": layers, "label": label, "loss": cfg.loss,
+        "classes": classes or list(cfg.names), "layers": layers, "label": label, "loss": cfg.loss,
         "alpha": cfg.alpha, "threshold": cfg.threshold, "icp_rate": cfg.icp_rate, "embed_noise": False,
         "embed_learned": False, "optimizer": learner.train_cfg.optimizer, "lr": learner.net.local_layers[0].lr,
         "eval_layers": select_layers(learner.predictor.layers, len(layers)), "seed": learner.train_cfg.seed,

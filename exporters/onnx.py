@@ -167,8 +167,8 @@ class BPGraph(nn.Module):
 
 
 class ContrastiveGraph(nn.Module):
-    """One pass: CFL scores (per-layer ⟨mean feature, pooled embeddings⟩, softmax-summed over the chosen
-    layers, as ``ContrastiveLearner.scores``) or CFF's head logits on the last layer's mean feature."""
+    """One pass: CFL scores (per-layer ⟨normalised mean feature, pooled embeddings⟩, summed over the
+    chosen layers, as ``ContrastiveLearner.scores``) or CFF's head logits on the last layer's mean feature."""
 
     def __init__(self, learner: ContrastiveLearner, layers: str | None) -> None:
         super().__init__()
@@ -199,10 +199,11 @@ class ContrastiveGraph(nn.Module):
             h = block(h)
             if i in self.idx:
                 f = self._mean(h)
-                per.append(f @ getattr(self, f"emb{i}") if self.cfl else self.head(f))
+                per.append(f / f.norm(dim=1, keepdim=True).clamp_min(1e-12) @ getattr(self, f"emb{i}") if self.cfl
+                           else self.head(f))
             if i >= max(self.idx):
                 break
-        scores = per[0] if len(per) == 1 else torch.stack([p.softmax(1) for p in per]).sum(0)
+        scores = per[0] if len(per) == 1 else torch.stack(per).sum(0)
         return scores, scores.argmax(1)
 
 
@@ -237,12 +238,21 @@ def inference_graph(learner: Learner | BPLearner | ContrastiveLearner | MirrorLe
     return GoodnessGraph(learner, sel).eval()
 
 
+def _class_names(learner: Learner | BPLearner | ContrastiveLearner | MirrorLearner, meta: dict[str, Any]) -> list[str]:
+    """The names the model was given (they follow ``add_class``), else the checkpoint's, else "0".."K-1"."""
+    cfg = learner.model_cfg
+    if cfg.class_names:
+        return list(cfg.class_names)
+    names = list(meta.get("classes", []))
+    return names if len(names) == cfg.num_classes else list(cfg.names)
+
+
 def _metadata(learner: Learner | BPLearner | ContrastiveLearner | MirrorLearner, meta: dict[str, Any], kind: str) -> dict[str, str]:
     return {
         "edgeff_version": __version__,
         "preset": str(meta.get("preset", "")),
         "dataset": str(meta.get("dataset", "")),
-        "classes": json.dumps(list(meta.get("classes", [str(i) for i in range(learner.model_cfg.num_classes)]))),
+        "classes": json.dumps(_class_names(learner, meta)),
         "input_shape": json.dumps(list(learner.model_cfg.input_shape)),
         "mean": json.dumps(list(meta.get("mean", []))),
         "std": json.dumps(list(meta.get("std", []))),

@@ -238,9 +238,10 @@ def test_attention_maps_average_to_the_layer_scores(real_batch: tuple[torch.Tens
     learner.learn_many(x, y)
     maps, cls = attention_maps(learner, x[0], label=3)
     assert cls == 3 and [m.shape for m in maps] == [(26, 26), (13, 13)]
-    per_layer = learner.net.layer_scores(x[:1])
-    for m, s in zip(maps, per_layer, strict=True):
-        assert m.mean() == pytest.approx(float(s[0, 3]), rel=1e-4, abs=1e-5)  # the map's mean is the score
+    per_layer = learner.net.layer_scores(x[:1])  # ⟨h̄/‖h̄‖, d⟩
+    norms = [f.norm() for f in learner.net.mean_features(x[:1])]
+    for m, s, n in zip(maps, per_layer, norms, strict=True):
+        assert m.mean() == pytest.approx(float(s[0, 3] * n), rel=1e-4, abs=1e-5)  # the map's mean is ⟨h̄, d⟩
     files = save_attention(x[0].numpy(), maps, tmp_path / "att.png")
     assert len(files) == 3 and all(f.stat().st_size > 0 for f in files)
     with pytest.raises(InputError, match="convolutional"):
