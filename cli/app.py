@@ -407,7 +407,7 @@ def explain(
 
 # --------------------------------------------------------------------------- continual learning
 class Scenario(str, Enum):
-    split = "split"
+    split_ = "split"
     add_one_class = "add-one-class"
 
 
@@ -451,7 +451,7 @@ def continual(
     scenario: Annotated[Scenario, typer.Argument(help="split (5 experiences x 2 classes, online) or add-one-class")],
     data: Annotated[Dataset, typer.Option(help="builtin, mnist or fashion-mnist")] = Dataset.builtin,
     data_dir: Annotated[Path | None, typer.Option(help="folder holding MNIST/raw or FashionMNIST/raw")] = None,
-    preset: Annotated[str, typer.Option(help="architecture and local rule")] = "cfl-mlp",
+    preset: Annotated[str, typer.Option(help="architecture and local rule")] = "cfl-mlp-stream",
     backprop: Annotated[bool, typer.Option("--backprop", help="the end-to-end backprop baseline (growing head) instead")] = False,
     buffer: Annotated[int, typer.Option(help="reservoir replay buffer capacity (0: none)")] = 0,
     asymmetric: Annotated[bool, typer.Option(help="with a buffer: fresh samples compete only with the fresh classes (ER-ACE)")] = True,

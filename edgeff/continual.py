@@ -379,7 +379,7 @@ def _learner(preset: str, data: ImageData, num_classes: int, *, backprop: bool, 
 def split_scenario(
     data: ImageData,
     *,
-    preset: str = "cfl-mlp",
+    preset: str = "cfl-mlp-stream",
     backprop: bool = False,
     buffer: int = 0,
     asymmetric: bool = True,
@@ -406,7 +406,7 @@ def split_scenario(
                       on_step=on_step)
 
 
-def pretrain_without(data: ImageData, new: int, *, preset: str = "cfl-mlp", backprop: bool = False,
+def pretrain_without(data: ImageData, new: int, *, preset: str = "cfl-mlp-stream", backprop: bool = False,
                      epochs: int = 1, seed: int = 0, limit: int | None = None) -> Any:
     """A learner trained (the preset's batch size and lr schedule, ``epochs`` passes) on every class of
     ``data`` but ``new``; its class indices are the data-set labels with ``new`` left out."""

@@ -226,8 +226,7 @@ def load_examples(path: str | Path, input_shape: tuple[int, int, int], mean: tup
         imgs = []
         for f in files:
             with Image.open(f) as im:
-                im = im.convert("L" if c == 1 else "RGB").resize((w, h))
-                a = np.asarray(im, dtype=np.uint8)
+                a = np.asarray(im.convert("L" if c == 1 else "RGB").resize((w, h)), dtype=np.uint8)
             imgs.append(a[None] if c == 1 else a.transpose(2, 0, 1))
         arr: np.ndarray = np.stack(imgs)
     elif p.is_file() and p.suffix in (".npy", ".npz"):

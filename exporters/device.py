@@ -57,7 +57,6 @@ def to_device_model(learner: Learner, *, classes: list[str] | None = None, mean:
         biases.append(lin[0].bias.detach().cpu().numpy().astype(np.float32).copy())
         layers.append({"out": lin[0].out_features, "norm": norm, "groups": 1})
         params += [(f"W{i}", lin[0].weight), (f"b{i}", lin[0].bias)]
-    k = cfg.num_classes
     spec = {
         "format": "edgeff-device-model", "version": 1, "rule": "goodness",
         "input_dim": int(np.prod(cfg.input_shape)), "input_mean": mean, "input_std": std,

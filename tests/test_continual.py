@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from edgeff.cli.app import app
 from typer.testing import CliRunner
 
 from edgeff import checkpoint, make_learner
-from edgeff.cli.app import app
 from edgeff.continual import (
     ReplayBuffer,
     add_one_class,
