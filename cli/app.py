@@ -709,6 +709,32 @@ def device_stream(
               f"{_bkib(st['ram_budget'])}", highlight=False)
 
 
+@device_app.command("add-class")
+def device_add_class(
+    port: PortOpt,
+    name: Annotated[str, typer.Option(help="the new class's name")],
+    data_path: Annotated[Path | None, typer.Option("--data", help="examples: a folder of images or a .npy/.npz array")] = None,
+    data: Annotated[Dataset, typer.Option("--data-set", help="data set the device model is for (image size)")] = Dataset.builtin,
+) -> None:
+    """Add a class on the device (a new label embedding initialised from the examples, or a new pattern).
+    Images go as uint8 pixels (the device model normalises them), float arrays as they are."""
+    from edgeff.data import load_pixels
+    from edgeff.errors import EdgeFFError
+
+    try:
+        shape = (3, 32, 32) if data in (Dataset.cifar10, Dataset.cifar10_exact) else (1, 28, 28)
+        x = None
+        if data_path is not None:
+            x = load_pixels(data_path, shape)
+            x = x.reshape(len(x), -1)  # (N, C*H*W), the device's input layout
+        with _client(port) as c:
+            meta = c.add_class(name, x)
+    except (EdgeFFError, ValueError) as e:
+        _fail(str(e))
+        return
+    out.print(f"device added class {name!r} as index {meta['index']}; classes now {meta['classes']}", highlight=False)
+
+
 @device_app.command("eval")
 def device_eval(
     port: PortOpt,

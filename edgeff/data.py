@@ -200,18 +200,15 @@ def lazy_train_batches(
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".tif", ".tiff", ".webp")
 
 
-def load_examples(path: str | Path, input_shape: tuple[int, int, int], mean: tuple[float, ...],
-                  std: tuple[float, ...]) -> torch.Tensor:
-    """Examples of one class for ``add_class``, as a normalised float batch (N, C, H, W).
+def load_pixels(path: str | Path, input_shape: tuple[int, int, int]) -> np.ndarray:
+    """Examples of one class as an array (N, C, H, W): uint8 pixels, or floats taken as already normalised.
 
     ``path`` is a folder of image files (converted to the model's channels and resized to H×W), or a
-    ``.npy``/``.npz`` array (the ``x`` key, else the first array) of shape (N, H, W) or (N, C, H, W):
-    uint8 arrays are raw pixels and get the model's normalisation, float arrays are taken as already
-    normalised.
+    ``.npy``/``.npz`` array (the ``x`` key, else the first array) of shape (N, H, W) or (N, C, H, W).
 
     Raises:
         DataNotFoundError: nothing readable at ``path``.
-        InputError: images or arrays that do not fit the model's input shape.
+        InputError: images or arrays that do not fit ``input_shape``.
     """
     from edgeff.errors import InputError
 
@@ -241,7 +238,15 @@ def load_examples(path: str | Path, input_shape: tuple[int, int, int], mean: tup
         arr = arr[:, None]
     if arr.ndim != 4 or tuple(arr.shape[1:]) != (c, h, w) or arr.shape[0] < 1:
         raise InputError(f"examples in {p} have shape {tuple(arr.shape)}; the model needs (N, {c}, {h}, {w})")
+    return arr if arr.dtype == np.uint8 else arr.astype(np.float32)
+
+
+def load_examples(path: str | Path, input_shape: tuple[int, int, int], mean: tuple[float, ...],
+                  std: tuple[float, ...]) -> torch.Tensor:
+    """``load_pixels`` as a normalised float batch (N, C, H, W) for ``add_class``: uint8 pixels get the
+    model's normalisation (``mean``, ``std`` per channel), float arrays are taken as already normalised."""
+    arr = load_pixels(path, input_shape)
     if arr.dtype == np.uint8:
         x = torch.from_numpy(np.ascontiguousarray(arr)).float().div_(255.0)
         return (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
-    return torch.from_numpy(np.ascontiguousarray(arr)).float()
+    return torch.from_numpy(np.ascontiguousarray(arr))

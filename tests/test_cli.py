@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from edgeff.cli.app import app
@@ -110,7 +111,7 @@ def sim_port(tmp_path: Path):  # type: ignore[no-untyped-def]
     proc.wait()
 
 
-def test_cli_device_load_stream_eval_info(sim_port: str, trained: Path) -> None:
+def test_cli_device_load_stream_eval_info(sim_port: str, trained: Path, tmp_path: Path) -> None:
     res = runner.invoke(app, ["device", "info", "--port", sim_port])
     assert res.exit_code == 0, res.output
     assert "no model loaded" in res.output and "8192.0 KiB" in res.output
@@ -126,6 +127,16 @@ def test_cli_device_load_stream_eval_info(sim_port: str, trained: Path) -> None:
     assert m and float(m.group(1)) > 50  # one pass over 1,500 real images, chance is 10%
     res = runner.invoke(app, ["device", "info", "--port", sim_port])
     assert res.exit_code == 0 and "samples seen 1500" in res.output, res.output
+    # online class addition on the device, from an array of real images
+    from edgeff.data import load_data
+
+    ds = load_data("builtin")
+    np.save(tmp_path / "sevens.npy", ds.x_test[ds.y_test == 7][:10])
+    res = runner.invoke(app, ["device", "add-class", "--port", sim_port, "--name", "seven-b", "--data",
+                              str(tmp_path / "sevens.npy")])
+    assert res.exit_code == 0 and "as index 10" in res.output, res.output
+    res = runner.invoke(app, ["device", "add-class", "--port", sim_port, "--name", "seven-b"])
+    assert res.exit_code == 2 and "already exists" in res.output, res.output
     # a torch-trained symba-mlp checkpoint runs on the device and predicts like it does on the host
     res = runner.invoke(app, ["device", "load", "--port", sim_port, "--checkpoint", str(trained)])
     assert res.exit_code == 2 and "over by" in res.output  # 2x1000 with Adam does not fit 8 MiB
