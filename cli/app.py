@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -487,7 +488,10 @@ def continual(
         ds = load_data(data.value, data_dir)
         who = f"{preset}{' (backprop)' if backprop else ''}"
         if scenario == Scenario.add_one_class:
-            learner = pretrain_without(ds, new_class, preset=preset, backprop=backprop, epochs=pretrain_epochs, seed=seed)
+            with err.status(f"training {who} on every class but {ds.classes[new_class]!r} ({pretrain_epochs} epoch(s))",
+                            spinner="dots") if progress and not as_json else contextlib.nullcontext():
+                learner = pretrain_without(ds, new_class, preset=preset, backprop=backprop, epochs=pretrain_epochs,
+                                           seed=seed)
             replay = ReplayBuffer(buffer, seed=seed, asymmetric=asymmetric) if buffer else None
             r = add_one_class(learner, ds, new_class, k, traffic=traffic, batch_size=batch_size, replay=replay, seed=seed)
             rec = {"scenario": scenario.value, "dataset": ds.name, "preset": preset, "backprop": backprop, "k": k,

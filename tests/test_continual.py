@@ -269,3 +269,14 @@ def test_cli_continual_split_prints_the_matrix(tmp_path) -> None:
     png = tmp_path / "stream.png"
     res = runner.invoke(app, ["continual", "split", "--buffer", "50", "--plot", str(png), "--no-progress"])
     assert res.exit_code == 0 and png.stat().st_size > 0, res.output
+
+
+def test_cli_continual_add_one_class_json() -> None:
+    res = runner.invoke(app, ["continual", "add-one-class", "--k", "20", "--traffic", "300", "--buffer", "100",
+                              "--new-class", "3", "--json", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    rec = json.loads(res.output)
+    assert rec["new_class"] == "3" and rec["k"] == 20 and 0.0 <= rec["new_recall"] <= 1.0
+    assert rec["old_before"] > 0.7  # nine classes learned in one pass over 4,500 real images
+    res = runner.invoke(app, ["continual", "add-one-class", "--new-class", "12", "--no-progress"])
+    assert res.exit_code == 2 and "0..9" in res.output
