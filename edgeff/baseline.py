@@ -12,6 +12,7 @@ from torch import nn
 
 from edgeff.config import ModelConfig, TrainConfig
 from edgeff.layers import class_row, grow_linear, make_block, make_optimizer, out_shape
+from edgeff.losses import fresh_class_mask
 from edgeff.trainer import as_batch, as_labels, resolve_device
 
 
@@ -71,10 +72,8 @@ class BPLearner:
         yb = as_labels(y, xb.shape[0], self.model_cfg.num_classes).to(self.device)
         self.net.train()
         logits = self.net(xb)  # (B, K)
-        if fresh is not None and fresh < yb.shape[0]:
-            k = self.model_cfg.num_classes
-            allowed = torch.ones(yb.shape[0], k, dtype=torch.bool, device=self.device)
-            allowed[:fresh] = torch.isin(torch.arange(k, device=self.device), yb[:fresh])
+        allowed = fresh_class_mask(yb, fresh, self.model_cfg.num_classes)
+        if allowed is not None:
             logits = logits.masked_fill(~allowed, float("-inf"))
         loss = F.cross_entropy(logits, yb)
         self.opt.zero_grad(set_to_none=True)

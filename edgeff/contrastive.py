@@ -32,7 +32,14 @@ from torch import nn
 
 from edgeff.config import ModelConfig, TrainConfig
 from edgeff.layers import LocalLayer, class_row, grow_linear, grow_rows, make_block, make_optimizer, out_shape
-from edgeff.losses import cfl_batch_loss, cfl_dict_loss, cfl_feat_loss, margin_at, supcon_loss
+from edgeff.losses import (
+    cfl_batch_loss,
+    cfl_dict_loss,
+    cfl_feat_loss,
+    fresh_class_mask,
+    margin_at,
+    supcon_loss,
+)
 from edgeff.model import select_layers
 from edgeff.trainer import LayerMetrics, as_batch, as_labels, resolve_device
 
@@ -184,10 +191,7 @@ class ContrastiveLearner:
         """
         xb = as_batch(x, self.model_cfg.input_shape).to(self.device)
         yb = as_labels(y, xb.shape[0], self.net.num_classes).to(self.device)
-        allowed = None
-        if fresh is not None and fresh < yb.shape[0]:
-            allowed = torch.ones(yb.shape[0], self.net.num_classes, dtype=torch.bool, device=self.device)
-            allowed[:fresh] = torch.isin(torch.arange(self.net.num_classes, device=self.device), yb[:fresh])
+        allowed = fresh_class_mask(yb, fresh, self.net.num_classes)
         self.net.train()
         loss_fn = self._cfl_loss if self.model_cfg.loss == "cfl" else self._supcon_loss
         metrics = []

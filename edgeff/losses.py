@@ -103,6 +103,17 @@ def cfl_batch_loss(h: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> torch.T
     return per[valid].mean()
 
 
+def fresh_class_mask(y: torch.Tensor, fresh: int | None, k: int) -> torch.Tensor | None:
+    """ER-ACE's mask (N, K) for a batch of ``fresh`` new stream samples followed by replayed ones: a fresh
+    row allows only the classes present among the fresh labels, a replayed row every class. None when
+    there is nothing to restrict (no ``fresh`` count, or no replayed samples)."""
+    if fresh is None or fresh >= y.shape[0]:
+        return None
+    allowed = torch.ones(y.shape[0], k, dtype=torch.bool, device=y.device)
+    allowed[:fresh] = torch.isin(torch.arange(k, device=y.device), y[:fresh])
+    return allowed
+
+
 def cfl_dict_loss(h: torch.Tensor, y: torch.Tensor, d: torch.Tensor, *, allowed: torch.Tensor | None = None) -> torch.Tensor:
     """CFL's dictionary contrastive loss (Lee et al., eq. 6): softmax cross-entropy of the dot
     products between each mean feature h̄_n (N, C) and every (pooled, noisy) dictionary row d (Z, C).

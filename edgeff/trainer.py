@@ -283,6 +283,7 @@ class Learner:
 
 class ReplayLike(Protocol):
     batch: int | None
+    asymmetric: bool
 
     def __len__(self) -> int: ...
 
@@ -305,12 +306,13 @@ def fit(
     the buffer; ``on_step`` counts the stream's samples only.
     """
     for x, y in batches:
-        xs, ys = x, y
-        if replay is not None and len(replay):
+        if replay is None or not len(replay):
+            m = learner.learn_many(x, y)
+        else:
+            yt = torch.as_tensor(y)
             rx, ry = replay.sample(replay.batch or int(x.shape[0]))
-            xs, ys = torch.cat([x, rx.to(x.device)]), torch.cat([torch.as_tensor(y), ry.to(torch.as_tensor(y).device)])
-        m = learner.learn_many(xs, ys, fresh=int(x.shape[0])) if xs is not x and getattr(replay, "asymmetric", False) \
-            else learner.learn_many(xs, ys)
+            xs, ys = torch.cat([x, rx.to(x.device)]), torch.cat([yt, ry.to(yt.device)])
+            m = learner.learn_many(xs, ys, fresh=int(x.shape[0])) if replay.asymmetric else learner.learn_many(xs, ys)
         if replay is not None:
             replay.add(x, torch.as_tensor(y))
         if on_step is not None:
