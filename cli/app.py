@@ -86,6 +86,9 @@ def train(
     optim_state: Annotated[str, typer.Option(help="optimizer state dtype between steps: float32, bfloat16 or float16 (frugal)")] = "float32",
     lazy: Annotated[bool, typer.Option("--lazy", help="read the IDX training files batch by batch, in file order (no data set in RAM)")] = False,
     memory_report: Annotated[bool, typer.Option("--memory-report", help="measure per-layer memory on real batches after training")] = False,
+    views: Annotated[int | None, typer.Option(help="contrastive/backprop: 1 (one-forward) or 2 augmented views per batch [default: the preset's]")] = None,
+    crop_padding: Annotated[int | None, typer.Option(help="random-crop augmentation: border pixels to pad and crop back, 0 = off [default: the preset's]")] = None,
+    hflip: Annotated[bool | None, typer.Option("--hflip/--no-hflip", help="random horizontal flips (not for digits) [default: the preset's]")] = None,
 ) -> None:
     """Train a preset on a data set, streaming batches, then report test accuracy."""
     from edgeff import checkpoint, evaluate, get_preset, make_learner
@@ -105,6 +108,12 @@ def train(
             tc = replace(tc, lr=lr)
         if schedule is not None:
             tc = replace(tc, schedule=schedule.value)
+        if views is not None:
+            tc = replace(tc, views=views)
+        if crop_padding is not None:
+            tc = replace(tc, crop_padding=crop_padding)
+        if hflip is not None:
+            tc = replace(tc, hflip=hflip)
         n_epochs = epochs if epochs is not None else tc.epochs
         if tc.batch_size < 1:
             _fail(f"--batch-size must be at least 1, got {tc.batch_size}")

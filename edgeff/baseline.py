@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgeff.augment import make_augment, make_views
 from edgeff.config import ModelConfig, TrainConfig
 from edgeff.layers import class_row, grow_linear, make_block, make_optimizer, out_shape
 from edgeff.losses import fresh_class_mask
@@ -56,6 +57,7 @@ class BPLearner:
         self.generator = torch.Generator().manual_seed(train.seed)
         self.net = BPNet(model, self.generator).to(self.device)
         self.opt = make_optimizer(list(self.net.parameters()), train.optimizer, train.lr)
+        self.augment = make_augment(train, self.generator)
         self.step = 0
         self.samples_seen = 0
 
@@ -67,12 +69,16 @@ class BPLearner:
                    fresh: int | None = None) -> float:
         """One end-to-end SGD step; returns the cross-entropy. ``fresh``: the first ``fresh`` samples are
         new stream samples whose softmax runs over the fresh samples' classes only, the rest replayed
-        ones over every class (ER-ACE, Caccia et al. 2022)."""
+        ones over every class (ER-ACE, Caccia et al. 2022). With the train config's ``views`` /
+        augmentation the step sees the same kind of augmented views as a contrastive learner (two
+        views: a 2B batch), so a side-by-side comparison trains both on the same data."""
         xb = as_batch(x, self.model_cfg.input_shape).to(self.device)
         yb = as_labels(y, xb.shape[0], self.model_cfg.num_classes).to(self.device)
+        n = xb.shape[0]
+        allowed = fresh_class_mask(yb, fresh, self.model_cfg.num_classes)
+        xb, yb, allowed = make_views(xb, yb, self.train_cfg.views, self.augment, allowed)
         self.net.train()
         logits = self.net(xb)  # (B, K)
-        allowed = fresh_class_mask(yb, fresh, self.model_cfg.num_classes)
         if allowed is not None:
             logits = logits.masked_fill(~allowed, float("-inf"))
         loss = F.cross_entropy(logits, yb)
@@ -80,7 +86,7 @@ class BPLearner:
         loss.backward()
         self.opt.step()
         self.step += 1
-        self.samples_seen += xb.shape[0]
+        self.samples_seen += n
         return float(loss.detach())
 
     def learn_one(self, x: torch.Tensor | np.ndarray, y: int) -> float:

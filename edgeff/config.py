@@ -90,6 +90,9 @@ class TrainConfig:
     batch_size: int = 128
     epochs: int = 1
     lr_final: float | None = None  # if set, fit() decays each layer's lr linearly to this over the run
+    views: int = 1  # contrastive/backprop learners: 1 (one-forward) or 2 augmented views of every batch (CFF)
+    crop_padding: int = 0  # random-crop augmentation: pad by this many border pixels, crop back (0: off)
+    hflip: bool = False  # random horizontal flips (not for digits)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -12,8 +12,9 @@
   existing classes' scores do not move when a class is added).
 - **CFF** (Aghagolzadeh & Ezoji, *Contrastive Forward-Forward*): every layer minimises the supervised
   contrastive loss on its L2-normalised mean feature (CFF+M: the marginal variant, margin falling
-  linearly from ``margin_first`` to ``margin_last``). One-forward mode (a single view; the paper's
-  two-view mode needs augmentations and is not implemented here). Prediction: a linear head trained
+  linearly from ``margin_first`` to ``margin_last``). Two-view mode (``TrainConfig.views = 2``: every
+  batch as two randomly augmented copies, ``edgeff.augment``) or one-forward mode (one view, half the
+  cost; the paper: 1-2 pt lower). Either mode works for CFL too. Prediction: a linear head trained
   with cross-entropy on the detached last-layer mean features, alongside the stream (the paper's
   stage 2 run concurrently; it converges to the same frozen-feature head once the encoder settles).
 
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgeff.augment import make_augment, make_views
 from edgeff.config import ModelConfig, TrainConfig
 from edgeff.layers import LocalLayer, class_row, grow_linear, grow_rows, make_block, make_optimizer, out_shape
 from edgeff.losses import (
@@ -143,6 +145,7 @@ class ContrastiveLearner:
         self.head_opt = make_optimizer(list(self.net.head.parameters()), "adam", train.head_lr) \
             if model.loss == "supcon" else None
         self.eval_layers = select_layers(train.eval_layers, len(self.net.layers))
+        self.augment = make_augment(train, self.generator)
         self.step = 0
         self.samples_seen = 0
         self.layer_hook: Callable[[int, bool], None] | None = None
@@ -188,10 +191,15 @@ class ContrastiveLearner:
         ``fresh``: the batch is ``fresh`` new stream samples followed by replayed ones; CFL's L_dict
         then lets a fresh sample compete only with the fresh samples' classes (ER-ACE's asymmetric
         loss), replayed samples with every class. Ignored by CFF.
+
+        With ``views = 2`` (or an augmentation) the layers step on the augmented views
+        (``edgeff.augment.make_views``): 2B features, the two views of a sample are positives.
         """
         xb = as_batch(x, self.model_cfg.input_shape).to(self.device)
         yb = as_labels(y, xb.shape[0], self.net.num_classes).to(self.device)
         allowed = fresh_class_mask(yb, fresh, self.net.num_classes)
+        n = xb.shape[0]
+        xb, yb, allowed = make_views(xb, yb, self.train_cfg.views, self.augment, allowed)
         self.net.train()
         loss_fn = self._cfl_loss if self.model_cfg.loss == "cfl" else self._supcon_loss
         metrics = []
@@ -218,7 +226,7 @@ class ContrastiveLearner:
             head_loss.backward()
             self.head_opt.step()
         self.step += 1
-        self.samples_seen += xb.shape[0]
+        self.samples_seen += n
         return metrics
 
     def learn_one(self, x: torch.Tensor | np.ndarray, y: int) -> list[LayerMetrics]:

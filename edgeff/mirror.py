@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgeff.augment import require_one_view
 from edgeff.config import ModelConfig, TrainConfig
 from edgeff.layers import LocalLayer, class_row, grow_linear, make_block, make_optimizer, out_shape
 from edgeff.trainer import LayerMetrics, as_batch, as_labels, resolve_device
@@ -67,6 +68,7 @@ class MirrorLearner:
     kind = "mirror"
 
     def __init__(self, model: ModelConfig, train: TrainConfig) -> None:
+        require_one_view(train, "mirror")
         self.model_cfg = model
         self.train_cfg = train
         self.device = resolve_device(train.device)

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from edgeff.augment import require_one_view
 from edgeff.config import ModelConfig, TrainConfig
 from edgeff.errors import InputError
 from edgeff.losses import get_loss, goodness
@@ -122,6 +123,7 @@ class Learner:
             raise ValueError(f"unknown schedule {train.schedule!r}; choose one of {SCHEDULES}")
         if train.negatives not in NEGATIVES:
             raise ValueError(f"unknown negatives {train.negatives!r}; choose one of {sorted(NEGATIVES)}")
+        require_one_view(train, "goodness")
         self.model_cfg = model
         self.train_cfg = train
         self.device = resolve_device(train.device)

@@ -52,6 +52,17 @@ def test_backprop_baseline_and_resume(tmp_path: Path) -> None:
     assert torch.load(path, weights_only=True)["samples_seen"] == 2000
 
 
+def test_train_with_two_augmented_views(tmp_path: Path) -> None:
+    path = tmp_path / "cff.pt"
+    res = runner.invoke(app, ["train", "--preset", "cff-mlp", "--samples", "1000", "--epochs", "1", "--batch-size", "50",
+                              "--views", "2", "--crop-padding", "1", "--device", "cpu", "--out", str(path),
+                              "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert _accuracy(res.output) > 0.5
+    saved = torch.load(path, weights_only=True)
+    assert saved["samples_seen"] == 1000  # two views of a sample count once
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -62,6 +73,8 @@ def test_backprop_baseline_and_resume(tmp_path: Path) -> None:
         (["train", "--batch-size", "0"], "--batch-size must be at least 1"),
         (["train", "--epochs", "0"], "--epochs must be at least 1"),
         (["eval", "missing.pt"], "does not exist"),
+        (["train", "--preset", "cff-mlp", "--views", "3"], "views must be 1 (one-forward) or 2"),
+        (["train", "--preset", "symba-mlp", "--views", "2"], "not goodness learners"),
     ],
 )
 def test_user_errors_give_one_clear_message(args: list[str], message: str) -> None:
