@@ -55,7 +55,11 @@ JOBS: dict[str, tuple[str, str, str, int, int, float]] = {
     "ffcl-mirror-paper:mnist": ("ffcl-mirror-paper", "mnist", "epochs", 30, 64, 12 * 60),
     "stream:symba-mlp:mnist": ("symba-mlp", "mnist", "stream", 1, 1, 30 * 60),
     "stream:trifecta-cnn:mnist": ("trifecta-cnn", "mnist", "stream", 1, 1, 30 * 60),
+    "ff-mlp:fashion-mnist": ("ff-mlp", "fashion-mnist", "epochs", 20, 100, 12 * 60),
+    "symba-mlp:fashion-mnist": ("symba-mlp", "fashion-mnist", "epochs", 20, 100, 12 * 60),
+    "ffcl-mirror:fashion-mnist": ("ffcl-mirror", "fashion-mnist", "epochs", 20, 128, 12 * 60),
     "cff-mlp:mnist:one-forward": ("cff-mlp", "mnist", "epochs", 30, 128, 12 * 60),
+    "cfl-mlp:fashion-mnist:one-forward": ("cfl-mlp", "fashion-mnist", "epochs", 12, 512, 12 * 60),
     "cff-mlp:fashion-mnist:one-forward": ("cff-mlp", "fashion-mnist", "epochs", 30, 128, 12 * 60),
 }
 # per-job changes to the preset's augmentation (TrainConfig fields): flips for clothes and photos (never
@@ -67,6 +71,7 @@ AUGMENT: dict[str, dict[str, Any]] = {
     "cff-vit:fashion-mnist": {"views": 1, "crop_padding": 0},
     "cff-vit:cifar10": {"hflip": True},
     "cff-mlp:mnist:one-forward": {"views": 1, "crop_padding": 0, "hflip": False},
+    "cfl-mlp:fashion-mnist:one-forward": {"views": 1, "crop_padding": 0, "hflip": False},
     "cff-mlp:fashion-mnist:one-forward": {"views": 1, "crop_padding": 0, "hflip": False},
 }
 
