@@ -110,8 +110,8 @@ def test_two_view_supcon_loss_counts_the_other_view_as_positive(real_batch) -> N
     x, y = real_batch
     x, y = x[:6], y[:6]
     p = get_preset("cff-mlp")
-    a = make_learner(p, train=replace(p.train, views=2))  # two identical views (no augmentation)
-    b = make_learner(p)
+    a = make_learner(p, train=replace(p.train, views=2, crop_padding=0))  # two identical views (no augmentation)
+    b = make_learner(p, train=replace(p.train, views=1, crop_padding=0))
     assert isinstance(a, ContrastiveLearner) and isinstance(b, ContrastiveLearner)
     ma = a.learn_many(x, y)[0].loss
     mb = b.learn_many(torch.cat([x, x]), torch.cat([y, y]))[0].loss  # the same 2B batch, by hand

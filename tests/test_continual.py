@@ -224,7 +224,7 @@ def test_stream_grows_a_learner_from_no_class(mnist_small: ImageData) -> None:
 
 
 def test_add_one_class_reports_recall_and_drop(mnist_small: ImageData) -> None:
-    learner = pretrain_without(mnist_small, 9, preset="cfl-mlp", epochs=1)
+    learner = pretrain_without(mnist_small, 9, preset="cfl-mlp-stream", epochs=1)
     assert learner.class_names == mnist_small.classes[:9]
     res = add_one_class(learner, mnist_small, 9, 50, traffic=500, replay=ReplayBuffer(100, seed=0))
     assert res.k == 50 and res.samples == 550 and learner.class_names[-1] == "9"
