@@ -61,6 +61,16 @@ JOBS: dict[str, tuple[str, str, str, int, int, float]] = {
     "cff-mlp:mnist:one-forward": ("cff-mlp", "mnist", "epochs", 30, 128, 12 * 60),
     "cfl-mlp:fashion-mnist:one-forward": ("cfl-mlp", "fashion-mnist", "epochs", 12, 512, 12 * 60),
     "cff-mlp:fashion-mnist:one-forward": ("cff-mlp", "fashion-mnist", "epochs", 30, 128, 12 * 60),
+    "cfl-conv:fashion-mnist": ("cfl-conv", "fashion-mnist", "epochs", 4, 128, 30 * 60),
+    # CIFAR-10 subset (10k train): every preset that is not GPU-sized
+    "ff-mlp:cifar10": ("ff-mlp", "cifar10", "epochs", 20, 100, 12 * 60),
+    "symba-mlp:cifar10": ("symba-mlp", "cifar10", "epochs", 20, 100, 12 * 60),
+    "cfl-mlp:cifar10": ("cfl-mlp", "cifar10", "epochs", 40, 512, 12 * 60),
+    "cff-mlp:cifar10": ("cff-mlp", "cifar10", "epochs", 30, 128, 12 * 60),
+    "ffcl-mirror:cifar10": ("ffcl-mirror", "cifar10", "epochs", 20, 128, 12 * 60),
+    "ffcl-mirror-paper:cifar10": ("ffcl-mirror-paper", "cifar10", "epochs", 30, 64, 12 * 60),
+    "trifecta-cnn:cifar10": ("trifecta-cnn", "cifar10", "epochs", 10, 128, 25 * 60),
+    "cfl-conv:cifar10": ("cfl-conv", "cifar10", "epochs", 10, 128, 30 * 60),
 }
 # per-job changes to the preset's augmentation (TrainConfig fields): flips for clothes and photos (never
 # for digits), and the one-forward mode (one un-augmented view) of presets that default to two views
@@ -73,6 +83,9 @@ AUGMENT: dict[str, dict[str, Any]] = {
     "cff-mlp:mnist:one-forward": {"views": 1, "crop_padding": 0, "hflip": False},
     "cfl-mlp:fashion-mnist:one-forward": {"views": 1, "crop_padding": 0, "hflip": False},
     "cff-mlp:fashion-mnist:one-forward": {"views": 1, "crop_padding": 0, "hflip": False},
+    # MLPs on CIFAR-10: flips only (the CFF paper's MLP scenario: "horizontal flip, no further augmentation")
+    "cfl-mlp:cifar10": {"crop_padding": 0, "hflip": True},
+    "cff-mlp:cifar10": {"crop_padding": 0, "hflip": True},
 }
 
 
