@@ -69,7 +69,7 @@ JOBS: dict[str, tuple[str, str, str, int, int, float]] = {
     "cff-mlp:cifar10": ("cff-mlp", "cifar10", "epochs", 30, 128, 12 * 60),
     "ffcl-mirror:cifar10": ("ffcl-mirror", "cifar10", "epochs", 20, 128, 12 * 60),
     "ffcl-mirror-paper:cifar10": ("ffcl-mirror-paper", "cifar10", "epochs", 30, 64, 12 * 60),
-    "trifecta-cnn:cifar10": ("trifecta-cnn", "cifar10", "epochs", 10, 128, 25 * 60),
+    "trifecta-cnn:cifar10": ("trifecta-cnn", "cifar10", "epochs", 50, 128, 25 * 60),
     "cfl-conv:cifar10": ("cfl-conv", "cifar10", "epochs", 10, 128, 30 * 60),
 }
 # per-job changes to the preset's augmentation (TrainConfig fields): flips for clothes and photos (never

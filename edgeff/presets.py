@@ -54,8 +54,9 @@ CFF_VIT = ModelConfig(layers=(LayerSpec("vit", 128, heads=4, patch=4),) * 5, inp
 FFCL_PAPER = ModelConfig(layers=_mlp(64, 2, "none"), label="none", loss="mirror")
 FFCL_MIRROR = replace(FFCL_PAPER, layers=(LayerSpec("linear", 256, norm="layer", order="post-act"),) * 2,
                       mirror_negatives=True, margin_last=0.3)
-# CFF, Aghagolzadeh & Ezoji table 1: MNIST MLP[500 3], marginal loss m = 0.4 -> 0.1, τ = 0.15
-CFF_MLP = ModelConfig(layers=_mlp(500, 3, "none"), label="none", loss="supcon", temperature=0.15,
+# CFF, Aghagolzadeh & Ezoji table 1: MNIST MLP[500 3], marginal loss m = 0.4 -> 0.1; τ = 0.07 (SupCon's and
+# CFL's value; on MNIST with two views the CFF reference code's 0.15 gives 97.7%, 0.07 98.2%)
+CFF_MLP = ModelConfig(layers=_mlp(500, 3, "none"), label="none", loss="supcon", temperature=0.07,
                       margin_first=0.4, margin_last=0.1)
 
 PRESETS: dict[str, Preset] = {
@@ -134,14 +135,15 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "cff-mlp", "local", CFF_MLP,
             TrainConfig(lr=1e-3, lr_final=1e-4, optimizer="adamw", batch_size=128, epochs=30, head_lr=1e-3,
-                        views=2, crop_padding=2),
+                        views=2, crop_padding=1),
             "Aghagolzadeh & Ezoji 2024, Contrastive Forward-Forward (CFF+M)",
-            "MLP[500 3] with ReLU, marginal supervised contrastive loss per layer (τ=0.15, margin 0.4 -> 0.1), "
-            "two views per batch (random crop after 2 replicated border pixels; no flips, for digits: add --hflip "
+            "MLP[500 3] with ReLU, marginal supervised contrastive loss per layer (τ=0.07, margin 0.4 -> 0.1), "
+            "two views per batch (random crop after 1 replicated border pixel; no flips, for digits: add --hflip "
             "for clothes and photos; --views 1 --crop-padding 0 is the one-forward mode), linear head on the "
-            "detached last-layer features trained alongside. Paper: AdamW, batch 512, no crop on MNIST; here AdamW "
-            "lr 1e-3 -> 1e-4, batch 128, 30 epochs (MNIST: 97.57% with two cropped views, 96.37% one-forward; "
-            "Fashion-MNIST: flips and crops cost 1.8 pt within 30 epochs, use --views 1 --crop-padding 0 there).",
+            "detached last-layer features trained alongside. Paper: AdamW, batch 512, no crop on MNIST, τ=0.15 in "
+            "the reference code; here AdamW lr 1e-3 -> 1e-4, batch 128, 30 epochs, τ=0.07 (SupCon's and CFL's "
+            "value): MNIST 98.24% with two views (τ=0.15: 97.7% with crop 1, 97.57% with crop 2, 97.8% with "
+            "MLP[1000 3]; τ=0.3: 96.4% after 25 epochs).",
         ),
         Preset(
             "cff-vit", "local", CFF_VIT,
