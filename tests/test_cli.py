@@ -54,13 +54,13 @@ def test_backprop_baseline_and_resume(tmp_path: Path) -> None:
 
 def test_train_with_two_augmented_views(tmp_path: Path) -> None:
     path = tmp_path / "cff.pt"
-    res = runner.invoke(app, ["train", "--preset", "cff-mlp", "--samples", "1000", "--epochs", "1", "--batch-size", "50",
+    res = runner.invoke(app, ["train", "--preset", "cff-mlp", "--samples", "1000", "--epochs", "2", "--batch-size", "50",
                               "--views", "2", "--crop-padding", "1", "--device", "cpu", "--out", str(path),
                               "--no-progress"])
     assert res.exit_code == 0, res.output
-    assert _accuracy(res.output) > 0.5
+    assert _accuracy(res.output) > 0.5  # 0.69 here (τ = 0.07 starts slowly: 0.33 after one epoch)
     saved = torch.load(path, weights_only=True)
-    assert saved["samples_seen"] == 1000  # two views of a sample count once
+    assert saved["samples_seen"] == 2000  # two views of a sample count once
 
 
 @pytest.mark.parametrize(
