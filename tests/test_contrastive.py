@@ -178,7 +178,7 @@ def test_same_seed_same_predictions(real_batch: tuple[torch.Tensor, torch.Tensor
 
 # cfl-conv is left out: its global-average-pooled conv features learn slowly from scratch (2,000 images:
 # CFL 27%, backprop on the same architecture 23%); bench/accuracy.py measures it on full data sets.
-# cff-mlp's two cropped views learn more slowly at first (2,000 images: 65%; one-forward 84%) and
+# cff-mlp's two cropped views learn more slowly at first (2,000 images: 58% at τ 0.07; one-forward 65%) and
 # overtake the one-forward mode over full epochs (bench/accuracy.py)
 @pytest.mark.parametrize("name,floor", [("cfl-mlp", 0.8), ("cff-mlp", 0.5)])
 def test_short_real_mnist_run_lands_far_above_chance(name: str, floor: float, mnist_small: ImageData) -> None:
