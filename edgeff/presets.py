@@ -143,7 +143,8 @@ PRESETS: dict[str, Preset] = {
             "detached last-layer features trained alongside. Paper: AdamW, batch 512, no crop on MNIST, τ=0.15 in "
             "the reference code; here AdamW lr 1e-3 -> 1e-4, batch 128, 30 epochs, τ=0.07 (SupCon's and CFL's "
             "value): MNIST 98.24% with two views (τ=0.15: 97.7% with crop 1, 97.57% with crop 2, 97.8% with "
-            "MLP[1000 3]; τ=0.3: 96.4% after 25 epochs).",
+            "MLP[1000 3]; τ=0.3: 96.4% after 25 epochs). τ=0.07 is tuned for digits: on the CIFAR-10 subset 0.15 is "
+            "better (45.27% vs 39.24%); on Fashion-MNIST one view beats two (87.84% vs 86.96%).",
         ),
         Preset(
             "cff-vit", "local", CFF_VIT,
