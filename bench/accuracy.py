@@ -62,6 +62,7 @@ JOBS: dict[str, tuple[str, str, str, int, int, float]] = {
     "cfl-mlp:fashion-mnist:one-forward": ("cfl-mlp", "fashion-mnist", "epochs", 12, 512, 12 * 60),
     "cff-mlp:fashion-mnist:one-forward": ("cff-mlp", "fashion-mnist", "epochs", 30, 128, 12 * 60),
     "cfl-conv:fashion-mnist": ("cfl-conv", "fashion-mnist", "epochs", 4, 128, 30 * 60),
+    "cfl-mlp3072:fashion-mnist": ("cfl-mlp3072", "fashion-mnist", "epochs", 14, 512, 15 * 60),
     # CIFAR-10 subset (10k train): every preset that is not GPU-sized
     "ff-mlp:cifar10": ("ff-mlp", "cifar10", "epochs", 20, 100, 12 * 60),
     "symba-mlp:cifar10": ("symba-mlp", "cifar10", "epochs", 20, 100, 12 * 60),
@@ -71,6 +72,7 @@ JOBS: dict[str, tuple[str, str, str, int, int, float]] = {
     "ffcl-mirror-paper:cifar10": ("ffcl-mirror-paper", "cifar10", "epochs", 30, 64, 12 * 60),
     "trifecta-cnn:cifar10": ("trifecta-cnn", "cifar10", "epochs", 50, 128, 25 * 60),
     "cfl-conv:cifar10": ("cfl-conv", "cifar10", "epochs", 10, 128, 30 * 60),
+    "cfl-mlp3072:cifar10": ("cfl-mlp3072", "cifar10", "epochs", 30, 512, 15 * 60),
 }
 # per-job changes to the preset's augmentation (TrainConfig fields): flips for clothes and photos (never
 # for digits), and the one-forward mode (one un-augmented view) of presets that default to two views
@@ -86,6 +88,7 @@ AUGMENT: dict[str, dict[str, Any]] = {
     # MLPs on CIFAR-10: flips only (the CFF paper's MLP scenario: "horizontal flip, no further augmentation")
     "cfl-mlp:cifar10": {"crop_padding": 0, "hflip": True},
     "cff-mlp:cifar10": {"crop_padding": 0, "hflip": True},
+    "cfl-mlp3072:cifar10": {"views": 2, "crop_padding": 0, "hflip": True},
 }
 
 

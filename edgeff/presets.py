@@ -41,6 +41,8 @@ TRIFECTA_CNN_PAPER = replace(TRIFECTA_CNN, layers=_cnn((64, 128, 256, 256, 512, 
 # conv3x3x64 s1 p0 -> BN -> ReLU -> conv3x3x256 s2 p1 -> BN -> ReLU (-> conv3x3x512 s2 p1 -> BN -> ReLU) -> GAP
 CFL_MLP = ModelConfig(layers=(LayerSpec("linear", 1024, norm="layer", order="post-act"),) * 2, label="none",
                       loss="cfl", groups=8, temperature=0.07, cfl_weights=(0.0, 1.0, 1.0))
+# table 4's CIFAR-10 FC: (FC3072-ReLU-LayerNorm) x 2, K = 24 groups of 128, dictionary 10x128
+CFL_MLP3072 = replace(CFL_MLP, layers=(LayerSpec("linear", 3072, norm="layer", order="post-act"),) * 2, groups=24)
 _CONV64 = LayerSpec("conv", 64, norm="batch", padding=0, order="post")
 _CONV256 = LayerSpec("conv", 256, norm="batch", stride=2, padding=1, order="post")
 _CONV512 = LayerSpec("conv", 512, norm="batch", stride=2, padding=1, order="post")
@@ -111,6 +113,16 @@ PRESETS: dict[str, Preset] = {
             "epochs (89.15% vs 87.09%): --views 1 --crop-padding 0.",
         ),
         Preset(
+            "cfl-mlp3072", "local", CFL_MLP3072,
+            TrainConfig(lr=1e-3, lr_final=1e-5, optimizer="adamw", batch_size=512, epochs=14, eval_layers="all"),
+            "Lee et al. 2023, CFL (FC, CIFAR-10 model of table 4)",
+            "The paper's CIFAR-10 FC without its final FC10: (FC3072-ReLU-LayerNorm) x 2, K=24 groups of 128, "
+            "dictionary 10x128, total-D loss, embedding noise, prediction by dot product summed over both layers; "
+            "one view per batch (Fashion-MNIST: one view beats two cropped or flipped views within the budget). "
+            "Paper: AdamW lr 2e-4, batch 512, 400 epochs; here lr 1e-3 -> 1e-5 over 14 epochs. The widest CPU "
+            "preset: 3.9x cfl-mlp's compute for +0.5 points on Fashion-MNIST.",
+        ),
+        Preset(
             "cfl-mlp-stream", "local", CFL_MLP,
             TrainConfig(lr=1e-3, optimizer="adamw", batch_size=10, epochs=1, eval_layers="last"),
             "Lee et al. 2023, CFL, for class-incremental streams",
@@ -130,7 +142,9 @@ PRESETS: dict[str, Preset] = {
             "cfl-conv512", "local", CFL_CONV512,
             TrainConfig(lr=1e-3, lr_final=1e-4, optimizer="adamw", batch_size=128, epochs=4, eval_layers="last"),
             "Lee et al. 2023, CFL (conv512)",
-            "cfl-conv plus conv3x3x512 stride 2 -> BN -> ReLU; dictionary 10x512.",
+            "cfl-conv plus conv3x3x512 stride 2 -> BN -> ReLU; dictionary 10x512. Paper (table 1, 150 epochs): "
+            "MNIST 98.75% (total-D; BP on the same architecture 98.69%), CIFAR-10 83.51%. Its receptive field is "
+            "9x9 pixels before the global pool, so it learns slowly: 96.42% on MNIST after 4 epochs.",
         ),
         Preset(
             "cff-mlp", "local", CFF_MLP,
