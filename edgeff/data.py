@@ -51,7 +51,7 @@ class ImageData:
 
     def normalise(self, x_u8: np.ndarray) -> torch.Tensor:
         """uint8 (B, C, H, W) -> float32 normalised tensor."""
-        # a read-only array (e.g. a slice of a memory-mapped set) is copied first: torch warns on those
+        # a read-only array (the IDX readers use np.frombuffer) is copied first: torch warns on those
         x = torch.from_numpy(np.require(x_u8, requirements=["C_CONTIGUOUS", "WRITEABLE"])).float().div_(255.0)
         mean = torch.tensor(self.mean).view(1, -1, 1, 1)
         std = torch.tensor(self.std).view(1, -1, 1, 1)
