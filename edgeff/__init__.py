@@ -16,7 +16,7 @@ _EXPORTS = {
     "BPLearner": "edgeff.baseline",
     "EvalResult": "edgeff.evaluation",
     "LayerMetrics": "edgeff.trainer",
-    "LayerSpec": "edgeff.layers",
+    "LayerSpec": "edgeff.config",
     "Learner": "edgeff.trainer",
     "ModelConfig": "edgeff.config",
     "TrainConfig": "edgeff.config",
@@ -44,9 +44,8 @@ __all__ = [
 
 if TYPE_CHECKING:
     from edgeff.baseline import BPLearner
-    from edgeff.config import ModelConfig, TrainConfig
+    from edgeff.config import LayerSpec, ModelConfig, TrainConfig
     from edgeff.evaluation import EvalResult, evaluate
-    from edgeff.layers import LayerSpec
     from edgeff.presets import PRESETS, get_preset, make_learner
     from edgeff.trainer import LayerMetrics, Learner, fit
 

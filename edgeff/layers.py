@@ -9,29 +9,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from edgeff.config import LayerSpec  # defined with the configs (torch-free), still importable from here
+
 NORMS = ("none", "length", "layer", "batch")
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """One local layer. ``kind`` is ``linear`` (inputs are flattened) or ``conv``."""
-
-    kind: str  # "linear" | "conv" | "vit" (a pre-LN transformer encoder layer; the first also embeds patches)
-    out: int  # output features (linear) or channels (conv)
-    norm: str = "none"  # applied to the layer's input: none | length | layer | batch
-    kernel: int = 3  # conv only
-    stride: int = 1  # conv only
-    padding: int = 1  # conv only
-    pool: int = 1  # max-pool size after the activation (1 = no pooling), conv only
-    heads: int = 4  # vit only: attention heads
-    patch: int = 4  # vit only: patch size of the first vit layer
-    mlp_ratio: int = 2  # vit only: MLP hidden width / embedding width
-    order: str = "pre"  # pre: norm-weights-ReLU (FF, Trifecta) | post: weights-norm-ReLU (CFL conv) | post-act: weights-ReLU-norm (CFL FC)
 
 
 class LengthNorm(nn.Module):

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-from edgeff.baseline import BPLearner
-from edgeff.config import ModelConfig, TrainConfig
-from edgeff.contrastive import CONTRASTIVE_LOSSES, ContrastiveLearner
+from edgeff.config import LayerSpec, ModelConfig, TrainConfig
 from edgeff.errors import UnknownPresetError
-from edgeff.layers import LayerSpec
-from edgeff.mirror import MirrorLearner
-from edgeff.trainer import Learner
+
+if TYPE_CHECKING:  # the learners import torch; the presets themselves are torch-free (the edge runtime reads them)
+    from edgeff.baseline import BPLearner
+    from edgeff.contrastive import ContrastiveLearner
+    from edgeff.mirror import MirrorLearner
+    from edgeff.trainer import Learner
 
 
 @dataclass(frozen=True)
@@ -221,6 +223,11 @@ def make_learner(
 
     With ``backprop=True`` the end-to-end baseline on the same architecture is built instead.
     """
+    from edgeff.baseline import BPLearner
+    from edgeff.contrastive import CONTRASTIVE_LOSSES, ContrastiveLearner
+    from edgeff.mirror import MirrorLearner
+    from edgeff.trainer import Learner
+
     p = get_preset(preset) if isinstance(preset, str) else preset
     model = p.model
     if input_shape is not None:

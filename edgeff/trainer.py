@@ -10,7 +10,6 @@ output on *without* detaching, so the next layer's loss also updates it.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -19,6 +18,7 @@ import torch
 from edgeff.augment import require_one_view
 from edgeff.config import ModelConfig, TrainConfig
 from edgeff.errors import InputError
+from edgeff.loop import LayerMetrics, train_epochs  # noqa: F401 - re-exported: the runtime-free training loop
 from edgeff.losses import get_loss, goodness
 from edgeff.model import NEGATIVES, LocalNet, make_predictor
 
@@ -34,15 +34,6 @@ class BPLearnerLike(Protocol):
     def set_lr(self, lr: float) -> None: ...
 
 
-class ImageDataLike(Protocol):
-    @property
-    def y_train(self) -> np.ndarray: ...
-
-    def train_batches(
-        self, batch_size: int, *, seed: int = 0, epoch: int = 0, limit: int | None = None, skip: int = 0
-    ) -> Iterable[tuple[torch.Tensor, torch.Tensor]]: ...
-
-
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when present, else the CPU."""
     if name == "auto":
@@ -51,20 +42,6 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device {name!r} asked for but CUDA is not available; use --device cpu or auto")
     return dev
-
-
-@dataclass(frozen=True)
-class LayerMetrics:
-    """What one layer did on one step."""
-
-    loss: float
-    g_pos: float  # mean goodness of the positive (true-label) samples
-    g_neg: float  # mean goodness of the negative samples
-    trained: bool  # whether the layer's weights were updated on this step
-
-    @property
-    def separation(self) -> float:
-        return self.g_pos - self.g_neg
 
 
 def as_batch(x: torch.Tensor | np.ndarray, input_shape: tuple[int, int, int], *, single: bool = False) -> torch.Tensor:
@@ -319,42 +296,3 @@ def fit(
             replay.add(x, torch.as_tensor(y))
         if on_step is not None:
             on_step(m, int(x.shape[0]))
-
-
-def train_epochs(
-    learner: Learner | BPLearnerLike,
-    data: ImageDataLike,
-    *,
-    epochs: int,
-    batch_size: int,
-    seed: int = 0,
-    limit: int | None = None,
-    on_step: Callable[[object, int], None] | None = None,
-) -> None:
-    """Train for ``epochs`` passes over ``data``'s training set (the first ``limit`` shuffled samples
-    of each pass when given), resuming where ``learner.samples_seen`` says it stopped.
-
-    Each epoch's order depends only on (seed, epoch), so a learner loaded from a checkpoint continues
-    with exactly the batches an uninterrupted run would have seen. With ``train.lr_final`` set, the
-    learning rate falls linearly from ``train.lr`` to it over ``train.epochs`` epochs (the planned
-    run, which may be longer than this call's ``epochs``).
-    """
-    if batch_size < 1:
-        raise InputError(f"batch size must be at least 1, got {batch_size}")
-    per_epoch = min(limit, len(data.y_train)) if limit is not None else len(data.y_train)
-    if per_epoch < 1:
-        raise InputError("no training samples to learn from")
-    steps_per_epoch = -(-per_epoch // batch_size)
-    total = steps_per_epoch * max(epochs, learner.train_cfg.epochs)  # the lr decay's horizon
-    done_epochs, rest = divmod(learner.samples_seen, per_epoch)
-    step = done_epochs * steps_per_epoch + -(-rest // batch_size)
-    lr0, lr1 = learner.train_cfg.lr, learner.train_cfg.lr_final
-    for epoch in range(done_epochs, epochs):
-        skip = -(-rest // batch_size) if epoch == done_epochs else 0
-        for x, y in data.train_batches(batch_size, seed=seed, epoch=epoch, limit=limit, skip=skip):
-            if lr1 is not None:
-                learner.set_lr(lr0 + (lr1 - lr0) * step / max(1, total))
-            m = learner.learn_many(x, y)
-            step += 1
-            if on_step is not None:
-                on_step(m, int(x.shape[0]))

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from edgeff.exporters.runtime import OnnxPredictor, evaluate_onnx  # noqa: F401 - torch-free, re-exported
 from torch import nn
 
 from edgeff import __version__
@@ -35,7 +36,7 @@ from edgeff.labels import ChannelEncoder, ICPEncoder, OverlayEncoder
 from edgeff.layers import LocalLayer, RunningBatchNorm
 from edgeff.mirror import MirrorLearner
 from edgeff.model import GoodnessPredictor, HeadPredictor, select_layers
-from edgeff.trainer import Learner, as_batch
+from edgeff.trainer import Learner
 
 OPSET = 17
 
@@ -340,43 +341,6 @@ def export_layers(learner: Learner, folder: str | Path, *, meta: dict[str, Any] 
     return folder / "manifest.json"
 
 
-class OnnxPredictor:
-    """Predict with an exported file in onnxruntime: the same ``predict_one/predict_many`` as a learner.
-
-    Inputs are normalised float32 images (B, C, H, W) (or one (C, H, W) image for ``predict_one``).
-    """
-
-    def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        if threads is not None:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise InputError(f"ONNX file {self.path} does not exist; write one with `edgeff export`")
-        self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
-        props = self.session.get_modelmeta().custom_metadata_map
-        self.meta = props
-        self.input_shape = tuple(json.loads(props["input_shape"]))
-        self.classes = json.loads(props.get("classes", "[]"))
-
-    def _check(self, x: np.ndarray | torch.Tensor, single: bool) -> np.ndarray:
-        """The same checks and messages as the torch learners (``edgeff.trainer.as_batch``)."""
-        xb = as_batch(x, self.input_shape, single=single)  # type: ignore[arg-type]
-        return np.ascontiguousarray(xb.detach().cpu().numpy(), dtype=np.float32)
-
-    def scores(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
-        return self.session.run(["scores"], {"x": self._check(x, False)})[0]
-
-    def predict_many(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
-        return self.session.run(["label"], {"x": self._check(x, False)})[0]
-
-    def predict_one(self, x: np.ndarray | torch.Tensor) -> int:
-        return int(self.session.run(["label"], {"x": self._check(x, True)})[0][0])
-
-
 def _quantize_constants(model: Any, min_elems: int = 1024) -> None:
     """Store every large float32 constant the quantizer left alone (the label-encoding codes) as int8
     with a per-tensor scale and a ``DequantizeLinear`` in front of its users (symmetric, zero point 0;
@@ -464,14 +428,3 @@ def parity(learner: Learner | BPLearner | ContrastiveLearner | MirrorLearner, pr
     so = predictor.scores(x.cpu().numpy())
     return {"n": float(len(x)), "max_abs_diff": float(np.abs(st - so).max()),
             "agreement": float((st.argmax(1) == so.argmax(1)).mean())}
-
-
-def evaluate_onnx(predictor: OnnxPredictor, batches: Any) -> float:
-    """Accuracy of an exported model over (x, y) batches."""
-    correct = n = 0
-    for x, y in batches:
-        correct += int((predictor.predict_many(x) == np.asarray(y)).sum())
-        n += len(y)
-    if n == 0:
-        raise InputError("no samples to evaluate")
-    return correct / n

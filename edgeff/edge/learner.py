@@ -1,0 +1,649 @@
+"""``EdgeLearner``: the layer-local learners of ``edgeff`` in numpy alone, for boards without torch.
+
+The same presets (``edgeff.presets``), the same updates and the same verbs (``learn_many``,
+``learn_one``, ``predict_one``, ``predict_many``, ``scores``, ``layer_predictions``, ``add_class``,
+``set_lr``) as the torch learners:
+
+- **goodness family** (``ff``/``symba`` losses; ``edgeff.trainer.Learner``): label encoders ``overlay``,
+  ``icp`` and ``channel`` (fixed or learned with layer 0), positives and negatives (a uniformly drawn
+  wrong label) through each layer, goodness = mean of squares, the ``all`` and ``greedy`` schedules,
+  prediction by goodness over every label summed over ``eval_layers``;
+- **CFL** (``cfl`` loss; ``edgeff.contrastive.ContrastiveLearner``): L_dict on the pooled noisy
+  dictionary and L_feat on the normalised mean features, the dictionary learned from the last layer,
+  one or two augmented views, prediction at any layer by ⟨h̄/‖h̄‖, pooled D⟩.
+
+Layers: linear and conv (+ max-pool) with no/length/layer/running-statistics batch normalisation in
+any of the three orders; optimizers Adam, AdamW, SGD (``edgeff.edge.optim``). What needs torch is
+refused with ``UnsupportedError`` naming it: the ``olu`` schedule, ``hard`` negatives, the softmax
+``head`` predictor, CFF/ViT/mirror/backprop models and CFL's L_batch term.
+
+Random draws (wrong labels, embedding noise, crops) come from a ``numpy.random.Generator`` seeded by
+``train.seed``; they differ from torch's draws, so the two runtimes agree step for step only when given
+the same draws (``Draws``), which is how the parity tests drive them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from edgeff.config import ModelConfig, TrainConfig
+from edgeff.edge.ops import F32, Op, make_block, out_shape
+from edgeff.edge.optim import Optimizer
+from edgeff.errors import EdgeFFError, InputError
+from edgeff.loop import LayerMetrics
+
+GOODNESS_LOSSES = ("ff", "symba")
+
+
+class UnsupportedError(EdgeFFError, ValueError):
+    """A model or training feature the numpy edge runtime does not implement."""
+
+
+def select_layers(spec: str, n_layers: int) -> list[int]:
+    """``edgeff.model.select_layers``: ``all``, ``all-but-first``, ``last`` or ``last:K``."""
+    if spec == "all":
+        return list(range(n_layers))
+    if spec == "all-but-first":
+        return list(range(1, n_layers)) or [0]
+    if spec == "last":
+        return [n_layers - 1]
+    if spec.startswith("last:") and spec[5:].isdigit() and int(spec[5:]) >= 1:
+        return list(range(max(0, n_layers - int(spec[5:])), n_layers))
+    raise ValueError(f"unknown layer selection {spec!r}; use all, all-but-first, last or last:K")
+
+
+def pool_matrix(dim: int, width: int) -> np.ndarray:
+    """(width, dim) matrix of CFL's 1-D average pooling (stride dim // width, kernel dim − (width − 1)·stride)."""
+    if not 1 <= width <= dim:
+        raise ValueError(f"cannot pool {dim}-wide embeddings to {width} values; raise embed_dim")
+    stride = dim // width
+    kernel = dim - (width - 1) * stride
+    p = np.zeros((width, dim), F32)
+    for j in range(width):
+        p[j, j * stride : j * stride + kernel] = 1.0 / kernel
+    return p
+
+
+def _softplus(x: np.ndarray) -> np.ndarray:
+    return np.logaddexp(F32(0), x)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return F32(0.5) * (F32(1) + np.tanh(F32(0.5) * x))
+
+
+def _log_softmax_masked(logits: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row-wise (log Σ_mask exp, softmax over the mask) for rows with at least one True."""
+    z = np.where(mask, logits, -np.inf)
+    mx = z.max(1, keepdims=True)
+    mx = np.where(np.isfinite(mx), mx, 0)
+    e = np.where(mask, np.exp(logits - mx), 0).astype(F32)
+    s = e.sum(1, keepdims=True)
+    lse = (np.log(np.maximum(s, 1e-38)) + mx)[:, 0]
+    return lse, e / np.maximum(s, 1e-38)
+
+
+class Draws:
+    """The random draws of a step, from a numpy generator: wrong labels, embedding noise, crops.
+
+    A test replaces this object to feed the draws a torch learner made, so both runtimes take the
+    same step."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+
+    def negatives(self, y: np.ndarray, k: int) -> np.ndarray:
+        """A uniformly drawn wrong label per sample."""
+        return (y + self.rng.integers(1, k, size=y.shape[0])) % k
+
+    def noise(self, shape: tuple[int, ...], width: int) -> np.ndarray:
+        """CFL's N(0, 1/width²) embedding noise."""
+        return (self.rng.standard_normal(shape, dtype=F32) / F32(width)).astype(F32)
+
+    def augment(self, x: np.ndarray, padding: int, hflip: bool) -> np.ndarray:
+        """A random crop after ``padding`` replicated border pixels, and a random flip (``edgeff.augment``)."""
+        b, _, h, w = x.shape
+        if padding:
+            xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)), mode="edge")
+            off = self.rng.integers(0, 2 * padding + 1, size=(2, b))
+            rows = off[0][:, None] + np.arange(h)
+            cols = off[1][:, None] + np.arange(w)
+            x = xp[np.arange(b)[:, None, None], :, rows[:, :, None], cols[:, None, :]].transpose(0, 3, 1, 2)
+        if hflip:
+            flip = self.rng.random(b) < 0.5
+            x = np.where(flip[:, None, None, None], x[..., ::-1], x)
+        return np.ascontiguousarray(x, dtype=F32)
+
+
+class EdgeLayer:
+    """One local layer: its ops, its optimizer (created on demand, dropped when frozen) and any extra
+    parameters it trains (a learned label matrix, the CFL dictionary), named as in torch's state dict."""
+
+    def __init__(self, index: int, ops: list[Op], optimizer: str, lr: float) -> None:
+        self.index = index
+        self.ops = ops
+        self.optimizer_kind = optimizer
+        self.lr = lr
+        self.opt: Optimizer | None = None
+        self.extra: list[str] = []  # names of learner-level parameters this layer's loss trains
+
+    def forward(self, x: np.ndarray, train: bool) -> np.ndarray:
+        for op in self.ops:
+            x = op.forward(x, train)
+        return x
+
+    def backward(self, dy: np.ndarray, need_input_grad: bool) -> np.ndarray | None:
+        """Gradients of every op's parameters from the output gradient; the input gradient if asked."""
+        first = -1 if need_input_grad else next((j for j, op in enumerate(self.ops) if op.params), len(self.ops))
+        g: np.ndarray | None = dy
+        for j in range(len(self.ops) - 1, -1, -1):
+            g = self.ops[j].backward(g, need_dx=j > first)  # type: ignore[arg-type]
+        return g
+
+    def named(self, kind: str) -> list[tuple[str, np.ndarray]]:
+        """(torch name, array) of the ``params`` or ``buffers`` of this layer's ops, in torch's order."""
+        return [(f"layers.{self.index}.block.{j}.{n}", a) for j, op in enumerate(self.ops)
+                for n, a in getattr(op, kind).items()]
+
+    def ensure_optimizer(self) -> Optimizer:
+        if self.opt is None:
+            self.opt = Optimizer(self.optimizer_kind, self.lr)
+        return self.opt
+
+    def set_lr(self, lr: float) -> None:
+        self.lr = lr
+        if self.opt is not None:
+            self.opt.lr = lr
+
+    def step(self, extra: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        """Step this layer's optimizer on its ops' gradients and ``extra`` (name -> (param, grad)),
+        then free the gradients and the forward cache."""
+        opt = self.ensure_optimizer()
+        for j, op in enumerate(self.ops):
+            for n, p in op.params.items():
+                opt.step(f"layers.{self.index}.block.{j}.{n}", p, op.grads[n])
+            op.clear()
+        for name, (p, g) in extra.items():
+            opt.step(name, p, g)
+
+    def clear(self) -> None:
+        for op in self.ops:
+            op.clear()
+
+
+def as_batch(x: Any, input_shape: tuple[int, int, int], *, single: bool = False) -> np.ndarray:
+    """Check a batch and return it as float32 (B, C, H, W). Raises ``InputError`` saying what to fix."""
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise InputError(f"expected float inputs (normalised pixels), got dtype {x.dtype}")
+    want = tuple(input_shape)
+    if single:
+        if tuple(x.shape) != want:
+            raise InputError(f"expected one sample of shape {want}, got {tuple(x.shape)}")
+        x = x[None]
+    elif x.ndim == 2 and x.shape[1] == int(np.prod(want)):
+        x = x.reshape(x.shape[0], *want)
+    if tuple(x.shape[1:]) != want or x.shape[0] < 1:
+        raise InputError(f"expected a batch of shape (B, {', '.join(map(str, want))}) with B >= 1, got {tuple(x.shape)}")
+    x = x.astype(F32, copy=False)
+    if not np.isfinite(x).all():
+        raise InputError("the batch contains NaN or infinite values; clean the input before learning from it")
+    return x
+
+
+def as_labels(y: Any, n: int, k: int) -> np.ndarray:
+    y = np.asarray(y)
+    if y.dtype.kind not in "iu":
+        if y.dtype.kind == "f" and np.all(y == np.round(y)):
+            y = y.astype(np.int64)
+        else:
+            raise InputError(f"labels must be integers, got dtype {y.dtype}")
+    y = y.astype(np.int64).reshape(-1)
+    if y.shape[0] != n:
+        raise InputError(f"got {y.shape[0]} labels for {n} samples")
+    if n and (int(y.min()) < 0 or int(y.max()) >= k):
+        raise InputError(f"labels must lie in 0..{k - 1}; got {int(y.min())}..{int(y.max())}")
+    return y
+
+
+def check_supported(model: ModelConfig, train: TrainConfig) -> str:
+    """The family (``goodness`` or ``cfl``) the edge runtime trains this config with, or
+    ``UnsupportedError`` naming what needs torch."""
+    if model.loss in GOODNESS_LOSSES:
+        family = "goodness"
+        if train.schedule == "olu":
+            raise UnsupportedError("the olu schedule (Overlapping Local Updates) needs torch; the edge runtime "
+                                   "trains with --schedule all or greedy")
+        if train.schedule not in ("all", "greedy"):
+            raise UnsupportedError(f"unknown schedule {train.schedule!r}; the edge runtime trains all or greedy")
+        if train.negatives != "uniform":
+            raise UnsupportedError(f"{train.negatives!r} negatives need torch; the edge runtime draws uniform ones")
+        if train.predictor != "goodness":
+            raise UnsupportedError(f"the {train.predictor!r} predictor needs torch; the edge runtime predicts by goodness")
+        if model.label not in ("overlay", "icp", "channel"):
+            raise UnsupportedError(f"unknown label encoder {model.label!r}")
+        if train.views != 1 or train.crop_padding or train.hflip:
+            raise UnsupportedError("goodness models train on one un-augmented view (set views 1, crop padding 0, no flips)")
+    elif model.loss == "cfl":
+        family = "cfl"
+        if model.cfl_weights[0]:
+            raise UnsupportedError("CFL's batch loss L_batch (cfl_weights[0] > 0) needs torch; the edge runtime "
+                                   "trains L_dict and L_feat (total-D, the presets' choice)")
+        if train.views not in (1, 2):
+            raise UnsupportedError(f"views must be 1 or 2, got {train.views}")
+    else:
+        raise UnsupportedError(f"{model.loss!r} models (CFF, mirror FFCL, backprop) need torch; the edge runtime "
+                               "trains the goodness family (ff, symba) and CFL")
+    if train.optim_state_dtype != "float32":
+        raise UnsupportedError("the edge runtime keeps optimizer state in float32")
+    for spec in model.layers:
+        if spec.kind not in ("linear", "conv"):
+            raise UnsupportedError(f"{spec.kind!r} layers need torch; the edge runtime trains linear and conv layers")
+    return family
+
+
+class EdgeLearner:
+    """A layer-local learner in numpy; ``edgeff.trainer.Learner``'s and ``ContrastiveLearner``'s verbs.
+
+    Args:
+        model: the architecture and local loss (a preset's ``model``).
+        train: optimizer, schedule, views, eval layers and seed (a preset's ``train``).
+
+    Raises:
+        UnsupportedError: the config uses something only the torch learners implement.
+    """
+
+    runtime = "numpy"
+
+    def __init__(self, model: ModelConfig, train: TrainConfig) -> None:
+        if not model.layers:
+            raise ValueError("a model needs at least one layer")
+        self.family = check_supported(model, train)
+        self.kind = "local" if self.family == "goodness" else "contrastive"
+        self.model_cfg = model
+        self.train_cfg = train
+        self.rng = np.random.default_rng(train.seed)
+        self.draws = Draws(self.rng)
+        self.step = 0
+        self.samples_seen = 0
+        self.extra: dict[str, np.ndarray] = {}  # learner-level tensors by torch name (label codes, dictionary)
+        c, h, w = model.input_shape
+        shape: tuple[int, ...] = model.input_shape
+        k = model.num_classes
+        if self.family == "goodness":
+            if model.label == "icp":
+                self.extra["encoder.patterns"] = (self.rng.random((k, 1, h, w)) < model.icp_rate).astype(F32)
+                shape = (c + 1, h, w)
+            elif model.label == "channel":
+                self.extra["encoder.matrix"] = self.rng.standard_normal((k, h * w), dtype=F32)
+                shape = (c + 1, h, w)
+            elif k > c * h * w:
+                raise ValueError("more classes than input values to overlay them on")
+        bn = {"momentum": model.bn_momentum, "min_batch": model.bn_min_batch, "always_running": model.bn_always_running}
+        self.layers: list[EdgeLayer] = []
+        self.shapes: list[tuple[int, ...]] = []
+        for i, spec in enumerate(model.layers):
+            self.layers.append(EdgeLayer(i, make_block(spec, shape, self.rng, bn=bn), train.optimizer, train.lr))
+            shape = out_shape(spec, shape)
+            self.shapes.append(shape)
+        if self.family == "goodness" and model.label == "channel" and model.label_learned:
+            self.layers[0].extra = ["encoder.matrix"]
+        if self.family == "cfl":
+            self.widths = [s[0] if len(s) == 3 else s[0] // model.groups for s in self.shapes]
+            for s in self.shapes:
+                if len(s) == 1 and s[0] % model.groups:
+                    raise ValueError(f"a linear layer of width {s[0]} cannot be split into {model.groups} groups")
+            self.extra["embed"] = self.rng.standard_normal((k, model.embed_dim or max(self.widths)), dtype=F32)
+            self.layers[-1].extra = ["embed"]
+            self._pool = {wd: pool_matrix(self.extra["embed"].shape[1], wd) for wd in set(self.widths)}
+        self.eval_layers = select_layers(train.eval_layers, len(self.layers))
+
+    # ----------------------------------------------------------------- state
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.model_cfg.names
+
+    @property
+    def num_classes(self) -> int:
+        return self.model_cfg.num_classes
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every tensor of the model by its torch state-dict name (parameters, BN statistics, codes)."""
+        out: dict[str, np.ndarray] = {}
+        for layer in self.layers:
+            out.update(layer.named("params"))
+            out.update(layer.named("buffers"))
+        out.update(self.extra)
+        return out
+
+    def param_order(self, i: int) -> list[str]:
+        """Layer ``i``'s trained parameters in the order its torch optimizer holds them."""
+        return [n for n, _ in self.layers[i].named("params")] + self.layers[i].extra
+
+    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Set every tensor from ``arrays`` (names as ``arrays()``); shapes must match, except label
+        codes and dictionaries, which may hold more classes than the config (they set the class count)."""
+        for layer in self.layers:
+            for op_index, op in enumerate(layer.ops):
+                for kind in ("params", "buffers"):
+                    store = getattr(op, kind)
+                    for n in store:
+                        name = f"layers.{layer.index}.block.{op_index}.{n}"
+                        a = np.asarray(arrays[name], F32)
+                        if a.shape != store[n].shape:
+                            raise ValueError(f"{name}: shape {a.shape}, the model needs {store[n].shape}")
+                        store[n] = a.copy()
+        for name in self.extra:
+            self.extra[name] = np.asarray(arrays[name], F32).copy()
+
+    def set_lr(self, lr: float) -> None:
+        """Every layer's learning rate (live optimizers and those created later)."""
+        for layer in self.layers:
+            layer.set_lr(lr)
+
+    # ----------------------------------------------------------------- encoders
+    def _encode(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """The label written into the input (goodness family): (B, C', H, W)."""
+        label = self.model_cfg.label
+        b, _, h, w = x.shape
+        if label == "overlay":
+            flat = x.reshape(b, -1).copy()
+            flat[:, : self.num_classes] = np.eye(self.num_classes, dtype=F32)[y]
+            return flat.reshape(x.shape)
+        if label == "icp":
+            return np.concatenate([x, self.extra["encoder.patterns"][y]], axis=1)
+        chan = self.extra["encoder.matrix"][y].reshape(b, 1, h, w)  # one-hot @ matrix
+        return np.concatenate([x, chan], axis=1)
+
+    # ----------------------------------------------------------------- learning
+    def learn_many(self, x: Any, y: Any, *, fresh: int | None = None) -> list[LayerMetrics]:
+        """One local step of every scheduled layer on a batch of any size (including 1).
+
+        Returns one ``LayerMetrics`` per layer that ran; never mutates ``x`` or ``y``. ``fresh``: the
+        batch is ``fresh`` new samples followed by replayed ones (ER-ACE's asymmetric loss, as the
+        torch learners). Raises ``InputError`` (state untouched) for a bad batch.
+        """
+        xb = as_batch(x, self.model_cfg.input_shape)
+        yb = as_labels(y, xb.shape[0], self.num_classes)
+        out = self._learn_goodness(xb, yb, fresh) if self.family == "goodness" else self._learn_cfl(xb, yb, fresh)
+        self.step += 1
+        self.samples_seen += xb.shape[0]
+        return out
+
+    def learn_one(self, x: Any, y: int) -> list[LayerMetrics]:
+        """``learn_many`` on one sample of shape (C, H, W)."""
+        return self.learn_many(as_batch(x, self.model_cfg.input_shape, single=True), [int(y)])
+
+    def _greedy_active(self) -> int:
+        active = min(self.step // self.train_cfg.greedy_steps, len(self.layers) - 1)
+        for i, layer in enumerate(self.layers):
+            if i != active:
+                layer.opt = None  # frozen (or not yet started) layers keep no optimizer state
+        return active
+
+    def _goodness_loss(self, gp: np.ndarray, gn: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+        """Loss (mean over the B pairs) and its gradients w.r.t. G_pos and G_neg."""
+        b = gp.shape[0]
+        cfg = self.model_cfg
+        if cfg.loss == "symba":
+            a = F32(cfg.alpha)
+            d = gp - gn
+            s = _sigmoid(-a * d)
+            return float(_softplus(-a * d).mean()), -a * s / F32(b), a * s / F32(b)
+        th = F32(cfg.threshold)
+        loss = float((_softplus(th - gp) + _softplus(gn - th)).mean())
+        return loss, -_sigmoid(th - gp) / F32(b), _sigmoid(gn - th) / F32(b)
+
+    def _learn_goodness(self, x: np.ndarray, y: np.ndarray, fresh: int | None) -> list[LayerMetrics]:
+        b, k = x.shape[0], self.num_classes
+        y_neg = self.draws.negatives(y, k)
+        if fresh is not None and 0 < fresh < b:
+            y_neg = y_neg.copy()
+            y_neg[:fresh] = self._fresh_negatives(y[:fresh], y_neg[:fresh])
+        labels = np.concatenate([y, y_neg])
+        h = np.concatenate([self._encode(x, y), self._encode(x, y_neg)])  # (2B, C', H, W): positives, negatives
+        schedule = self.train_cfg.schedule
+        last, active = len(self.layers) - 1, -1
+        if schedule == "greedy":
+            active = last = self._greedy_active()
+        metrics = []
+        for i, layer in enumerate(self.layers[: last + 1]):
+            out = layer.forward(h, train=True)
+            g = (out * out).reshape(2 * b, -1).mean(1)  # (2B,)
+            loss, dgp, dgn = self._goodness_loss(g[:b], g[b:])
+            trains = schedule != "greedy" or i == active
+            if trains:
+                n = out[0].size
+                dout = np.concatenate([dgp, dgn]).reshape(-1, *([1] * (out.ndim - 1))) * (F32(2.0 / n) * out)
+                learned = "encoder.matrix" in layer.extra
+                dx = layer.backward(dout.astype(F32, copy=False), need_input_grad=learned)
+                extra = {}
+                if learned:
+                    assert dx is not None
+                    dchan = dx[:, -1].reshape(2 * b, -1)  # (2B, H·W)
+                    dm = np.zeros_like(self.extra["encoder.matrix"])
+                    np.add.at(dm, labels, dchan)
+                    extra["encoder.matrix"] = (self.extra["encoder.matrix"], dm)
+                layer.step(extra)
+            else:
+                layer.clear()
+            metrics.append(LayerMetrics(loss, float(g[:b].mean()), float(g[b:].mean()), trains))
+            h = out
+        return metrics
+
+    def _fresh_negatives(self, y: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+        classes = np.unique(y)
+        if classes.size < 2:
+            return fallback
+        pos = np.searchsorted(classes, y)
+        return classes[(pos + self.draws.rng.integers(1, classes.size, size=y.shape[0])) % classes.size]
+
+    def _features(self, i: int, out: np.ndarray) -> np.ndarray:
+        """A layer's mean feature h̄ (B, C_l): the mean over conv locations or linear groups."""
+        if out.ndim == 4:
+            return out.mean((2, 3))
+        g = self.model_cfg.groups
+        return out.reshape(out.shape[0], g, -1).mean(1)
+
+    def _features_backward(self, out: np.ndarray, dh: np.ndarray) -> np.ndarray:
+        if out.ndim == 4:
+            hw = out.shape[2] * out.shape[3]
+            return np.broadcast_to((dh / F32(hw))[:, :, None, None], out.shape).astype(F32)
+        g = self.model_cfg.groups
+        return np.tile(dh / F32(g), (1, g))
+
+    def _cfl_loss(self, i: int, hbar: np.ndarray, y: np.ndarray,
+                  allowed: np.ndarray | None) -> tuple[float, np.ndarray, np.ndarray | None]:
+        """λ2·L_dict + λ3·L_feat of one layer, with the gradients w.r.t. h̄ and (last layer) the dictionary."""
+        cfg = self.model_cfg
+        _, l2, l3 = cfg.cfl_weights
+        n, c = hbar.shape
+        embed = self.extra["embed"]
+        pmat = self._pool[c]
+        pooled = embed @ pmat.T  # (Z, C_l)
+        loss, dh = 0.0, np.zeros_like(hbar)
+        de = None
+        if l2:
+            e = pooled + (self.draws.noise(pooled.shape, c) if cfg.embed_noise else F32(0))
+            logits = hbar @ e.T  # (N, Z)
+            mask = np.ones_like(logits, bool) if allowed is None else allowed
+            lse, p = _log_softmax_masked(logits, mask)
+            loss += l2 * float((lse - logits[np.arange(n), y]).mean())
+            dlog = p
+            dlog[np.arange(n), y] -= F32(1)
+            dlog *= F32(l2 / n)
+            dh += dlog @ e
+            if i == len(self.layers) - 1:
+                de = (dlog.T @ hbar) @ pmat  # (Z, C_D)
+        if l3:
+            norm = np.sqrt((hbar * hbar).sum(1, keepdims=True))
+            nrm = np.maximum(norm, F32(1e-12))
+            z = hbar / nrm
+            logits = (z @ z.T) / F32(cfg.temperature)
+            same = y[:, None] == y[None, :]
+            pos = same & ~np.eye(n, dtype=bool)
+            neg = ~same
+            valid = pos.any(1) & neg.any(1)
+            if valid.any():
+                lse_p, sp = _log_softmax_masked(logits, pos)
+                lse_n, sn = _log_softmax_masked(logits, neg)
+                per = -(lse_p - np.log(np.maximum(pos.sum(1), 1))) + lse_n
+                nv = int(valid.sum())
+                loss += l3 * float(per[valid].mean())
+                gl = (sn - sp) * (valid[:, None] * F32(l3 / nv))  # d loss / d logits
+                ds = gl / F32(cfg.temperature)
+                dz = (ds + ds.T) @ z
+                dz_h = (dz - z * (dz * z).sum(1, keepdims=True)) / nrm
+                dh += np.where(norm > 1e-12, dz_h, dz / nrm)
+        return loss, dh.astype(F32, copy=False), de
+
+    def _learn_cfl(self, x: np.ndarray, y: np.ndarray, fresh: int | None) -> list[LayerMetrics]:
+        k = self.num_classes
+        allowed = None
+        if fresh is not None and fresh < y.shape[0]:
+            allowed = np.ones((y.shape[0], k), bool)
+            allowed[:fresh] = np.isin(np.arange(k), y[:fresh])
+        tc = self.train_cfg
+        if tc.views == 2 or tc.crop_padding or tc.hflip:
+            aug = tc.crop_padding or tc.hflip
+            x = np.concatenate([self.draws.augment(x, tc.crop_padding, tc.hflip) if aug else x
+                                for _ in range(tc.views)])
+            y = np.tile(y, tc.views)
+            allowed = None if allowed is None else np.tile(allowed, (tc.views, 1))
+        metrics = []
+        h = x
+        for i, layer in enumerate(self.layers):
+            out = layer.forward(h, train=True)
+            hbar = self._features(i, out)
+            loss, dh, de = self._cfl_loss(i, hbar, y, allowed)
+            layer.backward(self._features_backward(out, dh), need_input_grad=False)
+            layer.step({"embed": (self.extra["embed"], de)} if de is not None else {})
+            metrics.append(LayerMetrics(loss, float(np.sqrt((hbar * hbar).sum(1)).mean()), 0.0, True))
+            h = out
+        return metrics
+
+    # ----------------------------------------------------------------- prediction
+    def _chunk(self) -> int:
+        return max(1, 512 // self.num_classes) if self.family == "goodness" else 256
+
+    def layer_scores(self, x: Any) -> np.ndarray:
+        """Per-layer class scores (B, K, L): goodness of every label, or ⟨h̄/‖h̄‖, pooled D⟩ (CFL).
+        Computed in chunks, so the working set stays small for any batch."""
+        xb = as_batch(x, self.model_cfg.input_shape)
+        k = self.num_classes
+        out = []
+        step = self._chunk()
+        for s in range(0, xb.shape[0], step):
+            xc = xb[s : s + step]
+            b = xc.shape[0]
+            per = []
+            if self.family == "goodness":
+                h = self._encode(np.repeat(xc, k, axis=0), np.tile(np.arange(k), b))  # (b·K, C', H, W)
+                for layer in self.layers:
+                    h = layer.forward(h, train=False)
+                    per.append((h * h).reshape(b, k, -1).mean(-1))
+            else:
+                h = xc
+                for i, layer in enumerate(self.layers):
+                    h = layer.forward(h, train=False)
+                    f = self._features(i, h)
+                    f = f / np.maximum(np.sqrt((f * f).sum(1, keepdims=True)), F32(1e-12))
+                    per.append(f @ (self.extra["embed"] @ self._pool[f.shape[1]].T).T)
+            out.append(np.stack(per, axis=-1))
+        return np.concatenate(out).astype(F32, copy=False)
+
+    def scores(self, x: Any, layers: list[int] | None = None) -> np.ndarray:
+        """Class scores (B, K) summed over ``layers`` (default: the train config's ``eval_layers``)."""
+        sel = self.eval_layers if layers is None else layers
+        return self.layer_scores(x)[..., sel].sum(-1)
+
+    def predict_many(self, x: Any) -> np.ndarray:
+        return self.scores(x).argmax(1)
+
+    def predict_one(self, x: Any) -> int:
+        return int(self.predict_many(as_batch(x, self.model_cfg.input_shape, single=True))[0])
+
+    def layer_predictions(self, x: Any) -> np.ndarray:
+        """Each layer's own prediction: (B, L)."""
+        return self.layer_scores(x).argmax(1)
+
+    # ----------------------------------------------------------------- growth
+    def add_class(self, name: str, examples: Any = None) -> int:
+        """Add a class online; returns its index. As the torch learners: a new ICP pattern, label-channel
+        row (N(0, 1)) or overlay slot; a CFL dictionary row from the examples' mean features at the
+        ``eval_layers`` (random without examples) at the mean norm of the other rows. Optimizer state
+        grows with the tensors. Raises ``InputError`` with nothing changed."""
+        cfg = self.model_cfg.with_class(name)
+        xb = None if examples is None else as_batch(examples, self.model_cfg.input_shape)
+        c, h, w = self.model_cfg.input_shape
+        if self.family == "goodness":
+            if self.model_cfg.label == "overlay" and cfg.num_classes > c * h * w:
+                raise InputError("no input value left to overlay another class on; use an icp or channel model")
+            if self.model_cfg.label == "icp":
+                row = (self.rng.random((1, 1, h, w)) < self.model_cfg.icp_rate).astype(F32)
+                self.extra["encoder.patterns"] = np.concatenate([self.extra["encoder.patterns"], row])
+            elif self.model_cfg.label == "channel":
+                row = self.rng.standard_normal((1, h * w), dtype=F32)
+                self.extra["encoder.matrix"] = np.concatenate([self.extra["encoder.matrix"], row])
+                if self.layers[0].opt is not None:
+                    self.layers[0].opt.grow("encoder.matrix", 1)
+        else:
+            embed = self.extra["embed"]
+            dim = embed.shape[1]
+            if xb is not None:
+                feats, hcur = [], xb
+                for i, layer in enumerate(self.layers):
+                    hcur = layer.forward(hcur, train=False)
+                    feats.append(self._features(i, hcur).mean(0))
+                protos = []
+                for i in self.eval_layers:
+                    f = feats[i] / max(float(np.linalg.norm(feats[i])), 1e-12)
+                    protos.append(f[(np.arange(dim) * f.shape[0]) // dim])  # nearest-neighbour widening
+                proto = np.mean(protos, axis=0)
+            else:
+                proto = self.rng.standard_normal(dim)
+            scale = float(np.linalg.norm(embed, axis=1).mean()) if embed.shape[0] else float(np.sqrt(dim))
+            row = (proto / max(float(np.linalg.norm(proto)), 1e-12) * scale).astype(F32)
+            self.extra["embed"] = np.concatenate([embed, row[None]])
+            if self.layers[-1].opt is not None:
+                self.layers[-1].opt.grow("embed", 1)
+        self.model_cfg = cfg
+        return cfg.num_classes - 1
+
+
+def make_edge_learner(preset: Any, *, input_shape: tuple[int, int, int] | None = None,
+                      num_classes: int | None = None, train: TrainConfig | None = None) -> EdgeLearner:
+    """An ``EdgeLearner`` for a preset (name or ``Preset``), adapted to a data set like ``make_learner``."""
+    from edgeff.presets import get_preset
+
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    if p.algorithm != "local":
+        raise UnsupportedError(f"{p.name} is a backprop preset; the edge runtime trains layer-local ones")
+    model = p.model
+    if input_shape is not None:
+        model = replace(model, input_shape=tuple(int(v) for v in input_shape))
+    if num_classes is not None:
+        model = replace(model, num_classes=num_classes)
+    return EdgeLearner(model, train or p.train)
+
+
+def evaluate(learner: EdgeLearner, batches: Iterable[tuple[np.ndarray, np.ndarray]], *,
+             per_layer: bool = False) -> dict[str, Any]:
+    """Test accuracy (and each layer's own) over ``batches``."""
+    correct = total = 0
+    layer_correct = np.zeros(len(learner.layers), np.int64)
+    for x, y in batches:
+        s = learner.layer_scores(x)
+        yy = np.asarray(y)
+        correct += int((s[..., learner.eval_layers].sum(-1).argmax(1) == yy).sum())
+        if per_layer:
+            layer_correct += (s.argmax(1) == yy[:, None]).sum(0)
+        total += len(yy)
+    out: dict[str, Any] = {"accuracy": correct / max(total, 1), "samples": total}
+    if per_layer:
+        out["layer_accuracy"] = [float(c) / max(total, 1) for c in layer_correct]
+    return out

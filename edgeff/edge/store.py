@@ -1,0 +1,132 @@
+"""The edge runtime's file format: one ``.npz`` (no pickles), written atomically.
+
+Arrays ``t:NAME`` hold every tensor under its torch state-dict name (``layers.0.block.2.weight``,
+``encoder.patterns``, ``embed``, BN ``running_mean``/``running_var``); ``o:I:NAME:KEY`` the optimizer
+state of layer I (torch's ``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``); ``header`` a JSON
+document with the configs, class names (in the model config), counters, learning rates, step counts,
+the numpy generator's state and the user's ``meta``. ``edgeff.interchange`` converts it to and from
+torch checkpoints, field for field.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeff import __version__
+from edgeff.config import ModelConfig, TrainConfig
+from edgeff.edge.learner import EdgeLearner
+from edgeff.edge.optim import Optimizer
+from edgeff.errors import CheckpointError
+
+FORMAT = "edgeff-edge"
+FORMAT_VERSION = 1
+MAX_HEADER = 1 << 20  # bytes: a header is a few KiB; refuse absurd ones before parsing
+
+
+def to_arrays(learner: EdgeLearner, meta: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+    """The learner as named arrays plus a JSON ``header`` (what ``save`` writes)."""
+    arrays = {f"t:{n}": a for n, a in learner.arrays().items()}
+    optim: list[dict[str, Any] | None] = []
+    for i, layer in enumerate(learner.layers):
+        if layer.opt is None:
+            optim.append(None)
+            continue
+        for name, st in layer.opt.state.items():
+            for key, a in st.items():
+                arrays[f"o:{i}:{name}:{key}"] = a
+        optim.append({"kind": layer.opt.kind, "params": learner.param_order(i), "steps": dict(layer.opt.steps)})
+    header = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "edgeff_version": __version__, "kind": learner.kind,
+        "model": learner.model_cfg.to_dict(), "train": learner.train_cfg.to_dict(), "step": learner.step,
+        "samples_seen": learner.samples_seen, "lrs": [layer.lr for layer in learner.layers], "optim": optim,
+        "rng": learner.rng.bit_generator.state, "meta": dict(meta or {}),
+    }
+    arrays["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
+    return arrays
+
+
+def from_arrays(arrays: dict[str, np.ndarray]) -> tuple[EdgeLearner, dict[str, Any]]:
+    """Rebuild a learner from ``to_arrays`` output; returns it and its ``meta``."""
+    head = json.loads(bytes(arrays["header"]).decode())
+    if head.get("format") != FORMAT:
+        raise CheckpointError("not an edgeff edge model (convert a torch checkpoint with `edgeff edge convert`)")
+    if head.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"edge format {head.get('format_version')}; this edgeff reads {FORMAT_VERSION}")
+    learner = EdgeLearner(ModelConfig.from_dict(head["model"]), TrainConfig.from_dict(head["train"]))
+    learner.load_arrays({k[2:]: v for k, v in arrays.items() if k.startswith("t:")})
+    learner.step, learner.samples_seen = int(head["step"]), int(head["samples_seen"])
+    for layer, lr, opt in zip(learner.layers, head["lrs"], head["optim"], strict=True):
+        layer.set_lr(float(lr))
+        if opt is None:
+            continue
+        o = Optimizer(opt["kind"], float(lr))
+        o.steps = {k: int(v) for k, v in opt["steps"].items()}
+        prefix = f"o:{layer.index}:"
+        for k, a in arrays.items():
+            if k.startswith(prefix):
+                name, key = k[len(prefix):].rsplit(":", 1)
+                o.state.setdefault(name, {})[key] = np.asarray(a, np.float32).copy()
+        layer.opt = o
+    learner.rng.bit_generator.state = head["rng"]
+    return learner, dict(head.get("meta", {}))
+
+
+def save(learner: EdgeLearner, path: str | Path, *, meta: dict[str, Any] | None = None) -> Path:
+    """Write ``learner`` to ``path`` atomically (temp file in the same folder, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **to_arrays(learner, meta))  # type: ignore[arg-type]
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_arrays(path: str | Path) -> dict[str, np.ndarray]:
+    """The arrays of an edge model file. Raises ``CheckpointError`` for anything unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"edge model {path} does not exist; train one with `edgeff-edge train --out {path}`")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            info = zf.getinfo("header.npy")
+            if info.file_size > MAX_HEADER:
+                raise CheckpointError(f"{path}: header of {info.file_size} bytes is not an edge model's")
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
+        raise CheckpointError(f"{path} is not a readable edge model ({type(e).__name__}); it may be truncated or "
+                              "not an edgeff edge file") from None
+
+
+def load(path: str | Path) -> tuple[EdgeLearner, dict[str, Any]]:
+    """Read an edge model file; returns the learner and its ``meta``."""
+    try:
+        return from_arrays(read_arrays(path))
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} does not match this edgeff version's edge format: {e}") from None
+
+
+def to_bytes(learner: EdgeLearner, meta: dict[str, Any] | None = None) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **to_arrays(learner, meta))  # type: ignore[arg-type]
+    return buf.getvalue()

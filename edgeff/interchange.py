@@ -1,0 +1,100 @@
+"""Torch learners <-> the numpy edge runtime, field for field.
+
+A laptop trains with torch, a board continues with numpy, and the result comes back for ONNX export:
+``to_edge`` and ``from_edge`` move the weights, BatchNorm statistics, label codes or dictionary, class
+names (in the model config), each live optimizer's state (moments and step counts), learning rates
+and counters. The random generators cannot move between runtimes (torch's and numpy's streams
+differ): each side is re-seeded from (seed, step), so a converted learner is deterministic too.
+``convert_file`` does the same for files: a torch checkpoint (``.pt``) becomes an edge model
+(``.npz``) and back, ``meta`` included.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from edgeff.checkpoint import load as load_checkpoint
+from edgeff.checkpoint import save as save_checkpoint
+from edgeff.contrastive import ContrastiveLearner
+from edgeff.edge.learner import EdgeLearner, UnsupportedError
+from edgeff.edge.optim import Optimizer
+from edgeff.edge.store import load as load_edge
+from edgeff.edge.store import save as save_edge
+from edgeff.trainer import Learner
+
+
+def to_edge(learner: Any) -> EdgeLearner:
+    """The numpy ``EdgeLearner`` in the same state as a torch ``Learner`` or CFL ``ContrastiveLearner``.
+
+    Raises:
+        UnsupportedError: the learner uses something only torch implements (see ``edgeff.edge.learner``).
+    """
+    if not isinstance(learner, Learner | ContrastiveLearner):
+        raise UnsupportedError(f"a {type(learner).__name__} cannot run on the edge runtime; it trains goodness and "
+                               "CFL models")
+    edge = EdgeLearner(learner.model_cfg, learner.train_cfg)
+    edge.load_arrays({k: v.detach().cpu().float().numpy() for k, v in learner.net.state_dict().items()})
+    edge.step, edge.samples_seen = learner.step, learner.samples_seen
+    for i, (tl, el) in enumerate(zip(learner.net.local_layers, edge.layers, strict=True)):
+        el.set_lr(tl.lr)
+        if tl.opt is None:
+            el.opt = None
+            continue
+        names = edge.param_order(i)
+        opt = Optimizer(learner.train_cfg.optimizer, tl.lr)
+        for j, st in tl.opt.state_dict()["state"].items():
+            opt.steps[names[j]] = int(st["step"]) if "step" in st else learner.step
+            opt.state[names[j]] = {k: v.detach().cpu().float().numpy().copy() for k, v in st.items() if k != "step"}
+        el.opt = opt
+    edge.rng = np.random.default_rng([learner.train_cfg.seed, learner.step])
+    edge.draws.rng = edge.rng
+    return edge
+
+
+def from_edge(edge: EdgeLearner) -> Learner | ContrastiveLearner:
+    """The torch learner in the same state as an ``EdgeLearner`` (for ONNX export, or more training)."""
+    learner: Learner | ContrastiveLearner = (Learner if edge.family == "goodness" else ContrastiveLearner)(
+        edge.model_cfg, edge.train_cfg)
+    sd = learner.net.state_dict()
+    for name, a in edge.arrays().items():
+        sd[name] = torch.from_numpy(np.array(a, np.float32))
+    learner.net.load_state_dict(sd)
+    if edge.family == "goodness" and edge.model_cfg.label_learned:
+        learner.net.local_layers[0].extra_params = list(learner.net.encoder.parameters())
+    if edge.family == "cfl":
+        assert learner.net.embed is not None
+        learner.net.local_layers[-1].extra_params = [learner.net.embed]
+    learner.step, learner.samples_seen = edge.step, edge.samples_seen
+    for i, (tl, el) in enumerate(zip(learner.net.local_layers, edge.layers, strict=True)):
+        tl.set_lr(el.lr)
+        if el.opt is None:
+            continue
+        opt = tl.ensure_optimizer()
+        template = opt.state_dict()
+        state = {}
+        for j, name in enumerate(edge.param_order(i)):
+            if name not in el.opt.state:
+                continue
+            st: dict[str, Any] = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in el.opt.state[name].items()}
+            if el.opt.kind != "sgd":
+                st["step"] = torch.tensor(float(el.opt.steps.get(name, 0)))
+            state[j] = st
+        template["state"] = state
+        opt.load_state_dict(template)
+        tl.set_lr(el.lr)
+    learner.generator.manual_seed(int(np.random.default_rng([edge.train_cfg.seed, edge.step]).integers(2**62)))
+    return learner
+
+
+def convert_file(src: str | Path, dst: str | Path) -> Path:
+    """Convert a torch checkpoint (``.pt``) to an edge model (``.npz``) or back, by the suffix of ``dst``."""
+    src, dst = Path(src), Path(dst)
+    if dst.suffix == ".npz":
+        learner, meta = load_checkpoint(src, device="cpu")
+        return save_edge(to_edge(learner), dst, meta=meta)
+    edge, meta = load_edge(src)
+    return save_checkpoint(from_edge(edge), dst, meta=meta)
