@@ -9,12 +9,27 @@ recipe made deeper), both with Adam. Measured values come from a fresh subproces
 resident baseline (parameters and optimizer state already allocated); ``*_peak`` adds the accounted
 resident bytes. Throughput: real MNIST images (the built-in subset), 1 thread, batch 1, same process.
 Writes bench/results/memory.json and prints tables.
+
+    python bench/memory.py --process --data-dir ../shared/data [--presets symba-mlp,cfl-mlp] [--process-batches 1,32]
+
+Process mode (the edge-runtime issue): every row is a fresh process (``bench/_process.py``, 1 thread) that
+trains a preset for one pass over the data set (the same streamed batches in the same order for every
+runtime), evaluates on the full test set, and exits; its whole-process peak RSS comes from the kernel
+(its VmHWM at exit; wait4's ru_maxrss is recorded too, but it counts the forking parent's pages). Runtimes: the numpy edge runtime (no torch imported), the torch local
+learner and torch backprop on the same layers. Records ``{"kind": "process", "runtime", "method",
+"preset", "dataset", "batch_size", "peak_rss", "samples_per_s", "test_acc", ...}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from dataclasses import replace
 from typing import Any
 
@@ -49,11 +64,76 @@ def throughput(model: Any, train: Any, n: int) -> dict[str, float]:
     return out
 
 
+RUNTIMES = (("numpy", "local"), ("torch", "local"), ("torch", "bp"))
+
+
+def run_process(job: dict[str, Any]) -> dict[str, Any]:
+    """One fresh process; its line plus the kernel's peak RSS of that process (bytes)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    child = subprocess.Popen([sys.executable, str(Path(__file__).with_name("_process.py")), json.dumps(job)],
+                             stdout=subprocess.PIPE, env=env, text=True)
+    assert child.stdout is not None
+    out = child.stdout.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode:
+        raise RuntimeError(f"{job} failed with exit code {child.returncode}")
+    line = json.loads(out.strip().splitlines()[-1])
+    # the child's own VmHWM at exit: wait4's ru_maxrss would also count the pages of this (torch-importing)
+    # parent that the fork shared before the exec
+    return {"kind": "process", "runtime": job["runtime"], "method": job["method"], "preset": job["preset"],
+            "dataset": job["dataset"], "batch_size": job["batch_size"], "epochs": job.get("epochs", 1),
+            "threads": 1, "peak_rss": line["vm_hwm"], "ru_maxrss_wait4": usage.ru_maxrss * 1024, **line}
+
+
+def process_rows(args: argparse.Namespace) -> None:
+    jobs = []
+    for preset in args.presets.split(","):
+        for b in map(int, args.process_batches.split(",")):
+            for runtime, method in RUNTIMES:
+                if f"{runtime}:{method}" in args.runtimes.split(","):
+                    jobs.append({"runtime": runtime, "method": method, "preset": preset, "dataset": args.dataset,
+                                 "data_dir": args.data_dir, "batch_size": b, "limit": args.limit,
+                                 "test_limit": args.test_limit})
+    records = []
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for rec in pool.map(run_process, jobs):
+            mib = rec["peak_rss"] / 2**20
+            print(f"{rec['preset']} b={rec['batch_size']} {rec['runtime']}/{rec['method']}: peak {mib:.1f} MiB, "
+                  f"{rec['samples_per_s']} samples/s, test {rec['test_acc']:.4f}", flush=True)
+            records.append(rec)
+    for rec in records:  # ratios against the torch backprop process and the torch local learner of the same row
+        same = {(r["runtime"], r["method"]): r for r in records
+                if (r["preset"], r["batch_size"]) == (rec["preset"], rec["batch_size"])}
+        if ("torch", "bp") in same:
+            rec["peak_over_bp"] = round(rec["peak_rss"] / same[("torch", "bp")]["peak_rss"], 4)
+            rec["bp_test_acc"] = same[("torch", "bp")]["test_acc"]
+        if ("torch", "local") in same:
+            rec["samples_per_s_over_torch_local"] = round(rec["samples_per_s"] / same[("torch", "local")]["samples_per_s"], 4)
+            rec["acc_minus_torch_local"] = round(rec["test_acc"] - same[("torch", "local")]["test_acc"], 4)
+    merge_records("memory", records, ("kind", "runtime", "method", "preset", "dataset", "batch_size"))
+    rows = [dict(r, peak_mib=round(r["peak_rss"] / 2**20, 1)) for r in records]
+    print(table(rows, ["preset", "dataset", "batch_size", "runtime", "method", "samples", "peak_mib", "peak_over_bp",
+                       "samples_per_s", "samples_per_s_over_torch_local", "test_acc", "acc_minus_torch_local"]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,32,256")
     ap.add_argument("--stream-samples", type=int, default=1000)
+    ap.add_argument("--process", action="store_true", help="whole-process rows: numpy edge runtime vs torch")
+    ap.add_argument("--presets", default="symba-mlp,cfl-mlp")
+    ap.add_argument("--process-batches", default="1,32")
+    ap.add_argument("--runtimes", default="numpy:local,torch:local,torch:bp")
+    ap.add_argument("--dataset", default="mnist")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--limit", type=int, default=None, help="training samples per process (default: one epoch)")
+    ap.add_argument("--test-limit", type=int, default=None)
+    ap.add_argument("--jobs", type=int, default=2, help="processes at a time")
     args = ap.parse_args()
+    if args.process:
+        process_rows(args)
+        return
     torch.set_num_threads(1)
     records: list[dict[str, Any]] = []
     for name, (model, train) in models().items():

@@ -528,7 +528,9 @@ class EdgeLearner:
 
     # ----------------------------------------------------------------- prediction
     def _chunk(self) -> int:
-        return max(1, 512 // self.num_classes) if self.family == "goodness" else 256
+        """Samples per inference chunk: about 128 rows through a layer at a time (K rows per sample for
+        goodness), so inference never needs more memory than a small training batch."""
+        return max(1, 128 // self.num_classes) if self.family == "goodness" else 128
 
     def layer_scores(self, x: Any) -> np.ndarray:
         """Per-layer class scores (B, K, L): goodness of every label, or ⟨h̄/‖h̄‖, pooled D⟩ (CFL).

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from edgeff.config import LayerSpec
+from edgeff.edge.optim import Outer
 
 F32 = np.float32
 
@@ -24,7 +25,7 @@ class Op:
     def __init__(self) -> None:
         self.params: dict[str, np.ndarray] = {}  # trained arrays, in torch's registration order
         self.buffers: dict[str, np.ndarray] = {}  # running statistics
-        self.grads: dict[str, np.ndarray] = {}
+        self.grads: dict[str, Any] = {}  # arrays, or an Outer the optimizer reads block by block
         self.cache: Any = None
 
     def forward(self, x: np.ndarray, train: bool) -> np.ndarray:
@@ -179,7 +180,7 @@ class Linear(Op):
         return x @ self.params["weight"].T + self.params["bias"]  # (B, out)
 
     def backward(self, dy: np.ndarray, need_dx: bool) -> np.ndarray | None:
-        self.grads = {"weight": dy.T @ self.cache, "bias": dy.sum(0)}
+        self.grads = {"weight": Outer(dy, self.cache, self.params["weight"].shape), "bias": dy.sum(0)}
         return dy @ self.params["weight"] if need_dx else None
 
 
@@ -212,7 +213,7 @@ class Conv2d(Op):
         w = self.params["weight"]
         o = w.shape[0]
         dym = dy.transpose(0, 2, 3, 1).reshape(-1, o)  # (B·Ho·Wo, O)
-        self.grads = {"weight": (dym.T @ cols).reshape(w.shape), "bias": dym.sum(0)}
+        self.grads = {"weight": Outer(dym, cols, w.shape), "bias": dym.sum(0)}
         if not need_dx:
             return None
         b, c, h, wd = shape
@@ -302,8 +303,10 @@ def make_block(spec: LayerSpec, in_shape: tuple[int, ...], rng: np.random.Genera
             ops.append(make_norm(spec.norm, in_shape[0], spatial=True, bn=bn))
         weight = Conv2d(in_shape[0], spec.out, spec.kernel, spec.stride, spec.padding)
     bound = 1.0 / np.sqrt(fan_in)
-    for arr in weight.params.values():
-        arr[...] = rng.uniform(-bound, bound, arr.shape)
+    for arr in weight.params.values():  # U(-bound, bound) drawn in float32 (no float64 copy of a big layer)
+        rng.random(arr.shape, dtype=F32, out=arr)
+        arr *= F32(2 * bound)
+        arr -= F32(bound)
     ops.append(weight)
     out_norm = make_norm(spec.norm, spec.out, spatial=spec.kind == "conv", bn=bn) if post else None
     if spec.order == "post":
