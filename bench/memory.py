@@ -29,8 +29,8 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch

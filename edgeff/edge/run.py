@@ -1,0 +1,78 @@
+"""A whole edge training run as a library call (what ``edgeff-edge train`` does): build or resume a
+learner, stream a data set through it, evaluate, save atomically."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from edgeff.edge.data import EdgeData, load_edge_data
+from edgeff.edge.learner import EdgeLearner, evaluate, make_edge_learner
+from edgeff.edge.store import load, save
+from edgeff.errors import CheckpointError, InputError
+from edgeff.loop import train_epochs
+
+
+@dataclass(frozen=True)
+class RunResult:
+    learner: EdgeLearner
+    data: EdgeData
+    path: Path
+    test: dict[str, Any]  # accuracy, samples, layer_accuracy
+    resumed_from: int  # samples the learner had seen before this run
+
+
+def train_run(
+    *,
+    preset: str = "symba-mlp",
+    data: str = "builtin",
+    data_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    out: str | Path | None = None,
+    resume: bool = False,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    samples: int | None = None,
+    overrides: dict[str, Any] | None = None,
+    on_step: Callable[[object, int], None] | None = None,
+    on_start: Callable[[EdgeLearner, int], None] | None = None,
+) -> RunResult:
+    """Train ``preset`` on ``data`` with the numpy runtime and save it to ``out`` (``runs/PRESET.npz``).
+
+    With ``resume`` and an existing ``out`` the run continues from it (same preset required) up to
+    ``epochs`` passes in all. ``overrides`` replaces train-config fields (lr, schedule, seed, views, ...).
+    ``on_start(learner, total_samples)`` is called before the first step (progress bars).
+    """
+    ds = load_edge_data(data, data_dir, cache_dir=cache_dir)
+    path = Path(out) if out is not None else Path("runs") / f"{preset}.npz"
+    if path.exists() and path.is_dir():
+        raise InputError(f"--out {path} is a folder; give a file name such as {path / (preset + '.npz')}")
+    if resume and path.is_file():
+        learner, meta = load(path)
+        if meta.get("preset") not in (None, preset):
+            raise CheckpointError(f"{path} holds a {meta.get('preset')} model, not {preset}; pass --preset "
+                                  f"{meta.get('preset')} or another --out")
+        if meta.get("data") not in (None, data):
+            raise CheckpointError(f"{path} was trained on {meta.get('data')}, not {data}")
+    else:
+        from edgeff.presets import get_preset
+
+        p = get_preset(preset)
+        train = replace(p.train, **(overrides or {}))
+        learner = make_edge_learner(p, input_shape=ds.input_shape, num_classes=len(ds.classes), train=train)
+        learner.model_cfg = replace(learner.model_cfg, class_names=tuple(ds.classes))
+    n_epochs = epochs if epochs is not None else learner.train_cfg.epochs
+    bs = batch_size if batch_size is not None else learner.train_cfg.batch_size
+    if bs < 1 or n_epochs < 1:
+        raise InputError("batch size and epochs must be at least 1")
+    per_epoch = min(samples, len(ds.y_train)) if samples is not None else len(ds.y_train)
+    before = learner.samples_seen
+    if on_start is not None:
+        on_start(learner, max(0, per_epoch * n_epochs - before))
+    train_epochs(learner, ds, epochs=n_epochs, batch_size=bs, seed=learner.train_cfg.seed, limit=samples,
+                 on_step=on_step)
+    test = evaluate(learner, ds.test_batches(200), per_layer=True)
+    save(learner, path, meta={"preset": preset, "data": data, "test_accuracy": test["accuracy"]})
+    return RunResult(learner, ds, path, test, before)

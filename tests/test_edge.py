@@ -1,0 +1,346 @@
+"""The numpy edge runtime against the torch learners it mirrors.
+
+Parity drives the real torch ``Learner``/``ContrastiveLearner`` and the ``EdgeLearner`` converted from
+it (``edgeff.interchange.to_edge``) with the same batches; the torch learner's random draws (wrong
+labels, embedding noise, crops) are recorded as it makes them and replayed to the numpy side.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from edgeff.data import load_data
+from edgeff.edge import EdgeLearner, UnsupportedError, make_edge_learner
+from edgeff.edge import ops as eops
+from edgeff.edge.data import load_edge_data
+from edgeff.edge.learner import Draws
+from edgeff.edge.store import load as load_edge
+from edgeff.edge.store import save as save_edge
+from edgeff.errors import InputError
+from edgeff.interchange import from_edge, to_edge
+from edgeff.layers import LengthNorm, RunningBatchNorm, SampleLayerNorm
+from edgeff.presets import get_preset, make_learner
+
+
+class ReplayDraws(Draws):
+    """Replays a torch learner's recorded draws to the numpy learner."""
+
+    def __init__(self, rng: np.random.Generator, rec: dict[str, list[np.ndarray]]) -> None:
+        super().__init__(rng)
+        self.rec = rec
+
+    def negatives(self, y: np.ndarray, k: int) -> np.ndarray:
+        return self.rec["neg"].pop(0)
+
+    def noise(self, shape: tuple[int, ...], width: int) -> np.ndarray:
+        return self.rec["noise"].pop(0)
+
+    def augment(self, x: np.ndarray, padding: int, hflip: bool) -> np.ndarray:
+        return self.rec["aug"].pop(0)
+
+
+def _recording(torch_learner, edge: EdgeLearner) -> None:
+    """Record the torch learner's random draws as it makes them; the edge learner replays them."""
+    rec: dict[str, list[np.ndarray]] = {"neg": [], "noise": [], "aug": []}
+
+    def wrap(fn, key):
+        def inner(*a):
+            out = fn(*a)
+            rec[key].append(out.detach().cpu().numpy().copy())
+            return out
+        return inner
+
+    if hasattr(torch_learner, "negatives"):
+        torch_learner.negatives = wrap(torch_learner.negatives, "neg")
+    if hasattr(torch_learner, "_noise"):
+        torch_learner._noise = wrap(torch_learner._noise, "noise")
+    if getattr(torch_learner, "augment", None) is not None:
+        torch_learner.augment = wrap(torch_learner.augment, "aug")
+    edge.draws = ReplayDraws(edge.rng, rec)
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+
+
+def _run_both(preset: str, steps: int, batch: int, **train):
+    p = get_preset(preset)
+    t = make_learner(p, train=replace(p.train, device="cpu", **train))
+    e = to_edge(t)
+    _recording(t, e)
+    data = load_data("builtin")
+    for x, y in data.train_batches(batch, seed=3, limit=steps * batch):
+        mt = t.learn_many(x, y)
+        me = e.learn_many(x.numpy(), y.numpy())
+    assert [m.trained for m in mt] == [m.trained for m in me]
+    np.testing.assert_allclose([m.loss for m in me], [m.loss for m in mt], rtol=1e-3, atol=1e-5)
+    return t, e
+
+
+def _assert_same_state(t, e: EdgeLearner, tol: float, opt_tol: float = 1e-3) -> None:
+    """Every tensor within ``tol`` (relative), every optimizer moment within ``opt_tol``: the moments
+    average recent gradients, which are more sensitive to float32 rounding than the weights."""
+    sd = t.net.state_dict()
+    errors = {n: _rel(a, sd[n].numpy()) / tol for n, a in e.arrays().items()}
+    for i, layer in enumerate(t.net.local_layers):
+        assert (layer.opt is None) == (e.layers[i].opt is None)
+        if layer.opt is None:
+            continue
+        names = e.param_order(i)
+        for j, st in layer.opt.state_dict()["state"].items():
+            for key, v in st.items():
+                if key != "step":
+                    errors[f"{names[j]}:{key}"] = _rel(e.layers[i].opt.state[names[j]][key], v.numpy()) / opt_tol
+    bad = {n: f"{err:.2f}x" for n, err in errors.items() if err > 1}
+    assert not bad, f"relative error above {tol} (tensors) / {opt_tol} (optimizer state): {bad}"
+
+
+def test_edge_runtime_imports_no_torch():
+    code = ("import sys; import edgeff.edge, edgeff.edge.data, edgeff.edge.store, edgeff.exporters.runtime, "
+            "edgeff.presets, edgeff.firmware_sim.device, edgeff.cli.edge; "
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ----------------------------------------------------------------------------- ops vs autograd
+def _check_op(op: eops.Op, module: torch.nn.Module, x: np.ndarray, *, train: bool = True) -> None:
+    rng = np.random.default_rng(1)
+    y = op.forward(x, train)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dx = op.backward(dy, True)
+    tx = torch.tensor(x, requires_grad=True)
+    ty = module(tx)
+    ty.backward(torch.tensor(dy))
+    np.testing.assert_allclose(y, ty.detach().numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dx, tx.grad.numpy(), rtol=1e-4, atol=1e-5)
+    for name, p in module.named_parameters():
+        g = op.grads[name]
+        g = g.full() if hasattr(g, "full") else g
+        np.testing.assert_allclose(g, p.grad.numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("cin", "cout", "k", "stride", "pad"), [(1, 4, 3, 1, 0), (4, 6, 3, 2, 1), (3, 5, 3, 1, 1)])
+def test_conv_matches_torch(cin, cout, k, stride, pad):
+    rng = np.random.default_rng(0)
+    conv = torch.nn.Conv2d(cin, cout, k, stride, pad)
+    op = eops.Conv2d(cin, cout, k, stride, pad)
+    op.params = {n: p.detach().numpy().copy() for n, p in conv.named_parameters()}
+    _check_op(op, conv, rng.standard_normal((3, cin, 11, 11)).astype(np.float32))
+
+
+@pytest.mark.parametrize(("batch", "always_running"), [(8, False), (3, False), (8, True)])
+def test_running_batchnorm_matches_torch(batch, always_running):
+    rng = np.random.default_rng(0)
+    for spatial, shape in ((True, (batch, 4, 5, 5)), (False, (batch, 6))):
+        bn = RunningBatchNorm(shape[1], spatial=spatial, min_batch=8, always_running=always_running)
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+        op = eops.BatchNorm(shape[1], spatial=spatial, momentum=0.1, min_batch=8, always_running=always_running)
+        op.params = {n: p.detach().numpy().copy() for n, p in bn.named_parameters()}
+        x = (rng.standard_normal(shape) * 3 + 1).astype(np.float32)
+        _check_op(op, bn, x)
+        np.testing.assert_allclose(op.buffers["running_mean"], bn.running_mean.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(op.buffers["running_var"], bn.running_var.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_norms_and_pool_match_torch():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 3, 7, 7)).astype(np.float32)
+    _check_op(eops.LengthNorm(), LengthNorm(), x)
+    _check_op(eops.LayerNorm(), SampleLayerNorm(), x)
+    _check_op(eops.MaxPool(2), torch.nn.MaxPool2d(2), x)
+
+
+# ----------------------------------------------------------------------------- learner parity
+@pytest.mark.parametrize("preset", ["symba-mlp", "ff-mlp", "cfl-mlp"])
+def test_mlp_presets_match_torch_after_50_steps(preset):
+    """The presets as they are (cfl-mlp: AdamW on two cropped views), every tensor and optimizer moment."""
+    t, e = _run_both(preset, steps=50, batch=32)
+    _assert_same_state(t, e, 1e-4)
+    x, _ = next(load_data("builtin").test_batches(300))
+    assert (t.predict_many(x).numpy() == e.predict_many(x.numpy())).all()
+
+
+def test_trifecta_cnn_matches_torch_after_50_steps():
+    """Conv + pool + running-statistics BN at a batch (4 + 4 negatives) that uses batch statistics, learned
+    label channel trained through the first layer's input gradient. SGD: Adam turns rounding-level
+    differences in near-zero gradients into full-size steps, see the README's edge section."""
+    t, e = _run_both("trifecta-cnn", steps=50, batch=4, schedule="all", optimizer="sgd", lr=3e-3)
+    _assert_same_state(t, e, 1e-4)
+
+
+def test_cfl_conv_matches_torch():
+    """cfl-conv (conv, post-order BN in running-statistics mode at batch 4, global-pool features): one step
+    agrees to float32 rounding; 50 steps keep the same predictions."""
+    t, e = _run_both("cfl-conv", steps=1, batch=4)
+    _assert_same_state(t, e, 1e-3, 1e-2)
+    t, e = _run_both("cfl-conv", steps=50, batch=4)
+    x, _ = next(load_data("builtin").test_batches(300))
+    assert (t.predict_many(x).numpy() == e.predict_many(x.numpy())).mean() >= 0.95
+
+
+def test_greedy_schedule_matches_torch_and_drops_optimizers():
+    t, e = _run_both("symba-mlp", steps=6, batch=32, schedule="greedy", greedy_steps=3, optimizer="sgd", lr=1e-2)
+    _assert_same_state(t, e, 1e-4)
+    assert e.layers[0].opt is None and e.layers[1].opt is not None
+
+
+# ----------------------------------------------------------------------------- interchange and files
+def test_torch_edge_torch_round_trip_is_exact(tmp_path):
+    t, _ = _run_both("cfl-mlp", steps=3, batch=32, views=1, crop_padding=0)
+    t.add_class("cup")
+    e = to_edge(t)
+    save_edge(e, tmp_path / "m.npz", meta={"dataset": "builtin"})
+    e2, meta = load_edge(tmp_path / "m.npz")
+    assert meta == {"dataset": "builtin"} and e2.class_names == t.class_names
+    back = from_edge(e2)
+    for k, v in t.net.state_dict().items():
+        if not k.startswith("head."):
+            assert torch.equal(v, back.net.state_dict()[k]), k
+    for a, b in zip(t.net.local_layers, back.net.local_layers, strict=True):
+        sa, sb = a.opt.state_dict(), b.opt.state_dict()
+        assert sa["param_groups"][0]["lr"] == sb["param_groups"][0]["lr"]
+        for j, st in sa["state"].items():
+            for key, v in st.items():
+                assert torch.equal(v, sb["state"][j][key]), key
+    assert (back.step, back.samples_seen) == (t.step, t.samples_seen)
+
+
+def test_edge_file_resume_continues_exactly(tmp_path):
+    data = load_edge_data("builtin")
+    batches = list(data.train_batches(16, limit=96))
+    a = make_edge_learner("symba-mlp")
+    for x, y in batches[:3]:
+        a.learn_many(x, y)
+    save_edge(a, tmp_path / "a.npz")
+    b, _ = load_edge(tmp_path / "a.npz")
+    for x, y in batches[3:]:
+        a.learn_many(x, y)
+        b.learn_many(x, y)
+    for n, arr in a.arrays().items():
+        np.testing.assert_array_equal(arr, b.arrays()[n])
+
+
+def test_edge_learner_learns_builtin_mnist():
+    data = load_edge_data("builtin")
+    e = make_edge_learner("symba-mlp")
+    for x, y in data.train_batches(32, limit=3000):
+        e.learn_many(x, y)
+    correct = sum(int((e.predict_many(x) == y).sum()) for x, y in data.test_batches(250))
+    assert correct / len(data.y_test) > 0.6  # 75% measured (chance 10%)
+
+
+def test_unsupported_features_are_refused_with_what_to_do():
+    with pytest.raises(UnsupportedError, match="olu"):
+        make_edge_learner("trifecta-cnn")
+    with pytest.raises(UnsupportedError, match="need torch"):
+        make_edge_learner("cff-mlp")
+    p = get_preset("symba-mlp")
+    with pytest.raises(UnsupportedError, match="head"):
+        make_edge_learner(p, train=replace(p.train, predictor="head"))
+
+
+def test_bad_batch_is_refused_and_leaves_state_untouched():
+    e = make_edge_learner("symba-mlp")
+    before = {k: v.copy() for k, v in e.arrays().items()}
+    x = np.zeros((2, 1, 28, 28), np.float32)
+    x[0, 0, 0, 0] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        e.learn_many(x, [1, 2])
+    with pytest.raises(InputError, match="labels"):
+        e.learn_many(np.zeros((2, 1, 28, 28), np.float32), [1, 12])
+    assert all(np.array_equal(v, e.arrays()[k]) for k, v in before.items()) and e.step == 0
+
+
+@pytest.mark.parametrize("preset", ["symba-mlp", "cfl-mlp"])
+def test_add_class_keeps_old_scores(preset):
+    data = load_edge_data("builtin")
+    e = make_edge_learner(preset)
+    for x, y in data.train_batches(32, limit=256):
+        e.learn_many(x, y)
+    x, y = next(data.test_batches(50))
+    before = e.layer_scores(x)
+    idx = e.add_class("cup", examples=x[:5])
+    after = e.layer_scores(x)
+    assert idx == 10 and e.class_names[-1] == "cup" and after.shape[1] == 11
+    np.testing.assert_allclose(after[:, :10], before, rtol=1e-5, atol=1e-6)
+    e.learn_many(x[:8], np.full(8, 10))  # the new class trains at once
+
+
+# ----------------------------------------------------------------------------- the Pi route: no torch at all
+def _no_torch_env(tmp_path):
+    import os
+
+    blocker = tmp_path / "blocker" / "torch"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('torch is not installed on this board')\n")
+    return dict(os.environ, PYTHONPATH=str(tmp_path / "blocker"), XDG_CACHE_HOME=str(tmp_path / "cache"))
+
+
+def _edge_cli(env, *args, check=True, timeout=300):
+    import shutil
+
+    exe = shutil.which("edgeff-edge")
+    cmd = [exe] if exe else [sys.executable, "-m", "edgeff.cli.edge"]
+    return subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, check=check, timeout=timeout)
+
+
+def test_pi_commands_run_where_torch_cannot_be_imported(tmp_path):
+    from edgeff.exporters.onnx import export_onnx
+
+    env = _no_torch_env(tmp_path)
+    probe = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
+    assert probe.returncode != 0 and "not installed" in probe.stderr
+    model = tmp_path / "m.npz"
+    r = _edge_cli(env, "train", "--preset", "cfl-mlp", "--views", "1", "--samples", "600", "--epochs", "1",
+                  "--batch-size", "32", "--no-progress", "--out", str(model))
+    assert "test accuracy" in r.stdout and model.is_file()
+    r = _edge_cli(env, "train", "--preset", "cfl-mlp", "--samples", "600", "--epochs", "2", "--batch-size", "32",
+                  "--no-progress", "--out", str(model), "--resume")
+    assert "1200 samples seen" in r.stdout
+    r = _edge_cli(env, "eval", str(model), "--limit", "300", "--json")
+    assert 0.3 < json.loads(r.stdout)["accuracy"] <= 1.0
+    # an ONNX file exported on the laptop (torch, this process) runs on the board with onnxruntime alone
+    from edgeff.interchange import from_edge
+
+    learner, _ = load_edge(model)
+    export_onnx(from_edge(learner), tmp_path / "m.onnx")
+    r = _edge_cli(env, "eval", str(tmp_path / "m.onnx"), "--limit", "300", "--json")
+    assert json.loads(r.stdout)["backend"] == "onnxruntime"
+    r = _edge_cli(env, "convert", str(model), str(tmp_path / "m.pt"), check=False)
+    assert r.returncode == 2 and "needs torch" in r.stderr
+    r = _edge_cli(env, "train", "--preset", "cff-mlp", "--no-progress", check=False)
+    assert r.returncode == 2 and "need torch" in r.stderr and "Traceback" not in r.stderr
+    sim = subprocess.Popen([sys.executable, "-m", "edgeff.cli.edge", "device-sim", "--socket", "0"], env=env,
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert sim.stdout.readline().startswith("port: socket://")
+    finally:
+        sim.kill()
+        sim.wait(10)
+
+
+def test_convert_cli_round_trip(tmp_path):
+    """A laptop's torch checkpoint continues on the board and comes back, through the CLI."""
+    from edgeff.checkpoint import load as load_ckpt
+    from edgeff.checkpoint import save as save_ckpt
+
+    t, _ = _run_both("symba-mlp", steps=2, batch=32)
+    save_ckpt(t, tmp_path / "t.pt", meta={"preset": "symba-mlp", "data": "builtin"})
+    import os
+
+    _edge_cli(dict(os.environ), "convert", str(tmp_path / "t.pt"), str(tmp_path / "e.npz"))
+    e, meta = load_edge(tmp_path / "e.npz")
+    assert meta["preset"] == "symba-mlp" and e.samples_seen == 64
+    _edge_cli(dict(os.environ), "convert", str(tmp_path / "e.npz"), str(tmp_path / "back.pt"))
+    back, _ = load_ckpt(tmp_path / "back.pt")
+    for k, v in t.net.state_dict().items():
+        assert torch.equal(v, back.net.state_dict()[k]), k
