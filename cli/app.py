@@ -634,6 +634,7 @@ def device_load(
     port: PortOpt,
     checkpoint_path: Annotated[Path | None, typer.Option("--checkpoint", help="a trained symba-mlp/ff-mlp checkpoint to upload")] = None,
     onnx_path: Annotated[Path | None, typer.Option("--onnx", help="an `edgeff export` ONNX file (inference only on the device)")] = None,
+    edge_path: Annotated[Path | None, typer.Option("--edge", help="an edge-runtime model (`edgeff-edge train`, .npz): any preset it trains")] = None,
     rule: Annotated[Rule, typer.Option(help="fresh model: goodness (SymBa + ICP) or embed (label embeddings)")] = Rule.embed,
     layers: Annotated[str, typer.Option(help="fresh model: comma-separated layer widths")] = "128,128",
     groups: Annotated[int, typer.Option(help="embed rule: feature groups per layer")] = 4,
@@ -659,6 +660,16 @@ def device_load(
                 budget = c.info["ram_budget"]
             out.print(f"loaded ONNX model {onnx_path.name} ({len(blob)} bytes, inference only); needs about "
                       f"{_bkib(meta['memory'])} of the device's {_bkib(budget)}", highlight=False)
+            return
+        if edge_path is not None:
+            if not edge_path.is_file():
+                _fail(f"edge model {edge_path} does not exist; write one with `edgeff-edge train`")
+            blob = edge_path.read_bytes()
+            with _client(port) as c:
+                meta = c.load(blob)
+                budget = c.info["ram_budget"]
+            out.print(f"loaded edge model {edge_path.name} ({len(blob)} bytes); needs {_bkib(meta['memory'])} of the "
+                      f"device's {_bkib(budget)}", highlight=False)
             return
         if checkpoint_path is not None:
             from edgeff.exporters.device import to_device_model

@@ -63,10 +63,9 @@ def from_edge(edge: EdgeLearner) -> Learner | ContrastiveLearner:
     for name, a in edge.arrays().items():
         sd[name] = torch.from_numpy(np.array(a, np.float32))
     learner.net.load_state_dict(sd)
-    if edge.family == "goodness" and edge.model_cfg.label_learned:
+    if isinstance(learner, Learner) and edge.model_cfg.label_learned:  # the first layer trains the label matrix
         learner.net.local_layers[0].extra_params = list(learner.net.encoder.parameters())
-    if edge.family == "cfl":
-        assert learner.net.embed is not None
+    if isinstance(learner, ContrastiveLearner) and learner.net.embed is not None:  # the last layer trains D
         learner.net.local_layers[-1].extra_params = [learner.net.embed]
     learner.step, learner.samples_seen = edge.step, edge.samples_seen
     for i, (tl, el) in enumerate(zip(learner.net.local_layers, edge.layers, strict=True)):

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from edgeff.firmware_sim.edge_model import EdgeModel, model_from_bytes
 from edgeff.firmware_sim.numpy_net import RULES, ModelError, NumpyNet
 from edgeff.firmware_sim.protocol import (
     MAX_PAYLOAD,
@@ -132,7 +133,7 @@ class Device:
         """Start from the saved state (or empty): what a power cycle does."""
         self.boots += 1
         self.boot_id = int.from_bytes(os.urandom(4), "little")
-        self.net: NumpyNet | None = None
+        self.net: NumpyNet | EdgeModel | None = None  # its own Linear rules, or an edge-runtime file
         self.onnx: OnnxModel | None = None
         self.rng = np.random.default_rng(self.seed)
         self.samples_seen = 0
@@ -150,7 +151,7 @@ class Device:
             return
         if path is not None and path.exists():
             try:
-                net, state = NumpyNet.from_bytes(path.read_bytes())
+                net, state = model_from_bytes(path.read_bytes())
             except ModelError as e:
                 print(f"device: ignoring unreadable saved state ({e})", file=sys.stderr)
                 return
@@ -235,7 +236,7 @@ class Device:
         return Message(MsgType.ACK, msg.seq, {**meta, "boot": self.boot_id}, arrays)
 
     # ----------------------------------------------------------------- handlers
-    def _require_model(self) -> NumpyNet:
+    def _require_model(self) -> NumpyNet | EdgeModel:
         if self.onnx is not None:
             raise DeviceError("unsupported", "the loaded model is an ONNX graph, which this device runs for "
                                              "inference only; load a device model (edgeff device load --rule or "
@@ -244,7 +245,7 @@ class Device:
             raise DeviceError("no_model", "no model loaded; send LOAD_MODEL first (edgeff device load)")
         return self.net
 
-    def _fit(self, net: NumpyNet, batch: int, what: str) -> dict[str, Any]:
+    def _fit(self, net: NumpyNet | EdgeModel, batch: int, what: str) -> dict[str, Any]:
         plan = net.memory_plan(batch)
         if plan["total"] > self.budget:
             raise DeviceError(
@@ -298,7 +299,7 @@ class Device:
             self.samples_seen = self.applied_crc = 0
             return {"received": have, "memory": model.plan_bytes, "classes": model.classes, "format": "onnx"}, {}
         try:
-            net, _ = NumpyNet.from_bytes(blob)
+            net, _ = model_from_bytes(blob)
         except ModelError as e:
             raise DeviceError("bad_model", str(e)) from None
         plan = self._fit(net, 1, "this model")
@@ -341,7 +342,7 @@ class Device:
 
     def _add_class(self, msg: Message) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         net = self._require_model()
-        backup = NumpyNet.from_bytes(net.to_bytes())[0]
+        backup = model_from_bytes(net.to_bytes())[0]
         rng_state = self.rng.bit_generator.state
         index = net.add_class(str(msg.meta["name"]), self.rng, msg.arrays.get("x"))
         try:

@@ -114,7 +114,7 @@ class Draws:
             cols = off[1][:, None] + np.arange(w)
             x = xp[np.arange(b)[:, None, None], :, rows[:, :, None], cols[:, None, :]].transpose(0, 3, 1, 2)
         if hflip:
-            flip = self.rng.random(b) < 0.5
+            flip: np.ndarray = np.asarray(self.rng.random(b) < 0.5)
             x = np.where(flip[:, None, None, None], x[..., ::-1], x)
         return np.ascontiguousarray(x, dtype=F32)
 

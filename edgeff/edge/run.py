@@ -74,5 +74,6 @@ def train_run(
     train_epochs(learner, ds, epochs=n_epochs, batch_size=bs, seed=learner.train_cfg.seed, limit=samples,
                  on_step=on_step)
     test = evaluate(learner, ds.test_batches(200), per_layer=True)
-    save(learner, path, meta={"preset": preset, "data": data, "test_accuracy": test["accuracy"]})
+    save(learner, path, meta={"preset": preset, "data": data, "test_accuracy": test["accuracy"],
+                              "mean": list(ds.mean), "std": list(ds.std), "classes": list(ds.classes)})
     return RunResult(learner, ds, path, test, before)

@@ -1,0 +1,157 @@
+"""Edge-runtime models on the simulated device: an ``edgeff.edge`` file (``edgeff-edge train``, or a
+torch checkpoint converted with ``edgeff-edge convert``) behind the device model interface of
+``NumpyNet``, so the device trains and serves every preset the edge runtime trains (conv layers,
+LayerNorm, running-statistics BatchNorm, CFL's dictionary), not only its own Linear rules.
+
+The device sends flattened pixels (B, C·H·W): uint8, normalised here with the mean/std stored in the
+file's meta (``edgeff-edge train`` writes them; MNIST's by default), or float32 already normalised.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+from edgeff.firmware_sim.numpy_net import ModelError
+
+from edgeff.edge.learner import EdgeLearner
+from edgeff.edge.optim import BLOCK
+from edgeff.edge.store import FORMAT, from_arrays, to_arrays
+from edgeff.errors import EdgeFFError
+
+F32 = np.float32
+
+
+def is_edge_file(blob: bytes) -> bool:
+    """Whether an ``.npz`` blob is an edge-runtime file (its header names the edge format)."""
+    try:
+        with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+            if "header" not in z.files:
+                return False
+            return json.loads(z["header"].tobytes().decode()).get("format") == FORMAT
+    except Exception:  # noqa: BLE001 - anything unreadable is not an edge file; NumpyNet reports it
+        return False
+
+
+class EdgeModel:
+    """``NumpyNet``'s device interface over an ``EdgeLearner``."""
+
+    def __init__(self, learner: EdgeLearner, meta: dict[str, Any]) -> None:
+        self.learner = learner
+        self.meta = {k: v for k, v in meta.items() if k != "device_state"}
+        c, h, w = learner.model_cfg.input_shape
+        self.rule = "goodness" if learner.family == "goodness" else "embed"
+        self.spec: dict[str, Any] = {
+            "rule": self.rule, "classes": list(learner.class_names), "input_dim": c * h * w,
+            "eval_layers": list(learner.eval_layers), "seed": learner.train_cfg.seed, "format": FORMAT,
+        }
+        self.mean = np.asarray(meta.get("mean", [0.1307] * c), F32).reshape(1, -1, 1, 1)
+        self.std = np.asarray(meta.get("std", [0.3081] * c), F32).reshape(1, -1, 1, 1)
+        self.last_working: list[int] = []
+
+    # ----------------------------------------------------------------- shape
+    @property
+    def n_layers(self) -> int:
+        return len(self.learner.layers)
+
+    def layer_out(self, i: int) -> int:
+        return int(np.prod(self.learner.shapes[i]))
+
+    def normalise_input(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x)
+        shape = self.learner.model_cfg.input_shape
+        if x.ndim != 2 or x.shape[1] != self.spec["input_dim"]:
+            raise ModelError(f"expected inputs of shape (B, {self.spec['input_dim']}), got {x.shape}")
+        x = x.reshape(x.shape[0], *shape)
+        if x.dtype == np.uint8:
+            return ((x.astype(F32) / F32(255.0) - self.mean) / self.std).astype(F32)
+        if not np.all(np.isfinite(x)):
+            raise ModelError("inputs hold NaN or infinite values")
+        return x.astype(F32, copy=False)
+
+    # ----------------------------------------------------------------- verbs
+    def layer_scores(self, x: np.ndarray) -> np.ndarray:
+        return self.learner.layer_scores(self.normalise_input(x))
+
+    def train_step(self, x: np.ndarray, y: np.ndarray, rng: np.random.Generator, **_: Any) -> list[float]:
+        self.learner.rng = self.learner.draws.rng = rng  # the device's generator, saved with its state
+        try:
+            metrics = self.learner.learn_many(self.normalise_input(x), np.asarray(y).reshape(-1))
+        except EdgeFFError as e:
+            raise ModelError(str(e)) from None
+        self.last_working = [lay["train_working"] for lay in self.memory_plan(len(x))["layers"]]
+        return [m.loss for m in metrics]
+
+    def add_class(self, name: str, rng: np.random.Generator, x: np.ndarray | None = None) -> int:
+        self.learner.rng = self.learner.draws.rng = rng
+        try:
+            idx = self.learner.add_class(name, None if x is None or not len(x) else self.normalise_input(x))
+        except EdgeFFError as e:
+            raise ModelError(str(e)) from None
+        self.spec["classes"] = list(self.learner.class_names)
+        return idx
+
+    # ----------------------------------------------------------------- memory
+    def memory_plan(self, batch: int) -> dict[str, Any]:
+        """Bytes the device needs: parameters, optimizer state and label tensors (resident) plus the
+        largest one-layer working set (activations kept for the layer's backward, their gradients, an
+        im2col buffer for conv layers, the optimizer's block scratch) at ``batch`` samples."""
+        ln = self.learner
+        per_state = 1 if ln.train_cfg.optimizer == "sgd" else 2
+        rows_train = (2 if ln.family == "goodness" else ln.train_cfg.views) * batch
+        rows_infer = min(batch * (ln.num_classes if ln.family == "goodness" else 1), 128 + ln.num_classes)
+        shape = ln.model_cfg.input_shape
+        in_shape: tuple[int, ...] = (shape[0] + (1 if ln.family == "goodness" and ln.model_cfg.label != "overlay" else 0),
+                                     *shape[1:])
+        layers = []
+        for i, layer in enumerate(ln.layers):
+            n_in, n_out = int(np.prod(in_shape)), self.layer_out(i)
+            params = sum(a.nbytes for _, a in layer.named("params"))
+            cols = 0
+            spec = ln.model_cfg.layers[i]
+            if spec.kind == "conv":  # im2col patches (and their gradient) at the conv's output resolution
+                pre_pool = n_out * spec.pool * spec.pool // spec.out
+                cols = 2 * pre_pool * in_shape[0] * spec.kernel * spec.kernel
+                n_out_pre = n_out * spec.pool * spec.pool
+            else:
+                n_out_pre = n_out
+            train = 4 * rows_train * (2 * n_in + 4 * n_out_pre + cols) + 8 * BLOCK
+            infer = 4 * rows_infer * (2 * n_in + 2 * n_out_pre + cols // 2)
+            layers.append({"layer": i, "params": params, "optimizer": per_state * params,
+                           "train_working": train, "infer_working": infer})
+            in_shape = ln.shapes[i]
+        labels = sum(a.nbytes for a in ln.extra.values())
+        labels += sum(a.nbytes for a in ln.extra.values()) * per_state if ln.family == "cfl" else 0
+        resident = sum(lay["params"] + lay["optimizer"] for lay in layers) + labels
+        working = max(max(lay["train_working"], lay["infer_working"]) for lay in layers)
+        return {"layers": layers, "labels": labels, "resident": resident, "working": working, "total": resident + working}
+
+    # ----------------------------------------------------------------- files
+    def write(self, f: Any, *, state: dict[str, Any] | None = None) -> None:
+        np.savez(f, **to_arrays(self.learner, {**self.meta, "device_state": state or {}}))  # type: ignore[arg-type]
+
+    def to_bytes(self, *, state: dict[str, Any] | None = None) -> bytes:
+        buf = io.BytesIO()
+        self.write(buf, state=state)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> tuple[EdgeModel, dict[str, Any]]:
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+            learner, meta = from_arrays(arrays)
+        except (EdgeFFError, KeyError, ValueError, TypeError, OSError) as e:
+            raise ModelError(f"not a usable edge model ({type(e).__name__}: {e})") from None
+        return cls(learner, meta), dict(meta.get("device_state", {}))
+
+
+def model_from_bytes(data: bytes) -> tuple[Any, dict[str, Any]]:
+    """A device model from an uploaded or saved ``.npz``: an edge-runtime file or a ``NumpyNet``."""
+    from edgeff.firmware_sim.numpy_net import NumpyNet
+
+    if is_edge_file(data):
+        return EdgeModel.from_bytes(data)
+    return NumpyNet.from_bytes(data)
