@@ -117,6 +117,23 @@ def process_rows(args: argparse.Namespace) -> None:
                        "samples_per_s", "samples_per_s_over_torch_local", "test_acc", "acc_minus_torch_local"]))
 
 
+def readme_table() -> str:
+    """The README's process table (markdown), regenerated from results/memory.json."""
+    from _common import RESULTS
+
+    recs = [r for r in json.loads((RESULTS / "memory.json").read_text()) if r.get("kind") == "process" and r["dataset"] == "mnist"]
+    order = {("numpy", "local"): 0, ("torch", "local"): 1, ("torch", "bp"): 2}
+    recs.sort(key=lambda r: (r["preset"], r["batch_size"], order[(r["runtime"], r["method"])]))
+    name = {("numpy", "local"): "numpy edge, local", ("torch", "local"): "torch, local", ("torch", "bp"): "torch, backprop"}
+    lines = ["| preset | batch | samples | runtime | peak RSS MiB | / torch BP | samples/s | / torch local | test acc |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in recs:
+        lines.append(f"| {r['preset']} | {r['batch_size']} | {r['samples']:,} | {name[(r['runtime'], r['method'])]} | "
+                     f"{r['peak_rss'] / 2**20:.1f} | {r.get('peak_over_bp', 0):.3f} | {r['samples_per_s']:.1f} | "
+                     f"{r.get('samples_per_s_over_torch_local', 0):.2f} | {100 * r['test_acc']:.2f}% |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,32,256")
@@ -130,7 +147,11 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="training samples per process (default: one epoch)")
     ap.add_argument("--test-limit", type=int, default=None)
     ap.add_argument("--jobs", type=int, default=2, help="processes at a time")
+    ap.add_argument("--readme", action="store_true", help="print the README's process table from memory.json")
     args = ap.parse_args()
+    if args.readme:
+        print(readme_table())
+        return
     if args.process:
         process_rows(args)
         return

@@ -70,7 +70,7 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
 
 
-def _run_both(preset: str, steps: int, batch: int, **train):
+def _run_both(preset: str, steps: int, batch: int, check_loss: bool = True, **train):
     p = get_preset(preset)
     t = make_learner(p, train=replace(p.train, device="cpu", **train))
     e = to_edge(t)
@@ -80,7 +80,8 @@ def _run_both(preset: str, steps: int, batch: int, **train):
         mt = t.learn_many(x, y)
         me = e.learn_many(x.numpy(), y.numpy())
     assert [m.trained for m in mt] == [m.trained for m in me]
-    np.testing.assert_allclose([m.loss for m in me], [m.loss for m in mt], rtol=1e-3, atol=1e-5)
+    if check_loss:
+        np.testing.assert_allclose([m.loss for m in me], [m.loss for m in mt], rtol=1e-3, atol=1e-5)
     return t, e
 
 
@@ -171,20 +172,32 @@ def test_mlp_presets_match_torch_after_50_steps(preset):
 
 def test_trifecta_cnn_matches_torch_after_50_steps():
     """Conv + pool + running-statistics BN at a batch (4 + 4 negatives) that uses batch statistics, learned
-    label channel trained through the first layer's input gradient. SGD: Adam turns rounding-level
-    differences in near-zero gradients into full-size steps, see the README's edge section."""
+    label channel trained through the first layer's input gradient. SGD: with Adam the pre-BN conv biases
+    (zero true gradient) take steps of rounding-noise sign (7.6e-5 here, too close to the bar to hold on
+    another CPU's BLAS), see the batch-statistics cfl-conv test."""
     t, e = _run_both("trifecta-cnn", steps=50, batch=4, schedule="all", optimizer="sgd", lr=3e-3)
     _assert_same_state(t, e, 1e-4)
 
 
-def test_cfl_conv_matches_torch():
-    """cfl-conv (conv, post-order BN in running-statistics mode at batch 4, global-pool features): one step
-    agrees to float32 rounding; 50 steps keep the same predictions."""
-    t, e = _run_both("cfl-conv", steps=1, batch=4)
-    _assert_same_state(t, e, 1e-3, 1e-2)
+def test_cfl_conv_matches_torch_after_50_steps():
+    """cfl-conv as it is (AdamW, conv with post-order BN, global-pool features) at batch 4, where its
+    BatchNorm normalises with running statistics."""
     t, e = _run_both("cfl-conv", steps=50, batch=4)
-    x, _ = next(load_data("builtin").test_batches(300))
-    assert (t.predict_many(x).numpy() == e.predict_many(x.numpy())).mean() >= 0.95
+    _assert_same_state(t, e, 1e-4)
+
+
+def test_cfl_conv_with_batch_statistics_matches_torch_for_a_step():
+    """At batch 8 the BN uses batch statistics. Its backward subtracts the gradient's mean over 8 x 26 x 26
+    positions from a nearly uniform gradient (the loss sees the global-average-pooled feature), so float32
+    rounding differences come out ~1e-4 relative per step and compound over steps (edge vs torch ~2% on a
+    conv weight after 50 steps, where torch vs itself with its weights perturbed by 1e-7 drifts 0.2%). The
+    conv bias before such a BN has an exactly zero gradient: Adam steps it by lr in a direction set by
+    rounding noise, in either runtime, so it is left out. One step agrees to 1e-3 everywhere else."""
+    t, e = _run_both("cfl-conv", steps=1, batch=8)
+    sd = t.net.state_dict()
+    pre_bn_bias = {f"layers.{i}.block.0.bias" for i in range(len(e.layers))}
+    bad = {n: _rel(a, sd[n].numpy()) for n, a in e.arrays().items() if n not in pre_bn_bias}
+    assert max(bad.values()) <= 1e-3, bad
 
 
 def test_greedy_schedule_matches_torch_and_drops_optimizers():
