@@ -651,25 +651,19 @@ def device_load(
 
     try:
         ds, _, _ = _device_data(data, data_dir)
-        if onnx_path is not None:
-            if not onnx_path.is_file():
-                _fail(f"ONNX file {onnx_path} does not exist; write one with `edgeff export`")
-            blob = onnx_path.read_bytes()
+        for path, what, hint in ((onnx_path, "ONNX model", "`edgeff export`"),
+                                 (edge_path, "edge model", "`edgeff-edge train`")):
+            if path is None:
+                continue
+            if not path.is_file():
+                _fail(f"{what} {path} does not exist; write one with {hint}")
+            blob = path.read_bytes()
             with _client(port) as c:
                 meta = c.load(blob)
                 budget = c.info["ram_budget"]
-            out.print(f"loaded ONNX model {onnx_path.name} ({len(blob)} bytes, inference only); needs about "
-                      f"{_bkib(meta['memory'])} of the device's {_bkib(budget)}", highlight=False)
-            return
-        if edge_path is not None:
-            if not edge_path.is_file():
-                _fail(f"edge model {edge_path} does not exist; write one with `edgeff-edge train`")
-            blob = edge_path.read_bytes()
-            with _client(port) as c:
-                meta = c.load(blob)
-                budget = c.info["ram_budget"]
-            out.print(f"loaded edge model {edge_path.name} ({len(blob)} bytes); needs {_bkib(meta['memory'])} of the "
-                      f"device's {_bkib(budget)}", highlight=False)
+            only = ", inference only" if what == "ONNX model" else ""
+            out.print(f"loaded {what} {path.name} ({len(blob)} bytes{only}); needs about {_bkib(meta['memory'])} of "
+                      f"the device's {_bkib(budget)}", highlight=False)
             return
         if checkpoint_path is not None:
             from edgeff.exporters.device import to_device_model

@@ -8,30 +8,14 @@ imported by any command but ``convert``.
 from __future__ import annotations
 
 import json
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
+from edgeff.cli.app import Dataset, _fail, err, out  # the main CLI's choices and consoles (no torch at load)
 
 app = typer.Typer(help="edgeff's edge runtime: train and run layer-local models with numpy alone (no torch).",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
-
-
-class Dataset(str, Enum):
-    builtin = "builtin"
-    mnist = "mnist"
-    fashion_mnist = "fashion-mnist"
-    cifar10 = "cifar10"
-    cifar10_exact = "cifar10-exact"
-
-
-def _fail(msg: str) -> None:
-    err.print(f"[bold red]error:[/] {msg}", highlight=False)
-    raise typer.Exit(2)
 
 
 def _user_errors():  # type: ignore[no-untyped-def]

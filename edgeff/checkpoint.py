@@ -7,8 +7,6 @@ atomically (temp file in the same folder, fsync, rename), so a crash never leave
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ from edgeff.baseline import BPLearner
 from edgeff.config import ModelConfig, TrainConfig
 from edgeff.contrastive import ContrastiveLearner
 from edgeff.errors import CheckpointError
+from edgeff.files import atomic_write
 from edgeff.mirror import MirrorLearner
 from edgeff.model import HeadPredictor
 from edgeff.trainer import Learner
@@ -68,19 +67,7 @@ def save(learner: Learner | BPLearner | ContrastiveLearner | MirrorLearner, path
         state["predictor_optim"] = None if popt is None else popt.state_dict()
     else:
         state["optim"] = learner.opt.state_dict()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(_cpu(state), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(_cpu(state), f))
 
 
 def load(path: str | Path, *, device: str | None = None) -> tuple[Learner | BPLearner | ContrastiveLearner | MirrorLearner, dict[str, Any]]:

@@ -116,3 +116,26 @@ class TrainConfig:
     @staticmethod
     def from_dict(d: dict[str, Any]) -> TrainConfig:
         return TrainConfig(**d)
+
+
+def select_layers(spec: str, n_layers: int) -> list[int]:
+    """Indices of the layers a goodness or head predictor reads.
+
+    ``all``, ``all-but-first`` (Hinton's default; the only layer when there is one), ``last``
+    (the Trifecta's default) or ``last:K`` (the Trifecta's last-K ensemble, app. I).
+    """
+    if spec == "all":
+        return list(range(n_layers))
+    if spec == "all-but-first":
+        return list(range(1, n_layers)) or [0]
+    if spec == "last":
+        return [n_layers - 1]
+    if spec.startswith("last:"):
+        try:
+            k = int(spec.split(":", 1)[1])
+        except ValueError:
+            k = 0
+        if k < 1:
+            raise ValueError(f"bad layer selection {spec!r}: use last:K with K >= 1")
+        return list(range(max(0, n_layers - k), n_layers))
+    raise ValueError(f"unknown layer selection {spec!r}; use all, all-but-first, last or last:K")

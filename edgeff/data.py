@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from edgeff.edge.data import epoch_order
 from edgeff.errors import DataNotFoundError
 
 DIGITS = tuple(str(i) for i in range(10))
@@ -61,10 +62,8 @@ class ImageData:
         self, batch_size: int, *, seed: int = 0, epoch: int = 0, limit: int | None = None, skip: int = 0
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Shuffled training batches; the order depends only on (seed, epoch), so a stream can resume."""
-        order = np.random.default_rng([seed, epoch]).permutation(len(self.y_train))
-        if limit is not None:
-            order = order[:limit]
-        return self._batches(self.x_train, self.y_train, order, batch_size, skip)
+        return self._batches(self.x_train, self.y_train, epoch_order(len(self.y_train), seed, epoch, limit),
+                             batch_size, skip)
 
     def test_batches(self, batch_size: int = 1000, *, limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = np.arange(len(self.y_test) if limit is None else min(limit, len(self.y_test)))

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeff.config import ModelConfig, TrainConfig
+from edgeff.config import ModelConfig, TrainConfig, select_layers
 from edgeff.labels import LabelEncoder, make_encoder
 from edgeff.layers import LocalLayer, class_row, grow_linear, make_block, out_shape
 from edgeff.losses import goodness
@@ -72,29 +72,6 @@ class LocalNet(nn.Module):
         with torch.no_grad():
             gs = [goodness(h).view(b, k) for h in self.features(z)]
         return torch.stack(gs, dim=-1)  # (B, K, L)
-
-
-def select_layers(spec: str, n_layers: int) -> list[int]:
-    """Indices of the layers a goodness or head predictor reads.
-
-    ``all``, ``all-but-first`` (Hinton's default; the only layer when there is one), ``last``
-    (the Trifecta's default) or ``last:K`` (the Trifecta's last-K ensemble, app. I).
-    """
-    if spec == "all":
-        return list(range(n_layers))
-    if spec == "all-but-first":
-        return list(range(1, n_layers)) or [0]
-    if spec == "last":
-        return [n_layers - 1]
-    if spec.startswith("last:"):
-        try:
-            k = int(spec.split(":", 1)[1])
-        except ValueError:
-            k = 0
-        if k < 1:
-            raise ValueError(f"bad layer selection {spec!r}: use last:K with K >= 1")
-        return list(range(max(0, n_layers - k), n_layers))
-    raise ValueError(f"unknown layer selection {spec!r}; use all, all-but-first, last or last:K")
 
 
 class Predictor(Protocol):

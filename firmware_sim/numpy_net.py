@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from edgeff.edge.learner import pool_matrix  # the edge runtime's CFL pooling (one definition)
+
 RULES = ("goodness", "embed")
 F32 = np.float32
 EPS_LEN = 1e-8  # LengthNorm's eps (edgeff.layers.LengthNorm)
@@ -47,19 +49,6 @@ def _softplus(x: np.ndarray) -> np.ndarray:
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(F32, copy=False)
-
-
-def pool_matrix(dim: int, width: int) -> np.ndarray:
-    """The (width, dim) matrix of 1-D average pooling from ``dim`` to ``width`` values (no padding):
-    stride = dim // width, kernel = dim − (width − 1)·stride (CFL's embedding pooling)."""
-    if not 1 <= width <= dim:
-        raise ModelError(f"cannot pool a {dim}-wide embedding to {width} values")
-    stride = dim // width
-    kernel = dim - (width - 1) * stride
-    p = np.zeros((width, dim), F32)
-    for j in range(width):
-        p[j, j * stride : j * stride + kernel] = 1.0 / kernel
-    return p
 
 
 @dataclass

@@ -13,16 +13,16 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
 from edgeff.errors import DataNotFoundError
+from edgeff.files import atomic_write
 
 DIGITS = tuple(str(i) for i in range(10))
 FASHION = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -82,17 +82,19 @@ def _unpacked(path: Path, cache: Path) -> Path:
     out = cache / path.parent.parent.name / path.stem
     if out.is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with gzip.open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
+
+    def unpack(dst: IO[bytes]) -> None:
+        with gzip.open(path, "rb") as src:
             shutil.copyfileobj(src, dst, 1 << 20)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return out
+
+    return atomic_write(out, unpack)
+
+
+def epoch_order(n: int, seed: int, epoch: int, limit: int | None = None) -> np.ndarray:
+    """The training order of an epoch, shared by both runtimes: it depends only on (seed, epoch), so a
+    stream resumes where it stopped and the torch and numpy runtimes see the same batches."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    return order if limit is None else order[:limit]
 
 
 @dataclass
@@ -123,10 +125,8 @@ class EdgeData:
     def train_batches(self, batch_size: int, *, seed: int = 0, epoch: int = 0, limit: int | None = None,
                       skip: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Shuffled batches in ``edgeff.data.ImageData.train_batches``'s order for (seed, epoch)."""
-        order = np.random.default_rng([seed, epoch]).permutation(len(self.y_train))
-        if limit is not None:
-            order = order[:limit]
-        return self._batches(self.x_train, self.y_train, order, batch_size, skip)
+        return self._batches(self.x_train, self.y_train, epoch_order(len(self.y_train), seed, epoch, limit),
+                             batch_size, skip)
 
     def test_batches(self, batch_size: int = 1000, *, limit: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         order = np.arange(len(self.y_test) if limit is None else min(limit, len(self.y_test)))

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeff.config import ModelConfig, TrainConfig
+from edgeff.config import ModelConfig, TrainConfig, select_layers
 from edgeff.edge.ops import F32, Op, make_block, out_shape
 from edgeff.edge.optim import Optimizer
 from edgeff.errors import EdgeFFError, InputError
@@ -41,19 +41,6 @@ GOODNESS_LOSSES = ("ff", "symba")
 
 class UnsupportedError(EdgeFFError, ValueError):
     """A model or training feature the numpy edge runtime does not implement."""
-
-
-def select_layers(spec: str, n_layers: int) -> list[int]:
-    """``edgeff.model.select_layers``: ``all``, ``all-but-first``, ``last`` or ``last:K``."""
-    if spec == "all":
-        return list(range(n_layers))
-    if spec == "all-but-first":
-        return list(range(1, n_layers)) or [0]
-    if spec == "last":
-        return [n_layers - 1]
-    if spec.startswith("last:") and spec[5:].isdigit() and int(spec[5:]) >= 1:
-        return list(range(max(0, n_layers - int(spec[5:])), n_layers))
-    raise ValueError(f"unknown layer selection {spec!r}; use all, all-but-first, last or last:K")
 
 
 def pool_matrix(dim: int, width: int) -> np.ndarray:

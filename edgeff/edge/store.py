@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from edgeff.config import ModelConfig, TrainConfig
 from edgeff.edge.learner import EdgeLearner
 from edgeff.edge.optim import Optimizer
 from edgeff.errors import CheckpointError
+from edgeff.files import atomic_write
 
 FORMAT = "edgeff-edge"
 FORMAT_VERSION = 1
@@ -81,20 +80,8 @@ def from_arrays(arrays: dict[str, np.ndarray]) -> tuple[EdgeLearner, dict[str, A
 
 def save(learner: EdgeLearner, path: str | Path, *, meta: dict[str, Any] | None = None) -> Path:
     """Write ``learner`` to ``path`` atomically (temp file in the same folder, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **to_arrays(learner, meta))  # type: ignore[arg-type]
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    arrays = to_arrays(learner, meta)
+    return atomic_write(path, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
 
 
 def read_arrays(path: str | Path) -> dict[str, np.ndarray]:
