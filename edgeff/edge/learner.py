@@ -164,7 +164,10 @@ class EdgeLayer:
 
 def as_batch(x: Any, input_shape: tuple[int, int, int], *, single: bool = False) -> np.ndarray:
     """Check a batch and return it as float32 (B, C, H, W). Raises ``InputError`` saying what to fix."""
-    x = np.asarray(x)
+    if not isinstance(x, np.ndarray):
+        if not hasattr(x, "__array__"):  # a torch tensor converts; a list, a string or a path does not
+            raise InputError(f"expected a numpy array (or a torch tensor), got {type(x).__name__}")
+        x = np.asarray(x)
     if not np.issubdtype(x.dtype, np.floating):
         raise InputError(f"expected float inputs (normalised pixels), got dtype {x.dtype}")
     want = tuple(input_shape)
