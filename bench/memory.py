@@ -117,6 +117,39 @@ def process_rows(args: argparse.Namespace) -> None:
                        "samples_per_s", "samples_per_s_over_torch_local", "test_acc", "acc_minus_torch_local"]))
 
 
+STEP_JOBS = [  # (preset, method, batch, train overrides)
+    ("symba-mlp", "local", 1, {}), ("symba-mlp", "local", 1, {"frugal": True}), ("symba-mlp", "bp", 1, {}),
+    ("trifecta-cnn", "local", 256, {}), ("trifecta-cnn", "local", 256, {"schedule": "all"}),
+    ("trifecta-cnn", "local", 256, {"schedule": "all", "frugal": True}),
+    ("trifecta-cnn", "local", 256, {"schedule": "greedy", "frugal": True}), ("trifecta-cnn", "bp", 256, {}),
+]
+
+
+def step_rows() -> None:
+    """Step cost (bytes) of a fresh process per configuration: the peak RSS over 4 steps after a warm-up
+    step, above the RSS before them, glibc returning freed memory at once (``bench/_step.py``)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="4096",
+               MALLOC_TRIM_THRESHOLD_="0", MALLOC_TOP_PAD_="0")
+    records = []
+    for preset, method, b, train in STEP_JOBS:
+        job = {"preset": preset, "method": method, "batch_size": b, "train": train}
+        out = subprocess.run([sys.executable, str(Path(__file__).with_name("_step.py")), json.dumps(job)], env=env,
+                             capture_output=True, text=True, check=True).stdout
+        line = json.loads(out.strip().splitlines()[-1])
+        schedule = "bp" if method == "bp" else train.get("schedule", PRESETS[preset].train.schedule)
+        records.append({"kind": "step", "model": preset, "depth": len(PRESETS[preset].model.layers), "batch_size": b,
+                        "method": method, "schedule": schedule, "frugal": bool(train.get("frugal", False)),
+                        "optimizer": PRESETS[preset].train.optimizer, "step_cost": line["step_cost"]})
+        print(f"{preset} b={b} {method} {schedule} frugal={records[-1]['frugal']}: "
+              f"{line['step_cost'] / 2**20:.1f} MiB", flush=True)
+    for r in records:
+        bp = next(q for q in records if q["model"] == r["model"] and q["method"] == "bp")
+        r["step_cost_over_bp"] = round(r["step_cost"] / bp["step_cost"], 4)
+    merge_records("memory", records, ("kind", "model", "batch_size", "method", "schedule", "frugal"))
+    print(table([dict(r, step_mib=round(r["step_cost"] / 2**20, 1)) for r in records],
+                ["model", "batch_size", "method", "schedule", "frugal", "step_mib", "step_cost_over_bp"]))
+
+
 def readme_table() -> str:
     """The README's process table (markdown), regenerated from results/memory.json."""
     from _common import RESULTS
@@ -147,6 +180,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="training samples per process (default: one epoch)")
     ap.add_argument("--test-limit", type=int, default=None)
     ap.add_argument("--jobs", type=int, default=2, help="processes at a time")
+    ap.add_argument("--step", action="store_true", help="step-cost rows (frugal step vs standard vs backprop)")
     ap.add_argument("--readme", action="store_true", help="print the README's process table from memory.json")
     args = ap.parse_args()
     if args.readme:
@@ -154,6 +188,9 @@ def main() -> None:
         return
     if args.process:
         process_rows(args)
+        return
+    if args.step:
+        step_rows()
         return
     torch.set_num_threads(1)
     records: list[dict[str, Any]] = []

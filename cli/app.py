@@ -85,6 +85,7 @@ def train(
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
     optim_state: Annotated[str, typer.Option(help="optimizer state dtype between steps: float32, bfloat16 or float16 (frugal)")] = "float32",
     lazy: Annotated[bool, typer.Option("--lazy", help="read the IDX training files batch by batch, in file order (no data set in RAM)")] = False,
+    frugal: Annotated[bool, typer.Option("--frugal", help="goodness presets, all/greedy: positives and negatives through a layer in turn (about half the step's memory)")] = False,
     memory_report: Annotated[bool, typer.Option("--memory-report", help="measure per-layer memory on real batches after training")] = False,
     views: Annotated[int | None, typer.Option(help="contrastive/backprop: 1 (one-forward) or 2 augmented views per batch [default: the preset's]")] = None,
     crop_padding: Annotated[int | None, typer.Option(help="random-crop augmentation: border pixels to pad and crop back, 0 = off [default: the preset's]")] = None,
@@ -101,7 +102,7 @@ def train(
         ds = load_data(data.value, data_dir)
         if optim_state not in ("float32", "bfloat16", "float16"):
             _fail(f"--optim-state must be float32, bfloat16 or float16, got {optim_state!r}")
-        tc = replace(p.train, seed=seed, device=device, optim_state_dtype=optim_state)
+        tc = replace(p.train, seed=seed, device=device, optim_state_dtype=optim_state, frugal=frugal)
         if batch_size is not None:
             tc = replace(tc, batch_size=batch_size)
         if lr is not None:

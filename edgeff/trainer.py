@@ -75,6 +75,20 @@ def as_labels(y: torch.Tensor | np.ndarray | Iterable[int] | int, n: int, num_cl
     return y
 
 
+class _RunningStatsKept:
+    """Restore a layer's BatchNorm running statistics on exit (a look-ahead pass must not update them)."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        self.buffers = [b for n, b in layer.named_buffers() if n.endswith(("running_mean", "running_var"))]
+
+    def __enter__(self) -> None:
+        self.saved = [b.clone() for b in self.buffers]
+
+    def __exit__(self, *exc: object) -> None:
+        for b, v in zip(self.buffers, self.saved, strict=True):
+            b.copy_(v)
+
+
 def _fresh_negatives(y: torch.Tensor, fallback: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """For each label, another label present in ``y`` drawn uniformly; ``fallback`` where none is."""
     classes = torch.unique(y)  # sorted
@@ -151,6 +165,12 @@ class Learner:
             y_neg = y_neg.clone()
             y_neg[:fresh] = _fresh_negatives(yb[:fresh], y_neg[:fresh], self.generator)
         enc = self.net.encoder
+        if self.train_cfg.frugal and self.train_cfg.schedule != "olu":
+            frugal = self._learn_frugal(enc(xb, yb), enc(xb, y_neg))
+            self.predictor.learn(self.net, xb, yb)
+            self.step += 1
+            self.samples_seen += b
+            return frugal
         h = torch.cat([enc(xb, yb), enc(xb, y_neg)])  # (2B, C', H, W): positives then negatives
         schedule = self.train_cfg.schedule
         n_layers = len(self.net.layers)
@@ -204,6 +224,51 @@ class Learner:
         self.predictor.learn(self.net, xb, yb)
         self.step += 1
         self.samples_seen += b
+        return metrics
+
+    def _learn_frugal(self, hp: torch.Tensor, hn: torch.Tensor) -> list[LayerMetrics]:
+        """The frugal step (schedules ``all`` and ``greedy``): a training layer holds the graph of one half
+        of the batch at a time. The negatives' goodness is read first without a graph; the positives pass
+        with a graph and their part of the loss is backpropagated; then the negatives pass again with a
+        graph for theirs. The gradients add up to the whole-batch gradient exactly (the loss is a sum over
+        pairs), at the cost of one more forward pass of the negatives. Where a layer normalises with
+        batch statistics (BN on batches of at least ``bn_min_batch``), each half is normalised with its own
+        statistics and the running statistics take two updates (positives, negatives) instead of one:
+        a different, not a worse, update. The layer's gradients are freed right after its step."""
+        active = self._apply_greedy() if self.train_cfg.schedule == "greedy" else -1
+        metrics: list[LayerMetrics] = []
+        hook = self.layer_hook
+        for i, layer in enumerate(self.net.local_layers):
+            if active >= 0 and i > active:
+                break
+            if hook is not None:
+                hook(i, True)
+            if active >= 0 and i != active:
+                with torch.no_grad():
+                    hp, hn = layer(hp), layer(hn)
+                gp, gn = goodness(hp), goodness(hn)
+                metrics.append(LayerMetrics(float(self.loss_fn(gp, gn)), float(gp.mean()), float(gn.mean()), False))
+            else:
+                opt = layer.ensure_optimizer()
+                opt.zero_grad(set_to_none=True)
+                with torch.no_grad(), _RunningStatsKept(layer):
+                    gn = goodness(layer(hn))  # (B,): the negatives' side of each pair, no graph
+                op = layer(hp)
+                gp = goodness(op)
+                self.loss_fn(gp, gn).backward()  # the positives' part of the gradient
+                hp, gp = op.detach(), gp.detach()
+                del op
+                on = layer(hn)
+                gn = goodness(on)
+                loss = self.loss_fn(gp, gn)
+                loss.backward()  # the negatives' part
+                hn = on.detach()
+                del on
+                layer.optimizer_step()
+                opt.zero_grad(set_to_none=True)
+                metrics.append(LayerMetrics(float(loss.detach()), float(gp.mean()), float(gn.detach().mean()), True))
+            if hook is not None:
+                hook(i, False)
         return metrics
 
     def learn_one(self, x: torch.Tensor | np.ndarray, y: int) -> list[LayerMetrics]:

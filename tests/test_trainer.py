@@ -175,3 +175,34 @@ def test_per_layer_metrics_track_separation(mnist_small) -> None:
     assert last is not None and first is not None
     assert all(lm.separation > 0.5 for lm in last)  # positives now clearly out-score negatives
     assert all(lm.loss < f.loss for lm, f in zip(last, first, strict=True))
+
+
+@pytest.mark.parametrize("schedule", ["all", "greedy"])
+def test_frugal_step_gives_the_whole_batch_update(schedule: str, real_batch) -> None:
+    """Positives and negatives through a layer in turn: the same update as the 2B-row step (no BN here;
+    SGD, so rounding-level gradient differences stay rounding-level)."""
+    p = PRESETS["symba-mlp"]
+    x, y = real_batch
+    learners = [make_learner(p, train=replace(p.train, optimizer="sgd", lr=1e-2, schedule=schedule, greedy_steps=2,
+                                              frugal=frugal)) for frugal in (False, True)]
+    for _ in range(4):
+        ms = [lr.learn_many(x[:16], y[:16]) for lr in learners]
+        assert [m.trained for m in ms[0]] == [m.trained for m in ms[1]]
+        np.testing.assert_allclose([m.loss for m in ms[1]], [m.loss for m in ms[0]], rtol=1e-5)
+    for a, b in zip(learners[0].net.parameters(), learners[1].net.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert all(lay.opt is None or all(q.grad is None for q in lay.block.parameters())
+               for lay in learners[1].net.local_layers)  # gradients freed right after each step
+
+
+def test_frugal_step_trains_batchnorm_models(real_batch) -> None:
+    """With batch-statistics BN the halves are normalised separately (a different update): it still learns
+    and keeps the running statistics finite."""
+    p = PRESETS["trifecta-cnn"]
+    learner = make_learner(p, train=replace(p.train, schedule="all", frugal=True))
+    x, y = real_batch
+    first = [m.loss for m in learner.learn_many(x[:32], y[:32])]
+    for _ in range(5):
+        last = [m.loss for m in learner.learn_many(x[:32], y[:32])]
+    assert np.isfinite(last).all() and sum(last) < sum(first)
+    assert all(torch.isfinite(b).all() for b in learner.net.buffers())
