@@ -15,21 +15,23 @@ from __future__ import annotations
 import gzip
 from collections.abc import Iterator
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from edgeff.edge.data import epoch_order
+from edgeff.edge.data import (  # noqa: F401 - the class names and set names are re-exported
+    CIFAR,
+    DATASETS,
+    DIGITS,
+    FASHION,
+    IDX_SETS,
+    data_root,
+    epoch_order,
+    load_edge_data,
+)
 from edgeff.errors import DataNotFoundError
-
-DIGITS = tuple(str(i) for i in range(10))
-FASHION = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-CIFAR = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-
-DATASETS = ("builtin", "mnist", "fashion-mnist", "cifar10", "cifar10-exact")
 
 
 @dataclass(frozen=True)
@@ -109,32 +111,13 @@ def _idx_set(name: str, folder: str, data_dir: Path, classes: tuple[str, ...], m
 
 
 def load_data(name: str = "builtin", data_dir: str | Path | None = None) -> ImageData:
-    """Load a data set by name. ``data_dir`` is needed for everything but ``builtin``."""
-    if name == "builtin":
-        with resources.files("edgeff").joinpath("data/mnist_small.npz").open("rb") as f:
-            z = np.load(f)
-            return ImageData("builtin", z["x_train"][:, None], z["y_train"], z["x_test"][:, None], z["y_test"],
-                             DIGITS, (0.1307,), (0.3081,))
-    if name not in DATASETS:
-        raise DataNotFoundError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
-    if data_dir is None:
-        raise DataNotFoundError(f"data set {name!r} needs --data-dir pointing at a folder with its files "
-                                "(MNIST/raw/, FashionMNIST/raw/ or CIFAR10/); only 'builtin' ships with edgeff")
-    root = Path(data_dir).expanduser()
-    if not root.is_dir():
-        raise DataNotFoundError(f"data folder {root} does not exist")
-    if name == "mnist":
-        return _idx_set(name, "MNIST", root, DIGITS, 0.1307, 0.3081)
-    if name == "fashion-mnist":
-        return _idx_set(name, "FashionMNIST", root, FASHION, 0.2860, 0.3530)
-    fname = "cifar10_jpeg_train10k_test10k.npz" if name == "cifar10" else "cifar10_exact_train4k_test1k.npz"
-    p = root / "CIFAR10" / fname
-    if not p.is_file():
-        raise DataNotFoundError(f"{name} not found: put {fname} in {root / 'CIFAR10'}/")
-    z = np.load(p)
-    tr = z["x_train"].transpose(0, 3, 1, 2)
-    te = z["x_test"].transpose(0, 3, 1, 2)
-    return ImageData(name, tr, z["y_train"], te, z["y_test"], CIFAR, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+    """Load a data set by name. ``data_dir`` is needed for everything but ``builtin``. The IDX sets are
+    read into memory here; the others come from ``edgeff.edge.data`` (the same arrays)."""
+    if name in IDX_SETS:
+        folder, classes, mean, std = IDX_SETS[name]
+        return _idx_set(name, folder, data_root(name, data_dir), classes, mean[0], std[0])
+    e = load_edge_data(name, data_dir)
+    return ImageData(e.name, e.x_train, e.y_train, e.x_test, e.y_test, e.classes, e.mean, e.std)
 
 
 def stream_idx(

@@ -138,17 +138,12 @@ class EdgeData:
             raise ValueError(f"batch size must be at least 1, got {batch_size}")
         for start in range(skip * batch_size, len(order), batch_size):
             idx = order[start : start + batch_size]
-            yield self.normalise(x[idx]), y[idx]
+            yield self.normalise(x[idx]), y[idx].astype(np.int64)
 
 
-def load_edge_data(name: str = "builtin", data_dir: str | Path | None = None, *,
-                   cache_dir: str | Path | None = None) -> EdgeData:
-    """Load a data set by name (``edgeff.data.load_data``'s names and folder layout)."""
-    if name == "builtin":
-        with resources.files("edgeff").joinpath("data/mnist_small.npz").open("rb") as f:
-            z = np.load(f)
-            return EdgeData("builtin", z["x_train"][:, None], z["y_train"].astype(np.int64), z["x_test"][:, None],
-                            z["y_test"].astype(np.int64), DIGITS, (0.1307,), (0.3081,))
+def data_root(name: str, data_dir: str | Path | None) -> Path:
+    """The folder holding data set ``name`` (any but ``builtin``), checked; ``DataNotFoundError`` saying
+    what to pass otherwise."""
     if name not in DATASETS:
         raise DataNotFoundError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
     if data_dir is None:
@@ -157,6 +152,18 @@ def load_edge_data(name: str = "builtin", data_dir: str | Path | None = None, *,
     root = Path(data_dir).expanduser()
     if not root.is_dir():
         raise DataNotFoundError(f"data folder {root} does not exist")
+    return root
+
+
+def load_edge_data(name: str = "builtin", data_dir: str | Path | None = None, *,
+                   cache_dir: str | Path | None = None) -> EdgeData:
+    """Load a data set by name (``edgeff.data.load_data``'s names and folder layout)."""
+    if name == "builtin":
+        with resources.files("edgeff").joinpath("data/mnist_small.npz").open("rb") as f:
+            z = np.load(f)
+            return EdgeData("builtin", z["x_train"][:, None], z["y_train"], z["x_test"][:, None], z["y_test"], DIGITS,
+                            (0.1307,), (0.3081,))
+    root = data_root(name, data_dir)
     if name in IDX_SETS:
         folder, classes, mean, std = IDX_SETS[name]
         raw = root / folder / "raw"
@@ -176,6 +183,6 @@ def load_edge_data(name: str = "builtin", data_dir: str | Path | None = None, *,
     if not p.is_file():
         raise DataNotFoundError(f"{name} not found: put {fname} in {root / 'CIFAR10'}/")
     z = np.load(p)
-    return EdgeData(name, z["x_train"].transpose(0, 3, 1, 2), z["y_train"].astype(np.int64),
-                    z["x_test"].transpose(0, 3, 1, 2), z["y_test"].astype(np.int64), CIFAR,
+    return EdgeData(name, z["x_train"].transpose(0, 3, 1, 2), z["y_train"], z["x_test"].transpose(0, 3, 1, 2),
+                    z["y_test"], CIFAR,
                     (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
