@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import fcntl
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def merge_records(name: str, records: list[dict[str, Any]], key: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Add ``records`` to ``results/NAME.json`` (replacing records with the same key); returns all."""
+def merge_records(name: str, records: list[dict[str, Any]], key: tuple[str, ...],
+                  drop: Callable[[dict[str, Any]], bool] | None = None) -> list[dict[str, Any]]:
+    """Add ``records`` to ``results/NAME.json`` (replacing records with the same key, and any old record
+    ``drop`` selects); returns all."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     with open(RESULTS / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         old = json.loads(path.read_text()) if path.exists() else []
         new_keys = {tuple(r.get(k) for k in key) for r in records}
-        merged = [r for r in old if tuple(r.get(k) for k in key) not in new_keys] + records
+        merged = [r for r in old if tuple(r.get(k) for k in key) not in new_keys and not (drop and drop(r))] + records
         path.write_text(json.dumps(merged, indent=1) + "\n")
     return merged
 

@@ -1,14 +1,17 @@
-"""Training memory per step, layer-local vs backprop on the same architecture, accounted and measured;
-and streaming throughput at batch size 1.
+"""Memory of a training step, layer-local vs backprop on the same architecture, measured and accounted;
+and whole-process memory of a run, numpy edge runtime vs torch.
 
-    python bench/memory.py [--batches 1,32,256]
+    python bench/memory.py [--no-depth] [--jobs 2]
 
-Models: the 6-layer CNN of the ``trifecta-cnn`` preset and a 4-layer MLP (4x1000, the ``symba-mlp``
-recipe made deeper), both with Adam. Measured values come from a fresh subprocess per configuration
-(1 thread, /proc VmHWM after a warm-up step, see ``edgeff.memory``) and are the step's peak above the
-resident baseline (parameters and optimizer state already allocated); ``*_peak`` adds the accounted
-resident bytes. Throughput: real MNIST images (the built-in subset), 1 thread, batch 1, same process.
-Writes bench/results/memory.json and prints tables.
+Step mode (the default): every row is a fresh 1-thread process (``bench/_step.py``) with glibc returning
+freed memory at once. Its ``step_cost`` is the peak RSS over 4 steps after a warm-up step, above the
+model and its optimizer state (every gradient dropped first: backprop keeps its gradients between steps,
+and they are part of what its step needs); ``step_cost_after_warmup`` is the peak above the RSS before the
+steps (what a method keeps between steps left out) and ``peak_rss`` the process's whole peak. Configurations:
+symba-mlp at batch 1 and trifecta-cnn at batch 256 (olu, all, greedy; frugal and whole-batch step) beside
+backprop, and a depth series (6, 12, 24 conv layers of 32 channels, batch 256) drawn in
+results/memory_depth.png (records also in results/memory_depth.json). Records ``{"kind": "step", "model",
+"depth", "batch_size", "method", "schedule", "step_cost", "step_cost_accounted", ...}``.
 
     python bench/memory.py --process --data-dir ../shared/data [--presets symba-mlp,cfl-mlp] [--process-batches 1,32]
 
@@ -33,35 +36,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
-from _common import merge_records, table
+from _common import RESULTS, merge_records, table
 
-from edgeff import BPLearner, LayerSpec, Learner
-from edgeff.data import load_data
-from edgeff.memory import account, measure
 from edgeff.presets import PRESETS
-
-
-def models() -> dict[str, tuple[Any, Any]]:
-    cnn = PRESETS["trifecta-cnn"]
-    mlp = PRESETS["symba-mlp"]
-    mlp4 = replace(mlp.model, layers=tuple(LayerSpec("linear", 1000, norm="length") for _ in range(4)))
-    return {"trifecta-cnn": (cnn.model, replace(cnn.train, device="cpu")),
-            "mlp-4x1000": (mlp4, replace(mlp.train, device="cpu"))}
-
-
-def throughput(model: Any, train: Any, n: int) -> dict[str, float]:
-    data = load_data("builtin")
-    batches = list(data.train_batches(1, seed=0, limit=n))
-    out = {}
-    for name, learner in (("local", Learner(model, train)), ("bp", BPLearner(model, train))):
-        for x, y in batches[:20]:
-            learner.learn_many(x, y)  # warm-up
-        t = time.perf_counter()
-        for x, y in batches:
-            learner.learn_many(x, y)
-        out[name] = len(batches) / (time.perf_counter() - t)
-    return out
 
 
 RUNTIMES = (("numpy", "local"), ("torch", "local"), ("torch", "bp"))
@@ -117,37 +94,91 @@ def process_rows(args: argparse.Namespace) -> None:
                        "samples_per_s", "samples_per_s_over_torch_local", "test_acc", "acc_minus_torch_local"]))
 
 
-STEP_JOBS = [  # (preset, method, batch, train overrides)
-    ("symba-mlp", "local", 1, {}), ("symba-mlp", "local", 1, {"frugal": True}), ("symba-mlp", "bp", 1, {}),
-    ("trifecta-cnn", "local", 256, {}), ("trifecta-cnn", "local", 256, {"schedule": "all"}),
-    ("trifecta-cnn", "local", 256, {"schedule": "all", "frugal": True}),
-    ("trifecta-cnn", "local", 256, {"schedule": "greedy", "frugal": True}), ("trifecta-cnn", "bp", 256, {}),
+STEP_JOBS = [  # (preset, method, batch, train overrides); the preset's defaults otherwise (frugal step, chunks of 64)
+    ("symba-mlp", "local", 1, {}), ("symba-mlp", "local", 1, {"frugal": False}), ("symba-mlp", "bp", 1, {}),
+    ("trifecta-cnn", "local", 256, {}),  # olu, the preset's schedule: two layers' graphs by design
+    ("trifecta-cnn", "local", 256, {"schedule": "all", "frugal": False}),
+    ("trifecta-cnn", "local", 256, {"schedule": "all"}), ("trifecta-cnn", "local", 256, {"schedule": "greedy"}),
+    ("trifecta-cnn", "bp", 256, {}),
 ]
+DEPTH_BLOCK = {"kind": "conv", "out": 32, "norm": "batch"}  # trifecta-cnn's layer, 32 channels, no pooling
+DEPTHS = (6, 12, 24)
 
 
-def step_rows() -> None:
-    """Step cost (bytes) of a fresh process per configuration: the peak RSS over 4 steps after a warm-up
-    step, above the RSS before them, glibc returning freed memory at once (``bench/_step.py``)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="4096",
-               MALLOC_TRIM_THRESHOLD_="0", MALLOC_TOP_PAD_="0")
+def run_step(job: dict[str, Any]) -> dict[str, Any]:
+    """One fresh process of ``bench/_step.py``; its record."""
+    from edgeff.memory import MEASURE_ENV
+
+    out = subprocess.run([sys.executable, str(Path(__file__).with_name("_step.py")), json.dumps(job)],
+                         env={**os.environ, **MEASURE_ENV}, capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise RuntimeError(f"{job} failed: {out.stderr[-2000:]}")
+    line = json.loads(out.stdout.strip().splitlines()[-1])
+    p = PRESETS[job["preset"]]
+    train = replace(p.train, **job.get("train", {}))
+    depth = line["depth"]
+    return {"kind": "step", "model": f"conv32x{depth}" if "block" in job else job["preset"], "depth": depth,
+            "batch_size": job["batch_size"], "method": job["method"],
+            "schedule": "bp" if job["method"] == "bp" else train.schedule, "step": line["step"],
+            "frugal": line["step"].startswith("frugal"), "chunk": train.chunk if line["step"].startswith("frugal") else 0,
+            "optimizer": train.optimizer, "optim_state_dtype": train.optim_state_dtype,
+            "step_cost": line["step_cost"], "step_cost_accounted": line["step_cost_accounted"],
+            "measured_over_accounted": round(line["step_cost"] / line["step_cost_accounted"], 4),
+            "step_cost_after_warmup": line["step_cost_after_warmup"], "kept_between_steps": line["kept_between_steps"],
+            "peak_rss": line["peak_rss"], "rss_model": line["rss_model"], "layers_measured": line["layers"],
+            "layers_accounted": line["layers_accounted"], "dynamo_imported": line["dynamo_imported"], "threads": 1}
+
+
+def step_rows(args: argparse.Namespace) -> None:
+    """Step costs of fresh processes: the issue's configurations and the depth series (see ``bench/_step.py``)."""
+    jobs = [{"preset": pr, "method": m, "batch_size": b, "train": t} for pr, m, b, t in STEP_JOBS]
+    if not args.no_depth:
+        jobs += [{"preset": "trifecta-cnn", "method": m, "batch_size": 256, "depth": d, "block": DEPTH_BLOCK,
+                  "train": {"schedule": "all"} if m == "local" else {}} for d in DEPTHS for m in ("local", "bp")]
     records = []
-    for preset, method, b, train in STEP_JOBS:
-        job = {"preset": preset, "method": method, "batch_size": b, "train": train}
-        out = subprocess.run([sys.executable, str(Path(__file__).with_name("_step.py")), json.dumps(job)], env=env,
-                             capture_output=True, text=True, check=True).stdout
-        line = json.loads(out.strip().splitlines()[-1])
-        schedule = "bp" if method == "bp" else train.get("schedule", PRESETS[preset].train.schedule)
-        records.append({"kind": "step", "model": preset, "depth": len(PRESETS[preset].model.layers), "batch_size": b,
-                        "method": method, "schedule": schedule, "frugal": bool(train.get("frugal", False)),
-                        "optimizer": PRESETS[preset].train.optimizer, "step_cost": line["step_cost"]})
-        print(f"{preset} b={b} {method} {schedule} frugal={records[-1]['frugal']}: "
-              f"{line['step_cost'] / 2**20:.1f} MiB", flush=True)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for rec in pool.map(run_step, jobs):
+            print(f"{rec['model']} b={rec['batch_size']} {rec['method']} {rec['schedule']} ({rec['step']}): "
+                  f"{rec['step_cost'] / 2**20:.1f} MiB (accounted {rec['step_cost_accounted'] / 2**20:.1f})", flush=True)
+            records.append(rec)
     for r in records:
-        bp = next(q for q in records if q["model"] == r["model"] and q["method"] == "bp")
+        bp = next(q for q in records if q["model"] == r["model"] and q["method"] == "bp"
+                  and q["batch_size"] == r["batch_size"])
         r["step_cost_over_bp"] = round(r["step_cost"] / bp["step_cost"], 4)
-    merge_records("memory", records, ("kind", "model", "batch_size", "method", "schedule", "frugal"))
-    print(table([dict(r, step_mib=round(r["step_cost"] / 2**20, 1)) for r in records],
-                ["model", "batch_size", "method", "schedule", "frugal", "step_mib", "step_cost_over_bp"]))
+        r["peak_rss_over_bp"] = round(r["peak_rss"] / bp["peak_rss"], 4)
+    merge_records("memory", records, ("kind", "model", "batch_size", "method", "schedule", "frugal"),
+                  drop=None if args.no_depth else lambda r: r.get("kind") in ("step", "memory", "throughput"))
+    print(table([dict(r, step_mib=round(r["step_cost"] / 2**20, 1), accounted_mib=round(r["step_cost_accounted"] / 2**20, 1),
+                      peak_mib=round(r["peak_rss"] / 2**20, 1)) for r in records],
+                ["model", "batch_size", "method", "schedule", "step", "step_mib", "accounted_mib", "measured_over_accounted",
+                 "step_cost_over_bp", "peak_mib", "peak_rss_over_bp"]))
+    depth = [r for r in records if r["model"].startswith("conv32x")]
+    if depth:
+        (RESULTS / "memory_depth.json").write_text(json.dumps(depth, indent=1) + "\n")
+        depth_figure(depth, RESULTS / "memory_depth.png")
+
+
+def depth_figure(records: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, label in (("local", "layer-local (frugal step, schedule all)"), ("bp", "backprop")):
+        rs = sorted((r for r in records if r["method"] == method), key=lambda r: r["depth"])
+        ax.plot([r["depth"] for r in rs], [r["step_cost"] / 2**20 for r in rs], "o-", label=label + ", measured")
+        ax.plot([r["depth"] for r in rs], [r["step_cost_accounted"] / 2**20 for r in rs], "x--", alpha=0.6,
+                label=label + ", accounted")
+    ax.set_xlabel("layers (conv3x3, 32 channels, BN)")
+    ax.set_ylabel("step cost, MiB")
+    ax.set_xticks(sorted({r["depth"] for r in records}))
+    ax.set_title("memory of a training step vs depth, batch 256, Adam float32 state\n(peak RSS above the model "
+                 "and its optimizer state, fresh 1-thread processes)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def readme_table() -> str:
@@ -167,10 +198,26 @@ def readme_table() -> str:
     return "\n".join(lines)
 
 
+def step_table() -> str:
+    """The README's step-cost table (markdown), regenerated from results/memory.json."""
+    recs = [r for r in json.loads((RESULTS / "memory.json").read_text()) if r.get("kind") == "step"]
+    order = ["olu pairs", "whole batch"]
+    recs.sort(key=lambda r: (r["model"].startswith("conv32x"), r["depth"], r["model"], r["method"] == "bp",
+                             order.index(r["step"]) if r["step"] in order else 2, r["schedule"]))
+    lines = ["| model | batch | method | schedule | step | step cost MiB (accounted) | / backprop | process peak MiB | / backprop |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in recs:
+        method = "backprop" if r["method"] == "bp" else "local"
+        sched = "—" if r["method"] == "bp" else r["schedule"]
+        step = "—" if r["method"] == "bp" else r["step"]
+        lines.append(f"| {r['model']} | {r['batch_size']} | {method} | {sched} | {step} | {r['step_cost'] / 2**20:.1f} "
+                     f"({r['step_cost_accounted'] / 2**20:.1f}) | {r['step_cost_over_bp']:.3f} | {r['peak_rss'] / 2**20:.1f} | "
+                     f"{r['peak_rss_over_bp']:.3f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batches", default="1,32,256")
-    ap.add_argument("--stream-samples", type=int, default=1000)
     ap.add_argument("--process", action="store_true", help="whole-process rows: numpy edge runtime vs torch")
     ap.add_argument("--presets", default="symba-mlp,cfl-mlp")
     ap.add_argument("--process-batches", default="1,32")
@@ -180,53 +227,17 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="training samples per process (default: one epoch)")
     ap.add_argument("--test-limit", type=int, default=None)
     ap.add_argument("--jobs", type=int, default=2, help="processes at a time")
-    ap.add_argument("--step", action="store_true", help="step-cost rows (frugal step vs standard vs backprop)")
-    ap.add_argument("--readme", action="store_true", help="print the README's process table from memory.json")
+    ap.add_argument("--step", action="store_true", help="step-cost rows (the default)")
+    ap.add_argument("--no-depth", action="store_true", help="step rows without the depth series (6/12/24 layers)")
+    ap.add_argument("--readme", action="store_true", help="print the README's process and step tables from memory.json")
     args = ap.parse_args()
     if args.readme:
-        print(readme_table())
+        print(readme_table(), step_table(), sep="\n\n")
         return
     if args.process:
         process_rows(args)
         return
-    if args.step:
-        step_rows()
-        return
-    torch.set_num_threads(1)
-    records: list[dict[str, Any]] = []
-    for name, (model, train) in models().items():
-        for b in map(int, args.batches.split(",")):
-            acc = account(model, train, b)
-            m = measure(model, train, b)
-            rec = {
-                "kind": "memory", "model": name, "batch_size": b, "schedule": train.schedule, "method": m["method"],
-                "local_transient_accounted": acc.local_transient, "local_transient_measured": m["local_transient"],
-                "bp_transient_accounted": acc.bp_transient, "bp_transient_measured": m["bp_transient"],
-                "local_peak_accounted": acc.local_peak, "bp_peak_accounted": acc.bp_peak,
-                "local_peak_measured": acc.local_resident + m["local_transient"],
-                "bp_peak_measured": acc.bp_resident + m["bp_transient"],
-                "physical_limit": acc.physical_limit,
-                "ratio_measured": round((acc.local_resident + m["local_transient"])
-                                        / (acc.bp_resident + m["bp_transient"]), 4),
-                "ratio_accounted": round(acc.local_peak / acc.bp_peak, 4),
-                "measured_over_accounted": round(m["local_transient"] / acc.local_transient, 4),
-                "local_layers_measured": ",".join(str(v) for v in m["local_layers"]),
-            }
-            print(f"{name} batch {b}: local/bp measured {rec['ratio_measured']}", flush=True)
-            records.append(rec)
-        tp = throughput(model, train, args.stream_samples)
-        records.append({"kind": "throughput", "model": name, "batch_size": 1, "threads": 1,
-                        "samples": args.stream_samples, "local_samples_per_s": round(tp["local"], 1),
-                        "bp_samples_per_s": round(tp["bp"], 1), "ratio": round(tp["local"] / tp["bp"], 4)})
-    merge_records("memory", records, ("kind", "model", "batch_size"))
-    mib = 1024 * 1024
-    mem = [dict(r, **{k: round(r[k] / mib, 2) for k in r if k.endswith(("accounted", "measured", "limit"))
-                      and isinstance(r[k], int)}) for r in records if r["kind"] == "memory"]
-    print("(MiB)")
-    print(table(mem, ["model", "batch_size", "local_peak_accounted", "local_peak_measured", "bp_peak_accounted",
-                      "bp_peak_measured", "ratio_measured", "measured_over_accounted", "physical_limit"]))
-    print(table([r for r in records if r["kind"] == "throughput"],
-                ["model", "batch_size", "threads", "local_samples_per_s", "bp_samples_per_s", "ratio"]))
+    step_rows(args)
 
 
 if __name__ == "__main__":

@@ -85,7 +85,8 @@ def train(
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
     optim_state: Annotated[str, typer.Option(help="optimizer state dtype between steps: float32, bfloat16 or float16 (frugal)")] = "float32",
     lazy: Annotated[bool, typer.Option("--lazy", help="read the IDX training files batch by batch, in file order (no data set in RAM)")] = False,
-    frugal: Annotated[bool, typer.Option("--frugal", help="goodness presets, all/greedy: positives and negatives through a layer in turn (about half the step's memory)")] = False,
+    frugal: Annotated[bool, typer.Option("--frugal/--whole-batch", help="goodness presets, all/greedy: one layer at a time in chunks of --chunk pairs (the whole-batch update, a fraction of its memory)")] = True,
+    chunk: Annotated[int, typer.Option(help="frugal step: positive/negative pairs per chunk (0: the whole batch)")] = 64,
     memory_report: Annotated[bool, typer.Option("--memory-report", help="measure per-layer memory on real batches after training")] = False,
     views: Annotated[int | None, typer.Option(help="contrastive/backprop: 1 (one-forward) or 2 augmented views per batch [default: the preset's]")] = None,
     crop_padding: Annotated[int | None, typer.Option(help="random-crop augmentation: border pixels to pad and crop back, 0 = off [default: the preset's]")] = None,
@@ -102,7 +103,7 @@ def train(
         ds = load_data(data.value, data_dir)
         if optim_state not in ("float32", "bfloat16", "float16"):
             _fail(f"--optim-state must be float32, bfloat16 or float16, got {optim_state!r}")
-        tc = replace(p.train, seed=seed, device=device, optim_state_dtype=optim_state, frugal=frugal)
+        tc = replace(p.train, seed=seed, device=device, optim_state_dtype=optim_state, frugal=frugal, chunk=chunk)
         if batch_size is not None:
             tc = replace(tc, batch_size=batch_size)
         if lr is not None:
@@ -167,15 +168,13 @@ def train(
         _fail(str(e))
         return
     if memory_report:
-        from edgeff.memory import account, measure_learner
+        from edgeff.memory import account, measure_checkpoint
 
-        real = list(ds.train_batches(tc.batch_size, seed=seed + 1, limit=4 * tc.batch_size))[:4]
-        measured = measure_learner(learner, real)
-        if learner.kind == "local":
-            measured = {**measured, "local_layers": measured["layers"], "local_transient": measured["transient"]}
+        methods = ("bp",) if learner.kind == "bp" else ("local", "bp")
+        measured = measure_checkpoint(str(path), data.value, str(data_dir) if data_dir else None, tc.batch_size,
+                                      seed=seed + 1, methods=methods)
         report = account(learner.model_cfg, learner.train_cfg, tc.batch_size)
-        _print_memory(report, measured if learner.kind == "local" else None,
-                      f"{name}: memory per layer on real {ds.name} batches of {tc.batch_size}")
+        _print_memory(report, measured, f"{name}: memory of a step on real {ds.name} batches of {tc.batch_size}")
     layers = "  ".join(f"L{i + 1} {a:.2%}" for i, a in enumerate(res.layer_accuracy))
     out.print(f"trained in {seconds:.1f}s; test accuracy {res.accuracy:.2%} on {res.n} images"
               + (f"  (per layer: {layers})" if layers else ""), highlight=False)
@@ -315,24 +314,25 @@ def _print_memory(report: object, measured: dict | None, title: str) -> None:
     from edgeff.memory import MemoryReport, rows
 
     assert isinstance(report, MemoryReport)
-    table = Table(title=title)
+    table = Table(title=title, caption="KiB live while a layer trains, above the model and its optimizer state")
     recs = rows(report, measured)
     cols = list(recs[0])
     for c in cols:
-        table.add_column(c.replace("_kib", " KiB").replace("_", " "), justify="right")
+        table.add_column(c.replace("_kib", "").replace("_", " "), justify="right")
     for r in recs:
-        table.add_row(*[str(r[c]) if c == "layer" else _kib(r[c]) for c in cols])
+        table.add_row(*[r[c] if c == "layer" else ("-" if r[c] is None else _kib(r[c])) for c in cols])
     out.print(table)
-    out.print(f"accounted peak: layer-local ({report.schedule}) {report.local_peak / 1024:,.1f} KiB, backprop "
-              f"{report.bp_peak / 1024:,.1f} KiB, ratio {report.local_peak / report.bp_peak:.2f}; physical limit "
-              f"(greedy) {report.physical_limit / 1024:,.1f} KiB", highlight=False)
-    if measured is not None:
-        lt, bt = measured["local_transient"], measured.get("bp_transient")
-        line = f"measured step peak above the resident baseline ({measured['method']}): layer-local {lt / 1024:,.1f} KiB"
-        if bt:
-            line += f", backprop {bt / 1024:,.1f} KiB, ratio {lt / bt:.2f}"
-        out.print(line + f" (accounted: {report.local_transient / 1024:,.1f} / {report.bp_transient / 1024:,.1f} KiB)",
-                  highlight=False)
+    out.print(f"step cost (accounted): layer-local {report.local_step / 1024:,.1f} KiB ({report.schedule}, {report.step}), "
+              f"backprop {report.bp_step / 1024:,.1f} KiB, ratio {report.local_step / report.bp_step:.2f}; peak with the "
+              f"model: {report.local_peak / 1024:,.1f} vs {report.bp_peak / 1024:,.1f} KiB; physical limit (greedy) "
+              f"{report.physical_limit / 1024:,.1f} KiB", highlight=False)
+    if measured:
+        parts = [f"{'layer-local' if k == 'local' else 'backprop'} {m['step_cost'] / 1024:,.1f} KiB"
+                 for k, m in measured.items()]
+        line = f"step cost (measured, {next(iter(measured.values()))['method']}): " + ", ".join(parts)
+        if {"local", "bp"} <= set(measured):
+            line += f", ratio {measured['local']['step_cost'] / measured['bp']['step_cost']:.2f}"
+        out.print(line, highlight=False)
 
 
 @app.command()
@@ -345,8 +345,10 @@ def memory(
     plot: Annotated[Path | None, typer.Option(help="write a grouped bar chart per layer (needs matplotlib)")] = None,
     device: Annotated[str, typer.Option(help="device for --measure: cpu, cuda or auto")] = "cpu",
     optim_state: Annotated[str, typer.Option(help="optimizer state dtype between steps: float32, bfloat16, float16")] = "float32",
+    frugal: Annotated[bool, typer.Option("--frugal/--whole-batch", help="goodness presets, all/greedy: the frugal step (chunks of pairs)")] = True,
+    chunk: Annotated[int, typer.Option(help="frugal step: pairs per chunk (0: the whole batch)")] = 64,
 ) -> None:
-    """Per-layer memory of a training step: layer-local next to backprop on the same architecture."""
+    """Memory of a training step, per layer and whole: layer-local next to backprop on the same architecture."""
     from edgeff import get_preset
     from edgeff.errors import EdgeFFError
     from edgeff.memory import account
@@ -357,14 +359,14 @@ def memory(
         p = get_preset(preset)
         if batch_size < 1:
             _fail(f"--batch-size must be at least 1, got {batch_size}")
-        tc = replace(p.train, device=device, optim_state_dtype=optim_state)
+        tc = replace(p.train, device=device, optim_state_dtype=optim_state, frugal=frugal, chunk=chunk)
         if schedule is not None:
             tc = replace(tc, schedule=schedule.value)
         report = account(p.model, tc, batch_size, dtype=dtype)
         measured = measure_fn(p.model, tc, batch_size) if measure else None
         _print_memory(report, measured, f"{preset}, batch {batch_size}, {dtype}")
         if plot is not None:
-            plot_fn(report, str(plot), measured, title=f"{preset}: training memory, batch {batch_size}")
+            plot_fn(report, str(plot), measured, title=f"{preset}: memory of a training step")
             out.print(f"plot: {plot}")
     except (EdgeFFError, ValueError, RuntimeError) as e:
         _fail(str(e))

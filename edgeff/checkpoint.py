@@ -18,6 +18,7 @@ from edgeff.config import ModelConfig, TrainConfig
 from edgeff.contrastive import ContrastiveLearner
 from edgeff.errors import CheckpointError
 from edgeff.files import atomic_write
+from edgeff.layers import make_optimizer
 from edgeff.mirror import MirrorLearner
 from edgeff.model import HeadPredictor
 from edgeff.trainer import Learner
@@ -124,7 +125,7 @@ def load(path: str | Path, *, device: str | None = None) -> tuple[Learner | BPLe
             learner.predictor.load_state_dict(state["predictor"])
             pred = learner.predictor
             if state.get("predictor_optim") is not None and isinstance(pred, HeadPredictor):
-                pred.opt = torch.optim.Adam(pred.linear.parameters(), lr=pred.lr)
+                pred.opt = make_optimizer(list(pred.linear.parameters()), "adam", pred.lr)
                 pred.opt.load_state_dict(state["predictor_optim"])
         else:
             learner.opt.load_state_dict(state["optim"])

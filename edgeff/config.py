@@ -109,7 +109,8 @@ class TrainConfig:
     views: int = 1  # contrastive/backprop learners: 1 (one-forward) or 2 augmented views of every batch (CFF)
     crop_padding: int = 0  # random-crop augmentation: pad by this many border pixels, crop back (0: off)
     hflip: bool = False  # random horizontal flips (not for digits)
-    frugal: bool = False  # goodness, all/greedy: positives and negatives through a layer in turn (exact without batch-statistics BN)
+    frugal: bool = True  # goodness learners, all/greedy: a layer at a time in chunks of pairs (the whole-batch update); olu and the contrastive families step whole batches
+    chunk: int = 64  # frugal step: positive/negative pairs per chunk (0: the whole batch)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -14,6 +14,7 @@ from torch import nn
 
 from edgeff.errors import InputError
 from edgeff.layers import grow_rows
+from edgeff.optim import LeanOptimizer
 
 ENCODERS = ("overlay", "icp", "channel")
 
@@ -48,7 +49,7 @@ class OverlayEncoder(nn.Module):
         return self._write(x, torch.full((x.shape[0], self.num_classes), self.on_value / self.num_classes,
                                          dtype=x.dtype, device=x.device))
 
-    def grow(self, generator: torch.Generator, optimizers: Sequence[torch.optim.Optimizer | None] = ()) -> None:
+    def grow(self, generator: torch.Generator, optimizers: Sequence[LeanOptimizer | None] = ()) -> None:
         """One more class: its one-hot slot is the next input value, so the old labels' codes now also
         zero that (border) pixel and their goodness moves slightly (the icp and channel encoders keep it
         exactly)."""
@@ -86,7 +87,7 @@ class ICPEncoder(nn.Module):
         mean = self.patterns.mean(0, keepdim=True).to(x.dtype).expand(x.shape[0], -1, -1, -1)
         return torch.cat([x, mean], dim=1)
 
-    def grow(self, generator: torch.Generator, optimizers: Sequence[torch.optim.Optimizer | None] = ()) -> None:
+    def grow(self, generator: torch.Generator, optimizers: Sequence[LeanOptimizer | None] = ()) -> None:
         """One more class: a new fixed sparse pattern drawn like the others."""
         _, h, w = self.in_shape
         grow_rows(self, "patterns", (torch.rand(1, 1, h, w, generator=generator) < self.rate).float())
@@ -136,7 +137,7 @@ class ChannelEncoder(nn.Module):
         code = torch.full((x.shape[0], self.num_classes), 1.0 / self.num_classes, dtype=x.dtype, device=x.device)
         return self._cat(x, code)
 
-    def grow(self, generator: torch.Generator, optimizers: Sequence[torch.optim.Optimizer | None] = ()) -> None:
+    def grow(self, generator: torch.Generator, optimizers: Sequence[LeanOptimizer | None] = ()) -> None:
         """One more class: a new N(0, 1) row of the label matrix (a learned matrix keeps learning with
         the optimizers given, whose state grows with it)."""
         _, h, w = self.in_shape

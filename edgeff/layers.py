@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from edgeff.optim import LeanOptimizer
 from edgeff.config import LayerSpec  # defined with the configs (torch-free), still importable from here
 
 NORMS = ("none", "length", "layer", "batch")
@@ -81,12 +82,44 @@ class RunningBatchNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_features))
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
+        self.fixed: tuple[torch.Tensor, torch.Tensor] | None = None  # set by prepare() for a step in parts
 
     def _shape(self, v: torch.Tensor) -> torch.Tensor:
         return v.view(1, -1, 1, 1) if self.spatial else v.view(1, -1)
 
+    def prepare(self, parts: Sequence[torch.Tensor], rows: int = 64) -> None:
+        """Before a training step that passes one batch through in ``parts`` (B_i, ...), taken together
+        in order: update the running statistics once from the whole batch and fix the statistics its
+        forward would normalise with (the batch's own, or the running ones), so every part is normalised
+        as the whole batch would be. Sums run ``rows`` rows at a time (no batch-sized temporary). The
+        statistics hold until ``release``; they carry no gradient, as in ``forward`` wherever the input
+        is a constant (a local layer's input is detached)."""
+        dims = [0, 2, 3] if self.spatial else [0]
+        flat = [p if self.spatial else p.flatten(1) for p in parts]
+        n_rows = sum(p.shape[0] for p in flat)
+        n = sum(p.numel() for p in flat) // flat[0].shape[1]
+        with torch.no_grad():
+            mean = sum((p.sum(dims) for p in flat), torch.zeros_like(self.running_mean)) / n
+            ss = torch.zeros_like(self.running_var)
+            for p in flat:
+                for r in range(0, p.shape[0], rows):
+                    ss += (p[r:r + rows] - self._shape(mean)).pow(2).sum(dims)
+            self.running_mean.lerp_(mean, self.momentum)
+            if n > 1:
+                self.running_var.lerp_(ss / (n - 1), self.momentum)
+            if not self.always_running and n_rows >= self.min_batch:
+                self.fixed = (mean, ss / n)
+            else:
+                self.fixed = (self.running_mean.clone(), self.running_var.clone())
+
+    def release(self) -> None:
+        self.fixed = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dims = [0, 2, 3] if self.spatial else [0]
+        if self.training and self.fixed is not None:
+            mu, var = self._shape(self.fixed[0]), self._shape(self.fixed[1])
+            return (x - mu) / torch.sqrt(var + self.eps) * self._shape(self.weight) + self._shape(self.bias)
         if self.training:
             use_batch = not self.always_running and x.shape[0] >= self.min_batch
             n = x.numel() // x.shape[1]
@@ -255,14 +288,10 @@ def make_block(
     return nn.Sequential(*mods)
 
 
-def make_optimizer(params: list[nn.Parameter], kind: str, lr: float) -> torch.optim.Optimizer:
-    if kind == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    if kind == "adamw":
-        return torch.optim.AdamW(params, lr=lr)  # weight decay 0.01 (CFL and CFF train with AdamW)
-    if kind == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9)
-    raise ValueError(f"unknown optimizer {kind!r}; choose adam, adamw or sgd")
+def make_optimizer(params: list[nn.Parameter], kind: str, lr: float) -> LeanOptimizer:
+    """Adam, AdamW (weight decay 0.01, as CFL and CFF train) or SGD with momentum 0.9: torch's updates,
+    stepped a block at a time, without importing ``torch.optim`` (see ``edgeff.optim``)."""
+    return LeanOptimizer(params, kind, lr)
 
 
 class LocalLayer(nn.Module):
@@ -276,12 +305,12 @@ class LocalLayer(nn.Module):
         self.lr = lr
         self.state_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[state_dtype]
         self.extra_params: list[nn.Parameter] = []  # e.g. a learned label channel, trained with layer 0
-        self.opt: torch.optim.Optimizer | None = None
+        self.opt: LeanOptimizer | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block(x)
 
-    def ensure_optimizer(self) -> torch.optim.Optimizer:
+    def ensure_optimizer(self) -> LeanOptimizer:
         if self.opt is None:
             self.opt = make_optimizer(list(self.block.parameters()) + self.extra_params, self.optimizer_kind, self.lr)
         return self.opt
@@ -316,7 +345,7 @@ class LocalLayer(nn.Module):
 
 
 def grow_rows(
-    owner: nn.Module, name: str, rows: torch.Tensor, optimizers: Sequence[torch.optim.Optimizer | None] = ()
+    owner: nn.Module, name: str, rows: torch.Tensor, optimizers: Sequence[LeanOptimizer | None] = ()
 ) -> torch.Tensor:
     """Append ``rows`` (n, ...) to the tensor ``owner.<name>`` along dim 0 (online class addition).
 
@@ -362,7 +391,7 @@ def class_row(existing: torch.Tensor, proto: torch.Tensor | None, generator: tor
     return proto.to(rows.dtype).flatten() / proto.norm().clamp_min(1e-12) * scale  # (D,)
 
 
-def grow_linear(linear: nn.Linear, row: torch.Tensor, optimizers: Sequence[torch.optim.Optimizer | None] = ()) -> None:
+def grow_linear(linear: nn.Linear, row: torch.Tensor, optimizers: Sequence[LeanOptimizer | None] = ()) -> None:
     """Give ``linear`` one more output (a new class): weight row ``row`` (D,), bias the mean of the
     existing biases; optimizer state grows as in ``grow_rows``."""
     grow_rows(linear, "weight", row[None], optimizers)

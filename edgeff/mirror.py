@@ -23,6 +23,7 @@ from torch import nn
 from edgeff.augment import require_one_view
 from edgeff.config import ModelConfig, TrainConfig
 from edgeff.layers import LocalLayer, class_row, grow_linear, make_block, make_optimizer, out_shape
+from edgeff.optim import LeanOptimizer
 from edgeff.trainer import LayerMetrics, as_batch, as_labels, resolve_device
 
 
@@ -102,7 +103,7 @@ class MirrorLearner:
             for g in opt.param_groups:
                 g["lr"] = lr
 
-    def _out_opt(self, i: int) -> torch.optim.Optimizer:
+    def _out_opt(self, i: int) -> LeanOptimizer:
         if not hasattr(self, "_out_opts"):
             self._out_opts = [make_optimizer(list(m.out.parameters()), self.train_cfg.optimizer, self.train_cfg.lr)
                               for m in self.mirrors]

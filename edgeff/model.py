@@ -11,7 +11,8 @@ from torch import nn
 
 from edgeff.config import ModelConfig, TrainConfig, select_layers
 from edgeff.labels import LabelEncoder, make_encoder
-from edgeff.layers import LocalLayer, class_row, grow_linear, make_block, out_shape
+from edgeff.layers import LocalLayer, class_row, grow_linear, make_block, make_optimizer, out_shape
+from edgeff.optim import LeanOptimizer
 from edgeff.losses import goodness
 
 
@@ -128,7 +129,7 @@ class HeadPredictor(nn.Module):
         nn.init.uniform_(self.linear.weight, -bound, bound, generator=generator)
         nn.init.zeros_(self.linear.bias)
         self.lr = lr
-        self.opt: torch.optim.Optimizer | None = None
+        self.opt: LeanOptimizer | None = None
 
     def _features(self, net: LocalNet, x: torch.Tensor) -> torch.Tensor:
         outs = net.features(net.encoder.neutral(x))
@@ -156,7 +157,7 @@ class HeadPredictor(nn.Module):
         feats = self._features(net, x)
         net.train(was_training)
         if self.opt is None:
-            self.opt = torch.optim.Adam(self.linear.parameters(), lr=self.lr)
+            self.opt = make_optimizer(list(self.linear.parameters()), "adam", self.lr)
         loss = F.cross_entropy(self.linear(feats), y)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -19,6 +19,7 @@ from edgeff.augment import require_one_view
 from edgeff.config import ModelConfig, TrainConfig
 from edgeff.errors import InputError
 from edgeff.loop import LayerMetrics, train_epochs  # noqa: F401 - re-exported: the runtime-free training loop
+from edgeff.layers import RunningBatchNorm
 from edgeff.losses import get_loss, goodness
 from edgeff.model import NEGATIVES, LocalNet, make_predictor
 
@@ -75,20 +76,6 @@ def as_labels(y: torch.Tensor | np.ndarray | Iterable[int] | int, n: int, num_cl
     return y
 
 
-class _RunningStatsKept:
-    """Restore a layer's BatchNorm running statistics on exit (a look-ahead pass must not update them)."""
-
-    def __init__(self, layer: torch.nn.Module) -> None:
-        self.buffers = [b for n, b in layer.named_buffers() if n.endswith(("running_mean", "running_var"))]
-
-    def __enter__(self) -> None:
-        self.saved = [b.clone() for b in self.buffers]
-
-    def __exit__(self, *exc: object) -> None:
-        for b, v in zip(self.buffers, self.saved, strict=True):
-            b.copy_(v)
-
-
 def _fresh_negatives(y: torch.Tensor, fallback: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """For each label, another label present in ``y`` drawn uniformly; ``fallback`` where none is."""
     classes = torch.unique(y)  # sorted
@@ -115,6 +102,8 @@ class Learner:
         if train.negatives not in NEGATIVES:
             raise ValueError(f"unknown negatives {train.negatives!r}; choose one of {sorted(NEGATIVES)}")
         require_one_view(train, "goodness")
+        if train.chunk < 0:
+            raise ValueError(f"chunk must be 0 (whole batch) or a number of pairs, got {train.chunk}")
         self.model_cfg = model
         self.train_cfg = train
         self.device = resolve_device(train.device)
@@ -165,7 +154,7 @@ class Learner:
             y_neg = y_neg.clone()
             y_neg[:fresh] = _fresh_negatives(yb[:fresh], y_neg[:fresh], self.generator)
         enc = self.net.encoder
-        if self.train_cfg.frugal and self.train_cfg.schedule != "olu":
+        if self.train_cfg.frugal and self.train_cfg.schedule != "olu":  # olu carries two layers' graphs by design
             frugal = self._learn_frugal(enc(xb, yb), enc(xb, y_neg))
             self.predictor.learn(self.net, xb, yb)
             self.step += 1
@@ -227,15 +216,17 @@ class Learner:
         return metrics
 
     def _learn_frugal(self, hp: torch.Tensor, hn: torch.Tensor) -> list[LayerMetrics]:
-        """The frugal step (schedules ``all`` and ``greedy``): a training layer holds the graph of one half
-        of the batch at a time. The negatives' goodness is read first without a graph; the positives pass
-        with a graph and their part of the loss is backpropagated; then the negatives pass again with a
-        graph for theirs. The gradients add up to the whole-batch gradient exactly (the loss is a sum over
-        pairs), at the cost of one more forward pass of the negatives. Where a layer normalises with
-        batch statistics (BN on batches of at least ``bn_min_batch``), each half is normalised with its own
-        statistics and the running statistics take two updates (positives, negatives) instead of one:
-        a different, not a worse, update. The layer's gradients are freed right after its step."""
+        """The frugal step (schedules ``all`` and ``greedy``): one layer at a time, the batch passes in
+        chunks of ``train.chunk`` positive/negative pairs; each chunk's graph is freed after its
+        backward pass, so a training layer holds its input and output batches plus one chunk's graph.
+        Gradients add up over the chunks to the whole batch's (both goodness losses are means over
+        pairs), the layer steps once, and its gradients are freed at once. A batch-statistics BN at a
+        layer's input (``order="pre"``, the goodness presets' layout) normalises every chunk with the
+        whole batch's statistics, computed beforehand: the input is a constant for the layer, so this is
+        the whole-batch update. A layer whose BN follows its weights (``order="post"``) cannot be split
+        that way and takes the whole batch at once."""
         active = self._apply_greedy() if self.train_cfg.schedule == "greedy" else -1
+        b = hp.shape[0]
         metrics: list[LayerMetrics] = []
         hook = self.layer_hook
         for i, layer in enumerate(self.net.local_layers):
@@ -243,30 +234,43 @@ class Learner:
                 break
             if hook is not None:
                 hook(i, True)
-            if active >= 0 and i != active:
-                with torch.no_grad():
-                    hp, hn = layer(hp), layer(hn)
-                gp, gn = goodness(hp), goodness(hn)
-                metrics.append(LayerMetrics(float(self.loss_fn(gp, gn)), float(gp.mean()), float(gn.mean()), False))
-            else:
-                opt = layer.ensure_optimizer()
-                opt.zero_grad(set_to_none=True)
-                with torch.no_grad(), _RunningStatsKept(layer):
-                    gn = goodness(layer(hn))  # (B,): the negatives' side of each pair, no graph
-                op = layer(hp)
-                gp = goodness(op)
-                self.loss_fn(gp, gn).backward()  # the positives' part of the gradient
-                hp, gp = op.detach(), gp.detach()
-                del op
-                on = layer(hn)
-                gn = goodness(on)
-                loss = self.loss_fn(gp, gn)
-                loss.backward()  # the negatives' part
-                hn = on.detach()
-                del on
+            trains = active < 0 or i == active
+            spec = self.model_cfg.layers[i]
+            step = b if spec.norm == "batch" and spec.order != "pre" else (self.train_cfg.chunk or b)
+            bns = [m for m in layer.modules() if isinstance(m, RunningBatchNorm)] if step < b else []
+            for bn in bns:
+                bn.prepare([hp, hn])
+            if trains:
+                layer.ensure_optimizer().zero_grad(set_to_none=True)
+            outs: list[torch.Tensor] = []
+            loss_sum = gp_sum = gn_sum = 0.0
+            try:
+                for s in range(0, b, step):
+                    n = min(step, b - s)
+                    with torch.set_grad_enabled(trains):
+                        out = layer(torch.cat([hp[s:s + n], hn[s:s + n]]))  # (2n, ...): the chunk's pairs
+                        g = goodness(out)  # (2n,)
+                        loss = self.loss_fn(g[:n], g[n:])
+                        if trains:  # this chunk's share of the batch's gradient; a learned label encoder's
+                            # graph (layer 0's input) is shared by every chunk, so it is kept to the last one
+                            (loss * (n / b)).backward(retain_graph=hp.requires_grad and s + n < b)
+                    out = out.detach()
+                    if not outs:  # the layer's output batches, filled chunk by chunk
+                        outs = [out.new_empty((b, *out.shape[1:])) for _ in range(2)]
+                    outs[0][s:s + n], outs[1][s:s + n] = out[:n], out[n:]
+                    loss_sum += float(loss.detach()) * n
+                    gp_sum += float(g[:n].detach().sum())
+                    gn_sum += float(g[n:].detach().sum())
+                    del out, g, loss
+            finally:
+                for bn in bns:
+                    bn.release()
+            if trains:
                 layer.optimizer_step()
-                opt.zero_grad(set_to_none=True)
-                metrics.append(LayerMetrics(float(loss.detach()), float(gp.mean()), float(gn.detach().mean()), True))
+                layer.opt.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+            metrics.append(LayerMetrics(loss_sum / b, gp_sum / b, gn_sum / b, trains))
+            hp, hn = outs
+            del outs
             if hook is not None:
                 hook(i, False)
         return metrics

@@ -6,6 +6,7 @@ import torch
 
 from edgeff import LayerSpec, Learner, ModelConfig, TrainConfig, evaluate, make_learner
 from edgeff.errors import InputError
+from edgeff.layers import RunningBatchNorm
 from edgeff.presets import PRESETS
 from edgeff.trainer import train_epochs
 
@@ -177,32 +178,39 @@ def test_per_layer_metrics_track_separation(mnist_small) -> None:
     assert all(lm.loss < f.loss for lm, f in zip(last, first, strict=True))
 
 
-@pytest.mark.parametrize("schedule", ["all", "greedy"])
-def test_frugal_step_gives_the_whole_batch_update(schedule: str, real_batch) -> None:
-    """Positives and negatives through a layer in turn: the same update as the 2B-row step (no BN here;
-    SGD, so rounding-level gradient differences stay rounding-level)."""
-    p = PRESETS["symba-mlp"]
+@pytest.mark.parametrize(("preset", "schedule", "chunk"), [
+    ("symba-mlp", "all", 5), ("symba-mlp", "greedy", 5), ("ff-mlp", "all", 7),
+    # batch-statistics BN at every layer's input: chunks normalised with the whole batch's statistics
+    ("trifecta-cnn", "all", 5), ("trifecta-cnn", "greedy", 3),
+])
+def test_frugal_step_gives_the_whole_batch_update(preset: str, schedule: str, chunk: int, real_batch) -> None:
+    """The frugal step (chunks of pairs, one layer at a time) against the whole-batch step of the same
+    learner class: the same losses, parameters and BN running statistics after 4 steps (SGD, so
+    rounding-level gradient differences stay rounding-level); gradients freed after each layer's step."""
+    p = PRESETS[preset]
     x, y = real_batch
     learners = [make_learner(p, train=replace(p.train, optimizer="sgd", lr=1e-2, schedule=schedule, greedy_steps=2,
-                                              frugal=frugal)) for frugal in (False, True)]
+                                              frugal=frugal, chunk=chunk)) for frugal in (False, True)]
     for _ in range(4):
         ms = [lr.learn_many(x[:16], y[:16]) for lr in learners]
         assert [m.trained for m in ms[0]] == [m.trained for m in ms[1]]
-        np.testing.assert_allclose([m.loss for m in ms[1]], [m.loss for m in ms[0]], rtol=1e-5)
-    for a, b in zip(learners[0].net.parameters(), learners[1].net.parameters(), strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
-    assert all(lay.opt is None or all(q.grad is None for q in lay.block.parameters())
-               for lay in learners[1].net.local_layers)  # gradients freed right after each step
+        np.testing.assert_allclose([m.loss for m in ms[1]], [m.loss for m in ms[0]], rtol=1e-4)
+        np.testing.assert_allclose([m.g_pos for m in ms[1]], [m.g_pos for m in ms[0]], rtol=1e-4)
+    for a, b in zip(learners[0].net.state_dict().values(), learners[1].net.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    assert all(q.grad is None for q in learners[1].net.parameters())  # gradients freed right after each step
 
 
-def test_frugal_step_trains_batchnorm_models(real_batch) -> None:
-    """With batch-statistics BN the halves are normalised separately (a different update): it still learns
-    and keeps the running statistics finite."""
+def test_frugal_step_without_whole_batch_statistics_differs(real_batch, monkeypatch) -> None:
+    """The test above can fail: with the whole-batch statistics switched off, each chunk is normalised with
+    its own statistics (a naive split), and the BN model's update differs far beyond its tolerance."""
     p = PRESETS["trifecta-cnn"]
-    learner = make_learner(p, train=replace(p.train, schedule="all", frugal=True))
     x, y = real_batch
-    first = [m.loss for m in learner.learn_many(x[:32], y[:32])]
-    for _ in range(5):
-        last = [m.loss for m in learner.learn_many(x[:32], y[:32])]
-    assert np.isfinite(last).all() and sum(last) < sum(first)
-    assert all(torch.isfinite(b).all() for b in learner.net.buffers())
+    whole, split = (make_learner(p, train=replace(p.train, optimizer="sgd", lr=1e-2, schedule="all", frugal=f,
+                                                  chunk=5)) for f in (False, True))
+    monkeypatch.setattr(RunningBatchNorm, "prepare", lambda self, parts, rows=64: None)
+    for _ in range(4):
+        whole.learn_many(x[:16], y[:16])
+        split.learn_many(x[:16], y[:16])
+    states = whole.net.state_dict().values(), split.net.state_dict().values()
+    assert max(float((a - b).abs().max()) for a, b in zip(*states, strict=True)) > 1e-2  # frugal: ~1e-6

@@ -1,0 +1,142 @@
+"""Adam, AdamW and SGD with torch's arithmetic, stepping a parameter a block at a time.
+
+``torch.optim``'s optimizers import ``torch._dynamo`` (sympy, triton, ... about 150 MB of resident
+memory in a fresh process) the first time one is built, and torch's Adam allocates a parameter-sized
+temporary (the denominator) per parameter and step. On a small device both are most of a training
+step's memory. These optimizers do the same updates as ``torch.optim.Adam``/``AdamW``/``SGD(momentum=0.9)``
+on the CPU (their single-tensor path: the same operations in the same order on the same values, so
+the results are bit-identical), but on blocks of ``BLOCK`` values in place, so a step's scratch memory
+is one block, and they import nothing.
+
+Their state and ``state_dict()`` use torch's layout (``param_groups`` with ``params`` indices, and
+per parameter ``step`` as a float32 tensor, ``exp_avg``, ``exp_avg_sq`` or ``momentum_buffer``), so
+checkpoints written with torch's optimizers load, and the other way round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+BETAS = (0.9, 0.999)  # torch's Adam defaults
+EPS = 1e-8
+WEIGHT_DECAY = {"adam": 0.0, "adamw": 0.01, "sgd": 0.0}  # torch's defaults (AdamW: 0.01)
+MOMENTUM = 0.9
+BLOCK = 1 << 18  # values per in-place block: a step's scratch memory is at most 1 MiB of float32
+KINDS = ("adam", "adamw", "sgd")
+
+
+class LeanOptimizer:
+    """One optimizer over a list of parameters: ``step``, ``zero_grad``, ``state_dict``/``load_state_dict``,
+    ``param_groups`` (one group, ``lr`` settable) and ``state`` keyed by parameter, like torch's."""
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], kind: str, lr: float) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"unknown optimizer {kind!r}; choose one of {', '.join(KINDS)}")
+        self.kind = kind
+        group: dict[str, Any] = {"params": list(params), "lr": float(lr), "weight_decay": WEIGHT_DECAY[kind]}
+        if kind == "sgd":
+            group.update(momentum=MOMENTUM, dampening=0.0, nesterov=False, maximize=False)
+        else:
+            group.update(betas=BETAS, eps=EPS, amsgrad=False, maximize=False)
+        self.param_groups: list[dict[str, Any]] = [group]
+        self.state: dict[torch.Tensor, dict[str, Any]] = {}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.zero_()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Update every parameter that has a gradient, in place."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._step_param(p, p.grad, group)
+
+    def _step_param(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
+        lr, wd = float(group["lr"]), float(group["weight_decay"])
+        st = self.state.get(p)
+        pf, gf = p.view(-1), grad.reshape(-1)
+        if self.kind == "sgd":
+            fresh = st is None or st.get("momentum_buffer") is None
+            if st is None:
+                st = self.state[p] = {}
+            if fresh:
+                st["momentum_buffer"] = torch.empty_like(p, memory_format=torch.contiguous_format)
+            buf = st["momentum_buffer"].view(-1)
+            for s in range(0, pf.numel(), BLOCK):
+                pb, gb, bb = pf[s:s + BLOCK], gf[s:s + BLOCK], buf[s:s + BLOCK]
+                if wd:
+                    gb = gb.add(pb, alpha=wd)
+                if fresh:  # torch: the first momentum buffer is a copy of the first gradient
+                    bb.copy_(gb)
+                else:
+                    bb.mul_(MOMENTUM).add_(gb)
+                pb.add_(bb, alpha=-lr)
+            return
+        if st is None:
+            st = self.state[p] = {"step": torch.tensor(0.0),
+                                  "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                                  "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+        st["step"] += 1
+        t = float(st["step"].item())
+        beta1, beta2 = group["betas"]
+        eps = float(group["eps"])
+        step_size = lr / (1 - beta1 ** t)
+        bc2_sqrt = (1 - beta2 ** t) ** 0.5
+        m, v = st["exp_avg"].view(-1), st["exp_avg_sq"].view(-1)
+        for s in range(0, pf.numel(), BLOCK):
+            pb, gb, mb, vb = pf[s:s + BLOCK], gf[s:s + BLOCK], m[s:s + BLOCK], v[s:s + BLOCK]
+            if wd:
+                if self.kind == "adamw":
+                    pb.mul_(1 - lr * wd)
+                else:
+                    gb = gb.add(pb, alpha=wd)
+            mb.lerp_(gb, 1 - beta1)
+            vb.mul_(beta2).addcmul_(gb, gb, value=1 - beta2)
+            denom = (vb.sqrt() / bc2_sqrt).add_(eps)  # one block of scratch
+            pb.addcdiv_(mb, denom, value=-step_size)
+
+    # ----------------------------------------------------------------- torch's state_dict layout
+    def state_dict(self) -> dict[str, Any]:
+        index: dict[int, int] = {}
+        groups = []
+        for group in self.param_groups:
+            packed = {k: v for k, v in group.items() if k != "params"}
+            ids = []
+            for p in group["params"]:
+                index.setdefault(id(p), len(index))
+                ids.append(index[id(p)])
+            packed["params"] = ids
+            groups.append(packed)
+        state = {index[id(p)]: st for p, st in self.state.items() if id(p) in index}
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state written by this class or by the torch optimizer of the same kind. State tensors
+        take their parameter's dtype and device (as torch does; ``step`` stays float32)."""
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError("optimizer state has a different number of parameter groups")
+        self.state = {}
+        for group, saved in zip(self.param_groups, groups, strict=True):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError("optimizer state does not match this layer's parameters")
+            for k, v in saved.items():
+                if k != "params" and k in group:
+                    group[k] = tuple(v) if isinstance(v, list) else v
+            for j, p in zip(saved["params"], group["params"], strict=True):
+                st = state_dict["state"].get(j)
+                if st is None:
+                    continue
+                self.state[p] = {k: (v.to(torch.float32, copy=True) if k == "step" else v.to(p.device, p.dtype, copy=True))
+                                 if isinstance(v, torch.Tensor) else v for k, v in st.items()}  # copies, as torch's
