@@ -74,6 +74,20 @@ def open_port(url: str, timeout: float = 0.01) -> Any:
     return serial.serial_for_url(url, baudrate=115200, timeout=timeout, write_timeout=5.0)
 
 
+def _planned_memory(model: NumpyNet | bytes, blob: bytes) -> int | None:
+    """The RAM a device model will plan for at batch 1 (None for an ONNX graph or an unreadable file)."""
+    if isinstance(model, NumpyNet):
+        return int(model.memory_plan(1)["total"])
+    if not blob.startswith(b"PK"):
+        return None
+    try:
+        from edgeff.firmware_sim.edge_model import model_from_bytes
+
+        return int(model_from_bytes(blob)[0].memory_plan(1)["total"])
+    except Exception:  # noqa: BLE001 - the device checks it again and says what is wrong
+        return None
+
+
 class DeviceClient:
     """A session with one device.
 
@@ -217,10 +231,14 @@ class DeviceClient:
         blob = model.to_bytes() if isinstance(model, NumpyNet) else bytes(model)
         crc = zlib.crc32(blob)
         meta: dict[str, Any] = {}
+        first: dict[str, Any] = {}
+        planned = _planned_memory(model, blob)
+        if planned is not None:  # declared up front: a model that cannot fit is refused before the upload
+            first["memory"] = planned
         for off in range(0, max(len(blob), 1), CHUNK):
             part = np.frombuffer(blob[off : off + CHUNK], np.uint8)
-            meta = self.request(MsgType.LOAD_MODEL, {"offset": off, "total": len(blob), "crc32": crc},
-                                {"chunk": part}).meta
+            meta = self.request(MsgType.LOAD_MODEL, {"offset": off, "total": len(blob), "crc32": crc,
+                                                     **(first if off == 0 else {})}, {"chunk": part}).meta
             if progress is not None:
                 progress(min(off + CHUNK, len(blob)), len(blob))
         return meta

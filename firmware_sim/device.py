@@ -17,6 +17,7 @@ State survives resets: SAVE writes the model, optimizer state, RNG and sample co
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import re
 import select
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
+import zipfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +35,7 @@ from typing import Any
 import numpy as np
 from edgeff.firmware_sim.edge_model import EdgeModel, model_from_bytes
 from edgeff.firmware_sim.numpy_net import RULES, ModelError, NumpyNet
+from edgeff.firmware_sim.onnx_check import OnnxFormatError, uses_external_data
 from edgeff.firmware_sim.protocol import (
     MAX_PAYLOAD,
     VERSION,
@@ -45,6 +48,42 @@ from edgeff.firmware_sim.protocol import (
 
 STATE_FILE = "state.npz"
 ONNX_FILE = "model.onnx"
+MAX_TEXT = 300  # characters of an error text in a reply
+MAX_CLASSES = 1024
+MAX_CLASS_NAME = 64  # characters
+MAX_BATCH = 4096  # samples in one TRAIN or INFER request
+MAX_INPUT = 1e6  # largest |value| of a float input after the float32 cast (normalised pixels are O(1))
+
+
+def _int(meta: dict[str, Any], key: str, lo: int = 0, hi: int = 2**53) -> int:
+    """An integer field of a request, checked (JSON floats such as 1e999 and booleans are refused)."""
+    v = meta.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise DeviceError("bad_request", f"field {key!r} must be an integer in {lo}..{hi}, got {str(v)[:40]}")
+    return v
+
+
+def _samples(arrays: dict[str, np.ndarray], key: str = "x") -> np.ndarray:
+    """A request's input batch (B, D): uint8 pixels, or floats that stay finite and bounded in float32."""
+    if key not in arrays:
+        raise DeviceError("bad_request", f"the request carries no {key!r} array")
+    x = arrays[key]
+    if x.ndim != 2 or not 1 <= x.shape[0] <= MAX_BATCH:
+        raise DeviceError("bad_input", f"expected a batch of shape (B, D) with 1 <= B <= {MAX_BATCH}, got {x.shape}")
+    if x.dtype != np.uint8:
+        with np.errstate(over="ignore", invalid="ignore"):
+            xf = x.astype(np.float32)
+        if not np.all(np.isfinite(xf)) or float(np.abs(xf).max()) > MAX_INPUT:
+            raise DeviceError("bad_input", f"inputs must be finite and within ±{MAX_INPUT:g} as float32 "
+                                           "(normalised pixels); send uint8 pixels or clean the batch")
+        return xf
+    return x
+
+
+def _class_name(v: Any) -> str:
+    if not isinstance(v, str) or not 0 < len(v.strip()) <= MAX_CLASS_NAME or not v.isprintable():
+        raise DeviceError("bad_request", f"a class name is 1..{MAX_CLASS_NAME} printable characters")
+    return v
 
 
 class DeviceError(Exception):
@@ -77,6 +116,13 @@ class OnnxModel:
     def __init__(self, blob: bytes) -> None:
         import json
 
+        try:
+            external = uses_external_data(blob)
+        except OnnxFormatError as e:
+            raise DeviceError("bad_model", f"neither an edgeff device model nor a readable ONNX file ({e})") from None
+        if external:
+            raise DeviceError("bad_model", "this ONNX model keeps tensors in external files, which a device does "
+                                           "not read; export it with its weights inside (edgeff export)")
         try:
             import onnxruntime as ort
 
@@ -145,15 +191,18 @@ class Device:
         path = self.state_dir / STATE_FILE if self.state_dir is not None else None
         if self.state_dir is not None and (self.state_dir / ONNX_FILE).exists():
             try:
-                self.onnx = OnnxModel((self.state_dir / ONNX_FILE).read_bytes())
+                onnx = OnnxModel((self.state_dir / ONNX_FILE).read_bytes())
+                self._representable(onnx=onnx)
+                self.onnx = onnx
             except DeviceError as e:
                 print(f"device: ignoring unreadable saved ONNX model ({e})", file=sys.stderr)
             return
         if path is not None and path.exists():
             try:
                 net, state = model_from_bytes(path.read_bytes())
-            except ModelError as e:
-                print(f"device: ignoring unreadable saved state ({e})", file=sys.stderr)
+                self._representable(net=net)
+            except (ModelError, DeviceError) as e:
+                print(f"device: ignoring unreadable saved state ({str(e)[:MAX_TEXT]})", file=sys.stderr)
                 return
             self.net = net
             self.samples_seen = int(state.get("samples_seen", 0))
@@ -204,6 +253,8 @@ class Device:
                 self.counters["frames_tx"] += 1
                 out += self.last_reply
                 continue
+            if item.type != MsgType.LOAD_MODEL:
+                self.staging = None  # an upload interrupted by anything else is abandoned: its bytes are freed
             reply = self._send(self.handle(item))
             if item.type == MsgType.RESET:
                 self.boot()  # the reply was built before rebooting; the new boot has an empty cache
@@ -213,8 +264,14 @@ class Device:
         return bytes(out)
 
     def _send(self, msg: Message) -> bytes:
+        """Encode a reply; one that cannot be represented becomes a short ERROR (the device never dies on it)."""
         self.counters["frames_tx"] += 1
-        return encode_frame(msg)
+        try:
+            return encode_frame(msg)
+        except (ValueError, TypeError, OverflowError) as e:
+            self.counters["reply_errors"] = self.counters.get("reply_errors", 0) + 1
+            return encode_frame(Message(MsgType.ERROR, msg.seq, {"code": "reply_too_big",
+                                                                 "text": f"the reply could not be sent: {str(e)[:120]}"}))
 
     def handle(self, msg: Message) -> Message:
         """One request -> its ACK or ERROR reply (the state is unchanged when it is an ERROR)."""
@@ -229,9 +286,13 @@ class Device:
                 raise DeviceError("bad_request", f"{msg.type.name} is not a request")
             meta, arrays = fn(msg)
         except DeviceError as e:
-            return Message(MsgType.ERROR, msg.seq, {"code": e.code, "text": str(e), "boot": self.boot_id})
-        except (ModelError, KeyError, TypeError, ValueError) as e:
-            return Message(MsgType.ERROR, msg.seq, {"code": "bad_request", "text": f"{type(e).__name__}: {e}",
+            return Message(MsgType.ERROR, msg.seq, {"code": e.code, "text": str(e)[:MAX_TEXT], "boot": self.boot_id})
+        except (ModelError, KeyError, TypeError, ValueError, ArithmeticError, IndexError) as e:
+            return Message(MsgType.ERROR, msg.seq, {"code": "bad_request", "text": f"{type(e).__name__}: {e}"[:MAX_TEXT],
+                                                    "boot": self.boot_id})
+        except Exception as e:  # noqa: BLE001 - firmware answers every request and keeps running
+            self.counters["internal_errors"] = self.counters.get("internal_errors", 0) + 1
+            return Message(MsgType.ERROR, msg.seq, {"code": "internal", "text": f"{type(e).__name__}: {e}"[:MAX_TEXT],
                                                     "boot": self.boot_id})
         return Message(MsgType.ACK, msg.seq, {**meta, "boot": self.boot_id}, arrays)
 
@@ -271,62 +332,128 @@ class Device:
                                                "input_dim": net.spec["input_dim"]},
         }, {}
 
+    def _representable(self, net: NumpyNet | EdgeModel | None = None, onnx: OnnxModel | None = None) -> None:
+        """Refuse a model whose class list would make later replies (HELLO) unsendable: checked before
+        the model is installed or stored, so no state can brick the device."""
+        classes = onnx.classes if onnx is not None else net.spec["classes"] if net is not None else []
+        if len(classes) > MAX_CLASSES or any(len(str(c)) > MAX_CLASS_NAME for c in classes):
+            raise DeviceError("bad_model", f"a model holds at most {MAX_CLASSES} classes with names of at most "
+                                           f"{MAX_CLASS_NAME} characters")
+        old = self.net, self.onnx
+        self.net, self.onnx = (net, onnx) if net is not None or onnx is not None else old
+        try:
+            encode_frame(Message(MsgType.ACK, 0, {**self._hello(Message(MsgType.HELLO, 0))[0], "boot": 0}))
+        except (ValueError, TypeError) as e:
+            raise DeviceError("bad_model", f"the model's description would not fit in a reply ({e})") from None
+        finally:
+            self.net, self.onnx = old
+
     def _load(self, msg: Message) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        chunk = msg.arrays.get("chunk", np.zeros(0, np.uint8)).tobytes()
-        offset, total, crc = int(msg.meta["offset"]), int(msg.meta["total"]), int(msg.meta["crc32"])
+        """One chunk of an upload. The first (offset 0) declares the file's size: refused at once when it
+        cannot be staged within the RAM budget (the staged bytes count against it; a loaded model that
+        would not fit beside them is unloaded — SAVEd state stays on storage). An abandoned upload is freed."""
+        chunk_arr = msg.arrays.get("chunk", np.zeros(0, np.uint8))
+        if chunk_arr.dtype != np.uint8 or chunk_arr.ndim != 1:
+            raise DeviceError("bad_request", "a model chunk is a 1-D uint8 array")
+        offset = _int(msg.meta, "offset", 0, self.budget)
+        total = _int(msg.meta, "total", 1, 2**53)
+        crc = _int(msg.meta, "crc32", 0, 2**32 - 1)
         if offset == 0:
-            self.staging = {"total": total, "crc32": crc, "parts": []}
+            self.staging = None
+            if total > self.budget:
+                raise DeviceError("too_big", f"a model file of {kib(total)} cannot be staged in the RAM budget of "
+                                             f"{kib(self.budget)}; it is refused before the upload")
+            declared = msg.meta.get("memory")
+            if isinstance(declared, int) and not isinstance(declared, bool) and declared > self.budget:
+                raise DeviceError("too_big", f"this model needs {kib(declared)} (declared by the host) but the RAM "
+                                             f"budget is {kib(self.budget)}: over by {kib(declared - self.budget)}")
+            unloaded = False
+            resident = self._resident()
+            if resident + total > self.budget:  # no room to stage beside the loaded model: unload it
+                self.net = self.onnx = None
+                unloaded = resident > 0
+            self.staging = {"total": total, "crc32": crc, "parts": [], "have": 0, "unloaded": unloaded}
         st = self.staging
         if st is None or st["total"] != total or st["crc32"] != crc:
             raise DeviceError("bad_request", "model chunk out of order; restart the upload at offset 0")
-        have = sum(len(p) for p in st["parts"])
-        if offset != have:
-            raise DeviceError("bad_request", f"model chunk at offset {offset}, expected {have}")
+        if offset != st["have"]:
+            raise DeviceError("bad_request", f"model chunk at offset {offset}, expected {st['have']}")
+        chunk = chunk_arr.tobytes()
+        if st["have"] + len(chunk) > total:
+            self.staging = None
+            raise DeviceError("bad_request", "model chunks run past the declared size; restart the upload")
         st["parts"].append(chunk)
-        have += len(chunk)
+        st["have"] += len(chunk)
+        have = st["have"]
         if have < total:
-            return {"received": have}, {}
+            return {"received": have, "unloaded": st["unloaded"]}, {}
         self.staging = None
         blob = b"".join(st["parts"])
-        if have != total or zlib.crc32(blob) != crc:
+        del st
+        if zlib.crc32(blob) != crc:
             raise DeviceError("bad_model", "model checksum mismatch after upload; send it again")
         if not blob.startswith(b"PK"):  # not an .npz (zip): an ONNX graph, for inference only
             model = OnnxModel(blob)
             if model.plan_bytes > self.budget:
                 raise DeviceError("too_big", f"this ONNX model needs about {kib(model.plan_bytes)} but the RAM "
                                              f"budget is {kib(self.budget)}: over by {kib(model.plan_bytes - self.budget)}")
+            self._representable(onnx=model)
             self.onnx, self.net = model, None
             self.samples_seen = self.applied_crc = 0
             return {"received": have, "memory": model.plan_bytes, "classes": model.classes, "format": "onnx"}, {}
-        try:
-            net, _ = model_from_bytes(blob)
-        except ModelError as e:
-            raise DeviceError("bad_model", str(e)) from None
+        net = self._unpack(blob)
         plan = self._fit(net, 1, "this model")
+        self._representable(net=net)
         self.net, self.onnx = net, None
         self.samples_seen = 0
         self.applied_crc = 0
-        self.rng = np.random.default_rng(int(net.spec.get("seed", self.seed)))
+        self.rng = np.random.default_rng(int(net.spec.get("seed", self.seed)) % 2**63)
         return {"received": have, "memory": plan["total"], "classes": net.spec["classes"]}, {}
 
-    def _infer(self, msg: Message) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    def _resident(self) -> int:
         if self.onnx is not None:
-            scores = self.onnx.scores(msg.arrays["x"])
+            return self.onnx.plan_bytes
+        return int(self.net.memory_plan(1)["resident"]) if self.net is not None else 0
+
+    def _unpack(self, blob: bytes) -> NumpyNet | EdgeModel:
+        """An .npz model, its unpacked size bounded by the budget before anything is decompressed."""
+        try:
+            with zipfile.ZipFile(io.BytesIO(blob)) as zf:
+                unpacked = sum(i.file_size for i in zf.infolist())
+        except (zipfile.BadZipFile, OSError, ValueError) as e:
+            raise DeviceError("bad_model", f"not a readable model file ({e})") from None
+        if unpacked > self.budget:
+            raise DeviceError("too_big", f"the model file unpacks to {kib(unpacked)}, more than the RAM budget of "
+                                         f"{kib(self.budget)}")
+        try:
+            net, _ = model_from_bytes(blob)
+        except ModelError as e:
+            raise DeviceError("bad_model", str(e)[:MAX_TEXT]) from None
+        return net
+
+    def _infer(self, msg: Message) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        x = _samples(msg.arrays)
+        if self.onnx is not None:
+            scores = self.onnx.scores(x)
             return {}, {"scores": scores, "pred": scores.argmax(1).astype(np.int64)}
         net = self._require_model()
-        x = msg.arrays["x"]
         self._fit(net, x.shape[0], f"inference on {x.shape[0]} samples")
         layer_scores = net.layer_scores(x)  # (B, K, L)
         scores = layer_scores[..., net.spec["eval_layers"]].sum(-1)
         arrays = {"scores": scores, "pred": scores.argmax(1).astype(np.int64)}
-        if msg.meta.get("per_layer"):
+        if msg.meta.get("per_layer") is True:
             arrays["layer_pred"] = layer_scores.argmax(1).astype(np.int64)  # (B, L)
         return {}, arrays
 
     def _train(self, msg: Message) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         net = self._require_model()
-        x, y = msg.arrays["x"], msg.arrays["y"]
-        first = int(msg.meta["first"])
+        x = _samples(msg.arrays)
+        y = msg.arrays.get("y")
+        if y is None or y.ndim != 1 or y.shape[0] != x.shape[0] or y.dtype.kind not in "iu":
+            raise DeviceError("bad_input", f"expected {x.shape[0]} integer labels in 'y'")
+        if y.size and (int(y.min()) < 0 or int(y.max()) >= len(net.spec["classes"])):
+            raise DeviceError("bad_input", f"labels must lie in 0..{len(net.spec['classes']) - 1}")
+        first = _int(msg.meta, "first", 0, 2**53)
         if first < self.samples_seen:  # already applied (a retransmission across a reconnect)
             self.counters["stale_train"] += 1
             return {"applied": False, "samples_seen": self.samples_seen}, {}
@@ -342,11 +469,16 @@ class Device:
 
     def _add_class(self, msg: Message) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         net = self._require_model()
+        name = _class_name(msg.meta.get("name"))
+        if len(net.spec["classes"]) >= MAX_CLASSES:
+            raise DeviceError("too_big", f"the model already holds {MAX_CLASSES} classes")
+        x = _samples(msg.arrays) if "x" in msg.arrays else None
         backup = model_from_bytes(net.to_bytes())[0]
         rng_state = self.rng.bit_generator.state
-        index = net.add_class(str(msg.meta["name"]), self.rng, msg.arrays.get("x"))
+        index = net.add_class(name, self.rng, x)
         try:
-            self._fit(net, 1, f"the model with class {msg.meta['name']!r}")
+            self._fit(net, 1, f"the model with class {name!r}")
+            self._representable(net=net)
         except DeviceError:
             self.net, self.rng.bit_generator.state = backup, rng_state
             raise
@@ -416,19 +548,31 @@ def open_pty(link: str | Path | None = None) -> tuple[int, int, str]:
     return master, slave, path
 
 
-def serve_socket(dev: Device, port: int, *, host: str = "127.0.0.1", announce: bool = True) -> None:
-    """Serve one TCP client at a time (pyserial URL ``socket://HOST:PORT``), forever."""
-    srv = socket.create_server((host, port))
+def serve_socket(dev: Device, port: int, *, host: str = "127.0.0.1", announce: bool = True, idle: float = 30.0,
+                 backlog: int = 1) -> None:
+    """Serve one TCP client at a time (pyserial URL ``socket://HOST:PORT``), forever. A client idle for
+    ``idle`` seconds is dropped so it cannot hold the device; at most ``backlog`` more wait to be served
+    (the kernel refuses the rest); a client that resets or vanishes mid-reply is dropped, the device keeps
+    serving."""
+    srv = socket.create_server((host, port), backlog=backlog)
     if announce:
         print(f"port: socket://{host}:{srv.getsockname()[1]}", flush=True)
     while True:
-        conn, _ = srv.accept()
+        try:
+            conn, _ = srv.accept()
+        except OSError:
+            continue
         with conn:
-            while True:
-                data = conn.recv(65536)
-                if not data:
-                    break
-                conn.sendall(dev.receive(data))
+            conn.settimeout(idle)
+            try:
+                while True:
+                    data = conn.recv(65536)
+                    if not data:
+                        break
+                    conn.sendall(dev.receive(data))
+            except (TimeoutError, ConnectionError, OSError):
+                dev.decoder = FrameDecoder()  # a half frame from a dropped client must not prefix the next one
+                continue
 
 
 def warm_up() -> None:

@@ -33,6 +33,12 @@ HEADER = struct.Struct("<BBBBII")  # version, type, flags, reserved, seq, payloa
 CRC = struct.Struct("<I")
 MAX_PAYLOAD = 1 << 20  # 1 MiB: a longer frame is dropped as corrupt
 DTYPES = ("uint8", "int8", "int32", "int64", "float32", "float64")
+# bounds on a body's table, checked before anything is allocated
+MAX_HEAD = 64 * 1024  # bytes of JSON
+MAX_DEPTH = 8  # nesting of JSON objects/lists
+MAX_ARRAYS = 16
+MAX_NAME = 64  # characters of an array name
+MAX_DIMS = 8
 
 
 class MsgType(IntEnum):
@@ -128,36 +134,66 @@ def encode_body(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
     return struct.pack("<I", len(head)) + head + b"".join(blobs)
 
 
+def _depth(obj: Any) -> int:
+    """Nesting depth of a JSON value, without recursion."""
+    depth, stack = 0, [(obj, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict | list):
+            depth = max(depth, d)
+            stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return depth
+
+
+def _short(v: Any) -> str:
+    """A value for an error message, never long (a hostile name must not be echoed back whole)."""
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def decode_body(body: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Invert ``encode_body``; raises ``FrameError`` on any inconsistency."""
+    """Invert ``encode_body``; raises ``FrameError`` on any inconsistency. Sizes, counts, nesting and
+    names are bounded (``MAX_*``) and every array's size is checked against the payload before it is read."""
     if len(body) < 4:
         raise FrameError("body shorter than its length field")
     (n,) = struct.unpack_from("<I", body)
+    if n > MAX_HEAD:
+        raise FrameError(f"body JSON of {n} bytes exceeds {MAX_HEAD}")
     if 4 + n > len(body):
         raise FrameError("body JSON runs past the payload")
     try:
         head = json.loads(body[4 : 4 + n].decode())
+        if not isinstance(head, dict):
+            raise TypeError("the body header must be an object")
         meta, table = head["meta"], head["arrays"]
         if not isinstance(meta, dict) or not isinstance(table, list):
             raise TypeError("meta must be an object and arrays a list")
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise FrameError(f"bad body header: {e}") from None
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as e:
+        raise FrameError(f"bad body header: {_short(str(e))}") from None
+    if _depth(meta) > MAX_DEPTH:
+        raise FrameError(f"body JSON nested deeper than {MAX_DEPTH}")
+    if len(table) > MAX_ARRAYS:
+        raise FrameError(f"{len(table)} arrays in one message; at most {MAX_ARRAYS}")
     arrays: dict[str, np.ndarray] = {}
     pos = 4 + n
-    try:
-        for name, dtype, shape in table:
-            if dtype not in DTYPES or not all(isinstance(s, int) and s >= 0 for s in shape):
-                raise FrameError(f"bad array entry {name!r}")
-            dt = np.dtype(dtype).newbyteorder("<")
-            size = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-            if pos + size > len(body):
-                raise FrameError(f"array {name!r} runs past the payload")
-            arrays[str(name)] = np.frombuffer(body, dt, count=size // dt.itemsize, offset=pos).reshape(shape).astype(
-                dtype
-            )
-            pos += size
-    except (ValueError, TypeError) as e:
-        raise FrameError(f"bad array table: {e}") from None
+    for entry in table:
+        if not (isinstance(entry, list) and len(entry) == 3):
+            raise FrameError(f"bad array entry {_short(entry)}")
+        name, dtype, shape = entry
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME or dtype not in DTYPES:
+            raise FrameError(f"bad array entry {_short(name)}")
+        if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(
+                isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_PAYLOAD for s in shape):
+            raise FrameError(f"bad shape for array {_short(name)}")
+        dt = np.dtype(dtype).newbyteorder("<")
+        count = 1
+        for s in shape:  # Python integers: no overflow, and stop as soon as it cannot fit
+            count *= s
+            if count * dt.itemsize > len(body) - pos:
+                raise FrameError(f"array {_short(name)} runs past the payload")
+        size = count * dt.itemsize
+        arrays[name] = np.frombuffer(body, dt, count=count, offset=pos).reshape(shape).astype(dtype)
+        pos += size
     if pos != len(body):
         raise FrameError("trailing bytes after the last array")
     return meta, arrays

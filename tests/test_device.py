@@ -32,13 +32,17 @@ def _ask(dev: Device, msg: Message) -> Message:
     return reply
 
 
-def _load(dev: Device, net: NumpyNet, seq: int = 1) -> Message:
+def _load(dev: Device, net: NumpyNet, seq: int = 1, *, declare: bool = False) -> Message:
     blob = net.to_bytes()
     meta = {"total": len(blob), "crc32": zlib.crc32(blob)}
+    if declare:  # what edgeff.host does: the planned memory rides on the first chunk
+        meta["memory"] = int(net.memory_plan(1)["total"])
     for off in range(0, len(blob), CHUNK):
         reply = _ask(dev, Message(MsgType.LOAD_MODEL, seq, {**meta, "offset": off},
                                   {"chunk": np.frombuffer(blob[off : off + CHUNK], np.uint8)}))
         seq += 1
+        if reply.type == MsgType.ERROR:  # refused part-way (or at the first chunk): the upload stops
+            break
     return reply
 
 
@@ -55,11 +59,16 @@ def test_device_refuses_a_model_over_budget_and_says_by_how_much() -> None:
     dev = Device(parse_size("512KiB"))
     reply = _load(dev, init_model("embed", [256, 256]))
     assert reply.type == MsgType.ERROR and reply.meta["code"] == "too_big"
-    assert "over by" in reply.meta["text"] and "512.0 KiB" in reply.meta["text"]
-    assert dev.net is None  # nothing installed
-    ok = _load(dev, init_model("embed", [32], optimizer="sgd"), seq=2)
+    assert "cannot be staged" in reply.meta["text"] and "512.0 KiB" in reply.meta["text"]  # at the first chunk
+    assert dev.net is None and dev.staging is None  # nothing installed, nothing staged
+    reply = _load(dev, init_model("embed", [100]), 10, declare=True)  # the file (312 KiB) fits, the model does not
+    assert reply.type == MsgType.ERROR and "over by" in reply.meta["text"] and "declared" in reply.meta["text"]
+    assert dev.staging is None
+    reply = _load(dev, init_model("embed", [100]), 20)  # not declared: refused once it is whole
+    assert reply.type == MsgType.ERROR and "over by" in reply.meta["text"]
+    ok = _load(dev, init_model("embed", [32], optimizer="sgd"), seq=30)
     assert ok.type == MsgType.ACK
-    big_batch = _ask(dev, Message(MsgType.TRAIN, 3, {"first": 0},
+    big_batch = _ask(dev, Message(MsgType.TRAIN, 40, {"first": 0},
                                   {"x": np.zeros((1000, 784), np.uint8), "y": np.zeros(1000, np.int64)}))
     assert big_batch.type == MsgType.ERROR and "batch of 1000" in big_batch.meta["text"]
     assert dev.samples_seen == 0
