@@ -449,6 +449,8 @@ class Device:
         net = self._require_model()
         x = _samples(msg.arrays)
         y = msg.arrays.get("y")
+        if x.shape[1] != int(net.spec["input_dim"]):
+            raise DeviceError("bad_input", f"expected inputs of shape (B, {net.spec['input_dim']}), got {x.shape}")
         if y is None or y.ndim != 1 or y.shape[0] != x.shape[0] or y.dtype.kind not in "iu":
             raise DeviceError("bad_input", f"expected {x.shape[0]} integer labels in 'y'")
         if y.size and (int(y.min()) < 0 or int(y.max()) >= len(net.spec["classes"])):
@@ -604,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--socket", type=int, default=None, metavar="PORT",
                     help="serve socket://127.0.0.1:PORT instead of a pty (0 = any free port)")
     ap.add_argument("--link", default=None, help="keep a symlink at this path pointing to the pty")
+    ap.add_argument("--idle", type=float, default=30.0, help="socket mode: drop a client silent this many seconds")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     try:
@@ -615,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     tracemalloc.start()
     dev = Device(budget, args.state_dir, seed=args.seed)
     if args.socket is not None:
-        serve_socket(dev, args.socket)
+        serve_socket(dev, args.socket, idle=args.idle)
         return 0
     master, _slave, path = open_pty(args.link)  # the slave stays open here so the pty survives host reconnects
     print(f"port: {args.link or path}", flush=True)

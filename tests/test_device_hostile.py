@@ -1,0 +1,170 @@
+"""The device against hostile frames with a valid CRC: each crash and budget breach found by probing, then a
+hypothesis suite over every kind of hostile frame (firmware_sim/fuzz.py)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from edgeff.firmware_sim.device import Device, parse_size
+from edgeff.firmware_sim.fuzz import KINDS, _external_onnx, _zip_bomb, hostile_frame, raw_frame
+from edgeff.firmware_sim.numpy_net import init_model
+from edgeff.firmware_sim.protocol import FrameDecoder, Message, MsgType, encode_frame
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+
+def _reply(dev: Device, frame: bytes) -> Message:
+    (out,) = FrameDecoder().feed(dev.receive(frame))
+    assert isinstance(out, Message)
+    return out
+
+
+def _hello_ok(dev: Device) -> Message:
+    reply = _reply(dev, encode_frame(Message(MsgType.HELLO, 999_999)))
+    assert reply.type == MsgType.ACK
+    return reply
+
+
+def _loaded(tmp: Path | None = None, budget: str = "4MiB") -> Device:
+    dev = Device(parse_size(budget), tmp)
+    blob = init_model("embed", [32]).to_bytes()
+    reply = _reply(dev, encode_frame(Message(MsgType.LOAD_MODEL, 1, {"offset": 0, "total": len(blob),
+                                                                    "crc32": zlib.crc32(blob)},
+                                             {"chunk": np.frombuffer(blob, np.uint8)})))
+    assert reply.type == MsgType.ACK
+    return dev
+
+
+@pytest.mark.parametrize("head", [
+    '{"meta":{"offset":1e999,"total":16,"crc32":0},"arrays":[["chunk","uint8",[16]]]}',  # OverflowError before
+    '{"meta":{"first":1e999},"arrays":[["x","uint8",[1,784]],["y","int64",[1]]]}',
+    '{"meta":{},"arrays":[["x","uint8",[1000000000000000000000000000000]]]}',  # np.prod overflow before
+    '{"meta":{},"arrays":[["x","uint8",[0,1000000000000000000000000000000]]]}',
+    '{"meta":{"a":' + "[" * 50_000 + "]" * 50_000 + '},"arrays":[]}',  # RecursionError before
+    '{"meta":{},"arrays":[["' + "n" * 1_500_000 + '","object",[1]]]}',  # echoed into an oversized NACK before
+    '{"meta":{"name":"' + "c" * 1_200_000 + '"},"arrays":[]}',  # ADD_CLASS reply too big before
+])
+def test_frames_that_crashed_the_device_are_refused(head: str) -> None:
+    dev = _loaded()
+    mtype = MsgType.TRAIN if '"first"' in head else MsgType.ADD_CLASS if '"name"' in head else MsgType.LOAD_MODEL
+    reply = FrameDecoder().feed(dev.receive(raw_frame(int(mtype), 5, head, bytes(784 + 8))))
+    assert len(reply) == 1 and not (isinstance(reply[0], Message) and reply[0].type == MsgType.ACK)
+    _hello_ok(dev)
+
+
+def test_a_class_name_that_would_brick_the_device_is_refused(tmp_path: Path) -> None:
+    """Before: a ~1 MB name fitted its ACK, but every HELLO after it (and after each restart) did not."""
+    dev = _loaded(tmp_path)
+    reply = _reply(dev, raw_frame(int(MsgType.ADD_CLASS), 5, '{"meta":{"name":"' + "c" * 1_048_276 + '"},"arrays":[]}'))
+    assert reply.type != MsgType.ACK
+    assert _reply(dev, encode_frame(Message(MsgType.SAVE, 6))).type == MsgType.ACK
+    _hello_ok(Device(parse_size("4MiB"), tmp_path))  # a restart boots and answers
+    # a saved state bricked by an older version is ignored at boot instead of breaking every HELLO
+    dev2 = Device(parse_size("4MiB"), tmp_path)
+    net = dev2.net
+    assert net is not None
+    net.spec["classes"] = [*net.spec["classes"], "c" * 1_048_276]
+    dev2.save()
+    assert Device(parse_size("4MiB"), tmp_path).net is None
+    _hello_ok(Device(parse_size("4MiB"), tmp_path))
+
+
+def test_uploads_are_refused_before_they_exceed_the_budget() -> None:
+    dev = _loaded(budget="4MiB")
+    reply = _reply(dev, encode_frame(Message(MsgType.LOAD_MODEL, 5, {"offset": 0, "total": 10**12, "crc32": 0},
+                                             {"chunk": np.zeros(16, np.uint8)})))
+    assert reply.type == MsgType.ERROR and reply.meta["code"] == "too_big" and dev.staging is None
+    # 150 chunks of 1 MB against a 4 MiB budget: refused at the first, nothing staged
+    reply = _reply(dev, encode_frame(Message(MsgType.LOAD_MODEL, 6, {"offset": 0, "total": 150 << 20, "crc32": 0},
+                                             {"chunk": np.zeros(1_000_000, np.uint8)})))
+    assert reply.type == MsgType.ERROR and dev.staging is None
+    # an abandoned upload is freed by the next request of another kind
+    blob = init_model("embed", [32]).to_bytes()
+    reply = _reply(dev, encode_frame(Message(MsgType.LOAD_MODEL, 7, {"offset": 0, "total": len(blob),
+                                                                    "crc32": zlib.crc32(blob)},
+                                             {"chunk": np.frombuffer(blob[:1000], np.uint8)})))
+    assert reply.type == MsgType.ACK and dev.staging is not None
+    _hello_ok(dev)
+    assert dev.staging is None
+
+
+def test_zip_bomb_and_external_onnx_data_are_refused(tmp_path: Path) -> None:
+    dev = _loaded(tmp_path)
+    for blob in (_zip_bomb(), _external_onnx()):
+        reply = _reply(dev, encode_frame(Message(MsgType.LOAD_MODEL, 5 + len(blob) % 7, {
+            "offset": 0, "total": len(blob), "crc32": zlib.crc32(blob)}, {"chunk": np.frombuffer(blob, np.uint8)})))
+        assert reply.type == MsgType.ERROR and reply.meta["code"] in ("too_big", "bad_model"), reply.meta
+    assert "external" in reply.meta["text"]
+
+
+def test_a_float_batch_that_overflows_float32_is_refused_and_applies_nothing() -> None:
+    dev = _loaded()
+    x = np.zeros((1, 784))
+    x[0, 3] = 1e39  # finite as float64, inf after the float32 cast
+    before = dev.net.to_bytes()  # type: ignore[union-attr]
+    reply = _reply(dev, encode_frame(Message(MsgType.TRAIN, 5, {"first": 0}, {"x": x, "y": np.zeros(1, np.int64)})))
+    assert reply.type == MsgType.ERROR and reply.meta["code"] == "bad_input"
+    assert dev.samples_seen == 0 and dev.net.to_bytes() == before  # type: ignore[union-attr]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kind=st.sampled_from(KINDS), seed=st.integers(0, 2**32 - 1))
+def test_hostile_frames_never_crash_or_get_accepted(kind: str, seed: int) -> None:
+    dev = _loaded()
+    rng = np.random.default_rng(seed)
+    for i in range(5):
+        frame, must_refuse = hostile_frame(kind, rng, 10 + i, 784, len(dev.net.spec["classes"]))  # type: ignore[union-attr]
+        out = FrameDecoder().feed(dev.receive(frame))
+        assert len(out) == 1
+        if must_refuse:
+            assert not (isinstance(out[0], Message) and out[0].type == MsgType.ACK), (kind, out[0])
+        _hello_ok(dev)
+
+
+def _socket_device(tmp_path: Path) -> tuple[subprocess.Popen[str], tuple[str, int]]:
+    proc = subprocess.Popen([sys.executable, "-m", "edgeff.firmware_sim.device", "--socket", "0", "--idle", "1"],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    url = proc.stdout.readline().strip().split("socket://", 1)[1]
+    host, port = url.rsplit(":", 1)
+    return proc, (host, int(port))
+
+
+def _hello_over(addr: tuple[str, int], timeout: float = 5.0) -> bool:
+    with socket.create_connection(addr, timeout=timeout) as s:
+        s.sendall(encode_frame(Message(MsgType.HELLO, 1)))
+        data = b""
+        while not data.endswith(b"\x00"):
+            chunk = s.recv(65536)
+            if not chunk:
+                return False
+            data += chunk
+    (reply,) = FrameDecoder().feed(data)
+    return isinstance(reply, Message) and reply.type == MsgType.ACK
+
+
+def test_socket_mode_drops_idle_clients_and_survives_resets(tmp_path: Path) -> None:
+    proc, addr = _socket_device(tmp_path)
+    try:
+        idle = socket.create_connection(addr)  # connects and says nothing: held the device forever before
+        t0 = time.monotonic()
+        assert _hello_over(addr, timeout=10)
+        assert time.monotonic() - t0 < 8
+        idle.close()
+        # a client that resets the connection in the middle of a reply (SO_LINGER 0 -> RST)
+        rude = socket.create_connection(addr)
+        rude.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        rude.sendall(encode_frame(Message(MsgType.STATS, 2)) * 50)
+        rude.close()
+        time.sleep(0.2)
+        assert proc.poll() is None and _hello_over(addr)
+    finally:
+        proc.kill()
+        proc.wait(10)
