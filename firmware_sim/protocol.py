@@ -19,6 +19,7 @@ without applying the request twice.
 
 from __future__ import annotations
 
+import array
 import json
 import struct
 import zlib
@@ -99,7 +100,7 @@ def cobs_decode(data: bytes) -> bytes:
     n = len(data)
     if b"\x00" in data:
         raise FrameError("COBS: zero byte inside a frame")
-    codes = []
+    codes = array.array("q")  # 8 bytes per block, not a Python int object each (a frame of zeros has one per byte)
     i = 0
     while i < n:  # one step per block: the code bytes chain through the frame
         codes.append(i)
@@ -109,7 +110,7 @@ def cobs_decode(data: bytes) -> bytes:
     if not codes:
         return b""
     arr = np.frombuffer(data, np.uint8)
-    pos = np.asarray(codes)
+    pos = np.frombuffer(codes, np.int64)
     keep = np.ones(n, bool)
     keep[pos[0]] = False  # the leading code byte
     keep[pos[1:][arr[pos[:-1]] == 255]] = False  # a 255-block is not followed by a zero
@@ -211,6 +212,8 @@ def encode_frame(msg: Message) -> bytes:
 
 def decode_frame(frame: bytes) -> Message:
     """Decode one frame (without its 0x00 delimiter); raises ``FrameError`` if it is not intact."""
+    if len(frame) > MAX_FRAME:
+        raise FrameError(f"frame of {len(frame)} bytes is longer than the {MAX_FRAME}-byte limit")
     raw = cobs_decode(frame)
     if len(raw) < HEADER.size + CRC.size:
         raise FrameError(f"frame of {len(raw)} bytes is shorter than header + CRC")
@@ -230,6 +233,10 @@ def decode_frame(frame: bytes) -> Message:
     return Message(kind, seq, meta, arrays)
 
 
+# the longest frame that can carry a legal payload: header + MAX_PAYLOAD + CRC, COBS-encoded (1 byte per 254)
+MAX_FRAME = (HEADER.size + MAX_PAYLOAD + CRC.size) * 255 // 254 + 2
+
+
 class FrameDecoder:
     """Splits a byte stream at 0x00 delimiters and decodes each frame.
 
@@ -237,7 +244,7 @@ class FrameDecoder:
     NACK it; bytes beyond ``max_frame`` without a delimiter are discarded up to the next one.
     """
 
-    def __init__(self, max_frame: int = 2 * MAX_PAYLOAD) -> None:
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
         self.max_frame = max_frame
         self._buf = bytearray()
         self._overflow = False

@@ -42,19 +42,18 @@ def _loaded(tmp: Path | None = None, budget: str = "4MiB") -> Device:
     return dev
 
 
-@pytest.mark.parametrize("head", [
-    '{"meta":{"offset":1e999,"total":16,"crc32":0},"arrays":[["chunk","uint8",[16]]]}',  # OverflowError before
-    '{"meta":{"first":1e999},"arrays":[["x","uint8",[1,784]],["y","int64",[1]]]}',
-    '{"meta":{},"arrays":[["x","uint8",[1000000000000000000000000000000]]]}',  # np.prod overflow before
-    '{"meta":{},"arrays":[["x","uint8",[0,1000000000000000000000000000000]]]}',
-    '{"meta":{"a":' + "[" * 50_000 + "]" * 50_000 + '},"arrays":[]}',  # RecursionError before
-    '{"meta":{},"arrays":[["' + "n" * 1_500_000 + '","object",[1]]]}',  # echoed into an oversized NACK before
-    '{"meta":{"name":"' + "c" * 1_200_000 + '"},"arrays":[]}',  # ADD_CLASS reply too big before
+@pytest.mark.parametrize(("mtype", "head", "blob"), [
+    (MsgType.LOAD_MODEL, '{"meta":{"offset":1e999,"total":16,"crc32":0},"arrays":[["chunk","uint8",[16]]]}', 16),
+    (MsgType.TRAIN, '{"meta":{"first":1e999},"arrays":[["x","uint8",[1,784]],["y","int64",[1]]]}', 792),
+    (MsgType.INFER, '{"meta":{},"arrays":[["x","uint8",[1000000000000000000000000000000]]]}', 64),  # np.prod
+    (MsgType.INFER, '{"meta":{},"arrays":[["x","uint8",[0,1000000000000000000000000000000]]]}', 0),
+    (MsgType.STATS, '{"meta":{"a":' + "[" * 50_000 + "]" * 50_000 + '},"arrays":[]}', 0),  # RecursionError
+    (MsgType.INFER, '{"meta":{},"arrays":[["' + "n" * 1_500_000 + '","object",[1]]]}', 0),  # echoed in the NACK
+    (MsgType.ADD_CLASS, '{"meta":{"name":"' + "c" * 1_200_000 + '"},"arrays":[]}', 0),  # its ACK too big
 ])
-def test_frames_that_crashed_the_device_are_refused(head: str) -> None:
+def test_frames_that_crashed_the_device_are_refused(mtype: MsgType, head: str, blob: int) -> None:
     dev = _loaded()
-    mtype = MsgType.TRAIN if '"first"' in head else MsgType.ADD_CLASS if '"name"' in head else MsgType.LOAD_MODEL
-    reply = FrameDecoder().feed(dev.receive(raw_frame(int(mtype), 5, head, bytes(784 + 8))))
+    reply = FrameDecoder().feed(dev.receive(raw_frame(int(mtype), 5, head, bytes(blob))))
     assert len(reply) == 1 and not (isinstance(reply[0], Message) and reply[0].type == MsgType.ACK)
     _hello_ok(dev)
 
