@@ -9,19 +9,22 @@ Measured in one run (writes bench/results/device.json, prints tables):
   accuracies, their prediction agreement, on-device vs in-process time (the link's cost as a ratio), and
   the device's measured peak memory (tracemalloc, numpy buffers included) against its plan and budget.
 - ``faults``: ``--fault-frames`` TRAIN frames of one sample each through a port that drops, corrupts,
-  duplicates and delays 5% of frames/chunks in both directions; lost and double-applied samples from
-  the device's own counters (sample count and a CRC over the applied sample ids, in order).
+  duplicates and delays 5% of frames/chunks in both directions; then the device's saved weights against the
+  same training run in this process (``weights_max_abs_diff``: any lost, doubled or reordered sample shows
+  there), beside the device's own counters (sample count and a CRC over the applied sample ids).
 - ``throughput``: TRAIN and INFER frames/s and samples/s over the pty at batch 1, 10, 50.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import subprocess
 import sys
 import tempfile
 import time
 import zlib
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -81,7 +84,15 @@ def e2e(url: str, budget: int, rule: str, widths: list[int], x: np.ndarray, y: n
     }
 
 
-def faults(url: str, n: int, x: np.ndarray, y: np.ndarray, rate: float) -> dict[str, Any]:
+def weights(blob: bytes) -> dict[str, np.ndarray]:
+    """The numeric arrays of a device model file (weights, optimizer state, label codes)."""
+    with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files if z[k].dtype.kind in "fiu" and k not in ("spec", "state", "header")}
+
+
+def faults(url: str, n: int, x: np.ndarray, y: np.ndarray, rate: float, state_dir: str) -> dict[str, Any]:
+    """The stream through a faulty link, then the device's weights against the same training run in this
+    process (content, not the device's own counters: a dropped, duplicated or reordered sample changes them)."""
     net = init_model("embed", [32], seed=0)
     with DeviceClient(url) as dev:
         dev.load(net)
@@ -97,12 +108,23 @@ def faults(url: str, n: int, x: np.ndarray, y: np.ndarray, rate: float) -> dict[
         link = dev.stats
     with DeviceClient(url) as dev:
         st = dev.device_stats()
+        dev.save()
+    device_w = weights((Path(state_dir) / "state.npz").read_bytes())
+    ref = init_model("embed", [32], seed=0)
+    rng = np.random.default_rng(int(ref.spec.get("seed", 0)))
+    for i in idx:  # the same samples, one per step, in order, with the device's generator
+        ref.train_step(x[i : i + 1], y[i : i + 1], rng)
+    ref_w = weights(ref.to_bytes())
+    common = sorted(set(device_w) & set(ref_w))
+    max_diff = max(float(np.abs(device_w[k].astype(np.float64) - ref_w[k].astype(np.float64)).max())
+                   for k in common if device_w[k].shape == ref_w[k].shape)
     injected = {k: sum(p.injected[k] for p in ports) for k in ports[0].injected}
     seen = int(st["samples_seen"])
     return {
         "kind": "faults", "fault_rate": rate, "frames": n, "samples_sent": n, "device_samples": seen,
         "lost": max(0, n - seen), "double_applied": max(0, seen - n),
         "crc_ok": st["applied_crc"] == expected_crc(n), "injected": sum(injected.values()),
+        "weights_max_abs_diff": max_diff, "weights_compared": len(common),
         **{f"inj_{k}": v for k, v in injected.items()},
         "retransmits": link.retransmits, "nacks": link.nacks, "corrupt_replies": link.corrupt_replies,
         "device_duplicates": st["counters"]["duplicates"], "device_frame_errors": st["counters"]["frame_errors"],
@@ -150,7 +172,7 @@ def main() -> None:
                 print(f"e2e {rule}: {records[-1]['device_test_acc']:.4f}", flush=True)
             for batch in (1, 10, 50):
                 records += throughput(url, x, y, batch, 1000 if batch == 1 else 2000)
-            records.append(faults(url, args.fault_frames, x, y, args.fault_rate))
+            records.append(faults(url, args.fault_frames, x, y, args.fault_rate, tmp))
         finally:
             proc.kill()
             proc.wait()
@@ -164,7 +186,7 @@ def main() -> None:
                 ["op", "batch_size", "frames", "seconds", "frames_per_s", "samples_per_s"]))
     print()
     print(table([r for r in records if r["kind"] == "faults"],
-                ["fault_rate", "frames", "device_samples", "lost", "double_applied", "crc_ok", "injected",
+                ["fault_rate", "frames", "device_samples", "lost", "double_applied", "crc_ok", "weights_max_abs_diff", "injected",
                  "retransmits", "nacks", "corrupt_replies", "device_duplicates", "device_frame_errors", "seconds"]))
 
 

@@ -14,7 +14,7 @@ from edgeff.augment import make_augment, make_views
 from edgeff.config import ModelConfig, TrainConfig
 from edgeff.layers import class_row, grow_linear, make_block, make_optimizer, out_shape
 from edgeff.losses import fresh_class_mask
-from edgeff.trainer import as_batch, as_labels, resolve_device
+from edgeff.trainer import as_batch, as_labels, check_loss, resolve_device
 
 
 class BPNet(nn.Module):
@@ -82,6 +82,7 @@ class BPLearner:
         if allowed is not None:
             logits = logits.masked_fill(~allowed, float("-inf"))
         loss = F.cross_entropy(logits, yb)
+        check_loss(loss, "the backprop step")  # before anything changes
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()

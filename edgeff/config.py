@@ -7,6 +7,10 @@ from typing import Any
 
 from edgeff.errors import InputError
 
+# the largest |value| a learner accepts in a batch after the float32 cast (normalised pixels are O(1); a larger
+# value overflows goodness and losses to inf/NaN and would poison every parameter)
+MAX_INPUT = 1e6
+
 
 @dataclass(frozen=True)
 class LayerSpec:

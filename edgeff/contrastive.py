@@ -43,7 +43,7 @@ from edgeff.losses import (
     supcon_loss,
 )
 from edgeff.model import select_layers
-from edgeff.trainer import LayerMetrics, as_batch, as_labels, resolve_device
+from edgeff.trainer import LayerMetrics, as_batch, as_labels, check_loss, resolve_device
 
 CONTRASTIVE_LOSSES = ("supcon", "cfl")
 
@@ -211,6 +211,7 @@ class ContrastiveLearner:
             out = layer(h)
             hbar = feature_vectors(out, self.model_cfg.groups).mean(1)  # (B, C_l)
             loss = loss_fn(i, hbar, yb, allowed)
+            check_loss(loss, f"layer {i + 1}")
             opt = layer.ensure_optimizer()
             opt.zero_grad(set_to_none=True)
             loss.backward()

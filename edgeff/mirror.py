@@ -24,7 +24,7 @@ from edgeff.augment import require_one_view
 from edgeff.config import ModelConfig, TrainConfig
 from edgeff.layers import LocalLayer, class_row, grow_linear, make_block, make_optimizer, out_shape
 from edgeff.optim import LeanOptimizer
-from edgeff.trainer import LayerMetrics, as_batch, as_labels, resolve_device
+from edgeff.trainer import LayerMetrics, as_batch, as_labels, check_loss, resolve_device
 
 
 def mirror_loss(h: torch.Tensor, target: torch.Tensor, y: torch.Tensor | None, *, margin: float = 0.0) -> torch.Tensor:
@@ -124,6 +124,7 @@ class MirrorLearner:
             losses = []
             for layer, out, other in ((la, oa, ob), (lb, ob, oa)):
                 loss = mirror_loss(out, other.detach(), labels, margin=self.model_cfg.margin_last)
+                check_loss(loss, "a mirrored layer")
                 opt = layer.ensure_optimizer()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from edgeff.augment import require_one_view
-from edgeff.config import ModelConfig, TrainConfig
+from edgeff.config import MAX_INPUT, ModelConfig, TrainConfig
 from edgeff.errors import InputError
 from edgeff.loop import LayerMetrics, train_epochs  # noqa: F401 - re-exported: the runtime-free training loop
 from edgeff.layers import RunningBatchNorm
@@ -62,13 +62,31 @@ def as_batch(x: torch.Tensor | np.ndarray, input_shape: tuple[int, int, int], *,
         x = x.view(x.shape[0], *want)
     if tuple(x.shape[1:]) != want or x.shape[0] < 1:
         raise InputError(f"expected a batch of shape (B, {', '.join(map(str, want))}) with B >= 1, got {tuple(x.shape)}")
+    x = x.float()  # checked after the cast: a float64 1e39 is inf in float32
     if not torch.isfinite(x).all():
-        raise InputError("the batch contains NaN or infinite values; clean the input before learning from it")
-    return x.float()
+        raise InputError("the batch contains NaN or infinite values (after the float32 cast); clean the input "
+                         "before learning from it")
+    if float(x.abs().max()) > MAX_INPUT:
+        raise InputError(f"the batch holds values beyond ±{MAX_INPUT:g}; normalise the pixels (e.g. to mean 0, "
+                         "std 1) before learning from them")
+    return x
+
+
+def check_loss(loss: torch.Tensor, where: str) -> None:
+    """Refuse a step whose loss is not finite before it changes anything it has not changed yet."""
+    if not bool(torch.isfinite(loss.detach()).all()):
+        raise InputError(f"the loss of {where} is not finite on this batch; the step was refused there "
+                         "(check the inputs' scale)")
 
 
 def as_labels(y: torch.Tensor | np.ndarray | Iterable[int] | int, n: int, num_classes: int) -> torch.Tensor:
-    y = torch.as_tensor(y if not isinstance(y, np.ndarray) else y.astype(np.int64)).long().reshape(-1)
+    t = torch.as_tensor(y)
+    if t.is_floating_point() or t.is_complex():
+        if not bool((t == t.round()).all()):
+            raise InputError(f"labels must be whole class indices, got {t.reshape(-1)[:5].tolist()}")
+    elif t.dtype == torch.bool:
+        raise InputError("labels must be class indices, got booleans")
+    y = t.long().reshape(-1)
     if y.shape[0] != n:
         raise InputError(f"got {y.shape[0]} labels for {n} samples")
     if n and (int(y.min()) < 0 or int(y.max()) >= num_classes):
@@ -190,6 +208,7 @@ class Learner:
             out = layer(h)
             g = goodness(out)  # (2B,)
             loss = self.loss_fn(g[:b], g[b:])
+            check_loss(loss, f"layer {i + 1}")
             passes = schedule == "olu" and ((i % 2 == 0) ^ (self.step % 2 == 0)) and i < n_layers - 1
             gd = g.detach()
             if passes:
@@ -238,6 +257,7 @@ class Learner:
             spec = self.model_cfg.layers[i]
             step = b if spec.norm == "batch" and spec.order != "pre" else (self.train_cfg.chunk or b)
             bns = [m for m in layer.modules() if isinstance(m, RunningBatchNorm)] if step < b else []
+            kept = [(bn.running_mean.clone(), bn.running_var.clone()) for bn in bns]
             for bn in bns:
                 bn.prepare([hp, hn])
             if trains:
@@ -251,6 +271,7 @@ class Learner:
                         out = layer(torch.cat([hp[s:s + n], hn[s:s + n]]))  # (2n, ...): the chunk's pairs
                         g = goodness(out)  # (2n,)
                         loss = self.loss_fn(g[:n], g[n:])
+                        check_loss(loss, f"layer {i + 1}")
                         if trains:  # this chunk's share of the batch's gradient; a learned label encoder's
                             # graph (layer 0's input) is shared by every chunk, so it is kept to the last one
                             (loss * (n / b)).backward(retain_graph=hp.requires_grad and s + n < b)
@@ -262,6 +283,13 @@ class Learner:
                     gp_sum += float(g[:n].detach().sum())
                     gn_sum += float(g[n:].detach().sum())
                     del out, g, loss
+            except InputError:  # a non-finite loss: this layer keeps its parameters and statistics
+                if trains:
+                    layer.opt.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+                for bn, (mean, var) in zip(bns, kept, strict=True):
+                    bn.running_mean.copy_(mean)
+                    bn.running_var.copy_(var)
+                raise
             finally:
                 for bn in bns:
                     bn.release()

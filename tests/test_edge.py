@@ -433,3 +433,24 @@ def test_simulated_device_trains_an_edge_file_as_the_edge_runtime_does(tmp_path)
     assert restarted.samples_seen == 24
     xt = data.x_test[:20].reshape(20, -1)
     np.testing.assert_array_equal(restarted.net.layer_scores(xt).argmax(1), ref.layer_predictions(data.normalise(data.x_test[:20])))
+
+
+@pytest.mark.parametrize("preset", ["symba-mlp", "cfl-mlp"])
+def test_edge_refuses_overflowing_inputs_like_torch(preset):
+    """The numpy runtime applies the torch learners' input rule: finite and within ±MAX_INPUT after the
+    float32 cast, refused with InputError and no change."""
+    p = get_preset(preset)
+    learner = make_edge_learner(p, train=replace(p.train, views=1, crop_padding=0))
+    x = np.random.default_rng(0).standard_normal((4, 1, 28, 28)).astype(np.float32)
+    y = np.arange(4)
+    before = [a.copy() for a in learner.arrays().values()] if hasattr(learner, "arrays") else None
+    big = x.copy()
+    big[0, 0, 1, 1] = 3e38
+    wide = x.astype(np.float64)
+    wide[1, 0, 2, 2] = 1e39
+    for bx, msg in ((big, "beyond"), (wide, "infinite")):
+        with pytest.raises(InputError, match=msg):
+            learner.learn_many(bx, y)
+    assert learner.samples_seen == 0
+    if before is not None:
+        assert all(np.array_equal(a, b) for a, b in zip(before, learner.arrays().values(), strict=True))

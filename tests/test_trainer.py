@@ -153,6 +153,44 @@ def test_bad_inputs_raise_and_leave_the_learner_untouched(real_batch) -> None:
     assert learner.learn_many(x[:4].flatten(1), y[:4])  # flattened batches are accepted
 
 
+@pytest.mark.parametrize(("preset", "backprop"), [("trifecta-cnn", False), ("cfl-mlp", False), ("cff-mlp", False),
+                                                  ("symba-mlp", False), ("ffcl-mirror", False), ("trifecta-cnn", True)])
+def test_overflowing_inputs_are_refused_with_the_state_untouched(preset: str, backprop: bool, real_batch) -> None:
+    """One finite pixel of 3e38 used to turn every loss and parameter of trifecta-cnn into NaN; a float64 1e39
+    passed the finiteness check and became inf in float32; labels 2.7 were truncated to 2."""
+    x, y = real_batch
+    learner = make_learner(preset, backprop=backprop, train=replace(PRESETS[preset].train, device="cpu"))
+    before = {k: v.clone() for k, v in learner.net.state_dict().items()}
+    big = x[:8].clone()
+    big[0, 0, 3, 3] = 3e38
+    wide = x[:8].double()
+    wide[1, 0, 5, 5] = 1e39
+    for bx, by, msg in ((big, y[:8], "beyond"), (wide, y[:8], "infinite"), (x[:3], [1.0, 2.7, 3.0], "whole class")):
+        with pytest.raises(InputError, match=msg):
+            learner.learn_many(bx, by)
+    after = learner.net.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items()) and learner.step == 0
+    learner.learn_many(x[:8], y[:8].double())  # whole-number float labels are still fine
+
+
+def test_a_non_finite_loss_refuses_the_layer_step(real_batch) -> None:
+    """The second line of defence: a loss that overflows inside a layer stops the step before that layer
+    changes (parameters, gradients and BN statistics)."""
+    p = PRESETS["trifecta-cnn"]
+    learner = make_learner(p, train=replace(p.train, schedule="all", device="cpu", chunk=4))
+    x, y = real_batch
+    learner.learn_many(x[:16], y[:16])
+    layer = learner.net.local_layers[0]
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with torch.no_grad():
+        next(layer.block[1].parameters()).mul_(1e30)  # conv weights that overflow goodness
+    scaled = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(InputError, match="layer 1"):
+        learner.learn_many(x[:16], y[:16])
+    assert all(torch.equal(v, layer.state_dict()[k]) for k, v in scaled.items())
+    assert all(q.grad is None for q in layer.parameters()) and before
+
+
 @pytest.mark.parametrize("kind", ["uniform", "hard"])
 def test_negatives_are_always_wrong_labels(kind: str, real_batch) -> None:
     from edgeff.model import NEGATIVES

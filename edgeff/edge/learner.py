@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeff.config import ModelConfig, TrainConfig, select_layers
+from edgeff.config import MAX_INPUT, ModelConfig, TrainConfig, select_layers
 from edgeff.edge.ops import F32, Op, make_block, out_shape
 from edgeff.edge.optim import Optimizer
 from edgeff.errors import EdgeFFError, InputError
@@ -179,9 +179,14 @@ def as_batch(x: Any, input_shape: tuple[int, int, int], *, single: bool = False)
         x = x.reshape(x.shape[0], *want)
     if tuple(x.shape[1:]) != want or x.shape[0] < 1:
         raise InputError(f"expected a batch of shape (B, {', '.join(map(str, want))}) with B >= 1, got {tuple(x.shape)}")
-    x = x.astype(F32, copy=False)
+    with np.errstate(over="ignore"):
+        x = x.astype(F32, copy=False)  # checked after the cast: a float64 1e39 is inf in float32
     if not np.isfinite(x).all():
-        raise InputError("the batch contains NaN or infinite values; clean the input before learning from it")
+        raise InputError("the batch contains NaN or infinite values (after the float32 cast); clean the input "
+                         "before learning from it")
+    if float(np.abs(x).max()) > MAX_INPUT:
+        raise InputError(f"the batch holds values beyond ±{MAX_INPUT:g}; normalise the pixels (e.g. to mean 0, "
+                         "std 1) before learning from them")
     return x
 
 
