@@ -59,6 +59,38 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
+CHECKPOINT_SECONDS = 300.0  # train saves its checkpoint this often by default
+
+
+def _check_train_options(path: Path, lr: float | None, device: str, epochs: int | None, lr_epochs: int | None,
+                         checkpoint_every: int | None, chunk: int) -> None:
+    """Every option mistake found before any work starts (one line each, exit 2)."""
+    import math
+    import os
+
+    from edgeff.trainer import resolve_device
+
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        _fail(f"--lr must be a positive finite number, got {lr}")
+    for opt, v in (("--epochs", epochs), ("--lr-epochs", lr_epochs)):
+        if v is not None and v < 1:
+            _fail(f"{opt} must be at least 1, got {v}")
+    if checkpoint_every is not None and checkpoint_every < 0:
+        _fail(f"--checkpoint-every must be 0 (only at the end) or a number of samples, got {checkpoint_every}")
+    if chunk < 0:
+        _fail(f"--chunk must be 0 (the whole batch) or a number of pairs, got {chunk}")
+    resolve_device(device)  # InputError: unknown or unavailable device
+    if path.is_dir():
+        _fail(f"--out {path} is a folder; give a file name such as {path / 'model.pt'}")
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _fail(f"cannot create the folder for --out {path}: {e.strerror or e}")
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        _fail(f"cannot write --out {path}: no write permission; choose another path")
+
+
 def _layer_summary(metrics: object) -> str:
     from edgeff.trainer import LayerMetrics
 
@@ -91,6 +123,8 @@ def train(
     views: Annotated[int | None, typer.Option(help="contrastive/backprop: 1 (one-forward) or 2 augmented views per batch [default: the preset's]")] = None,
     crop_padding: Annotated[int | None, typer.Option(help="random-crop augmentation: border pixels to pad and crop back, 0 = off [default: the preset's]")] = None,
     hflip: Annotated[bool | None, typer.Option("--hflip/--no-hflip", help="random horizontal flips (not for digits) [default: the preset's]")] = None,
+    lr_epochs: Annotated[int | None, typer.Option(help="epochs the lr decay is planned over [default: --epochs]; plan longer to resume a run further later")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="also save the checkpoint every N samples [default: about every 5 minutes of training; 0 = only at the end]")] = None,
 ) -> None:
     """Train a preset on a data set, streaming batches, then report test accuracy."""
     from edgeff import checkpoint, evaluate, get_preset, make_learner
@@ -100,6 +134,11 @@ def train(
 
     try:
         p = get_preset(preset)
+        name = f"{preset}{'-bp' if backprop and p.algorithm != 'bp' else ''}"
+        path = out_path or Path("runs") / f"{name}.pt"
+        _check_train_options(path, lr, device, epochs, lr_epochs, checkpoint_every, chunk)
+        if samples is not None and samples < 1:
+            _fail(f"--samples must be at least 1, got {samples}")
         ds = load_data(data.value, data_dir)
         if optim_state not in ("float32", "bfloat16", "float16"):
             _fail(f"--optim-state must be float32, bfloat16 or float16, got {optim_state!r}")
@@ -121,12 +160,21 @@ def train(
             _fail(f"--batch-size must be at least 1, got {tc.batch_size}")
         if n_epochs < 1:
             _fail(f"--epochs must be at least 1, got {n_epochs}")
-        tc = replace(tc, epochs=n_epochs)
-        name = f"{preset}{'-bp' if backprop and p.algorithm != 'bp' else ''}"
-        path = out_path or Path("runs") / f"{name}.pt"
+        tc = replace(tc, epochs=lr_epochs or n_epochs)  # the planned run: the lr schedule's horizon
         if resume and path.is_file():
-            learner, _ = checkpoint.load(path, device=device)
-            out.print(f"resuming {path} at {learner.samples_seen} samples")
+            learner, old_meta = checkpoint.load(path, device=device)
+            if old_meta.get("preset") not in (None, preset) or (learner.kind == "bp") != (backprop or p.algorithm == "bp"):
+                _fail(f"{path} holds a {old_meta.get('preset')}{' backprop' if learner.kind == 'bp' else ''} model, "
+                      f"not {name}; pass --preset {old_meta.get('preset')} or another --out")
+            if old_meta.get("dataset") not in (None, ds.name):
+                _fail(f"{path} was trained on {old_meta.get('dataset')}, not {ds.name}; pass --data "
+                      f"{old_meta.get('dataset')} or another --out")
+            if lr_epochs is not None:
+                learner.train_cfg = replace(learner.train_cfg, epochs=lr_epochs)
+            planned = learner.train_cfg.epochs
+            out.print(f"resuming {path} at {learner.samples_seen} samples (lr schedule planned over {planned} "
+                      f"epoch{'s' if planned != 1 else ''}{'; later epochs stay at the final lr' if n_epochs > planned and learner.train_cfg.lr_final is not None else ''})",
+                      highlight=False)
         else:
             learner = make_learner(p, input_shape=ds.input_shape, num_classes=len(ds.classes), train=tc,
                                    backprop=backprop)
@@ -135,6 +183,9 @@ def train(
         out.print(f"[bold]{name}[/] on {ds.name}: {per_epoch} samples x {n_epochs} epochs, batch "
                   f"{tc.batch_size}, device {learner.device}", highlight=False)
         t0 = time.perf_counter()
+        meta = {"dataset": ds.name, "classes": list(ds.classes), "mean": list(ds.mean), "std": list(ds.std),
+                "preset": preset, "samples_per_epoch": per_epoch}
+        saved = [learner.samples_seen, t0]  # periodic checkpoints: samples and time of the last one
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       TimeRemainingColumn(), TextColumn("{task.fields[layers]}"), console=out,
                       disable=not progress, transient=False) as bar:
@@ -148,6 +199,11 @@ def train(
                     last[0] = now
                 else:
                     bar.update(task, advance=n)
+                due = (learner.samples_seen - saved[0] >= checkpoint_every if checkpoint_every
+                       else checkpoint_every is None and now - saved[1] >= CHECKPOINT_SECONDS)
+                if due:  # a kill now loses at most this much work; --resume continues from it
+                    checkpoint.save(learner, path, meta=meta)
+                    saved[:] = [learner.samples_seen, time.perf_counter()]
 
             if lazy:
                 from edgeff.data import lazy_train_batches
@@ -160,8 +216,6 @@ def train(
                 train_epochs(learner, ds, epochs=n_epochs, batch_size=tc.batch_size, seed=seed, limit=samples,
                              on_step=on_step)
         seconds = time.perf_counter() - t0
-        meta = {"dataset": ds.name, "classes": list(ds.classes), "mean": list(ds.mean), "std": list(ds.std),
-                "preset": preset, "samples_per_epoch": per_epoch}
         checkpoint.save(learner, path, meta=meta)
         res = evaluate(learner, ds.test_batches(500), per_layer=True)
     except EdgeFFError as e:
@@ -708,6 +762,10 @@ def device_stream(
 
     if batch_size < 1:
         _fail("--batch-size must be at least 1")
+    if samples is not None and samples < 1:
+        _fail(f"--samples must be at least 1, got {samples}")
+    if save_every < 0:
+        _fail(f"--save-every must be 0 (only at the end) or a number of samples, got {save_every}")
     try:
         ds, x, _ = _device_data(data, data_dir)
         order = np.random.default_rng([seed, 0]).permutation(len(x))[:samples]

@@ -143,5 +143,7 @@ def select_layers(spec: str, n_layers: int) -> list[int]:
             k = 0
         if k < 1:
             raise ValueError(f"bad layer selection {spec!r}: use last:K with K >= 1")
+        if k > n_layers:
+            raise ValueError(f"{spec} asks for {k} layers but the model has {n_layers}; use last:{n_layers} or all")
         return list(range(max(0, n_layers - k), n_layers))
     raise ValueError(f"unknown layer selection {spec!r}; use all, all-but-first, last or last:K")

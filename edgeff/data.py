@@ -205,16 +205,25 @@ def load_pixels(path: str | Path, input_shape: tuple[int, int, int]) -> np.ndarr
 
         imgs = []
         for f in files:
-            with Image.open(f) as im:
-                a = np.asarray(im.convert("L" if c == 1 else "RGB").resize((w, h)), dtype=np.uint8)
+            try:
+                with Image.open(f) as im:
+                    a = np.asarray(im.convert("L" if c == 1 else "RGB").resize((w, h)), dtype=np.uint8)
+            except (OSError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
+                raise InputError(f"cannot read the image {f} ({type(e).__name__}); remove or replace it") from None
             imgs.append(a[None] if c == 1 else a.transpose(2, 0, 1))
         arr: np.ndarray = np.stack(imgs)
     elif p.is_file() and p.suffix in (".npy", ".npz"):
-        z = np.load(p)
-        if isinstance(z, np.lib.npyio.NpzFile):
-            arr = z["x"] if "x" in z.files else z[z.files[0]]
-        else:
-            arr = z
+        try:
+            z = np.load(p, allow_pickle=False)
+            if isinstance(z, np.lib.npyio.NpzFile):
+                arr = z["x"] if "x" in z.files else z[z.files[0]]
+            else:
+                arr = z
+        except (OSError, ValueError, EOFError, KeyError, IndexError) as e:
+            raise InputError(f"cannot read pixels from {p} ({str(e)[:100]}); save a numeric array "
+                             "(uint8 pixels or floats) with numpy.save") from None
+        if arr.dtype.kind not in "uif":
+            raise InputError(f"{p} holds a {arr.dtype} array; save uint8 pixels or floats")
     else:
         raise DataNotFoundError(f"{p} is neither a folder of images nor a .npy/.npz file")
     if arr.ndim == 3 and c == 1:

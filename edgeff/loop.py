@@ -61,8 +61,10 @@ def train_epochs(
 
     Each epoch's order depends only on (seed, epoch), so a learner loaded from a checkpoint continues
     with exactly the batches an uninterrupted run would have seen. With ``train.lr_final`` set, the
-    learning rate falls linearly from ``train.lr`` to it over ``train.epochs`` epochs (the planned
-    run, which may be longer than this call's ``epochs``).
+    learning rate falls linearly from ``train.lr`` to it over ``train.epochs`` epochs — the *planned* run,
+    stored in checkpoints — and stays at ``lr_final`` after it. A run stopped early and resumed with more
+    epochs (up to the plan) is therefore the same as the longer run from the start; to extend a run past
+    its plan, plan it longer from the start (``edgeff train --lr-epochs``).
     """
     if batch_size < 1:
         raise InputError(f"batch size must be at least 1, got {batch_size}")
@@ -70,7 +72,7 @@ def train_epochs(
     if per_epoch < 1:
         raise InputError("no training samples to learn from")
     steps_per_epoch = -(-per_epoch // batch_size)
-    total = steps_per_epoch * max(epochs, learner.train_cfg.epochs)  # the lr decay's horizon
+    total = steps_per_epoch * max(1, learner.train_cfg.epochs)  # the lr decay's horizon: the planned run
     done_epochs, rest = divmod(learner.samples_seen, per_epoch)
     step = done_epochs * steps_per_epoch + -(-rest // batch_size)
     lr0, lr1 = learner.train_cfg.lr, learner.train_cfg.lr_final
@@ -78,7 +80,7 @@ def train_epochs(
         skip = -(-rest // batch_size) if epoch == done_epochs else 0
         for x, y in data.train_batches(batch_size, seed=seed, epoch=epoch, limit=limit, skip=skip):
             if lr1 is not None:
-                learner.set_lr(lr0 + (lr1 - lr0) * step / max(1, total))
+                learner.set_lr(lr0 + (lr1 - lr0) * min(1.0, step / total))
             m = learner.learn_many(x, y)
             step += 1
             if on_step is not None:

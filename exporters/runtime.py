@@ -28,8 +28,16 @@ class OnnxPredictor:
         self.path = Path(path)
         if not self.path.is_file():
             raise InputError(f"ONNX file {self.path} does not exist; write one with `edgeff export`")
-        self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types for unreadable files
+            raise InputError(f"{self.path} is not a readable ONNX file ({type(e).__name__}); write one with "
+                             "`edgeff export`") from None
         props = self.session.get_modelmeta().custom_metadata_map
+        outputs = {o.name for o in self.session.get_outputs()}
+        if "input_shape" not in props or not {"scores", "label"} <= outputs:
+            raise InputError(f"{self.path} is an ONNX file but not one `edgeff export` wrote (no input shape, "
+                             "scores and label outputs); evaluate it with the tool that made it")
         self.meta = props
         self.input_shape = tuple(json.loads(props["input_shape"]))
         self.classes = json.loads(props.get("classes", "[]"))

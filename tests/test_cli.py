@@ -2,6 +2,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,15 @@ def test_train_with_two_augmented_views(tmp_path: Path) -> None:
         (["eval", "missing.pt"], "does not exist"),
         (["train", "--preset", "cff-mlp", "--views", "3"], "views must be 1 (one-forward) or 2"),
         (["train", "--preset", "symba-mlp", "--views", "2"], "not goodness learners"),
+        # each of these raised a traceback (or silently did the wrong thing) before
+        (["train", "--lr", "nan"], "--lr must be a positive finite number"),
+        (["train", "--lr", "inf"], "--lr must be a positive finite number"),
+        (["train", "--lr", "-1"], "--lr must be a positive finite number"),
+        (["train", "--device", "tpu"], "unknown device 'tpu'"),
+        (["train", "--out", "/"], "is a folder"),
+        (["train", "--out", "/proc/nonexistent/m.pt"], "cannot create the folder"),
+        (["train", "--samples", "-3"], "--samples must be at least 1"),
+        (["device", "stream", "--port", "/dev/null", "--samples", "-5"], "--samples must be at least 1"),
     ],
 )
 def test_user_errors_give_one_clear_message(args: list[str], message: str) -> None:
@@ -82,6 +92,79 @@ def test_user_errors_give_one_clear_message(args: list[str], message: str) -> No
     assert res.exit_code == 2
     assert message in " ".join(res.output.split()), res.output
     assert "Traceback" not in res.output
+
+
+def test_bad_files_and_layer_choices_give_one_clear_message(tmp_path: Path, trained: Path) -> None:
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a protobuf")
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    foreign = tmp_path / "foreign.onnx"
+    onnx.save(helper.make_model(graph), str(foreign))
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_bytes(b"not a png")
+    np.save(tmp_path / "obj.npy", np.array([object()]), allow_pickle=True)
+    for args, message in [
+        (["eval", str(junk), "--backend", "onnx"], "not a readable ONNX file"),
+        (["eval", str(foreign), "--backend", "onnx"], "not one `edgeff export` wrote"),
+        (["eval", str(trained), "--layers", "last:7"], "asks for 7 layers but the model has 2"),
+        (["add-class", str(trained), "--name", "cup", "--data", str(tmp_path / "imgs"), "--out", str(tmp_path / "o.pt")],
+         "cannot read the image"),
+        (["add-class", str(trained), "--name", "cup", "--data", str(tmp_path / "obj.npy"), "--out",
+          str(tmp_path / "o.pt")], "cannot read pixels"),
+    ]:
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2 and message in " ".join(res.output.split()), res.output
+        assert "Traceback" not in res.output
+
+
+def test_resume_refuses_another_presets_checkpoint(tmp_path: Path, trained: Path) -> None:
+    copy = tmp_path / "m.pt"
+    shutil.copy(trained, copy)
+    res = runner.invoke(app, ["train", "--preset", "ff-mlp", "--resume", "--out", str(copy), "--samples", "100",
+                              "--no-progress"])
+    assert res.exit_code == 2 and "holds a symba-mlp model, not ff-mlp" in " ".join(res.output.split())
+    assert copy.read_bytes() == trained.read_bytes()
+
+
+def test_resuming_with_more_epochs_equals_the_longer_run(tmp_path: Path) -> None:
+    """Before: `--epochs 1` then `--epochs 3 --resume` ended the lr decay at epoch 1 (87.60% vs 88.00%). The
+    decay follows the planned run (--lr-epochs), so the resumed run is the uninterrupted one, bit for bit."""
+    common = ["train", "--samples", "300", "--batch-size", "50", "--device", "cpu", "--no-progress", "--lr-epochs", "3"]
+    straight, part = tmp_path / "straight.pt", tmp_path / "part.pt"
+    assert runner.invoke(app, [*common, "--epochs", "3", "--out", str(straight)]).exit_code == 0
+    assert runner.invoke(app, [*common, "--epochs", "1", "--out", str(part)]).exit_code == 0
+    res = runner.invoke(app, [*common[:-2], "--epochs", "3", "--out", str(part), "--resume"])
+    assert res.exit_code == 0 and "planned over 3 epochs" in res.output, res.output
+    a, b = torch.load(straight, weights_only=True), torch.load(part, weights_only=True)
+    assert all(torch.equal(a["net"][k], b["net"][k]) for k in a["net"])
+
+
+def test_periodic_checkpoints_survive_a_kill(tmp_path: Path) -> None:
+    """`--checkpoint-every N` saves while training: a run killed mid-way resumes from its last save. A temp
+    file a killed save left beside the checkpoint is removed by the next save."""
+    path = tmp_path / "m.pt"
+    stale = tmp_path / ".m.pt.999999999.tmpxyz"  # a writer pid that cannot exist
+    stale.write_bytes(b"half a checkpoint")
+    cmd = [sys.executable, "-m", "edgeff.cli.app", "train", "--samples", "3000", "--epochs", "20", "--batch-size", "10",
+           "--device", "cpu", "--no-progress", "--out", str(path), "--checkpoint-every", "200"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (path.exists() and torch.load(path, weights_only=True)["samples_seen"] >= 400):
+            time.sleep(0.2)
+    finally:
+        proc.kill()
+        proc.wait()
+    seen = torch.load(path, weights_only=True)["samples_seen"]
+    assert seen >= 400 and seen % 10 == 0 and not stale.exists()
+    res = runner.invoke(app, ["train", "--samples", "3000", "--epochs", "1", "--batch-size", "10", "--device", "cpu",
+                              "--no-progress", "--out", str(path), "--resume"])
+    assert res.exit_code == 0 and f"resuming {path} at {seen} samples" in " ".join(res.output.split()), res.output
 
 
 def test_corrupt_and_incompatible_checkpoints(tmp_path: Path, trained: Path) -> None:

@@ -61,6 +61,8 @@ def train_run(
 
         p = get_preset(preset)
         train = replace(p.train, **(overrides or {}))
+        if epochs is not None and "epochs" not in (overrides or {}):
+            train = replace(train, epochs=epochs)  # the planned run: the lr schedule's horizon
         learner = make_edge_learner(p, input_shape=ds.input_shape, num_classes=len(ds.classes), train=train)
         learner.model_cfg = replace(learner.model_cfg, class_names=tuple(ds.classes))
     n_epochs = epochs if epochs is not None else learner.train_cfg.epochs
