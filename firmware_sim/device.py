@@ -318,6 +318,15 @@ class Device:
             )
         return plan
 
+    def _fit_inference(self, net: NumpyNet | EdgeModel, batch: int, what: str) -> None:
+        """A forward pass only: the resident model plus the largest inference working set."""
+        plan = net.memory_plan(batch)
+        need = plan["resident"] + max(lay["infer_working"] for lay in plan["layers"])
+        if need > self.budget:
+            raise DeviceError("too_big", f"{what} needs {kib(need)} (resident {kib(plan['resident'])} + inference "
+                                         f"working set at batch {batch}) but the RAM budget is {kib(self.budget)}: "
+                                         f"over by {kib(need - self.budget)}. Send a smaller batch.")
+
     def _hello(self, msg: Message) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         self.last_seq = None  # a new session: sequence numbers start over
         net = self.net
@@ -437,7 +446,7 @@ class Device:
             scores = self.onnx.scores(x)
             return {}, {"scores": scores, "pred": scores.argmax(1).astype(np.int64)}
         net = self._require_model()
-        self._fit(net, x.shape[0], f"inference on {x.shape[0]} samples")
+        self._fit_inference(net, x.shape[0], f"inference on {x.shape[0]} samples")
         layer_scores = net.layer_scores(x)  # (B, K, L)
         scores = layer_scores[..., net.spec["eval_layers"]].sum(-1)
         arrays = {"scores": scores, "pred": scores.argmax(1).astype(np.int64)}
@@ -475,14 +484,17 @@ class Device:
         if len(net.spec["classes"]) >= MAX_CLASSES:
             raise DeviceError("too_big", f"the model already holds {MAX_CLASSES} classes")
         x = _samples(msg.arrays) if "x" in msg.arrays else None
-        backup = model_from_bytes(net.to_bytes())[0]
+        if x is not None and net.rule != "goodness":  # the examples pass forward once (goodness does not read them)
+            self._fit_inference(net, x.shape[0], f"the {x.shape[0]} examples of class {name!r}")
+        restore = net.class_snapshot()  # references, not a copy of the model
         rng_state = self.rng.bit_generator.state
-        index = net.add_class(name, self.rng, x)
         try:
+            index = net.add_class(name, self.rng, x)
             self._fit(net, 1, f"the model with class {name!r}")
             self._representable(net=net)
-        except DeviceError:
-            self.net, self.rng.bit_generator.state = backup, rng_state
+        except (DeviceError, ModelError):
+            restore()
+            self.rng.bit_generator.state = rng_state
             raise
         return {"index": index, "classes": net.spec["classes"]}, {}
 
@@ -583,6 +595,10 @@ def warm_up() -> None:
     RAM figures should count data only."""
     from edgeff.firmware_sim.numpy_net import init_model
 
+    try:  # onnxruntime's library and environment (~20 MB) load on the first ONNX model: load them now
+        OnnxModel(b"\x08\x07")
+    except DeviceError:
+        pass
     with tempfile.TemporaryDirectory() as tmp:
         dev = Device(1 << 30, tmp)
         for rule in RULES:

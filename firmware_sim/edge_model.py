@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -83,6 +84,24 @@ class EdgeModel:
             raise ModelError(str(e)) from None
         self.last_working = [lay["train_working"] for lay in self.memory_plan(len(x))["layers"]]
         return [m.loss for m in metrics]
+
+    def class_snapshot(self) -> Callable[[], None]:
+        """A way back from ``add_class`` by reference (it replaces the label tensors and optimizer state arrays
+        it grows, never writing into them): no copy of the model."""
+        ln = self.learner
+        extra, cfg, classes = dict(ln.extra), ln.model_cfg, list(self.spec["classes"])
+        states = [(opt, {k: dict(v) for k, v in opt.state.items()}) for opt in (ln.layers[0].opt, ln.layers[-1].opt)
+                  if opt is not None]
+
+        def restore() -> None:
+            ln.extra.clear()
+            ln.extra.update(extra)
+            ln.model_cfg = cfg
+            self.spec["classes"] = classes
+            for opt, st in states:
+                opt.state = st
+
+        return restore
 
     def add_class(self, name: str, rng: np.random.Generator, x: np.ndarray | None = None) -> int:
         self.learner.rng = self.learner.draws.rng = rng

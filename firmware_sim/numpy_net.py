@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -353,6 +354,21 @@ class NumpyNet:
         return losses
 
     # ----------------------------------------------------------------- growing
+    def class_snapshot(self) -> Callable[[], None]:
+        """A way back from ``add_class``: it replaces arrays (never writes into them), so keeping references is
+        enough — no copy of the model. Calling the result restores the classes as they are now."""
+        codes, embed, classes = self.codes, self.embed, list(self.spec["classes"])
+        e = self.opt.get("E")
+        moments = (e.m, e.v) if e is not None else None
+
+        def restore() -> None:
+            self.codes, self.embed = codes, embed
+            self.spec["classes"] = classes
+            if e is not None and moments is not None:
+                e.m, e.v = moments
+
+        return restore
+
     def add_class(self, name: str, rng: np.random.Generator, x: np.ndarray | None = None) -> int:
         """Add a class; returns its index. Existing classes' scores are unchanged.
 

@@ -167,3 +167,66 @@ def test_socket_mode_drops_idle_clients_and_survives_resets(tmp_path: Path) -> N
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_normal_use_stays_within_the_budget(mnist_small) -> None:
+    """load -> stream -> eval -> add-class, each phase's traced peak (numpy buffers included) within the RAM
+    budget. Before: add-class copied the whole model as a backup (4,583 KiB against a 4,096 KiB budget)."""
+    import gc
+    import tracemalloc
+
+    from edgeff.firmware_sim.device import warm_up
+    from edgeff.host import CHUNK
+
+    x = mnist_small.x_train.reshape(len(mnist_small.x_train), -1)[:300]
+    y = mnist_small.y_train[:300].astype(np.int64)
+    budget = parse_size("4MiB")
+    warm_up()
+    tracemalloc.start()
+    try:
+        for rule, widths, kw in (("embed", [128, 128], {"groups": 4}), ("goodness", [64, 64], {})):
+            gc.collect()
+            base = tracemalloc.get_traced_memory()[0]
+            tracemalloc.reset_peak()
+            dev = Device(budget)
+            net = init_model(rule, widths, seed=0, **kw)
+            blob = net.to_bytes()
+            frames = [Message(MsgType.LOAD_MODEL, 1 + off // CHUNK, {"offset": off, "total": len(blob),
+                                                                    "crc32": zlib.crc32(blob)},
+                              {"chunk": np.frombuffer(blob[off:off + CHUNK], np.uint8)})
+                      for off in range(0, len(blob), CHUNK)]
+            frames += [Message(MsgType.TRAIN, 100 + i, {"first": i}, {"x": x[i:i + 10], "y": y[i:i + 10]})
+                       for i in range(0, 300, 10)]
+            frames += [Message(MsgType.INFER, 500 + i, {}, {"x": x[i:i + 10]}) for i in range(0, 300, 10)]
+            frames.append(Message(MsgType.ADD_CLASS, 900, {"name": "extra"}, {"x": x[:50]}))
+            for msg in frames:
+                assert _reply(dev, encode_frame(msg)).type == MsgType.ACK
+                assert tracemalloc.get_traced_memory()[1] - base <= budget, (rule, msg.type)
+            del dev
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("preset", ["symba-mlp", "cfl-mlp", "trifecta-cnn"])
+def test_a_refused_class_leaves_an_edge_model_as_it_was(preset: str) -> None:
+    """add-class is undone by reference (no copy of the model): the restored model is byte-identical."""
+    from dataclasses import replace
+
+    from edgeff.firmware_sim.edge_model import EdgeModel
+    from edgeff.presets import get_preset
+
+    from edgeff.edge import make_edge_learner
+
+    p = get_preset(preset)
+    learner = make_edge_learner(p, train=replace(p.train, views=1, crop_padding=0, batch_size=8, schedule="all"))
+    model = EdgeModel(learner, {})
+    rng = np.random.default_rng(0)
+    model.train_step(rng.integers(0, 255, (8, 784), dtype=np.uint8), np.arange(8) % 10, rng)
+    x = rng.integers(0, 255, (4, 784), dtype=np.uint8)
+    before, rng_state = model.to_bytes(), rng.bit_generator.state
+    restore = model.class_snapshot()
+    model.add_class("extra", rng, x)
+    assert model.to_bytes() != before
+    restore()
+    rng.bit_generator.state = rng_state  # the device restores its generator itself
+    assert model.to_bytes() == before and model.spec["classes"] == [str(i) for i in range(10)]
