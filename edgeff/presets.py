@@ -98,7 +98,8 @@ PRESETS: dict[str, Preset] = {
             "trifecta-cnn-paper", "local", TRIFECTA_CNN_PAPER,
             TrainConfig(lr=1e-3, batch_size=1024, epochs=200, schedule="olu", eval_layers="last"),
             "Dooms, Tsang & Oramas 2023, The Trifecta (arXiv:2311.18130)",
-            "trifecta-cnn at GPU size (64-128-256-256-512-512), batch 1024, lr 1e-3; for a GPU.",
+            "trifecta-cnn at GPU size (64-128-256-256-512-512), batch 1024, lr 1e-3; for a GPU. OLU steps whole "
+            "batches (two layers' graphs); --schedule all takes the frugal step.",
         ),
         Preset(
             "cfl-mlp", "local", CFL_MLP,

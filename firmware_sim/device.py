@@ -7,8 +7,16 @@ real pty pair or a TCP socket; ``main`` is ``edgeff device-sim``. No torch is im
 
 RAM budget: a model or a batch is refused (ERROR ``too_big``, saying by how much) when
 ``NumpyNet.memory_plan`` — weights, optimizer state, label codes and one layer's working set — exceeds
-the budget. Measured memory (``tracemalloc``, which sees numpy's buffers) is reported by STATS.
-A model upload is staged chunk by chunk outside the budget (a real board writes it to flash).
+the budget. Measured memory (``tracemalloc``, which sees numpy's buffers) is reported by STATS. A model
+upload is staged in RAM and counts against the budget: its declared size (and the host's declared plan)
+is checked at the first chunk, an abandoned upload is freed by the next request of another kind, and an
+``.npz`` is refused if its members unpack to more than the budget.
+
+Hostile input never stops the firmware: frames are bounded before anything is allocated
+(``protocol.MAX_*``), every request field is validated, a reply that cannot be encoded becomes a short
+ERROR, any other failure an ERROR ``internal``; a model (or class) that would make later replies too big to
+send is refused before it is installed or saved, and an unrepresentable saved state is ignored at boot.
+ONNX files whose tensors point at external files are refused.
 
 State survives resets: SAVE writes the model, optimizer state, RNG and sample counters atomically to
 ``state_dir/state.npz``; RESET (or a restart of the process) restores from it.
@@ -371,7 +379,8 @@ class Device:
             self.staging = None
             if total > self.budget:
                 raise DeviceError("too_big", f"a model file of {kib(total)} cannot be staged in the RAM budget of "
-                                             f"{kib(self.budget)}; it is refused before the upload")
+                                             f"{kib(self.budget)} (over by {kib(total - self.budget)}); it is refused "
+                                             "before the upload")
             declared = msg.meta.get("memory")
             if isinstance(declared, int) and not isinstance(declared, bool) and declared > self.budget:
                 raise DeviceError("too_big", f"this model needs {kib(declared)} (declared by the host) but the RAM "
