@@ -83,7 +83,9 @@ class MirrorLearner:
         shape: tuple[int, ...] = cfg.input_shape
         layers = []
         for spec in cfg.layers:
-            layers.append(LocalLayer(make_block(spec, shape, self.generator), optimizer=train.optimizer, lr=train.lr))
+            block = make_block(spec, shape, self.generator, bn_momentum=cfg.bn_momentum, bn_min_batch=cfg.bn_min_batch,
+                               bn_always_running=cfg.bn_always_running)
+            layers.append(LocalLayer(block, optimizer=train.optimizer, lr=train.lr, state_dtype=train.optim_state_dtype))
             shape = out_shape(spec, shape)
         out = nn.Linear(math.prod(shape), cfg.num_classes)
         bound = 1 / math.sqrt(math.prod(shape))

@@ -59,3 +59,20 @@ def test_training_imports_no_dynamo() -> None:
             "print('torch._dynamo' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("preset", ["symba-mlp", "cfl-mlp", "ffcl-mirror", "cff-mlp"])
+def test_every_local_family_holds_its_optimizer_state_in_the_asked_dtype(preset: str) -> None:
+    """--optim-state bfloat16 reached every family (the mirror learner dropped it before)."""
+    from dataclasses import replace
+
+    from edgeff.presets import PRESETS, make_learner
+
+    p = PRESETS[preset]
+    learner = make_learner(p, train=replace(p.train, optim_state_dtype="bfloat16", device="cpu", views=1,
+                                            crop_padding=0))
+    learner.learn_many(torch.randn(4, 1, 28, 28), [0, 1, 2, 3])
+    layers = [la for m in getattr(learner, "mirrors", [learner.net]) for la in m.local_layers]
+    states = [v for la in layers if la.opt is not None for st in la.opt.state.values() for k, v in st.items()
+              if k != "step"]
+    assert states and all(v.dtype == torch.bfloat16 for v in states)
