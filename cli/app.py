@@ -62,6 +62,32 @@ def _fail(msg: str) -> None:
 CHECKPOINT_SECONDS = 300.0  # train saves its checkpoint this often by default
 
 
+def _train_pipeline(preset: str, data: Dataset, data_dir: Path | None, epochs: int | None, samples: int | None,
+                    batch_size: int | None, seed: int, out_path: Path | None, resume: bool, mode: str,
+                    split: str | None, checkpoint_every: int | None, schedule: Schedule | None) -> None:
+    """`train --pipeline`: this process is one rank of a torchrun job (edgeff.pipeline)."""
+    import os
+
+    from edgeff import pipeline
+    from edgeff.errors import EdgeFFError
+
+    if "WORLD_SIZE" not in os.environ:
+        _fail("--pipeline runs under torchrun: torchrun --nproc-per-node 2 -m edgeff.cli.app train --pipeline ...")
+    try:
+        res = pipeline.run(preset, data.value, data_dir, epochs=epochs, batch_size=batch_size, samples=samples,
+                           out=out_path, seed=seed, mode=mode, split=split, resume=resume,
+                           checkpoint_every=200 if checkpoint_every is None else checkpoint_every,
+                           train_overrides={"schedule": schedule.value} if schedule is not None else None)
+    except EdgeFFError as e:
+        _fail(str(e))
+        return
+    if res is not None:
+        out.print(f"pipeline {preset}: {res.samples} samples in {res.seconds:.1f}s ({res.samples_per_s:.1f} samples/s) "
+                  f"over {len(res.split)} ranks, layers {' | '.join(f'{a + 1}-{b}' for a, b in res.split)}; test "
+                  f"accuracy {res.test_acc:.2%}", highlight=False)
+        out.print(f"checkpoint: {res.merged}", highlight=False)
+
+
 def _check_train_options(path: Path, lr: float | None, device: str, epochs: int | None, lr_epochs: int | None,
                          checkpoint_every: int | None, chunk: int) -> None:
     """Every option mistake found before any work starts (one line each, exit 2)."""
@@ -125,8 +151,15 @@ def train(
     hflip: Annotated[bool | None, typer.Option("--hflip/--no-hflip", help="random horizontal flips (not for digits) [default: the preset's]")] = None,
     lr_epochs: Annotated[int | None, typer.Option(help="epochs the lr decay is planned over [default: --epochs]; plan longer to resume a run further later")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="also save the checkpoint every N samples [default: about every 5 minutes of training; 0 = only at the end]")] = None,
+    pipeline: Annotated[bool, typer.Option("--pipeline", help="a layer pipeline across the ranks of `torchrun --nproc-per-node N -m edgeff.cli.app train ...`")] = False,
+    pipeline_mode: Annotated[str, typer.Option(help="pipeline: overlap (rank 0 runs a step ahead) or lockstep")] = "overlap",
+    pipeline_split: Annotated[str | None, typer.Option(help="pipeline: layers per rank, e.g. 2,2 [default: balanced by measured cost]")] = None,
 ) -> None:
     """Train a preset on a data set, streaming batches, then report test accuracy."""
+    if pipeline:
+        _train_pipeline(preset, data, data_dir, epochs, samples, batch_size, seed, out_path, resume, pipeline_mode,
+                        pipeline_split, checkpoint_every, schedule)
+        return
     from edgeff import checkpoint, evaluate, get_preset, make_learner
     from edgeff.data import load_data
     from edgeff.errors import EdgeFFError

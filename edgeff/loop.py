@@ -6,7 +6,7 @@ share one data order, one resume rule and one learning-rate schedule.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -66,22 +66,40 @@ def train_epochs(
     epochs (up to the plan) is therefore the same as the longer run from the start; to extend a run past
     its plan, plan it longer from the start (``edgeff train --lr-epochs``).
     """
+    for x, y, lr in planned_batches(learner.train_cfg, learner.samples_seen, data, epochs=epochs, batch_size=batch_size,
+                                    seed=seed, limit=limit):
+        if lr is not None:
+            learner.set_lr(lr)
+        m = learner.learn_many(x, y)
+        if on_step is not None:
+            on_step(m, int(x.shape[0]))
+
+
+def planned_batches(
+    train: TrainConfig,
+    samples_seen: int,
+    data: ImageDataLike,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int = 0,
+    limit: int | None = None,
+) -> Iterator[tuple[Any, Any, float | None]]:
+    """The batches ``train_epochs`` feeds a learner that has seen ``samples_seen`` samples, each with the
+    learning rate of its step (None without ``train.lr_final``): one data order and one schedule for
+    every runner (one process, or the first stage of a layer pipeline)."""
     if batch_size < 1:
         raise InputError(f"batch size must be at least 1, got {batch_size}")
     per_epoch = min(limit, len(data.y_train)) if limit is not None else len(data.y_train)
     if per_epoch < 1:
         raise InputError("no training samples to learn from")
     steps_per_epoch = -(-per_epoch // batch_size)
-    total = steps_per_epoch * max(1, learner.train_cfg.epochs)  # the lr decay's horizon: the planned run
-    done_epochs, rest = divmod(learner.samples_seen, per_epoch)
+    total = steps_per_epoch * max(1, train.epochs)  # the lr decay's horizon: the planned run
+    done_epochs, rest = divmod(samples_seen, per_epoch)
     step = done_epochs * steps_per_epoch + -(-rest // batch_size)
-    lr0, lr1 = learner.train_cfg.lr, learner.train_cfg.lr_final
+    lr0, lr1 = train.lr, train.lr_final
     for epoch in range(done_epochs, epochs):
         skip = -(-rest // batch_size) if epoch == done_epochs else 0
         for x, y in data.train_batches(batch_size, seed=seed, epoch=epoch, limit=limit, skip=skip):
-            if lr1 is not None:
-                learner.set_lr(lr0 + (lr1 - lr0) * min(1.0, step / total))
-            m = learner.learn_many(x, y)
+            yield x, y, (None if lr1 is None else lr0 + (lr1 - lr0) * min(1.0, step / total))
             step += 1
-            if on_step is not None:
-                on_step(m, int(x.shape[0]))

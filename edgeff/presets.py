@@ -84,6 +84,13 @@ PRESETS: dict[str, Preset] = {
             "epochs; smaller batches reach the same accuracy in far fewer epochs on a CPU.",
         ),
         Preset(
+            "symba-mlp4", "local", replace(SYMBA_MLP, layers=_mlp(1000, 4, "length")),
+            TrainConfig(lr=1e-3, lr_final=1e-4, batch_size=100, epochs=20, eval_layers="all-but-first"),
+            "Lee & Song 2023, SymBa (arXiv:2303.08418)",
+            "symba-mlp made deeper (4x1000): the net the layer pipeline splits across ranks (two layers each on "
+            "two hosts; `edgeff train --pipeline` under torchrun).",
+        ),
+        Preset(
             "trifecta-cnn", "local", TRIFECTA_CNN,
             TrainConfig(lr=1e-3, lr_final=1e-4, batch_size=128, epochs=6, schedule="olu", eval_layers="last"),
             "Dooms, Tsang & Oramas 2023, The Trifecta (arXiv:2311.18130)",

@@ -178,7 +178,7 @@ class Learner:
             y_neg[:fresh] = _fresh_negatives(yb[:fresh], y_neg[:fresh], self.generator)
         enc = self.net.encoder
         if self.train_cfg.frugal and self.train_cfg.schedule != "olu":  # olu carries two layers' graphs by design
-            frugal = self._learn_frugal(enc(xb, yb), enc(xb, y_neg))
+            frugal, _, _ = self.learn_block(enc(xb, yb), enc(xb, y_neg))
             self.predictor.learn(self.net, xb, yb)
             self.step += 1
             self.samples_seen += b
@@ -239,7 +239,26 @@ class Learner:
         self.samples_seen += b
         return metrics
 
-    def _learn_frugal(self, hp: torch.Tensor, hn: torch.Tensor) -> list[LayerMetrics]:
+    def encode_batch(self, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray | list[int]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The positive and negative inputs of layer 1 for a batch (negatives drawn as ``learn_many`` draws
+        them): what the first stage of a layer pipeline computes before its layers."""
+        xb = as_batch(x, self.model_cfg.input_shape).to(self.device)
+        yb = as_labels(y, xb.shape[0], self.model_cfg.num_classes).to(self.device)
+        self.net.train()
+        y_neg = self.negatives(self.net, xb, yb, self.generator)
+        return self.net.encoder(xb, yb), self.net.encoder(xb, y_neg)
+
+    def learn_block(self, hp: torch.Tensor, hn: torch.Tensor, start: int = 0, stop: int | None = None
+                    ) -> tuple[list[LayerMetrics], torch.Tensor, torch.Tensor]:
+        """The frugal step of layers ``start .. stop-1`` on their positive and negative inputs; returns
+        their metrics and the block's detached outputs (the next block's inputs). ``learn_many`` runs
+        every layer through it; a layer pipeline runs one block per rank (``edgeff.pipeline``)."""
+        self.net.train()
+        return self._learn_frugal(hp, hn, start, len(self.net.layers) if stop is None else stop)
+
+    def _learn_frugal(self, hp: torch.Tensor, hn: torch.Tensor, start: int = 0, stop: int | None = None
+                      ) -> tuple[list[LayerMetrics], torch.Tensor, torch.Tensor]:
         """The frugal step (schedules ``all`` and ``greedy``): one layer at a time, the batch passes in
         chunks of ``train.chunk`` positive/negative pairs; each chunk's graph is freed after its
         backward pass, so a training layer holds its input and output batches plus one chunk's graph.
@@ -253,7 +272,10 @@ class Learner:
         b = hp.shape[0]
         metrics: list[LayerMetrics] = []
         hook = self.layer_hook
+        stop = len(self.net.layers) if stop is None else stop
         for i, layer in enumerate(self.net.local_layers):
+            if i < start or i >= stop:
+                continue
             if active >= 0 and i > active:
                 break
             if hook is not None:
@@ -306,7 +328,7 @@ class Learner:
             del outs
             if hook is not None:
                 hook(i, False)
-        return metrics
+        return metrics, hp, hn
 
     def learn_one(self, x: torch.Tensor | np.ndarray, y: int) -> list[LayerMetrics]:
         """``learn_many`` on a single sample of shape (C, H, W)."""
