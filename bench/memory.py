@@ -30,7 +30,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -39,7 +38,6 @@ from typing import Any
 from _common import RESULTS, merge_records, table
 
 from edgeff.presets import PRESETS
-
 
 RUNTIMES = (("numpy", "local"), ("torch", "local"), ("torch", "bp"))
 

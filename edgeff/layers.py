@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from edgeff.optim import LeanOptimizer
 from edgeff.config import LayerSpec  # defined with the configs (torch-free), still importable from here
+from edgeff.optim import LeanOptimizer
 
 NORMS = ("none", "length", "layer", "batch")
 

@@ -12,8 +12,8 @@ from torch import nn
 from edgeff.config import ModelConfig, TrainConfig, select_layers
 from edgeff.labels import LabelEncoder, make_encoder
 from edgeff.layers import LocalLayer, class_row, grow_linear, make_block, make_optimizer, out_shape
-from edgeff.optim import LeanOptimizer
 from edgeff.losses import goodness
+from edgeff.optim import LeanOptimizer
 
 
 class LocalNet(nn.Module):

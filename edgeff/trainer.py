@@ -18,8 +18,8 @@ import torch
 from edgeff.augment import require_one_view
 from edgeff.config import MAX_INPUT, ModelConfig, TrainConfig
 from edgeff.errors import InputError
-from edgeff.loop import LayerMetrics, train_epochs  # noqa: F401 - re-exported: the runtime-free training loop
 from edgeff.layers import RunningBatchNorm
+from edgeff.loop import LayerMetrics, train_epochs  # noqa: F401 - re-exported: the runtime-free training loop
 from edgeff.losses import get_loss, goodness
 from edgeff.model import NEGATIVES, LocalNet, make_predictor
 

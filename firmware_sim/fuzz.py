@@ -21,8 +21,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-
-from edgeff.firmware_sim.protocol import CRC, HEADER, VERSION, Message, MsgType, cobs_encode, encode_body, encode_frame
+from edgeff.firmware_sim.protocol import (
+    CRC,
+    HEADER,
+    VERSION,
+    Message,
+    MsgType,
+    cobs_encode,
+    encode_body,
+    encode_frame,
+)
 
 KINDS = ("numbers", "table", "nesting", "names", "upload", "inputs", "types", "mutate")
 EXTREMES: list[Any] = [1e308, -1, 2**64, 2**31, 1.5, True, None, "7", [], {}, -(2**63), 0]
@@ -45,14 +53,13 @@ def _json(meta: dict[str, Any], table: list[Any] | None = None) -> str:
 def _zip_bomb(size: int = 512 << 20) -> bytes:
     """An .npz whose one member unpacks to ``size`` zero bytes (512 MiB in about 0.5 MB)."""
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        with zf.open("w.npy", "w", force_zip64=True) as f:
-            header = np.lib.format.header_data_from_array_1_0(np.zeros(0, np.uint8))
-            header["shape"] = (size,)
-            np.lib.format.write_array_header_1_0(f, header)
-            block = bytes(1 << 20)
-            for _ in range(size >> 20):
-                f.write(block)
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf, zf.open("w.npy", "w", force_zip64=True) as f:
+        header = np.lib.format.header_data_from_array_1_0(np.zeros(0, np.uint8))
+        header["shape"] = (size,)
+        np.lib.format.write_array_header_1_0(f, header)
+        block = bytes(1 << 20)
+        for _ in range(size >> 20):
+            f.write(block)
     return buf.getvalue()
 
 
@@ -94,7 +101,7 @@ def hostile_frames(rng: np.random.Generator, context: dict[str, Any], n: int) ->
 def hostile_frame(kind: str, rng: np.random.Generator, seq: int, d: int, k: int) -> tuple[bytes, bool]:
     """One hostile frame of ``kind`` for a model with input width ``d`` and ``k`` classes; and whether a
     correct device must refuse it."""
-    pick = lambda xs: xs[int(rng.integers(len(xs)))]  # noqa: E731
+    pick = lambda xs: xs[int(rng.integers(len(xs)))]
     if kind == "numbers":  # every integer field of every request, given an extreme value
         mtype, key = pick([(MsgType.LOAD_MODEL, "offset"), (MsgType.LOAD_MODEL, "total"), (MsgType.LOAD_MODEL, "crc32"),
                            (MsgType.TRAIN, "first"), (MsgType.INFER, "per_layer"), (MsgType.STATS, "reset_peak")])
@@ -174,4 +181,4 @@ def hostile_frame(kind: str, rng: np.random.Generator, seq: int, d: int, k: int)
                      b"".join(a.tobytes() for a in arrays.values())), False
 
 
-__all__ = ["KINDS", "hostile_frame", "hostile_frames", "raw_frame", "encode_body"]
+__all__ = ["KINDS", "encode_body", "hostile_frame", "hostile_frames", "raw_frame"]

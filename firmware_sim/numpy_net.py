@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np

@@ -176,6 +176,7 @@ def test_normal_use_stays_within_the_budget(mnist_small) -> None:
     import tracemalloc
 
     from edgeff.firmware_sim.device import warm_up
+
     from edgeff.host import CHUNK
 
     x = mnist_small.x_train.reshape(len(mnist_small.x_train), -1)[:300]
@@ -213,9 +214,9 @@ def test_a_refused_class_leaves_an_edge_model_as_it_was(preset: str) -> None:
     from dataclasses import replace
 
     from edgeff.firmware_sim.edge_model import EdgeModel
-    from edgeff.presets import get_preset
 
     from edgeff.edge import make_edge_learner
+    from edgeff.presets import get_preset
 
     p = get_preset(preset)
     learner = make_edge_learner(p, train=replace(p.train, views=1, crop_padding=0, batch_size=8, schedule="all"))
