@@ -5,9 +5,10 @@
 A device process (``edgeff device-sim --socket 0``, tracemalloc on, as shipped) gets a small model, then
 ``--frames`` valid-CRC hostile frames from ``edgeff.firmware_sim.fuzz`` (every kind in turn, random fields),
 each followed by a HELLO that must be answered. A crash is the process exiting (it is restarted and counted);
-an accepted invalid frame is an ACK to a frame a correct device must refuse. The device's resident set is read
-from /proc every 500 frames; ``max_rss`` is its VmHWM at the end, against its baseline (the RSS with the
-model loaded, before the first hostile frame) plus the RAM budget. Writes
+an accepted invalid frame is an ACK to a frame a correct device must refuse. The device's resident set
+is read from /proc every 500 frames; ``max_rss`` is its VmHWM at the end, against its runtime baseline (its
+peak over ``--normal-frames`` legitimate frames of every kind and size sent first: the runtime's own buffers
+and heap under normal traffic) plus the RAM budget. Writes
 ``{"kind": "hostile", "frames", "crashes", "accepted_invalid", "max_rss", ...}`` to results/device.json.
 """
 
@@ -95,13 +96,35 @@ def main() -> None:
     ap.add_argument("--budget", default="4MiB")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--report-every", type=int, default=10_000)
+    ap.add_argument("--normal-frames", type=int, default=5_000, help="legitimate frames before the hostile ones")
     args = ap.parse_args()
     dev = Live(args.budget)
     loaded = status(dev.proc.pid, "VmRSS:")
-    # the runtime's own frame handling: one legitimate frame of the largest size (an abandoned upload chunk)
-    dev.ask(encode_frame(Message(MsgType.LOAD_MODEL, 3_999_999_999, {"offset": 0, "total": 1_000_000, "crc32": 0},
-                                 {"chunk": np.zeros(1_000_000, np.uint8)})))
-    dev.ask(encode_frame(Message(MsgType.HELLO, 3_999_999_998)))
+    # the runtime baseline: the device under normal traffic first — legitimate frames of every kind and size
+    # (HELLO, STATS, INFER and TRAIN batches of 1..50, upload chunks up to the largest legal frame, abandoned)
+    legit = np.random.default_rng(args.seed + 1)
+    first = 0
+    for j in range(args.normal_frames):
+        kind = j % 5
+        seq = 3_000_000_000 + j
+        if kind == 0:
+            msg = Message(MsgType.HELLO, seq)
+        elif kind == 1:
+            msg = Message(MsgType.STATS, seq)
+        elif kind == 2:
+            b = int(legit.integers(1, 51))
+            msg = Message(MsgType.INFER, seq, {}, {"x": legit.integers(0, 255, (b, 784), dtype=np.uint8)})
+        elif kind == 3:
+            b = int(legit.integers(1, 51))
+            msg = Message(MsgType.TRAIN, seq, {"first": first}, {"x": legit.integers(0, 255, (b, 784), dtype=np.uint8),
+                                                                 "y": legit.integers(0, 10, b)})
+            first += b
+        else:
+            n = int(legit.integers(1, 1_000_001))
+            msg = Message(MsgType.LOAD_MODEL, seq, {"offset": 0, "total": max(n, 1), "crc32": 0},
+                          {"chunk": np.zeros(n // 2, np.uint8) if j % 2 else legit.integers(0, 255, n // 2, dtype=np.uint8)})
+        reply = dev.ask(encode_frame(msg))
+        assert reply is not None and reply.type == MsgType.ACK, (j, reply)
     baseline = status(dev.proc.pid, "VmHWM:")
     rng = np.random.default_rng(args.seed)
     counts: collections.Counter[str] = collections.Counter()
@@ -132,6 +155,7 @@ def main() -> None:
     rec: dict[str, Any] = {
         "kind": "hostile", "frames": args.frames, "crashes": dev.crashes, "accepted_invalid": accepted_invalid,
         "hello_failures": hello_failures, "max_rss": max_rss, "baseline_rss": baseline, "loaded_rss": loaded,
+        "normal_frames": args.normal_frames,
         "budget": budget,
         "max_rss_over_baseline_plus_budget": round(max_rss / (baseline + budget), 4), "seconds": round(seconds, 1),
         "seed": args.seed, **{f"frames_{k}": v for k, v in sorted(counts.items())},
