@@ -135,8 +135,8 @@ def measure_costs(learner: Any, x: torch.Tensor, y: torch.Tensor) -> list[float]
 class _Link:
     """Point-to-point transfers of one step's tensors between neighbouring ranks."""
 
-    def __init__(self, rank: int, world: int, overlap: bool) -> None:
-        self.rank, self.world, self.overlap = rank, world, overlap
+    def __init__(self, overlap: bool) -> None:
+        self.overlap = overlap
         self.pending: list[Any] = []
 
     def send(self, header: torch.Tensor, tensors: list[torch.Tensor], dst: int) -> None:
@@ -251,7 +251,7 @@ def run(preset: str, data_name: str = "builtin", data_dir: Path | None = None, *
         dist.broadcast(costs, 0)
         blocks = balanced_split(costs.tolist(), world)
     start, stop = blocks[rank]
-    link = _Link(rank, world, mode == "overlap")
+    link = _Link(mode == "overlap")
     meta = {"dataset": ds.name, "classes": list(ds.classes), "mean": list(ds.mean), "std": list(ds.std),
             "preset": preset, "pipeline": {"rank": rank, "ranks": world, "blocks": blocks, "mode": mode}}
 

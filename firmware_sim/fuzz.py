@@ -28,7 +28,6 @@ from edgeff.firmware_sim.protocol import (
     Message,
     MsgType,
     cobs_encode,
-    encode_body,
     encode_frame,
 )
 
@@ -181,4 +180,4 @@ def hostile_frame(kind: str, rng: np.random.Generator, seq: int, d: int, k: int)
                      b"".join(a.tobytes() for a in arrays.values())), False
 
 
-__all__ = ["KINDS", "encode_body", "hostile_frame", "hostile_frames", "raw_frame"]
+__all__ = ["KINDS", "hostile_frame", "hostile_frames", "raw_frame"]
