@@ -8,12 +8,13 @@ end-to-end backprop baseline, so both learners train exactly the same architectu
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from edgeff.config import LayerSpec  # defined with the configs (torch-free), still importable from here
+from edgeff.factored import Factors
 from edgeff.optim import LeanOptimizer
 
 NORMS = ("none", "length", "layer", "batch")
@@ -333,13 +334,14 @@ class LocalLayer(nn.Module):
                 if k != "step" and isinstance(v, torch.Tensor) and v.is_floating_point():
                     st[k] = v.to(dtype)
 
-    def optimizer_step(self) -> None:
-        """Step the optimizer; with a low-precision ``state_dtype`` the state is held in that dtype
-        between steps and widened to float32 only while this layer steps (frugal mode)."""
+    def optimizer_step(self, factored: Mapping[torch.Tensor, Factors] | None = None) -> None:
+        """Step the optimizer (``factored``: weight gradients recorded as factors, ``edgeff.factored``);
+        with a low-precision ``state_dtype`` the state is held in that dtype between steps and widened to
+        float32 only while this layer steps (frugal mode)."""
         opt = self.ensure_optimizer()
         if self.state_dtype != torch.float32:
             self._cast_state(torch.float32)
-        opt.step()
+        opt.step(factored)
         if self.state_dtype != torch.float32:
             self._cast_state(self.state_dtype)
 

@@ -8,7 +8,9 @@ temporaries. Both methods are accounted and measured with this one definition, p
 
 - ``params``, ``grads``: the layer's parameters (layer 1 also holds a learned label matrix) and their
   gradients, which the frugal step frees right after the layer's step (the whole-batch and OLU steps
-  free them only at the layer's next step, so every layer's gradients are live at once);
+  free them only at the layer's next step, so every layer's gradients are live at once). The frugal
+  step keeps a Linear weight's gradient as its factors (``edgeff.factored``: 2B rows of its input and
+  output, where that is smaller than the gradient) plus one block of rows being built;
 - ``optimizer``: state kept between steps (Adam two moments, SGD one momentum buffer), in its dtype;
 - ``input``/``output``: the positive and negative batches entering the layer and leaving it (2B rows);
 - ``saved``: the activations autograd keeps for one backward pass, counted exactly by running the block
@@ -16,7 +18,8 @@ temporaries. Both methods are accounted and measured with this one definition, p
   frugal step (``TrainConfig.frugal``) keeps one chunk's graph (``2 × chunk`` rows), the whole-batch
   step 2B rows, backprop B rows for every layer at once;
 - ``workspace``: the backward pass's activation gradients (two copies of the largest activation of the
-  rows in the graph: an estimate) and the optimizer's scratch (two blocks of ``edgeff.optim.BLOCK``).
+  rows in the graph: an estimate) and the optimizer's scratch (one block of ``edgeff.optim.BLOCK``, or
+  for a factored gradient the denominator of its block of rows).
 
 ``local_live[i]`` is what is live while layer i trains: the step's input batch, the layer's input,
 output, saved activations, gradients and workspace (an OLU pair adds the previous layer's graph, kept
@@ -47,8 +50,9 @@ import torch
 from torch import nn
 
 from edgeff.config import ModelConfig, TrainConfig
+from edgeff.factored import pays
 from edgeff.layers import make_block, out_shape
-from edgeff.optim import BLOCK
+from edgeff.optim import BLOCK, FACTORED_BLOCK
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 OPT_SLOTS = {"adam": 2, "adamw": 2, "sgd": 1}
@@ -196,7 +200,7 @@ def account(model: ModelConfig, train: TrainConfig, batch_size: int, *, dtype: s
     batch_bytes = b * c * h * w * item  # the step's input batch, alive throughout
 
     def scratch(n: int) -> int:
-        return 2 * min(BLOCK, n) * item  # the optimizer's two blocks (edgeff.optim)
+        return min(BLOCK, n) * item  # the optimizer's block of scratch (edgeff.optim)
 
     # ---- layer-local: 2B rows in and out; the graph of 2 x chunk rows (frugal) or 2B rows
     shape: tuple[int, ...] = (c + (0 if model.label == "overlay" else 1), h, w)
@@ -208,9 +212,17 @@ def account(model: ModelConfig, train: TrainConfig, batch_size: int, *, dtype: s
         chunked = kind.startswith("frugal") and not (spec.norm == "batch" and spec.order != "pre")
         rows = 2 * min(train.chunk or b, b) if chunked else 2 * b
         saved, largest = saved_bytes(block, torch.zeros(rows, *shape, dtype=tdt), with_goodness=True)
-        local.append(LayerMemory(i + 1, n * item, n * item, slots * n * state_item, saved,
+        grads, opt_scratch = n, scratch(n)
+        if kind.startswith("frugal"):  # Linear weights whose factors (2B rows of input and output) cost
+            dense = n  # less than their gradient: those, and the gradient built a block of rows at a time
+            for lin in (m for m in block.modules() if type(m) is nn.Linear and pays(m, 2 * b)):
+                built = min(lin.weight.numel(), max(1, FACTORED_BLOCK // lin.in_features) * lin.in_features)
+                grads += 2 * b * (lin.in_features + lin.out_features) - lin.weight.numel() + built
+                dense -= lin.weight.numel()
+                opt_scratch = max(scratch(dense), built * item)  # the block's denominator
+        local.append(LayerMemory(i + 1, n * item, grads * item, slots * n * state_item, saved,
                                  2 * b * math.prod(shape) * item, 2 * b * math.prod(nxt) * item,
-                                 2 * largest + scratch(n)))
+                                 2 * largest + opt_scratch))
         shape = nxt
 
     frugal = kind.startswith("frugal")
@@ -241,12 +253,12 @@ def account(model: ModelConfig, train: TrainConfig, batch_size: int, *, dtype: s
     def run() -> None:
         torch.nn.functional.cross_entropy(net(x), torch.zeros(b, dtype=torch.long))
 
-    saved, largest = _saved_per_module(mods, run, {x.untyped_storage().data_ptr()})
+    bp_saved, bp_largest = _saved_per_module(mods, run, {x.untyped_storage().data_ptr()})
     bp = []
     for k, m in enumerate(mods):
         n = _numel(m)
-        bp.append(LayerMemory(k + 1, n * item, n * item, slots * n * item, saved[k], batch_bytes if k == 0 else 0,
-                              largest[k], 2 * largest[k]))
+        bp.append(LayerMemory(k + 1, n * item, n * item, slots * n * item, bp_saved[k], batch_bytes if k == 0 else 0,
+                              bp_largest[k], 2 * bp_largest[k]))
     head = bp[-1]
     total_grads = sum(m.grads for m in bp)
     # the backward pass at block i: blocks 1..i's saved activations, the gradients of blocks i..L and the head

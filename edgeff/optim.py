@@ -15,16 +15,19 @@ checkpoints written with torch's optimizers load, and the other way round.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
+
+from edgeff.factored import Factors
 
 BETAS = (0.9, 0.999)  # torch's Adam defaults
 EPS = 1e-8
 WEIGHT_DECAY = {"adam": 0.0, "adamw": 0.01, "sgd": 0.0}  # torch's defaults (AdamW: 0.01)
 MOMENTUM = 0.9
 BLOCK = 1 << 18  # values per in-place block: a step's scratch memory is at most 1 MiB of float32
+FACTORED_BLOCK = 1 << 16  # values per block of a gradient built from its factors (edgeff.factored)
 KINDS = ("adam", "adamw", "sgd")
 
 
@@ -55,17 +58,34 @@ class LeanOptimizer:
                     p.grad.zero_()
 
     @torch.no_grad()
-    def step(self) -> None:
-        """Update every parameter that has a gradient, in place."""
+    def step(self, factored: Mapping[torch.Tensor, Factors] | None = None) -> None:
+        """Update every parameter that has a gradient, in place; ``factored`` gives the gradients of
+        (Linear) weights recorded as factors (``edgeff.factored``), built here a block of rows at a time."""
+        factored = factored or {}
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is not None:
-                    self._step_param(p, p.grad, group)
+                grad = factored.get(p, p.grad)
+                if grad is not None:
+                    self._step_param(p, grad, group)
 
-    def _step_param(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
+    @staticmethod
+    def _blocks(p: torch.Tensor, grad: torch.Tensor | Factors) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """``(start, stop, gradient values start..stop-1)`` over the flat parameter."""
+        n = p.numel()
+        if isinstance(grad, torch.Tensor):
+            gf = grad.reshape(-1)
+            for s in range(0, n, BLOCK):
+                yield s, min(s + BLOCK, n), gf[s:s + BLOCK]
+            return
+        rows, cols = p.shape
+        step = max(1, FACTORED_BLOCK // cols)
+        for r in range(0, rows, step):
+            yield r * cols, min(r + step, rows) * cols, grad.rows(r, r + step).view(-1)
+
+    def _step_param(self, p: torch.Tensor, grad: torch.Tensor | Factors, group: dict[str, Any]) -> None:
         lr, wd = float(group["lr"]), float(group["weight_decay"])
         st = self.state.get(p)
-        pf, gf = p.view(-1), grad.reshape(-1)
+        pf = p.view(-1)
         if self.kind == "sgd":
             fresh = st is None or st.get("momentum_buffer") is None
             if st is None:
@@ -73,8 +93,8 @@ class LeanOptimizer:
             if fresh:
                 st["momentum_buffer"] = torch.empty_like(p, memory_format=torch.contiguous_format)
             buf = st["momentum_buffer"].view(-1)
-            for s in range(0, pf.numel(), BLOCK):
-                pb, gb, bb = pf[s:s + BLOCK], gf[s:s + BLOCK], buf[s:s + BLOCK]
+            for s, e, gb in self._blocks(p, grad):
+                pb, bb = pf[s:e], buf[s:e]
                 if wd:
                     gb = gb.add(pb, alpha=wd)
                 if fresh:  # torch: the first momentum buffer is a copy of the first gradient
@@ -82,6 +102,7 @@ class LeanOptimizer:
                 else:
                     bb.mul_(MOMENTUM).add_(gb)
                 pb.add_(bb, alpha=-lr)
+                del gb
             return
         if st is None:
             st = self.state[p] = {"step": torch.tensor(0.0),
@@ -94,8 +115,8 @@ class LeanOptimizer:
         step_size = lr / (1 - beta1 ** t)
         bc2_sqrt = (1 - beta2 ** t) ** 0.5
         m, v = st["exp_avg"].view(-1), st["exp_avg_sq"].view(-1)
-        for s in range(0, pf.numel(), BLOCK):
-            pb, gb, mb, vb = pf[s:s + BLOCK], gf[s:s + BLOCK], m[s:s + BLOCK], v[s:s + BLOCK]
+        for s, e, gb in self._blocks(p, grad):
+            pb, mb, vb = pf[s:e], m[s:e], v[s:e]
             if wd:
                 if self.kind == "adamw":
                     pb.mul_(1 - lr * wd)
@@ -103,8 +124,9 @@ class LeanOptimizer:
                     gb = gb.add(pb, alpha=wd)
             mb.lerp_(gb, 1 - beta1)
             vb.mul_(beta2).addcmul_(gb, gb, value=1 - beta2)
-            denom = (vb.sqrt() / bc2_sqrt).add_(eps)  # one block of scratch
+            denom = vb.sqrt().div_(bc2_sqrt).add_(eps)  # one block of scratch (torch's values: x / c == x.div_(c))
             pb.addcdiv_(mb, denom, value=-step_size)
+            del gb, denom  # before the next block is built: one block of gradient and one of scratch at a time
 
     # ----------------------------------------------------------------- torch's state_dict layout
     def state_dict(self) -> dict[str, Any]:

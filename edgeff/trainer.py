@@ -9,12 +9,14 @@ output on *without* detaching, so the next layer's loss also updates it.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from edgeff import factored
 from edgeff.augment import require_one_view
 from edgeff.config import MAX_INPUT, ModelConfig, TrainConfig
 from edgeff.errors import InputError
@@ -263,7 +265,9 @@ class Learner:
         chunks of ``train.chunk`` positive/negative pairs; each chunk's graph is freed after its
         backward pass, so a training layer holds its input and output batches plus one chunk's graph.
         Gradients add up over the chunks to the whole batch's (both goodness losses are means over
-        pairs), the layer steps once, and its gradients are freed at once. A batch-statistics BN at a
+        pairs), the layer steps once, and its gradients are freed at once; a Linear weight's gradient is
+        kept as its factors and built a block of rows at a time inside the optimizer step
+        (``edgeff.factored``), so it never exists whole. A batch-statistics BN at a
         layer's input (``order="pre"``, the goodness presets' layout) normalises every chunk with the
         whole batch's statistics, computed beforehand: the input is a constant for the layer, so this is
         the whole-batch update. A layer whose BN follows its weights (``order="post"``) cannot be split
@@ -289,27 +293,11 @@ class Learner:
                 bn.prepare([hp, hn])
             if trains:
                 layer.ensure_optimizer().zero_grad(set_to_none=True)
-            outs: list[torch.Tensor] = []
-            loss_sum = gp_sum = gn_sum = 0.0
+            recorder: contextlib.AbstractContextManager[dict[torch.Tensor, factored.Factors]] = (
+                factored.recording(layer, 2 * b) if trains else contextlib.nullcontext({}))
             try:
-                for s in range(0, b, step):
-                    n = min(step, b - s)
-                    with torch.set_grad_enabled(trains):
-                        out = layer(torch.cat([hp[s:s + n], hn[s:s + n]]))  # (2n, ...): the chunk's pairs
-                        g = goodness(out)  # (2n,)
-                        loss = self.loss_fn(g[:n], g[n:])
-                        check_loss(loss, f"layer {i + 1}")
-                        if trains:  # this chunk's share of the batch's gradient; a learned label encoder's
-                            # graph (layer 0's input) is shared by every chunk, so it is kept to the last one
-                            (loss * (n / b)).backward(retain_graph=hp.requires_grad and s + n < b)
-                    out = out.detach()
-                    if not outs:  # the layer's output batches, filled chunk by chunk
-                        outs = [out.new_empty((b, *out.shape[1:])) for _ in range(2)]
-                    outs[0][s:s + n], outs[1][s:s + n] = out[:n], out[n:]
-                    loss_sum += float(loss.detach()) * n
-                    gp_sum += float(g[:n].detach().sum())
-                    gn_sum += float(g[n:].detach().sum())
-                    del out, g, loss
+                with recorder as factors:  # Linear weight gradients as factors, never whole (edgeff.factored)
+                    outs, loss_sum, gp_sum, gn_sum = self._chunks(layer, i, hp, hn, step, trains)
             except InputError:  # a non-finite loss: this layer keeps its parameters and statistics
                 if trains:
                     layer.opt.zero_grad(set_to_none=True)  # type: ignore[union-attr]
@@ -321,14 +309,42 @@ class Learner:
                 for bn in bns:
                     bn.release()
             if trains:
-                layer.optimizer_step()
+                layer.optimizer_step(factors)
                 layer.opt.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+            del factors
             metrics.append(LayerMetrics(loss_sum / b, gp_sum / b, gn_sum / b, trains))
             hp, hn = outs
             del outs
             if hook is not None:
                 hook(i, False)
         return metrics, hp, hn
+
+    def _chunks(self, layer: torch.nn.Module, i: int, hp: torch.Tensor, hn: torch.Tensor, step: int, trains: bool
+                ) -> tuple[list[torch.Tensor], float, float, float]:
+        """Layer ``i`` over the batch in chunks of ``step`` pairs, each chunk's share of the gradient
+        accumulated (when it ``trains``); returns its output batches and the sums of loss, g+ and g-."""
+        b = hp.shape[0]
+        outs: list[torch.Tensor] = []
+        loss_sum = gp_sum = gn_sum = 0.0
+        for s in range(0, b, step):
+            n = min(step, b - s)
+            with torch.set_grad_enabled(trains):
+                out = layer(torch.cat([hp[s:s + n], hn[s:s + n]]))  # (2n, ...): the chunk's pairs
+                g = goodness(out)  # (2n,)
+                loss = self.loss_fn(g[:n], g[n:])
+                check_loss(loss, f"layer {i + 1}")
+                if trains:  # this chunk's share of the batch's gradient; a learned label encoder's
+                    # graph (layer 0's input) is shared by every chunk, so it is kept to the last one
+                    (loss * (n / b)).backward(retain_graph=hp.requires_grad and s + n < b)
+            out = out.detach()
+            if not outs:  # the layer's output batches, filled chunk by chunk
+                outs = [out.new_empty((b, *out.shape[1:])) for _ in range(2)]
+            outs[0][s:s + n], outs[1][s:s + n] = out[:n], out[n:]
+            loss_sum += float(loss.detach()) * n
+            gp_sum += float(g[:n].detach().sum())
+            gn_sum += float(g[n:].detach().sum())
+            del out, g, loss
+        return outs, loss_sum, gp_sum, gn_sum
 
     def learn_one(self, x: torch.Tensor | np.ndarray, y: int) -> list[LayerMetrics]:
         """``learn_many`` on a single sample of shape (C, H, W)."""
