@@ -25,7 +25,6 @@ import torch
 from _common import RESULTS, merge_records, table
 
 from edgeff import evaluate, get_preset, make_learner
-from edgeff.contrastive import ContrastiveLearner
 from edgeff.data import load_data
 from edgeff.explain import attention_maps, save_attention
 from edgeff.trainer import train_epochs
@@ -100,7 +99,7 @@ SUPER_CLASSES = {
 }
 
 
-def zero_shot(local: ContrastiveLearner, bp: Any, data: Any) -> dict[str, Any]:
+def zero_shot(local: Any, bp: Any, data: Any) -> dict[str, Any]:
     """CFL zero-shot super-class accuracy, next to both trained classifiers' fine predictions mapped to
     the same super-classes (the paper's comparison), on the whole test set."""
     groups = list(SUPER_CLASSES[data.name].values())
@@ -153,7 +152,7 @@ def run_job(name: str, data_dir: Path, threads: int, budget_scale: float) -> dic
     bp_acc = evaluate(bp, data.test_batches(1000)).accuracy
     print(f"  bp test accuracy {bp_acc:.4f}", flush=True)
     extra: dict[str, Any] = {}
-    if isinstance(local, ContrastiveLearner) and local.net.embed is not None and dataset in SUPER_CLASSES:
+    if local.supports("zero_shot") and dataset in SUPER_CLASSES:
         extra.update(zero_shot(local, bp, data))
         if all(len(s) == 3 for s in local.net.shapes):
             x = data.normalise(data.x_test[:1])[0]

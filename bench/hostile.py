@@ -28,9 +28,11 @@ from _common import merge_records, table
 from edgeff.firmware_sim.device import parse_size
 from edgeff.firmware_sim.fuzz import hostile_frames
 from edgeff.firmware_sim.numpy_net import init_model
-from edgeff.firmware_sim.protocol import FrameDecoder, Message, MsgType, encode_frame
+from edgeff.firmware_sim.protocol import MAX_PAYLOAD, FrameDecoder, Message, MsgType, encode_frame
 
 from edgeff.host import DeviceClient
+
+LARGEST_CHUNK = MAX_PAYLOAD - 256  # the payload's head (type, sequence, JSON) takes the rest
 
 
 def status(pid: int, field: str) -> int:
@@ -120,9 +122,11 @@ def main() -> None:
                                                                  "y": legit.integers(0, 10, b)})
             first += b
         else:
-            n = int(legit.integers(1, 1_000_001))
-            msg = Message(MsgType.LOAD_MODEL, seq, {"offset": 0, "total": max(n, 1), "crc32": 0},
-                          {"chunk": np.zeros(n // 2, np.uint8) if j % 2 else legit.integers(0, 255, n // 2, dtype=np.uint8)})
+            # every fifth upload chunk the largest a legal frame carries (every other one of those all zeros:
+            # a block per byte, COBS's slowest case), the others random bytes of any size below it
+            n = LARGEST_CHUNK if j % 25 == 4 else int(legit.integers(1, LARGEST_CHUNK))
+            msg = Message(MsgType.LOAD_MODEL, seq, {"offset": 0, "total": n + 1, "crc32": 0},  # never completed
+                          {"chunk": np.zeros(n, np.uint8) if j % 50 == 29 else legit.integers(0, 255, n, dtype=np.uint8)})
         reply = dev.ask(encode_frame(msg))
         assert reply is not None and reply.type == MsgType.ACK, (j, reply)
     baseline = status(dev.proc.pid, "VmHWM:")

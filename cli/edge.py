@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from edgeff.cli.app import Dataset, _fail, err, out  # the main CLI's choices and consoles (no torch at load)
+from edgeff.cli.common import Dataset, err, out  # the main CLI's choices and consoles (no torch at load)
+from edgeff.cli.common import fail as _fail
 
 app = typer.Typer(help="edgeff's edge runtime: train and run layer-local models with numpy alone (no torch).",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -58,7 +59,7 @@ def train(
         task = bar.add_task("train", total=total, m="")
 
     def on_step(metrics: object, n: int) -> None:
-        summary = " ".join(f"L{i + 1} {m.loss:.3f}" for i, m in enumerate(metrics))  # type: ignore[attr-defined]
+        summary = " ".join(f"L{i + 1} {m.loss:.3f}" for i, m in enumerate(metrics))  # type: ignore[attr-defined, arg-type, var-annotated]
         bar.update(task, advance=n, m=summary)  # type: ignore[arg-type]
 
     try:

@@ -62,14 +62,6 @@ def make_augment(train: TrainConfig, generator: torch.Generator) -> Augment | No
     return aug if aug.active else None
 
 
-def require_one_view(train: TrainConfig, kind: str) -> None:
-    """Learners without augmented views (goodness, mirror) refuse a config that asks for them."""
-    if train.views != 1 or train.crop_padding or train.hflip:
-        raise InputError(f"augmented views (views={train.views}, crop_padding={train.crop_padding}, "
-                         f"hflip={train.hflip}) are implemented for contrastive (cff, cfl) and backprop "
-                         f"learners, not {kind} learners; use views=1, crop_padding=0, hflip=False")
-
-
 def make_views(x: torch.Tensor, y: torch.Tensor, views: int, augment: Augment | None,
                allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The batch a learner steps on: ``views`` augmented copies of (x, y) stacked [view 1; view 2]

@@ -1,9 +1,11 @@
 """The end-to-end backprop baseline: the same blocks as a ``LocalNet``, no label input, a linear
-head, cross-entropy through every layer and one optimizer. Same verbs as ``Learner``."""
+head, cross-entropy through every layer and one optimizer. The learner contract (``edgeff.contract``);
+``learn_many`` reports the whole net as one ``LayerMetrics`` (its cross-entropy)."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -12,9 +14,12 @@ from torch import nn
 
 from edgeff.augment import make_augment, make_views
 from edgeff.config import ModelConfig, TrainConfig
+from edgeff.contract import LearnerBase, register
+from edgeff.graphs import BPGraph
+from edgeff.inputs import as_batch, as_labels, check_loss
 from edgeff.layers import class_row, grow_linear, make_block, make_optimizer, out_shape
+from edgeff.loop import LayerMetrics
 from edgeff.losses import fresh_class_mask
-from edgeff.trainer import as_batch, as_labels, check_loss, resolve_device
 
 
 class BPNet(nn.Module):
@@ -45,29 +50,30 @@ class BPNet(nn.Module):
         return self.head(self.features(x))  # (B, K)
 
 
-class BPLearner:
-    """Backprop on the architecture of ``model`` (its label encoder and local loss are unused)."""
+@register
+class BPLearner(LearnerBase):
+    """Backprop on the architecture of ``model`` (a preset's twin is built with
+    ``edgeff.contract.build(..., backprop=True)``, which drops the label encoder and local loss settings)."""
 
+    net: BPNet
     kind = "bp"
+    family = "backprop"
+    train_fields = frozenset({"views", "crop_padding", "hflip"})
+    model_fields = frozenset({"global_pool"})
 
     def __init__(self, model: ModelConfig, train: TrainConfig) -> None:
-        self.model_cfg = model
-        self.train_cfg = train
-        self.device = resolve_device(train.device)
-        self.generator = torch.Generator().manual_seed(train.seed)
+        super().__init__(model, train)
         self.net = BPNet(model, self.generator).to(self.device)
-        self.opt = make_optimizer(list(self.net.parameters()), train.optimizer, train.lr)
+        self.opt = make_optimizer(list(self.net.parameters()), train.optimizer, train.lr, train.optim_state_dtype)
         self.augment = make_augment(train, self.generator)
-        self.step = 0
-        self.samples_seen = 0
 
     def set_lr(self, lr: float) -> None:
         for group in self.opt.param_groups:
             group["lr"] = lr
 
     def learn_many(self, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray | list[int], *,
-                   fresh: int | None = None) -> float:
-        """One end-to-end SGD step; returns the cross-entropy. ``fresh``: the first ``fresh`` samples are
+                   fresh: int | None = None) -> list[LayerMetrics]:
+        """One end-to-end step; its cross-entropy as one ``LayerMetrics`` (the goodness fields are 0). ``fresh``: the first ``fresh`` samples are
         new stream samples whose softmax runs over the fresh samples' classes only, the rest replayed
         ones over every class (ER-ACE, Caccia et al. 2022). With the train config's ``views`` /
         augmentation the step sees the same kind of augmented views as a contrastive learner (two
@@ -88,14 +94,7 @@ class BPLearner:
         self.opt.step()
         self.step += 1
         self.samples_seen += n
-        return float(loss.detach())
-
-    def learn_one(self, x: torch.Tensor | np.ndarray, y: int) -> float:
-        return self.learn_many(as_batch(x, self.model_cfg.input_shape, single=True), [int(y)])
-
-    @property
-    def class_names(self) -> tuple[str, ...]:
-        return self.model_cfg.names
+        return [LayerMetrics(float(loss.detach()), 0.0, 0.0, True)]
 
     def add_class(self, name: str, examples: torch.Tensor | np.ndarray | None = None) -> int:
         """A growing output head: one more logit, its weights imprinted from the mean feature of
@@ -118,8 +117,12 @@ class BPLearner:
         with torch.no_grad():
             return self.net(xb)
 
-    def predict_many(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
-        return self.scores(x).argmax(1).cpu()
+    # ------------------------------------------------------------------------ checkpoint, export
+    def _optim_state(self) -> dict[str, Any]:
+        return {"optim": self.opt.state_dict()}
 
-    def predict_one(self, x: torch.Tensor | np.ndarray) -> int:
-        return int(self.predict_many(as_batch(x, self.model_cfg.input_shape, single=True))[0])
+    def _load_optim_state(self, state: dict[str, Any]) -> None:
+        self.opt.load_state_dict(state["optim"])
+
+    def inference_graph(self, layers: str | None = None) -> nn.Module:
+        return BPGraph(self).eval()

@@ -13,15 +13,10 @@ from typing import Any
 import torch
 
 from edgeff import __version__
-from edgeff.baseline import BPLearner
 from edgeff.config import ModelConfig, TrainConfig
-from edgeff.contrastive import ContrastiveLearner
-from edgeff.errors import CheckpointError
+from edgeff.contract import LearnerBase, for_family, learner_class
+from edgeff.errors import CheckpointError, InputError
 from edgeff.files import atomic_write
-from edgeff.layers import make_optimizer
-from edgeff.mirror import MirrorLearner
-from edgeff.model import HeadPredictor
-from edgeff.trainer import Learner
 
 FORMAT = "edgeff-checkpoint"
 FORMAT_VERSION = 1
@@ -37,7 +32,7 @@ def _cpu(obj: Any) -> Any:
     return obj
 
 
-def save(learner: Learner | BPLearner | ContrastiveLearner | MirrorLearner, path: str | Path, *, meta: dict[str, Any] | None = None) -> Path:
+def save(learner: LearnerBase, path: str | Path, *, meta: dict[str, Any] | None = None) -> Path:
     """Write ``learner`` to ``path`` atomically; ``meta`` (data set, class names, ...) is kept with it."""
     path = Path(path)
     state: dict[str, Any] = {
@@ -47,31 +42,13 @@ def save(learner: Learner | BPLearner | ContrastiveLearner | MirrorLearner, path
         "kind": learner.kind,
         "model": learner.model_cfg.to_dict(),
         "train": learner.train_cfg.to_dict(),
-        "net": learner.net.state_dict(),
-        "generator": learner.generator.get_state(),
-        "step": learner.step,
-        "samples_seen": learner.samples_seen,
+        **learner.state(),
         "meta": dict(meta or {}),
     }
-    if isinstance(learner, MirrorLearner):
-        state["optim"] = [None if layer.opt is None else layer.opt.state_dict()
-                          for m in learner.mirrors for layer in m.local_layers]
-        state["predictor_optim"] = [o.state_dict() for o in getattr(learner, "_out_opts", [])]
-    elif isinstance(learner, ContrastiveLearner):
-        state["optim"] = [None if layer.opt is None else layer.opt.state_dict() for layer in learner.net.local_layers]
-        state["predictor_optim"] = None if learner.head_opt is None else learner.head_opt.state_dict()
-    elif isinstance(learner, Learner):
-        state["optim"] = [None if layer.opt is None else layer.opt.state_dict() for layer in learner.net.local_layers]
-        pred = learner.predictor
-        state["predictor"] = pred.state_dict()
-        popt = getattr(pred, "opt", None)
-        state["predictor_optim"] = None if popt is None else popt.state_dict()
-    else:
-        state["optim"] = learner.opt.state_dict()
     return atomic_write(path, lambda f: torch.save(_cpu(state), f))
 
 
-def load(path: str | Path, *, device: str | None = None) -> tuple[Learner | BPLearner | ContrastiveLearner | MirrorLearner, dict[str, Any]]:
+def load(path: str | Path, *, device: str | None = None) -> tuple[LearnerBase, dict[str, Any]]:
     """Rebuild the learner saved at ``path``; returns it and its ``meta``.
 
     Raises:
@@ -97,38 +74,13 @@ def load(path: str | Path, *, device: str | None = None) -> tuple[Learner | BPLe
             from dataclasses import replace
 
             train = replace(train, device=device)
-        kinds: dict[str, Any] = {"local": Learner, "bp": BPLearner, "contrastive": ContrastiveLearner,
-                                 "mirror": MirrorLearner}
-        if state["kind"] not in kinds:
-            raise CheckpointError(f"{path} holds a {state['kind']!r} learner, which this edgeff does not know")
-        learner: Learner | BPLearner | ContrastiveLearner | MirrorLearner = kinds[state["kind"]](model, train)
-        learner.net.load_state_dict(state["net"])
-        learner.generator.set_state(state["generator"])
-        learner.step = int(state["step"])
-        learner.samples_seen = int(state["samples_seen"])
-        if isinstance(learner, MirrorLearner):
-            for layer, opt_state in zip([la for m in learner.mirrors for la in m.local_layers], state["optim"], strict=True):
-                if opt_state is not None:
-                    layer.ensure_optimizer().load_state_dict(opt_state)
-            for i, opt_state in enumerate(state.get("predictor_optim") or []):
-                learner._out_opt(i).load_state_dict(opt_state)
-        elif isinstance(learner, ContrastiveLearner):
-            for layer, opt_state in zip(learner.net.local_layers, state["optim"], strict=True):
-                if opt_state is not None:
-                    layer.ensure_optimizer().load_state_dict(opt_state)
-            if learner.head_opt is not None and state.get("predictor_optim") is not None:
-                learner.head_opt.load_state_dict(state["predictor_optim"])
-        elif isinstance(learner, Learner):
-            for layer, opt_state in zip(learner.net.local_layers, state["optim"], strict=True):
-                if opt_state is not None:
-                    layer.ensure_optimizer().load_state_dict(opt_state)
-            learner.predictor.load_state_dict(state["predictor"])
-            pred = learner.predictor
-            if state.get("predictor_optim") is not None and isinstance(pred, HeadPredictor):
-                pred.opt = make_optimizer(list(pred.linear.parameters()), "adam", pred.lr)
-                pred.opt.load_state_dict(state["predictor_optim"])
-        else:
-            learner.opt.load_state_dict(state["optim"])
+        try:
+            cls = learner_class(state["kind"])
+        except InputError:
+            raise CheckpointError(f"{path} holds a {state['kind']!r} learner, which this edgeff does not know") from None
+        # fields the family does not read were ignored when it was saved (older edgeff): reset them
+        learner = cls(*for_family(cls, model, train))
+        learner.load_state(state)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path} does not match this edgeff version's model code: {e}") from None
     return learner, dict(state.get("meta", {}))

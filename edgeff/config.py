@@ -1,7 +1,11 @@
-"""Configuration: one frozen dataclass per concern. Override with ``dataclasses.replace``."""
+"""Configuration: one frozen dataclass per concern. Override with ``dataclasses.replace``.
+
+Each config checks its own values when built (``InputError`` naming the field); which fields a learner
+family reads, and the refusal of the ones it does not, is the learner contract's (``edgeff.contract``)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -55,6 +59,19 @@ class ModelConfig:
     embed_noise: bool = True  # CFL: N(0, 1/C_l²) noise on the pooled embeddings while training
     mirror_negatives: bool = False  # mirror FFCL: also same-class (+1) and other-class (−1) pairs
     class_names: tuple[str, ...] = ()  # one name per class (empty: "0".."K-1"); grows with add_class
+
+    def __post_init__(self) -> None:
+        labels, losses = ("overlay", "icp", "channel", "none"), ("ff", "symba", "supcon", "cfl", "mirror")
+        if self.label not in labels:
+            raise InputError(f"unknown label encoding {self.label!r}; choose one of {', '.join(labels)}")
+        if self.loss not in losses:
+            raise InputError(f"unknown loss {self.loss!r}; choose one of {', '.join(losses)}")
+        if not self.layers:
+            raise InputError("a model needs at least one layer")
+        if self.num_classes < 0 or len(self.input_shape) != 3 or min(self.input_shape) < 1:
+            raise InputError(f"bad model shape: {self.num_classes} classes, input {self.input_shape} (want C, H, W)")
+        if self.class_names and len(self.class_names) != self.num_classes:
+            raise InputError(f"{len(self.class_names)} class names for {self.num_classes} classes")
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -115,6 +132,23 @@ class TrainConfig:
     hflip: bool = False  # random horizontal flips (not for digits)
     frugal: bool = True  # goodness learners, all/greedy: a layer at a time in chunks of pairs (the whole-batch update); olu and the contrastive families step whole batches
     chunk: int = 64  # frugal step: positive/negative pairs per chunk (0: the whole batch)
+
+    def __post_init__(self) -> None:
+        choices = {"optimizer": ("adam", "adamw", "sgd"), "optim_state_dtype": ("float32", "bfloat16", "float16"),
+                   "schedule": ("all", "greedy", "olu"), "negatives": ("uniform", "hard"),
+                   "predictor": ("goodness", "head")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise InputError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(map(str, allowed))}")
+        if self.views not in (1, 2):
+            raise InputError(f"views must be 1 (one-forward) or 2 (two augmented views), got {self.views}")
+        for name in ("lr", "head_lr") + (("lr_final",) if self.lr_final is not None else ()):
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
+                raise InputError(f"{name} must be a positive finite number, got {v!r}")
+        for name, least in (("batch_size", 1), ("epochs", 1), ("greedy_steps", 1), ("chunk", 0), ("crop_padding", 0)):
+            if getattr(self, name) < least:
+                raise InputError(f"{name} must be at least {least}, got {getattr(self, name)}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

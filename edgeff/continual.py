@@ -22,27 +22,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 
+from edgeff.contract import LearnerBase
 from edgeff.data import ImageData
 from edgeff.errors import InputError
 from edgeff.trainer import fit
-
-
-class GrowingLearner(Protocol):
-    samples_seen: int
-
-    @property
-    def class_names(self) -> tuple[str, ...]: ...
-
-    def add_class(self, name: str, examples: torch.Tensor | None = None) -> int: ...
-
-    def learn_many(self, x: torch.Tensor, y: torch.Tensor) -> Any: ...
-
-    def predict_many(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 class ReplayBuffer:
@@ -189,7 +177,7 @@ class StreamResult:
 class ClassMap:
     """Data-set labels -> the learner's class indices, assigned in order of first appearance."""
 
-    def __init__(self, learner: GrowingLearner, names: tuple[str, ...], known: dict[int, int] | None = None) -> None:
+    def __init__(self, learner: LearnerBase, names: tuple[str, ...], known: dict[int, int] | None = None) -> None:
         self.learner = learner
         self.names = names
         self.index: dict[int, int] = dict(known or {})
@@ -205,7 +193,7 @@ class ClassMap:
         return torch.tensor([self.index.get(int(v), -1) for v in y], dtype=torch.long)
 
 
-def accuracy(learner: GrowingLearner, cmap: ClassMap, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
+def accuracy(learner: LearnerBase, cmap: ClassMap, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
     """Accuracy on data-set labels ``y`` (a class the learner has not met counts as wrong)."""
     if y.shape[0] == 0:
         raise InputError("no test samples")
@@ -217,7 +205,7 @@ def accuracy(learner: GrowingLearner, cmap: ClassMap, x: torch.Tensor, y: torch.
 
 
 def run_stream(
-    learner: GrowingLearner,
+    learner: LearnerBase,
     experiences: list[Experience],
     names: tuple[str, ...],
     *,
@@ -288,7 +276,7 @@ class AddClassResult:
 
 
 def add_one_class(
-    learner: GrowingLearner,
+    learner: LearnerBase,
     data: ImageData,
     new: int,
     k: int,

@@ -24,7 +24,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +33,10 @@ from torch import nn
 
 from edgeff.augment import make_augment, make_views
 from edgeff.config import ModelConfig, TrainConfig
+from edgeff.contract import LearnerBase, register
+from edgeff.inputs import as_batch, as_labels, check_loss
 from edgeff.layers import LocalLayer, class_row, grow_linear, grow_rows, make_block, make_optimizer, out_shape
+from edgeff.loop import LayerMetrics
 from edgeff.losses import (
     cfl_batch_loss,
     cfl_dict_loss,
@@ -43,7 +46,6 @@ from edgeff.losses import (
     supcon_loss,
 )
 from edgeff.model import select_layers
-from edgeff.trainer import LayerMetrics, as_batch, as_labels, check_loss, resolve_device
 
 CONTRASTIVE_LOSSES = ("supcon", "cfl")
 
@@ -126,29 +128,39 @@ class ContrastiveNet(nn.Module):
         return [F.normalize(f, dim=1) @ pool_embeddings(self.embed.detach(), f.shape[1]).T for f in self.mean_features(x)]
 
 
-class ContrastiveLearner:
-    """Learns a ``ContrastiveNet`` layer by layer from a stream; ``Learner``'s verbs.
+@register
+class ContrastiveLearner(LearnerBase):
+    """Learns a ``ContrastiveNet`` layer by layer from a stream (the learner contract, ``edgeff.contract``).
 
     Args:
         model: layers and ``loss`` = ``cfl`` or ``supcon`` with their hyperparameters.
-        train: optimiser, eval_layers (CFL), head_lr (CFF), seed.
+        train: optimiser, eval_layers (CFL), head_lr (CFF), views and augmentation, seed.
     """
 
+    net: ContrastiveNet
     kind = "contrastive"
+    family = "contrastive"
+    losses = frozenset(CONTRASTIVE_LOSSES)
+    metrics = "norm"
+    capabilities = frozenset({"layer_predictions", "edge_runtime", "zero_shot", "attention_maps"})
+    train_fields = frozenset({"eval_layers", "head_lr", "views", "crop_padding", "hflip"})
+    model_fields = frozenset({"global_pool", "temperature", "margin_first", "margin_last", "cfl_weights", "embed_dim",
+                              "groups", "embed_noise"})
+
+    @classmethod
+    def reads(cls, model: ModelConfig, train: TrainConfig) -> tuple[frozenset[str], frozenset[str]]:
+        if model.loss == "cfl":  # label embeddings: per-layer prediction; no head, no margins
+            return cls.train_fields - {"head_lr"}, cls.model_fields - {"margin_first", "margin_last"}
+        # CFF: a head on the last layer; no dictionary
+        return cls.train_fields - {"eval_layers"}, cls.model_fields - {"cfl_weights", "embed_dim", "embed_noise"}
 
     def __init__(self, model: ModelConfig, train: TrainConfig) -> None:
-        self.model_cfg = model
-        self.train_cfg = train
-        self.device = resolve_device(train.device)
-        self.generator = torch.Generator().manual_seed(train.seed)
+        super().__init__(model, train)
         self.net = ContrastiveNet(model, train, self.generator).to(self.device)
-        self.head_opt = make_optimizer(list(self.net.head.parameters()), "adam", train.head_lr) \
-            if model.loss == "supcon" else None
+        self.head_opt = make_optimizer(list(self.net.head.parameters()), "adam", train.head_lr,
+                                       train.optim_state_dtype) if model.loss == "supcon" else None
         self.eval_layers = select_layers(train.eval_layers, len(self.net.layers))
         self.augment = make_augment(train, self.generator)
-        self.step = 0
-        self.samples_seen = 0
-        self.layer_hook: Callable[[int, bool], None] | None = None
 
     def set_lr(self, lr: float) -> None:
         for layer in self.net.local_layers:
@@ -230,9 +242,6 @@ class ContrastiveLearner:
         self.samples_seen += n
         return metrics
 
-    def learn_one(self, x: torch.Tensor | np.ndarray, y: int) -> list[LayerMetrics]:
-        return self.learn_many(as_batch(x, self.model_cfg.input_shape, single=True), [int(y)])
-
     # ----------------------------------------------------------------- prediction
     def _layer_scores(self, xb: torch.Tensor) -> list[torch.Tensor]:
         self.net.eval()
@@ -253,22 +262,12 @@ class ContrastiveLearner:
             return per[sel[0]]
         return torch.stack([per[i] for i in sel]).sum(0)
 
-    def predict_many(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
-        return self.scores(x).argmax(1).cpu()
-
-    def predict_one(self, x: torch.Tensor | np.ndarray) -> int:
-        return int(self.predict_many(as_batch(x, self.model_cfg.input_shape, single=True))[0])
-
     def layer_predictions(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Each layer's own prediction (B, L) (CFL); CFF has only the head: (B, 1)."""
         xb = as_batch(x, self.model_cfg.input_shape).to(self.device)
         return torch.stack([s.argmax(1) for s in self._layer_scores(xb)], dim=1).cpu()
 
     # ----------------------------------------------------------------- growth
-    @property
-    def class_names(self) -> tuple[str, ...]:
-        return self.model_cfg.names
-
     def add_class(self, name: str, examples: torch.Tensor | np.ndarray | None = None) -> int:
         """Add a class online; returns its index. Usable for prediction at every layer at once.
 
@@ -320,3 +319,33 @@ class ContrastiveLearner:
         sel = self.eval_layers if layers is None else layers
         per = [F.normalize(feats[i], dim=1) @ pool_embeddings(new, feats[i].shape[1]).T for i in sel]
         return torch.stack(per).sum(0)
+
+    # ------------------------------------------------------------------------ checkpoint, export
+    def _optim_state(self) -> dict[str, Any]:
+        return {"optim": [None if layer.opt is None else layer.opt.state_dict() for layer in self.net.local_layers],
+                "predictor_optim": None if self.head_opt is None else self.head_opt.state_dict()}
+
+    def _load_optim_state(self, state: dict[str, Any]) -> None:
+        for layer, opt_state in zip(self.net.local_layers, state["optim"], strict=True):
+            if opt_state is not None:
+                layer.ensure_optimizer().load_state_dict(opt_state)
+        if self.head_opt is not None and state.get("predictor_optim") is not None:
+            self.head_opt.load_state_dict(state["predictor_optim"])
+
+    def supports(self, capability: str) -> bool:
+        if capability in ("zero_shot", "attention_maps"):  # label-embedding (CFL) models only
+            return self.net.embed is not None
+        return super().supports(capability)
+
+    def select_eval_layers(self, layers: str) -> None:
+        if self.net.embed is None:
+            super().select_eval_layers(layers)
+        self.eval_layers = select_layers(layers, len(self.net.layers))
+
+    def inference_graph(self, layers: str | None = None) -> nn.Module:
+        from edgeff.graphs import ContrastiveGraph  # the graphs module reads this one's pooling
+
+        return ContrastiveGraph(self, layers).eval()
+
+    def prediction_kind(self, layers: str | None = None) -> str:
+        return f"label-embedding:{layers or self.train_cfg.eval_layers}" if self.net.embed is not None else "logits"

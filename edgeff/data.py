@@ -27,6 +27,8 @@ from edgeff.edge.data import (  # noqa: F401 - the class names and set names are
     DIGITS,
     FASHION,
     IDX_SETS,
+    MNIST_MEAN,
+    MNIST_STD,
     data_root,
     epoch_order,
     load_edge_data,
@@ -125,8 +127,8 @@ def stream_idx(
     labels: str | Path,
     batch_size: int,
     *,
-    mean: tuple[float, ...] = (0.1307,),
-    std: tuple[float, ...] = (0.3081,),
+    mean: tuple[float, ...] = MNIST_MEAN,
+    std: tuple[float, ...] = MNIST_STD,
     limit: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Read an IDX image/label pair (``.gz`` or raw) lazily, in file order, one batch at a time.
@@ -170,10 +172,9 @@ def lazy_train_batches(
     name: str, data_dir: str | Path, batch_size: int, *, limit: int | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``stream_idx`` over the training files of ``mnist`` or ``fashion-mnist`` under ``data_dir``."""
-    folders = {"mnist": ("MNIST", (0.1307,), (0.3081,)), "fashion-mnist": ("FashionMNIST", (0.2860,), (0.3530,))}
-    if name not in folders:
+    if name not in IDX_SETS:
         raise DataNotFoundError(f"lazy reading works for the IDX sets (mnist, fashion-mnist), not {name!r}")
-    folder, mean, std = folders[name]
+    folder, _, mean, std = IDX_SETS[name]
     raw = Path(data_dir).expanduser() / folder / "raw"
     pick = [next((p for p in (raw / f"{stem}.gz", raw / stem) if p.is_file()), raw / f"{stem}.gz")
             for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")]

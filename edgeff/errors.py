@@ -9,6 +9,11 @@ class InputError(EdgeFFError, ValueError):
     """A batch with the wrong shape, dtype, label range, or non-finite values."""
 
 
+class UnsupportedError(InputError):
+    """Something this learner's family or runtime does not do (e.g. per-layer predictions of a backprop
+    net, a ViT on the numpy edge runtime)."""
+
+
 class CheckpointError(EdgeFFError):
     """A missing, corrupt or incompatible checkpoint file."""
 

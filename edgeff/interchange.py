@@ -19,21 +19,20 @@ import torch
 
 from edgeff.checkpoint import load as load_checkpoint
 from edgeff.checkpoint import save as save_checkpoint
-from edgeff.contrastive import ContrastiveLearner
+from edgeff.contract import LearnerBase, learner_class
 from edgeff.edge.learner import EdgeLearner, UnsupportedError
 from edgeff.edge.optim import Optimizer
 from edgeff.edge.store import load as load_edge
 from edgeff.edge.store import save as save_edge
-from edgeff.trainer import Learner
 
 
-def to_edge(learner: Any) -> EdgeLearner:
+def to_edge(learner: LearnerBase) -> EdgeLearner:
     """The numpy ``EdgeLearner`` in the same state as a torch ``Learner`` or CFL ``ContrastiveLearner``.
 
     Raises:
         UnsupportedError: the learner uses something only torch implements (see ``edgeff.edge.learner``).
     """
-    if not isinstance(learner, Learner | ContrastiveLearner):
+    if not learner.supports("edge_runtime"):
         raise UnsupportedError(f"a {type(learner).__name__} cannot run on the edge runtime; it trains goodness and "
                                "CFL models")
     edge = EdgeLearner(learner.model_cfg, learner.train_cfg)
@@ -55,18 +54,13 @@ def to_edge(learner: Any) -> EdgeLearner:
     return edge
 
 
-def from_edge(edge: EdgeLearner) -> Learner | ContrastiveLearner:
+def from_edge(edge: EdgeLearner) -> LearnerBase:
     """The torch learner in the same state as an ``EdgeLearner`` (for ONNX export, or more training)."""
-    learner: Learner | ContrastiveLearner = (Learner if edge.family == "goodness" else ContrastiveLearner)(
-        edge.model_cfg, edge.train_cfg)
+    learner = learner_class("local" if edge.family == "goodness" else "contrastive")(edge.model_cfg, edge.train_cfg)
     sd = learner.net.state_dict()
     for name, a in edge.arrays().items():
         sd[name] = torch.from_numpy(np.array(a, np.float32))
-    learner.net.load_state_dict(sd)
-    if isinstance(learner, Learner) and edge.model_cfg.label_learned:  # the first layer trains the label matrix
-        learner.net.local_layers[0].extra_params = list(learner.net.encoder.parameters())
-    if isinstance(learner, ContrastiveLearner) and learner.net.embed is not None:  # the last layer trains D
-        learner.net.local_layers[-1].extra_params = [learner.net.embed]
+    learner.net.load_state_dict(sd)  # into the parameters the layers' optimizers were built on
     learner.step, learner.samples_seen = edge.step, edge.samples_seen
     for i, (tl, el) in enumerate(zip(learner.net.local_layers, edge.layers, strict=True)):
         tl.set_lr(el.lr)

@@ -227,8 +227,9 @@ class EncoderLayer(nn.Module):
         self.attn = SelfAttention(dim, heads, generator)
         self.ln2 = nn.LayerNorm(dim)
         fc1, fc2 = nn.Linear(dim, mlp_ratio * dim), nn.Linear(mlp_ratio * dim, dim)
-        for m in (fc1, fc2):
+        for m in (fc1, fc2):  # torch's default init, drawn from the learner's generator (reproducible under a seed)
             nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5), generator=generator)
+            nn.init.uniform_(m.bias, -1 / math.sqrt(m.in_features), 1 / math.sqrt(m.in_features), generator=generator)
         self.mlp = nn.Sequential(fc1, nn.GELU(), fc2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -289,10 +290,11 @@ def make_block(
     return nn.Sequential(*mods)
 
 
-def make_optimizer(params: list[nn.Parameter], kind: str, lr: float) -> LeanOptimizer:
+def make_optimizer(params: list[nn.Parameter], kind: str, lr: float, state_dtype: str = "float32") -> LeanOptimizer:
     """Adam, AdamW (weight decay 0.01, as CFL and CFF train) or SGD with momentum 0.9: torch's updates,
-    stepped a block at a time, without importing ``torch.optim`` (see ``edgeff.optim``)."""
-    return LeanOptimizer(params, kind, lr)
+    stepped a block at a time, without importing ``torch.optim`` (see ``edgeff.optim``); the state is kept
+    in ``state_dtype`` between steps."""
+    return LeanOptimizer(params, kind, lr, state_dtype)
 
 
 class LocalLayer(nn.Module):
@@ -304,7 +306,7 @@ class LocalLayer(nn.Module):
         self.block = block
         self.optimizer_kind = optimizer
         self.lr = lr
-        self.state_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[state_dtype]
+        self.state_dtype = state_dtype
         self.extra_params: list[nn.Parameter] = []  # e.g. a learned label channel, trained with layer 0
         self.opt: LeanOptimizer | None = None
 
@@ -313,7 +315,8 @@ class LocalLayer(nn.Module):
 
     def ensure_optimizer(self) -> LeanOptimizer:
         if self.opt is None:
-            self.opt = make_optimizer(list(self.block.parameters()) + self.extra_params, self.optimizer_kind, self.lr)
+            self.opt = make_optimizer(list(self.block.parameters()) + self.extra_params, self.optimizer_kind, self.lr,
+                                      self.state_dtype)
         return self.opt
 
     def drop_optimizer(self) -> None:
@@ -326,24 +329,10 @@ class LocalLayer(nn.Module):
             for group in self.opt.param_groups:
                 group["lr"] = lr
 
-    def _cast_state(self, dtype: torch.dtype) -> None:
-        if self.opt is None:
-            return
-        for st in self.opt.state.values():
-            for k, v in st.items():
-                if k != "step" and isinstance(v, torch.Tensor) and v.is_floating_point():
-                    st[k] = v.to(dtype)
-
     def optimizer_step(self, factored: Mapping[torch.Tensor, Factors] | None = None) -> None:
-        """Step the optimizer (``factored``: weight gradients recorded as factors, ``edgeff.factored``);
-        with a low-precision ``state_dtype`` the state is held in that dtype between steps and widened to
-        float32 only while this layer steps (frugal mode)."""
-        opt = self.ensure_optimizer()
-        if self.state_dtype != torch.float32:
-            self._cast_state(torch.float32)
-        opt.step(factored)
-        if self.state_dtype != torch.float32:
-            self._cast_state(self.state_dtype)
+        """Step the optimizer (``factored``: weight gradients recorded as factors, ``edgeff.factored``); its
+        state is held in the layer's ``state_dtype`` between steps."""
+        self.ensure_optimizer().step(factored)
 
 
 def grow_rows(

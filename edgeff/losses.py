@@ -153,8 +153,3 @@ def margin_at(layer: int, n_layers: int, first: float, last: float) -> float:
     if n_layers <= 1:
         return last
     return first + (last - first) * layer / (n_layers - 1)
-
-
-FEATURE_LOSSES: dict[str, Callable[..., torch.Tensor]] = {
-    "supcon": supcon_loss, "cfl_batch": cfl_batch_loss, "cfl_dict": cfl_dict_loss, "cfl_feat": cfl_feat_loss,
-}

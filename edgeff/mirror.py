@@ -14,17 +14,20 @@ every other-class sample — the same cosine-embedding loss, fed label-aware pai
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeff.augment import require_one_view
 from edgeff.config import ModelConfig, TrainConfig
+from edgeff.contract import LearnerBase, register
+from edgeff.graphs import MirrorGraph
+from edgeff.inputs import as_batch, as_labels, check_loss
 from edgeff.layers import LocalLayer, class_row, grow_linear, make_block, make_optimizer, out_shape
+from edgeff.loop import LayerMetrics
 from edgeff.optim import LeanOptimizer
-from edgeff.trainer import LayerMetrics, as_batch, as_labels, check_loss, resolve_device
 
 
 def mirror_loss(h: torch.Tensor, target: torch.Tensor, y: torch.Tensor | None, *, margin: float = 0.0) -> torch.Tensor:
@@ -57,27 +60,31 @@ class MirrorModel(nn.Module):
         return [layer for layer in self.layers if isinstance(layer, LocalLayer)]
 
 
-class MirrorLearner:
-    """Two mirrored layer-local models (``Learner``'s verbs).
+@register
+class MirrorLearner(LearnerBase):
+    """Two mirrored layer-local models (the learner contract, ``edgeff.contract``).
 
     Args:
         model: the hidden layers (``layers``) and ``loss`` = ``mirror``; ``mirror_negatives`` picks the
             supervised pairing, ``margin_last`` its cosine margin.
-        train: optimizer (Adam in the paper), lr, seed.
+        train: optimizer (Adam in the paper), lr, optimizer state dtype, seed.
     """
 
     kind = "mirror"
+    family = "mirror"
+    losses = frozenset({"mirror"})
+    model_fields = frozenset({"mirror_negatives", "margin_last"})
+
+    @classmethod
+    def reads(cls, model: ModelConfig, train: TrainConfig) -> tuple[frozenset[str], frozenset[str]]:
+        # the cosine margin pushes other-class pairs apart: only the supervised pairing has them
+        return cls.train_fields, cls.model_fields - ({"margin_last"} if not model.mirror_negatives else set())
 
     def __init__(self, model: ModelConfig, train: TrainConfig) -> None:
-        require_one_view(train, "mirror")
-        self.model_cfg = model
-        self.train_cfg = train
-        self.device = resolve_device(train.device)
-        self.generator = torch.Generator().manual_seed(train.seed)
+        super().__init__(model, train)
         self.mirrors = [self._build(model, train).to(self.device) for _ in range(2)]
         self.models = nn.ModuleList(self.mirrors)
-        self.step = 0
-        self.samples_seen = 0
+        self._out_opts: list[LeanOptimizer] | None = None  # the output layers' optimizers, made at the first step
 
     def _build(self, cfg: ModelConfig, train: TrainConfig) -> MirrorModel:
         shape: tuple[int, ...] = cfg.input_shape
@@ -94,20 +101,21 @@ class MirrorLearner:
         return MirrorModel(layers, out)
 
     @property
-    def net(self) -> nn.ModuleList:
+    def net(self) -> nn.ModuleList:  # type: ignore[override]
         return self.models
 
     def set_lr(self, lr: float) -> None:
         for m in self.mirrors:
             for layer in m.local_layers:
                 layer.set_lr(lr)
-        for opt in getattr(self, "_out_opts", []):
+        for opt in self._out_opts or []:
             for g in opt.param_groups:
                 g["lr"] = lr
 
     def _out_opt(self, i: int) -> LeanOptimizer:
-        if not hasattr(self, "_out_opts"):
-            self._out_opts = [make_optimizer(list(m.out.parameters()), self.train_cfg.optimizer, self.train_cfg.lr)
+        if self._out_opts is None:
+            t = self.train_cfg
+            self._out_opts = [make_optimizer(list(m.out.parameters()), t.optimizer, t.lr, t.optim_state_dtype)
                               for m in self.mirrors]
         return self._out_opts[i]
 
@@ -147,13 +155,6 @@ class MirrorLearner:
         self.samples_seen += xb.shape[0]
         return metrics
 
-    def learn_one(self, x: torch.Tensor | np.ndarray, y: int) -> list[LayerMetrics]:
-        return self.learn_many(as_batch(x, self.model_cfg.input_shape, single=True), [int(y)])
-
-    @property
-    def class_names(self) -> tuple[str, ...]:
-        return self.model_cfg.names
-
     def add_class(self, name: str, examples: torch.Tensor | np.ndarray | None = None) -> int:
         """Both models' output layers get one more unit, imprinted from the mean last hidden feature of
         ``examples`` (or random) at the mean norm of the existing rows. Returns the new index."""
@@ -168,7 +169,7 @@ class MirrorLearner:
                     for layer in m.local_layers:
                         h = layer(h)
                     proto = h.flatten(1).mean(0)
-            opts = [self._out_opts[i]] if hasattr(self, "_out_opts") else []
+            opts = [self._out_opts[i]] if self._out_opts is not None else []
             grow_linear(m.out, class_row(m.out.weight, proto, self.generator), opts)
         self.model_cfg = cfg
         return cfg.num_classes - 1
@@ -186,8 +187,19 @@ class MirrorLearner:
                 outs.append(torch.sigmoid(m.out(h.flatten(1))))
         return torch.stack(outs).mean(0)
 
-    def predict_many(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
-        return self.scores(x).argmax(1).cpu()
+    # ------------------------------------------------------------------------ checkpoint, export
+    def _optim_state(self) -> dict[str, Any]:
+        return {"optim": [None if layer.opt is None else layer.opt.state_dict()
+                          for m in self.mirrors for layer in m.local_layers],
+                "predictor_optim": [o.state_dict() for o in self._out_opts or []]}
 
-    def predict_one(self, x: torch.Tensor | np.ndarray) -> int:
-        return int(self.predict_many(as_batch(x, self.model_cfg.input_shape, single=True))[0])
+    def _load_optim_state(self, state: dict[str, Any]) -> None:
+        layers = [la for m in self.mirrors for la in m.local_layers]
+        for layer, opt_state in zip(layers, state["optim"], strict=True):
+            if opt_state is not None:
+                layer.ensure_optimizer().load_state_dict(opt_state)
+        for i, opt_state in enumerate(state.get("predictor_optim") or []):
+            self._out_opt(i).load_state_dict(opt_state)
+
+    def inference_graph(self, layers: str | None = None) -> nn.Module:
+        return MirrorGraph(self).eval()

@@ -75,18 +75,6 @@ class LocalNet(nn.Module):
         return torch.stack(gs, dim=-1)  # (B, K, L)
 
 
-class Predictor(Protocol):
-    """Turns a trained ``LocalNet`` into class scores; may learn alongside the stream."""
-
-    kind: str
-
-    def scores(self, net: LocalNet, x: torch.Tensor) -> torch.Tensor: ...
-
-    def learn(self, net: LocalNet, x: torch.Tensor, y: torch.Tensor) -> float | None: ...
-
-    def grow(self, net: LocalNet, examples: torch.Tensor | None, generator: torch.Generator) -> None: ...
-
-
 class GoodnessPredictor:
     """Predict the label whose encoding gives the highest goodness, summed over chosen layers
     (mean over the chosen layers for the Trifecta's ensemble; the arg-max is the same)."""
@@ -119,8 +107,10 @@ class HeadPredictor(nn.Module):
 
     kind = "head"
 
-    def __init__(self, net: LocalNet, layers: str, lr: float, generator: torch.Generator) -> None:
+    def __init__(self, net: LocalNet, layers: str, lr: float, generator: torch.Generator,
+                 state_dtype: str = "float32") -> None:
         super().__init__()
+        self.state_dtype = state_dtype
         self.layers = layers
         self.idx = select_layers(layers, len(net.layers))
         dim = sum(math.prod(net.shapes[i]) for i in self.idx)
@@ -156,20 +146,24 @@ class HeadPredictor(nn.Module):
         net.eval()
         feats = self._features(net, x)
         net.train(was_training)
-        if self.opt is None:
-            self.opt = make_optimizer(list(self.linear.parameters()), "adam", self.lr)
+        opt = self.ensure_optimizer()
         loss = F.cross_entropy(self.linear(feats), y)
-        self.opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         loss.backward()
-        self.opt.step()
+        opt.step()
         return float(loss.detach())
+
+    def ensure_optimizer(self) -> LeanOptimizer:
+        if self.opt is None:
+            self.opt = make_optimizer(list(self.linear.parameters()), "adam", self.lr, self.state_dtype)
+        return self.opt
 
 
 def make_predictor(train: TrainConfig, net: LocalNet, generator: torch.Generator) -> GoodnessPredictor | HeadPredictor:
     if train.predictor == "goodness":
         return GoodnessPredictor(train.eval_layers)
     if train.predictor == "head":
-        return HeadPredictor(net, train.eval_layers, train.head_lr, generator)
+        return HeadPredictor(net, train.eval_layers, train.head_lr, generator, train.optim_state_dtype)
     raise ValueError(f"unknown predictor {train.predictor!r}; choose goodness or head")
 
 

@@ -29,16 +29,20 @@ MOMENTUM = 0.9
 BLOCK = 1 << 18  # values per in-place block: a step's scratch memory is at most 1 MiB of float32
 FACTORED_BLOCK = 1 << 16  # values per block of a gradient built from its factors (edgeff.factored)
 KINDS = ("adam", "adamw", "sgd")
+STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class LeanOptimizer:
     """One optimizer over a list of parameters: ``step``, ``zero_grad``, ``state_dict``/``load_state_dict``,
     ``param_groups`` (one group, ``lr`` settable) and ``state`` keyed by parameter, like torch's."""
 
-    def __init__(self, params: Iterable[torch.nn.Parameter], kind: str, lr: float) -> None:
+    def __init__(self, params: Iterable[torch.nn.Parameter], kind: str, lr: float, state_dtype: str = "float32") -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown optimizer {kind!r}; choose one of {', '.join(KINDS)}")
+        if state_dtype not in STATE_DTYPES:
+            raise ValueError(f"unknown optimizer state dtype {state_dtype!r}; choose one of {', '.join(STATE_DTYPES)}")
         self.kind = kind
+        self.state_dtype = STATE_DTYPES[state_dtype]
         group: dict[str, Any] = {"params": list(params), "lr": float(lr), "weight_decay": WEIGHT_DECAY[kind]}
         if kind == "sgd":
             group.update(momentum=MOMENTUM, dampening=0.0, nesterov=False, maximize=False)
@@ -60,13 +64,27 @@ class LeanOptimizer:
     @torch.no_grad()
     def step(self, factored: Mapping[torch.Tensor, Factors] | None = None) -> None:
         """Update every parameter that has a gradient, in place; ``factored`` gives the gradients of
-        (Linear) weights recorded as factors (``edgeff.factored``), built here a block of rows at a time."""
+        (Linear) weights recorded as factors (``edgeff.factored``), built here a block of rows at a time.
+        With a low-precision ``state_dtype`` the state is held in that dtype between steps and widened
+        to float32 only for the step."""
         factored = factored or {}
+        low = self.state_dtype != torch.float32
+        if low:
+            self.cast_state(torch.float32)
         for group in self.param_groups:
             for p in group["params"]:
                 grad = factored.get(p, p.grad)
                 if grad is not None:
                     self._step_param(p, grad, group)
+        if low:
+            self.cast_state(self.state_dtype)
+
+    def cast_state(self, dtype: torch.dtype) -> None:
+        """Hold the floating-point state (moments, momentum) in ``dtype``; the step counts stay float32."""
+        for st in self.state.values():
+            for k, v in st.items():
+                if k != "step" and isinstance(v, torch.Tensor) and v.is_floating_point():
+                    st[k] = v.to(dtype)
 
     @staticmethod
     def _blocks(p: torch.Tensor, grad: torch.Tensor | Factors) -> Iterator[tuple[int, int, torch.Tensor]]:

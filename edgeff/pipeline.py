@@ -185,9 +185,7 @@ def _init_group() -> None:
 
 
 def _check(learner: Any) -> None:
-    from edgeff.trainer import Learner
-
-    if not isinstance(learner, Learner) or learner.kind != "local":  # the goodness family only
+    if not learner.supports("pipeline"):  # the goodness family only
         raise InputError("the layer pipeline trains goodness presets (ff-mlp, symba-mlp, symba-mlp4, trifecta-cnn); "
                          "backprop sends gradients back through every layer and the contrastive presets share a "
                          "label dictionary across layers")
@@ -232,6 +230,7 @@ def run(preset: str, data_name: str = "builtin", data_dir: Path | None = None, *
     slot = next((sl for st, sl in committed if st == target), None)
     if target > 0 and slot is None:
         raise InputError(f"rank {rank} has no save of step {target} beside {out}; delete the rank files to start over")
+    learner: Any  # a goodness Learner (``_check``): its block step and layer-1 encoding are used below
     if target > 0:
         learner, _ = checkpoint.load(rank_file(out, rank, slot), device="cpu")  # type: ignore[arg-type]
         committed = [e for e in committed if e[0] <= target]

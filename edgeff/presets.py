@@ -9,10 +9,7 @@ from edgeff.config import LayerSpec, ModelConfig, TrainConfig
 from edgeff.errors import UnknownPresetError
 
 if TYPE_CHECKING:  # the learners import torch; the presets themselves are torch-free (the edge runtime reads them)
-    from edgeff.baseline import BPLearner
-    from edgeff.contrastive import ContrastiveLearner
-    from edgeff.mirror import MirrorLearner
-    from edgeff.trainer import Learner
+    from edgeff.contract import LearnerBase
 
 
 @dataclass(frozen=True)
@@ -228,15 +225,14 @@ def make_learner(
     num_classes: int | None = None,
     train: TrainConfig | None = None,
     backprop: bool = False,
-) -> Learner | BPLearner | ContrastiveLearner | MirrorLearner:
-    """Build a learner from a preset, adapted to a data set's input shape and class count.
+) -> LearnerBase:
+    """Build a learner from a preset, adapted to a data set's input shape and class count: the family
+    that trains the preset's loss (``edgeff.contract``).
 
-    With ``backprop=True`` the end-to-end baseline on the same architecture is built instead.
+    With ``backprop=True`` the end-to-end baseline on the same architecture is built instead (on the
+    config fields it reads).
     """
-    from edgeff.baseline import BPLearner
-    from edgeff.contrastive import CONTRASTIVE_LOSSES, ContrastiveLearner
-    from edgeff.mirror import MirrorLearner
-    from edgeff.trainer import Learner
+    from edgeff.contract import build
 
     p = get_preset(preset) if isinstance(preset, str) else preset
     model = p.model
@@ -245,11 +241,4 @@ def make_learner(
         model = replace(model, input_shape=(int(c), int(h), int(w)))
     if num_classes is not None:
         model = replace(model, num_classes=num_classes)
-    tc = train or p.train
-    if backprop or p.algorithm == "bp":
-        return BPLearner(model, tc)
-    if model.loss in CONTRASTIVE_LOSSES:
-        return ContrastiveLearner(model, tc)
-    if model.loss == "mirror":
-        return MirrorLearner(model, tc)
-    return Learner(model, tc)
+    return build(model, train or p.train, backprop=backprop or p.algorithm == "bp")

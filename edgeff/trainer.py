@@ -15,90 +15,20 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from torch import nn
 
 from edgeff import factored
-from edgeff.augment import require_one_view
-from edgeff.config import MAX_INPUT, ModelConfig, TrainConfig
+from edgeff.config import ModelConfig, TrainConfig
+from edgeff.contract import LearnerBase, register
 from edgeff.errors import InputError
+from edgeff.graphs import GoodnessGraph, HeadGraph
+from edgeff.inputs import as_batch, as_labels, check_loss, resolve_device  # noqa: F401 - re-exported
 from edgeff.layers import RunningBatchNorm
 from edgeff.loop import LayerMetrics, train_epochs  # noqa: F401 - re-exported: the runtime-free training loop
 from edgeff.losses import get_loss, goodness
-from edgeff.model import NEGATIVES, LocalNet, make_predictor
+from edgeff.model import NEGATIVES, GoodnessPredictor, HeadPredictor, LocalNet, make_predictor, select_layers
 
 SCHEDULES = ("all", "greedy", "olu")
-
-
-class BPLearnerLike(Protocol):
-    train_cfg: TrainConfig
-    samples_seen: int
-
-    def learn_many(self, x: torch.Tensor, y: torch.Tensor, *, fresh: int | None = None) -> Any: ...
-
-    def set_lr(self, lr: float) -> None: ...
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise InputError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise InputError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {name!r} asked for but CUDA is not available; use --device cpu or auto")
-    return dev
-
-
-def as_batch(x: torch.Tensor | np.ndarray, input_shape: tuple[int, int, int], *, single: bool = False) -> torch.Tensor:
-    """Check a batch and return it as float32 (B, C, H, W). Raises ``InputError`` with what to fix."""
-    if isinstance(x, np.ndarray):
-        x = torch.from_numpy(x)
-    if not isinstance(x, torch.Tensor):
-        raise InputError(f"expected a torch.Tensor or numpy array, got {type(x).__name__}")
-    if not (x.is_floating_point()):
-        raise InputError(f"expected float inputs (normalised pixels), got dtype {x.dtype}; convert with .float()")
-    want = tuple(input_shape)
-    if single:
-        if tuple(x.shape) != want:
-            raise InputError(f"expected one sample of shape {want}, got {tuple(x.shape)}")
-        x = x.unsqueeze(0)
-    elif x.dim() == 2 and x.shape[1] == int(np.prod(want)):
-        x = x.view(x.shape[0], *want)
-    if tuple(x.shape[1:]) != want or x.shape[0] < 1:
-        raise InputError(f"expected a batch of shape (B, {', '.join(map(str, want))}) with B >= 1, got {tuple(x.shape)}")
-    x = x.float()  # checked after the cast: a float64 1e39 is inf in float32
-    if not torch.isfinite(x).all():
-        raise InputError("the batch contains NaN or infinite values (after the float32 cast); clean the input "
-                         "before learning from it")
-    if float(x.abs().max()) > MAX_INPUT:
-        raise InputError(f"the batch holds values beyond ±{MAX_INPUT:g}; normalise the pixels (e.g. to mean 0, "
-                         "std 1) before learning from them")
-    return x
-
-
-def check_loss(loss: torch.Tensor, where: str) -> None:
-    """Refuse a step whose loss is not finite before it changes anything it has not changed yet."""
-    if not bool(torch.isfinite(loss.detach()).all()):
-        raise InputError(f"the loss of {where} is not finite on this batch; the step was refused there "
-                         "(check the inputs' scale)")
-
-
-def as_labels(y: torch.Tensor | np.ndarray | Iterable[int] | int, n: int, num_classes: int) -> torch.Tensor:
-    t = torch.as_tensor(y)
-    if t.is_floating_point() or t.is_complex():
-        if not bool((t == t.round()).all()):
-            raise InputError(f"labels must be whole class indices, got {t.reshape(-1)[:5].tolist()}")
-    elif t.dtype == torch.bool:
-        raise InputError("labels must be class indices, got booleans")
-    y = t.long().reshape(-1)
-    if y.shape[0] != n:
-        raise InputError(f"got {y.shape[0]} labels for {n} samples")
-    if n and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise InputError(f"labels must lie in 0..{num_classes - 1}; got {int(y.min())}..{int(y.max())}")
-    return y
 
 
 def _fresh_negatives(y: torch.Tensor, fallback: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -111,38 +41,56 @@ def _fresh_negatives(y: torch.Tensor, fallback: torch.Tensor, generator: torch.G
     return classes[(pos + shift) % classes.numel()]
 
 
-class Learner:
-    """A ``LocalNet`` with its schedule, negatives and predictor, learning from a stream.
+@register
+class Learner(LearnerBase):
+    """A ``LocalNet`` with its schedule, negatives and predictor, learning from a stream (the goodness
+    family of the learner contract, ``edgeff.contract``).
 
     Args:
         model: the architecture and local loss.
         train: optimiser, schedule, predictor and seed.
     """
 
+    net: LocalNet
     kind = "local"
+    family = "goodness"
+    losses = frozenset({"ff", "symba"})
+    metrics = "goodness"
+    capabilities = frozenset({"layer_predictions", "per_layer_export", "device_export", "edge_runtime", "pipeline"})
+    train_fields = frozenset({"schedule", "greedy_steps", "negatives", "predictor", "eval_layers", "head_lr", "frugal",
+                              "chunk"})
+    model_fields = frozenset({"label", "label_learned", "icp_rate", "threshold", "alpha"})
+
+    @classmethod
+    def reads(cls, model: ModelConfig, train: TrainConfig) -> tuple[frozenset[str], frozenset[str]]:
+        t, m = set(cls.train_fields), set(cls.model_fields)
+        if train.predictor != "head":
+            t.discard("head_lr")
+        if train.schedule != "greedy":
+            t.discard("greedy_steps")
+        if not train.frugal or train.schedule == "olu":  # olu steps whole batches (two layers' graphs)
+            t.discard("chunk")
+        m.discard("threshold" if model.loss == "symba" else "alpha")
+        if model.label != "channel":
+            m.discard("label_learned")
+        if model.label != "icp":
+            m.discard("icp_rate")
+        return frozenset(t), frozenset(m)
 
     def __init__(self, model: ModelConfig, train: TrainConfig) -> None:
         if train.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {train.schedule!r}; choose one of {SCHEDULES}")
         if train.negatives not in NEGATIVES:
             raise ValueError(f"unknown negatives {train.negatives!r}; choose one of {sorted(NEGATIVES)}")
-        require_one_view(train, "goodness")
         if train.chunk < 0:
             raise ValueError(f"chunk must be 0 (whole batch) or a number of pairs, got {train.chunk}")
-        self.model_cfg = model
-        self.train_cfg = train
-        self.device = resolve_device(train.device)
-        self.generator = torch.Generator().manual_seed(train.seed)
+        super().__init__(model, train)
         self.net = LocalNet(model, train, self.generator).to(self.device)
         self.predictor = make_predictor(train, self.net, self.generator)
         if isinstance(self.predictor, torch.nn.Module):
             self.predictor.to(self.device)
         self.negatives = NEGATIVES[train.negatives]
         self.loss_fn = get_loss(model.loss, threshold=model.threshold, alpha=model.alpha)
-        self.step = 0  # learn_many calls so far
-        self.samples_seen = 0
-        # called as hook(i, True) before layer i's step and hook(i, False) after it (memory measurement)
-        self.layer_hook: Callable[[int, bool], None] | None = None
 
     # ----------------------------------------------------------------- schedule
     def _greedy_active(self) -> int:
@@ -346,23 +294,16 @@ class Learner:
             del out, g, loss
         return outs, loss_sum, gp_sum, gn_sum
 
-    def learn_one(self, x: torch.Tensor | np.ndarray, y: int) -> list[LayerMetrics]:
-        """``learn_many`` on a single sample of shape (C, H, W)."""
-        return self.learn_many(as_batch(x, self.model_cfg.input_shape, single=True), [int(y)])
-
     # ----------------------------------------------------------------- growth
-    @property
-    def class_names(self) -> tuple[str, ...]:
-        return self.model_cfg.names
-
     def add_class(self, name: str, examples: torch.Tensor | np.ndarray | None = None) -> int:
         """Add a class online; returns its index (the old classes keep theirs).
 
         The label encoder grows (a new Intrinsic Class Pattern, label-channel row or overlay slot) and
         so does a head predictor. Goodness has nothing to initialise from ``examples`` — the new label
         is learned from the stream — but a head predictor imprints their mean feature. The goodness
-        and scores of the existing classes are unchanged until training resumes (a head predictor's
-        neutral input averages over the classes, so its scores do move).
+        and scores of the existing classes are unchanged until training resumes, with two exceptions:
+        a head predictor's neutral input averages over the classes, and an overlay label (FF) covers one
+        more image pixel with the new class's slot, so their scores move a little.
 
         Raises:
             InputError: the name is empty or taken, or ``examples`` has the wrong shape; nothing changes.
@@ -387,17 +328,41 @@ class Learner:
         with torch.no_grad():
             return self.predictor.scores(self.net, xb)
 
-    def predict_many(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
-        return self.scores(x).argmax(1).cpu()
-
-    def predict_one(self, x: torch.Tensor | np.ndarray) -> int:
-        return int(self.predict_many(as_batch(x, self.model_cfg.input_shape, single=True))[0])
-
     def layer_predictions(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Each layer's own goodness arg-max: (B, L)."""
         xb = as_batch(x, self.model_cfg.input_shape).to(self.device)
         self.net.eval()
         return self.net.label_goodness(xb).argmax(1).cpu()
+
+    def select_eval_layers(self, layers: str) -> None:
+        select_layers(layers, len(self.net.local_layers))  # validates
+        self.predictor = GoodnessPredictor(layers)
+
+    # ------------------------------------------------------------------------ checkpoint, export
+    def _optim_state(self) -> dict[str, Any]:
+        popt = getattr(self.predictor, "opt", None)
+        return {"optim": [None if layer.opt is None else layer.opt.state_dict() for layer in self.net.local_layers],
+                "predictor": self.predictor.state_dict(),
+                "predictor_optim": None if popt is None else popt.state_dict()}
+
+    def _load_optim_state(self, state: dict[str, Any]) -> None:
+        for layer, opt_state in zip(self.net.local_layers, state["optim"], strict=True):
+            if opt_state is not None:
+                layer.ensure_optimizer().load_state_dict(opt_state)
+        self.predictor.load_state_dict(state["predictor"])
+        if state.get("predictor_optim") is not None and isinstance(self.predictor, HeadPredictor):
+            self.predictor.ensure_optimizer().load_state_dict(state["predictor_optim"])
+
+    def inference_graph(self, layers: str | None = None) -> nn.Module:
+        pred = self.predictor
+        if isinstance(pred, HeadPredictor) and layers is None:
+            return HeadGraph(self, pred).eval()
+        sel = layers or (pred.layers if isinstance(pred, GoodnessPredictor) else "all-but-first")
+        return GoodnessGraph(self, sel).eval()
+
+    def prediction_kind(self, layers: str | None = None) -> str:
+        return "logits" if isinstance(self.predictor, HeadPredictor) and layers is None else \
+            f"goodness:{layers or 'default'}"
 
 
 class ReplayLike(Protocol):
@@ -412,7 +377,7 @@ class ReplayLike(Protocol):
 
 
 def fit(
-    learner: Learner | BPLearnerLike,
+    learner: LearnerBase,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     *,
     on_step: Callable[[Any, int], None] | None = None,

@@ -7,20 +7,22 @@ travels with the weights, so training continues on the device where the host lef
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from edgeff.firmware_sim.numpy_net import AdamState, NumpyNet
 from torch import nn
 
-from edgeff.errors import InputError
+from edgeff.edge.data import MNIST_MEAN, MNIST_STD
+from edgeff.errors import InputError, UnsupportedError
 from edgeff.labels import ICPEncoder, OverlayEncoder
 from edgeff.layers import LengthNorm
 from edgeff.model import GoodnessPredictor, select_layers
-from edgeff.trainer import Learner
 
 
-def to_device_model(learner: Learner, *, classes: list[str] | None = None, mean: float = 0.1307,
-                    std: float = 0.3081) -> NumpyNet:
+def to_device_model(learner: Any, *, classes: list[str] | None = None, mean: float = MNIST_MEAN[0],
+                    std: float = MNIST_STD[0]) -> NumpyNet:
     """The learner as a device model; raises ``InputError`` naming what the device cannot run.
 
     Args:
@@ -28,8 +30,8 @@ def to_device_model(learner: Learner, *, classes: list[str] | None = None, mean:
         classes: class names (default "0".."K-1").
         mean, std: the input normalisation the device applies to uint8 pixels.
     """
-    if not isinstance(learner, Learner):
-        raise InputError("only layer-local learners export to the device (the backprop baseline does not)")
+    if not learner.supports("device_export"):
+        raise UnsupportedError(f"the device trains goodness models; a {learner.family} model does not export to it")
     net = learner.net
     cfg = learner.model_cfg
     if not isinstance(learner.predictor, GoodnessPredictor):

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from edgeff.firmware_sim.numpy_net import ModelError
 
+from edgeff.edge.data import MNIST_MEAN, MNIST_STD
 from edgeff.edge.learner import EdgeLearner
 from edgeff.edge.optim import BLOCK
 from edgeff.edge.store import FORMAT, from_arrays, to_arrays
@@ -48,8 +49,8 @@ class EdgeModel:
             "rule": self.rule, "classes": list(learner.class_names), "input_dim": c * h * w,
             "eval_layers": list(learner.eval_layers), "seed": learner.train_cfg.seed, "format": FORMAT,
         }
-        self.mean = np.asarray(meta.get("mean", [0.1307] * c), F32).reshape(1, -1, 1, 1)
-        self.std = np.asarray(meta.get("std", [0.3081] * c), F32).reshape(1, -1, 1, 1)
+        self.mean = np.asarray(meta.get("mean", list(MNIST_MEAN) * c), F32).reshape(1, -1, 1, 1)
+        self.std = np.asarray(meta.get("std", list(MNIST_STD) * c), F32).reshape(1, -1, 1, 1)
         self.last_working: list[int] = []
 
     # ----------------------------------------------------------------- shape

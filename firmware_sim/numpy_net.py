@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeff.edge.data import MNIST_MEAN, MNIST_STD
 from edgeff.edge.learner import pool_matrix  # the edge runtime's CFL pooling (one definition)
 
 RULES = ("goodness", "embed")
@@ -456,8 +457,8 @@ def init_model(
     optimizer: str = "adam",
     lr: float = 1e-3,
     eval_layers: list[int] | None = None,
-    input_mean: float = 0.1307,
-    input_std: float = 0.3081,
+    input_mean: float = MNIST_MEAN[0],
+    input_std: float = MNIST_STD[0],
 ) -> NumpyNet:
     """A fresh device model with torch's default Linear initialisation (U(±1/√fan_in)), seeded.
 

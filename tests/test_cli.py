@@ -75,7 +75,7 @@ def test_train_with_two_augmented_views(tmp_path: Path) -> None:
         (["train", "--epochs", "0"], "--epochs must be at least 1"),
         (["eval", "missing.pt"], "does not exist"),
         (["train", "--preset", "cff-mlp", "--views", "3"], "views must be 1 (one-forward) or 2"),
-        (["train", "--preset", "symba-mlp", "--views", "2"], "not goodness learners"),
+        (["train", "--preset", "symba-mlp", "--views", "2"], "a goodness learner does not use views=2"),
         # each of these raised a traceback (or silently did the wrong thing) before
         (["train", "--lr", "nan"], "--lr must be a positive finite number"),
         (["train", "--lr", "inf"], "--lr must be a positive finite number"),
@@ -120,6 +120,33 @@ def test_bad_files_and_layer_choices_give_one_clear_message(tmp_path: Path, trai
         res = runner.invoke(app, args)
         assert res.exit_code == 2 and message in " ".join(res.output.split()), res.output
         assert "Traceback" not in res.output
+
+
+def test_add_class_leaves_its_input_untouched_unless_in_place(tmp_path: Path, trained: Path) -> None:
+    model = tmp_path / "model.pt"
+    model.write_bytes(trained.read_bytes())
+    before = model.read_bytes()
+    res = runner.invoke(app, ["add-class", str(model), "--name", "cup"])
+    assert res.exit_code == 0, res.output
+    assert model.read_bytes() == before and (tmp_path / "model-cup.pt").is_file()
+    res = runner.invoke(app, ["add-class", str(model), "--name", "mug", "--in-place", "--out", str(tmp_path / "x.pt")])
+    assert res.exit_code == 2 and model.read_bytes() == before  # both: refused before anything is written
+    res = runner.invoke(app, ["add-class", str(model), "--name", "mug", "--in-place"])
+    assert res.exit_code == 0 and model.read_bytes() != before
+
+
+def test_version_threads_and_a_legend(tmp_path: Path) -> None:
+    from edgeff import __version__
+
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and __version__ in res.output
+    res = runner.invoke(app, ["--threads", "0", "presets"])
+    assert res.exit_code == 2 and "--threads must be at least 1" in res.output
+    res = runner.invoke(app, ["--threads", "1", "train", "--preset", "cfl-mlp-stream", "--samples", "50", "--epochs",
+                              "1", "--out", str(tmp_path / "c.pt")])
+    assert res.exit_code == 0, res.output
+    assert "Lk loss/norm" in res.output  # the contrastive family's live metrics, explained
+    assert all(len(line) <= 80 for line in res.output.splitlines()), res.output
 
 
 def test_resume_refuses_another_presets_checkpoint(tmp_path: Path, trained: Path) -> None:

@@ -252,7 +252,8 @@ def test_cli_add_class_from_an_array_and_a_folder(mnist_small: ImageData, tmp_pa
     folder.mkdir()
     for i, img in enumerate(sevens[:3]):
         Image.fromarray(img).save(folder / f"{i}.png")
-    res = runner.invoke(app, ["add-class", str(tmp_path / "grown.pt"), "--name", "png", "--data", str(folder)])
+    res = runner.invoke(app, ["add-class", str(tmp_path / "grown.pt"), "--name", "png", "--data", str(folder),
+                              "--in-place"])
     assert res.exit_code == 0 and "index 11" in res.output, res.output
     res = runner.invoke(app, ["add-class", str(tmp_path / "grown.pt"), "--name", "png"])
     assert res.exit_code == 2 and "already exists" in res.output

@@ -27,8 +27,11 @@ from edgeff.files import atomic_write
 DIGITS = tuple(str(i) for i in range(10))
 FASHION = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 CIFAR = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-IDX_SETS = {"mnist": ("MNIST", DIGITS, (0.1307,), (0.3081,)),
-            "fashion-mnist": ("FashionMNIST", FASHION, (0.2860,), (0.3530,))}
+# the per-channel pixel mean and std each set is normalised with (pixels scaled to [0, 1]): one definition
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+FASHION_MEAN, FASHION_STD = (0.2860,), (0.3530,)
+IDX_SETS = {"mnist": ("MNIST", DIGITS, MNIST_MEAN, MNIST_STD),
+            "fashion-mnist": ("FashionMNIST", FASHION, FASHION_MEAN, FASHION_STD)}
 DATASETS = ("builtin", "mnist", "fashion-mnist", "cifar10", "cifar10-exact")
 
 
@@ -162,7 +165,7 @@ def load_edge_data(name: str = "builtin", data_dir: str | Path | None = None, *,
         with resources.files("edgeff").joinpath("data/mnist_small.npz").open("rb") as f:
             z = np.load(f)
             return EdgeData("builtin", z["x_train"][:, None], z["y_train"], z["x_test"][:, None], z["y_test"], DIGITS,
-                            (0.1307,), (0.3081,))
+                            MNIST_MEAN, MNIST_STD)
     root = data_root(name, data_dir)
     if name in IDX_SETS:
         folder, classes, mean, std = IDX_SETS[name]

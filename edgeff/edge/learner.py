@@ -33,14 +33,10 @@ import numpy as np
 from edgeff.config import MAX_INPUT, ModelConfig, TrainConfig, select_layers
 from edgeff.edge.ops import F32, Op, make_block, out_shape
 from edgeff.edge.optim import Optimizer
-from edgeff.errors import EdgeFFError, InputError
+from edgeff.errors import InputError, UnsupportedError
 from edgeff.loop import LayerMetrics
 
 GOODNESS_LOSSES = ("ff", "symba")
-
-
-class UnsupportedError(EdgeFFError, ValueError):
-    """A model or training feature the numpy edge runtime does not implement."""
 
 
 def pool_matrix(dim: int, width: int) -> np.ndarray:

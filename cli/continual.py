@@ -1,0 +1,163 @@
+"""``edgeff add-class`` and ``edgeff continual``: growing a trained model, and class-incremental streams."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import replace
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from edgeff.cli.common import (
+    CheckpointArg,
+    DataDirOpt,
+    Dataset,
+    JsonOpt,
+    err,
+    fail,
+    guarded,
+    out,
+    progress_bar,
+)
+from rich.table import Table
+
+
+class Scenario(str, Enum):
+    split_ = "split"
+    add_one_class = "add-one-class"
+
+
+def added_path(path: Path, name: str) -> Path:
+    """Where ``add-class`` writes by default: beside the input, never over it (``model-cup.pt``)."""
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name.strip()) or "class"
+    return path.with_name(f"{path.stem}-{safe}{path.suffix or '.pt'}")
+
+
+@guarded()
+def add_class(
+    checkpoint_path: CheckpointArg,
+    name: Annotated[str, typer.Option(help="the new class's name")],
+    data_path: Annotated[Path | None, typer.Option("--data", help="examples of the class: a folder of images, or a .npy/.npz array (uint8 pixels or normalised floats)")] = None,
+    out_path: Annotated[Path | None, typer.Option("--out", help="checkpoint to write [default: CHECKPOINT's name + -NAME, beside it]")] = None,
+    in_place: Annotated[bool, typer.Option("--in-place", help="overwrite CHECKPOINT instead of writing a new file")] = False,
+) -> None:
+    """Add a class to a trained model: a new label embedding (or pattern / head row), initialised from
+    the examples' mean feature, usable at once; it keeps learning when training resumes."""
+    from edgeff import checkpoint
+    from edgeff.data import load_examples
+
+    learner, meta = checkpoint.load(checkpoint_path, device="cpu")
+    names = list(meta.get("classes", []))
+    if not learner.model_cfg.class_names and len(names) == learner.model_cfg.num_classes:
+        learner.model_cfg = replace(learner.model_cfg, class_names=tuple(names))
+    x = None
+    if data_path is not None:
+        x = load_examples(data_path, learner.model_cfg.input_shape, tuple(meta.get("mean", [0.0])),
+                          tuple(meta.get("std", [1.0])))
+    before = learner.model_cfg.num_classes
+    idx = learner.add_class(name, examples=x)
+    if in_place and out_path is not None:
+        fail("--in-place overwrites CHECKPOINT; drop --out, or drop --in-place to write --out")
+    target = checkpoint_path if in_place else out_path or added_path(checkpoint_path, name)
+    path = checkpoint.save(learner, target, meta={**meta, "classes": list(learner.class_names)})
+    out.print(f"added class {name!r} as index {idx} ({before} -> {before + 1} classes)", highlight=False)
+    if x is not None:
+        hits = int((learner.predict_many(x) == idx).sum())
+        out.print(f"{hits}/{x.shape[0]} of its {x.shape[0]} examples are already predicted as {name!r}", highlight=False)
+    out.print(f"checkpoint: {path}", highlight=False)
+
+
+def _add_one(ds: Any, o: dict[str, Any], who: str, quiet: bool) -> None:
+    from edgeff.continual import ReplayBuffer, add_one_class, pretrain_without
+
+    new = o["new_class"]
+    note = f"training {who} on every class but {ds.classes[new]!r} ({o['pretrain_epochs']} epoch(s))"
+    with contextlib.nullcontext() if quiet else err.status(note, spinner="dots"):
+        learner = pretrain_without(ds, new, preset=o["preset"], backprop=o["backprop"], epochs=o["pretrain_epochs"],
+                                   seed=o["seed"])
+    replay = ReplayBuffer(o["buffer"], seed=o["seed"], asymmetric=o["asymmetric"]) if o["buffer"] else None
+    r = add_one_class(learner, ds, new, o["k"], traffic=o["traffic"], batch_size=o["batch_size"], replay=replay,
+                      seed=o["seed"])
+    rec = {"scenario": "add-one-class", "dataset": ds.name, "preset": o["preset"], "backprop": o["backprop"],
+           "k": o["k"], "new_class": ds.classes[new], "new_recall": r.new_recall, "old_before": r.old_before,
+           "old_after": r.old_after, "old_drop_pt": r.old_drop, "buffer": o["buffer"]}
+    if o["as_json"]:
+        out.print(json.dumps(rec), highlight=False)
+        return
+    out.print(f"{who} on {ds.name}: class {ds.classes[new]!r} added from {o['k']} examples in {r.samples} streamed "
+              f"samples: new-class recall {r.new_recall:.2%}, old classes {r.old_before:.2%} -> {r.old_after:.2%} "
+              f"(drop {r.old_drop:.2f} pt)", highlight=False)
+
+
+def _split(ds: Any, o: dict[str, Any], who: str, quiet: bool) -> None:
+    from edgeff.continual import plot_stream, split_scenario
+
+    n = len(ds.y_train)
+    with progress_bar(err, disable=quiet) as bar:
+        task = bar.add_task("stream", total=n)
+        res = split_scenario(ds, preset=o["preset"], backprop=o["backprop"], buffer=o["buffer"],
+                             asymmetric=o["asymmetric"], batch_size=o["batch_size"], seed=o["seed"],
+                             eval_every=max(1, n // 50) if o["plot"] else 0, on_step=lambda m, b: bar.update(task, advance=b))
+    title = f"{who}, split {ds.name}, buffer {o['buffer']}"
+    if o["plot"] is not None:
+        plot_stream(res, o["plot"], names=ds.classes, title=title)
+    if o["as_json"]:
+        out.print(json.dumps({"scenario": "split", "dataset": ds.name, "preset": o["preset"], "backprop": o["backprop"],
+                              "buffer": o["buffer"], "matrix": res.matrix.tolist(), "average_accuracy": res.average_accuracy,
+                              "forgetting": res.forgetting, "backward_transfer": res.backward_transfer}), highlight=False)
+        return
+    table = Table(title=f"{title}: accuracy on each experience (rows: after training on)")
+    table.add_column("after")
+    for cls in res.classes:
+        table.add_column("+".join(ds.classes[c] for c in cls), justify="right")
+    for i, row in enumerate(res.matrix):
+        table.add_row(f"exp {i + 1}", *[f"{100 * v:.1f}" for v in row])
+    out.print(table)
+    out.print(f"average accuracy {res.average_accuracy:.2%}, forgetting {100 * res.forgetting:.2f} pt, "
+              f"backward transfer {100 * res.backward_transfer:+.2f} pt", highlight=False)
+    if o["plot"] is not None:
+        out.print(f"plot: {o['plot']}", highlight=False)
+
+
+@guarded(RuntimeError)
+def continual(
+    scenario: Annotated[Scenario, typer.Argument(help="split (5 experiences x 2 classes, online) or add-one-class")],
+    data: Annotated[Dataset, typer.Option(help="builtin, mnist or fashion-mnist")] = Dataset.builtin,
+    data_dir: DataDirOpt = None,
+    preset: Annotated[str, typer.Option(help="architecture and local rule")] = "cfl-mlp-stream",
+    backprop: Annotated[bool, typer.Option("--backprop", help="the end-to-end backprop baseline (growing head) instead")] = False,
+    buffer: Annotated[int, typer.Option(help="reservoir replay buffer capacity (0: none)")] = 0,
+    asymmetric: Annotated[bool, typer.Option(help="with a buffer: fresh samples compete only with the fresh classes (ER-ACE)")] = True,
+    batch_size: Annotated[int, typer.Option(help="stream samples per step")] = 10,
+    k: Annotated[int, typer.Option(help="add-one-class: examples of the new class in the stream")] = 50,
+    new_class: Annotated[int, typer.Option(help="add-one-class: which class arrives last")] = 9,
+    traffic: Annotated[int, typer.Option(help="add-one-class: old-class samples streamed alongside")] = 2000,
+    pretrain_epochs: Annotated[int, typer.Option(help="add-one-class: epochs on the other classes first")] = 1,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    plot: Annotated[Path | None, typer.Option(help="split: write accuracy over the stream to this PNG (needs matplotlib)")] = None,
+    as_json: JsonOpt = False,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Run a class-incremental scenario and print the accuracy matrix, forgetting and backward transfer."""
+    import torch
+
+    from edgeff.data import load_data
+
+    torch.manual_seed(seed)
+    if data not in (Dataset.builtin, Dataset.mnist, Dataset.fashion_mnist):
+        fail("continual scenarios run on builtin, mnist or fashion-mnist")
+    if buffer < 0 or batch_size < 1:
+        fail("--buffer must be >= 0 and --batch-size >= 1")
+    ds = load_data(data.value, data_dir)
+    if scenario == Scenario.add_one_class and not 0 <= new_class < len(ds.classes):
+        fail(f"--new-class must be a class of {ds.name}: 0..{len(ds.classes) - 1}, got {new_class}")
+    o = {"preset": preset, "backprop": backprop, "buffer": buffer, "asymmetric": asymmetric, "batch_size": batch_size,
+         "k": k, "new_class": new_class, "traffic": traffic, "pretrain_epochs": pretrain_epochs, "seed": seed,
+         "plot": plot, "as_json": as_json}
+    who = f"{preset}{' (backprop)' if backprop else ''}"
+    (_add_one if scenario == Scenario.add_one_class else _split)(ds, o, who, not progress or as_json)
+
+
+__all__ = ["Scenario", "add_class", "continual"]

@@ -1,0 +1,244 @@
+"""``edgeff train``, ``eval`` and ``export``: option parsing and printing around ``edgeff.run``,
+``edgeff.evaluation`` and ``edgeff.exporters``."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from edgeff.cli.common import (
+    LEGENDS,
+    CheckpointArg,
+    DataDirOpt,
+    Dataset,
+    JsonOpt,
+    LayersOpt,
+    Schedule,
+    err,
+    fail,
+    guarded,
+    metrics_text,
+    out,
+    progress_bar,
+)
+
+
+class Backend(str, Enum):
+    torch = "torch"
+    onnx = "onnx"
+
+
+class Quant(str, Enum):
+    static = "static"
+    dynamic = "dynamic"
+
+
+def _pipeline(o: Any, mode: str, split: str | None) -> None:
+    """`train --pipeline`: this process is one rank of a torchrun job (edgeff.pipeline)."""
+    from edgeff import pipeline
+
+    if "WORLD_SIZE" not in os.environ:
+        fail("--pipeline runs under torchrun: torchrun --nproc-per-node 2 -m edgeff.cli.app train --pipeline ...")
+    res = pipeline.run(o.preset, o.data, o.data_dir, epochs=o.epochs, batch_size=o.batch_size, samples=o.samples,
+                       out=o.out, seed=o.seed, mode=mode, split=split, resume=o.resume,
+                       checkpoint_every=200 if o.checkpoint_every is None else o.checkpoint_every,
+                       train_overrides={"schedule": o.schedule} if o.schedule is not None else None)
+    if res is not None:
+        ranks = " | ".join(f"{a + 1}-{b}" for a, b in res.split)
+        out.print(f"pipeline {o.preset}: {res.samples} samples in {res.seconds:.1f}s ({res.samples_per_s:.1f} "
+                  f"samples/s) over {len(res.split)} ranks, layers {ranks}; test accuracy {res.test_acc:.2%}",
+                  highlight=False)
+        out.print(f"checkpoint: {res.merged}", highlight=False)
+
+
+def _memory_report(run: Any) -> None:
+    from edgeff.cli.info import print_memory
+
+    from edgeff.memory import account, measure_checkpoint
+
+    o, learner, b = run.options, run.learner, run.learner.train_cfg.batch_size
+    methods = ("bp",) if learner.kind == "bp" else ("local", "bp")
+    measured = measure_checkpoint(str(run.path), o.data, str(o.data_dir) if o.data_dir else None, b, seed=o.seed + 1,
+                                  methods=methods)
+    report = account(learner.model_cfg, learner.train_cfg, b)
+    print_memory(report, measured, f"{run.name}: memory of a step on real {run.data.name} batches of {b}")
+
+
+@guarded()
+def train(
+    preset: Annotated[str, typer.Option(help="named configuration; see `edgeff presets`")] = "symba-mlp",
+    data: Annotated[Dataset, typer.Option(help="data set")] = Dataset.builtin,
+    data_dir: DataDirOpt = None,
+    epochs: Annotated[int | None, typer.Option(help="passes over the training set [default: the preset's]")] = None,
+    samples: Annotated[int | None, typer.Option(help="use only this many (shuffled) training samples per pass")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="samples per step, 1 for pure streaming [default: the preset's]")] = None,
+    lr: Annotated[float | None, typer.Option(help="learning rate [default: the preset's]")] = None,
+    schedule: Annotated[Schedule | None, typer.Option(help="layer schedule [default: the preset's]")] = None,
+    seed: Annotated[int, typer.Option(help="random seed (weights, negatives, data order)")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+    backprop: Annotated[bool, typer.Option("--backprop", help="train the end-to-end backprop baseline on the same architecture")] = False,
+    out_path: Annotated[Path | None, typer.Option("--out", help="checkpoint to write [default: runs/PRESET.pt]")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from --out if it exists")] = False,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    optim_state: Annotated[str, typer.Option(help="optimizer state dtype between steps: float32, bfloat16 or float16")] = "float32",
+    lazy: Annotated[bool, typer.Option("--lazy", help="read the IDX training files batch by batch, in file order (no data set in RAM)")] = False,
+    frugal: Annotated[bool, typer.Option("--frugal/--whole-batch", help="goodness presets, all/greedy: one layer at a time in chunks of --chunk pairs (the whole-batch update, a fraction of its memory)")] = True,
+    chunk: Annotated[int, typer.Option(help="frugal step: positive/negative pairs per chunk (0: the whole batch)")] = 64,
+    memory_report: Annotated[bool, typer.Option("--memory-report", help="measure per-layer memory on real batches after training")] = False,
+    views: Annotated[int | None, typer.Option(help="contrastive/backprop: 1 (one-forward) or 2 augmented views per batch [default: the preset's]")] = None,
+    crop_padding: Annotated[int | None, typer.Option(help="random-crop augmentation: border pixels to pad and crop back, 0 = off [default: the preset's]")] = None,
+    hflip: Annotated[bool | None, typer.Option("--hflip/--no-hflip", help="random horizontal flips (not for digits) [default: the preset's]")] = None,
+    lr_epochs: Annotated[int | None, typer.Option(help="epochs the lr decay is planned over [default: --epochs]; plan longer to resume a run further later")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="also save the checkpoint every N samples [default: about every 5 minutes of training; 0 = only at the end]")] = None,
+    pipeline: Annotated[bool, typer.Option("--pipeline", help="a layer pipeline across the ranks of `torchrun --nproc-per-node N -m edgeff.cli.app train ...`")] = False,
+    pipeline_mode: Annotated[str, typer.Option(help="pipeline: overlap (rank 0 runs a step ahead) or lockstep")] = "overlap",
+    pipeline_split: Annotated[str | None, typer.Option(help="pipeline: layers per rank, e.g. 2,2 [default: balanced by measured cost]")] = None,
+) -> None:
+    """Train a preset on a data set, streaming batches, then report test accuracy."""
+    from edgeff.run import Run, RunOptions
+
+    o = RunOptions(preset=preset, data=data.value, data_dir=data_dir, epochs=epochs, samples=samples,
+                   batch_size=batch_size, lr=lr, schedule=schedule.value if schedule else None, seed=seed, device=device,
+                   backprop=backprop, out=out_path, resume=resume, optim_state=optim_state, lazy=lazy, frugal=frugal,
+                   chunk=chunk, views=views, crop_padding=crop_padding, hflip=hflip, lr_epochs=lr_epochs,
+                   checkpoint_every=checkpoint_every)
+    if pipeline:
+        return _pipeline(o, pipeline_mode, pipeline_split)
+    run = Run(o)
+    if run.resumed:
+        out.print(run.resume_note(), highlight=False)
+    learner = run.learner
+    out.print(f"[bold]{run.name}[/] on {run.data.name}: {run.per_epoch} samples x {run.epochs} "
+              f"epoch{'s' if run.epochs != 1 else ''}, batch {learner.train_cfg.batch_size}, device {learner.device}",
+              highlight=False)
+    if progress:
+        out.print(LEGENDS[learner.metrics], highlight=False, style="dim")
+    with progress_bar(disable=not progress, metrics=True) as bar:
+        task = bar.add_task("train", total=run.total, completed=min(learner.samples_seen, run.total), metrics="")
+        width, last = max(12, out.width - 58), [0.0]
+
+        def on_step(m: Any, n: int) -> None:
+            now = time.perf_counter()
+            fresh = now - last[0] > 0.25
+            bar.update(task, advance=n, **({"metrics": metrics_text(m, learner.metrics, width)} if fresh else {}))
+            last[0] = now if fresh else last[0]
+
+        run.train(on_step)
+    with progress_bar(disable=not progress) as bar:
+        task = bar.add_task("test", total=len(run.data.y_test))
+        res = run.finish(on_batch=lambda n: bar.update(task, advance=n))
+    if memory_report:
+        _memory_report(run)
+    out.print(f"trained in {run.seconds:.1f}s; test accuracy {res.accuracy:.2%} on {res.n} images", highlight=False)
+    if res.layer_accuracy:
+        out.print("each layer alone: " + "  ".join(f"L{i + 1} {a:.1%}" for i, a in enumerate(res.layer_accuracy)),
+                  highlight=False)
+    out.print(f"checkpoint: {run.path}", highlight=False)
+
+
+@guarded()
+def eval_cmd(
+    checkpoint_path: CheckpointArg,
+    data: Annotated[Dataset | None, typer.Option(help="data set [default: the one it was trained on]")] = None,
+    data_dir: DataDirOpt = None,
+    layers: LayersOpt = None,
+    limit: Annotated[int | None, typer.Option(help="evaluate on the first N test images")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+    as_json: JsonOpt = False,
+    backend: Annotated[Backend, typer.Option(help="torch, or onnx: export (or take a .onnx file) and run onnxruntime")] = Backend.torch,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Evaluate a checkpoint (or, with --backend onnx, an exported .onnx file) on a test set."""
+    if backend == Backend.onnx or checkpoint_path.suffix == ".onnx":
+        return _eval_onnx(checkpoint_path, data, data_dir, layers, limit, as_json)
+    from edgeff import checkpoint, evaluate
+    from edgeff.data import load_data
+
+    learner, meta = checkpoint.load(checkpoint_path, device=device)
+    name = data.value if data is not None else str(meta.get("dataset", "builtin"))
+    ds = load_data(name, data_dir)
+    if tuple(ds.input_shape) != tuple(learner.model_cfg.input_shape):
+        fail(f"{checkpoint_path} expects inputs of shape {learner.model_cfg.input_shape} but {name} has "
+             f"{ds.input_shape}; evaluate it on the data set it was trained on ({meta.get('dataset')})")
+    if layers is not None:
+        learner.select_eval_layers(layers)
+    with progress_bar(err, disable=not progress or as_json) as bar:
+        task = bar.add_task("test", total=min(limit or len(ds.y_test), len(ds.y_test)))
+        res = evaluate(learner, ds.test_batches(500, limit=limit), per_layer=True,
+                       on_batch=lambda n: bar.update(task, advance=n))
+    if as_json:
+        out.print_json(json.dumps({"accuracy": res.accuracy, "n": res.n, "layer_accuracy": list(res.layer_accuracy)}))
+        return
+    out.print(f"{checkpoint_path}: test accuracy {res.accuracy:.2%} on {res.n} {name} images", highlight=False)
+    for i, a in enumerate(res.layer_accuracy):
+        out.print(f"  layer {i + 1} alone: {a:.2%}")
+
+
+def _eval_onnx(path: Path, data: Dataset | None, data_dir: Path | None, layers: str | None, limit: int | None,
+               as_json: bool) -> None:
+    from edgeff.exporters.onnx import OnnxPredictor, evaluate_onnx, export_onnx
+
+    from edgeff import checkpoint
+    from edgeff.data import load_data
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if path.suffix == ".onnx":
+            onnx_path = path
+        else:
+            learner, meta = checkpoint.load(path, device="cpu")
+            onnx_path = export_onnx(learner, Path(tmp) / "model.onnx", meta=meta, layers=layers)
+        pred = OnnxPredictor(onnx_path)
+        name = data.value if data is not None else (pred.meta.get("dataset") or "builtin")
+        ds = load_data(name, data_dir)
+        if tuple(ds.input_shape) != tuple(pred.input_shape):
+            fail(f"{path} expects inputs of shape {pred.input_shape} but {name} has {ds.input_shape}")
+        acc = evaluate_onnx(pred, ((x.numpy(), y.numpy()) for x, y in ds.test_batches(500, limit=limit)))
+    n = min(limit or len(ds.y_test), len(ds.y_test))
+    if as_json:
+        out.print_json(json.dumps({"accuracy": acc, "n": n, "backend": "onnx"}))
+    else:
+        out.print(f"{path}: test accuracy {acc:.2%} on {n} {name} images (onnxruntime)", highlight=False)
+
+
+@guarded()
+def export(
+    checkpoint_path: CheckpointArg,
+    out_path: Annotated[Path, typer.Option("--out", help="the .onnx file to write (a folder with --per-layer)")] = Path("model.onnx"),
+    per_layer: Annotated[bool, typer.Option("--per-layer", help="one file per local layer plus manifest.json")] = False,
+    int8: Annotated[Quant | None, typer.Option("--int8", help="also write an int8 copy: static (QDQ, calibrated) or dynamic")] = None,
+    layers: LayersOpt = None,
+    data_dir: Annotated[Path | None, typer.Option(help="folder holding the full data sets (parity and calibration images)")] = None,
+) -> None:
+    """Export a checkpoint to ONNX with its prediction rule; print sizes and parity against torch."""
+    from edgeff.exporters.onnx import OnnxPredictor, export_layers, export_onnx, parity, quantize_onnx
+
+    from edgeff import checkpoint
+    from edgeff.data import load_data
+
+    learner, meta = checkpoint.load(checkpoint_path, device="cpu")
+    if per_layer:
+        manifest = export_layers(learner, out_path, meta=meta)
+        total = sum(p.stat().st_size for p in out_path.iterdir())
+        out.print(f"wrote {len(learner.model_cfg.layers)} layer files and {manifest} ({total / 1024:.1f} KiB)")
+        return
+    path = export_onnx(learner, out_path, meta=meta, layers=layers)
+    ds = load_data(str(meta.get("dataset", "builtin")), data_dir)
+    x, _ = next(ds.test_batches(256))
+    pr = parity(learner, OnnxPredictor(path), x)
+    out.print(f"wrote {path} ({path.stat().st_size / 1024:.1f} KiB); parity on {int(pr['n'])} real test images: "
+              f"max |score diff| {pr['max_abs_diff']:.2e}, same label {pr['agreement']:.2%}", highlight=False)
+    if int8 is not None:
+        cal = [xb.numpy() for xb, _ in ds.train_batches(64, seed=0, limit=512)]
+        qpath = quantize_onnx(path, path.with_suffix(f".int8-{int8.value}.onnx"), mode=int8.value, calibration=cal)
+        agree = float((OnnxPredictor(qpath).predict_many(x.numpy()) == learner.predict_many(x).numpy()).mean())
+        out.print(f"wrote {qpath} ({qpath.stat().st_size / 1024:.1f} KiB, {qpath.stat().st_size / path.stat().st_size:.2f}x "
+                  f"of fp32); same label as torch on {agree:.2%} of {len(x)} images", highlight=False)
+
+
+__all__ = ["Backend", "Quant", "err", "eval_cmd", "export", "train"]

@@ -1,0 +1,236 @@
+"""The learner contract: one interface for every family, and the registry that picks a family.
+
+Every learner (goodness ``Learner``, ``ContrastiveLearner``, ``MirrorLearner``, the backprop twin
+``BPLearner``, and any family added later) subclasses ``LearnerBase`` and registers itself with
+``register``. Checkpoints, export, evaluation, the continual loop and the CLI talk to learners only
+through this contract, so adding a family touches its own module plus one line in ``FAMILY_MODULES``.
+
+The verbs (``learn_many`` returns one ``LayerMetrics`` per layer that ran, for every family):
+
+- ``learn_many(x, y, *, fresh=None)``, ``learn_one(x, y)``: one step on a batch / a sample;
+- ``scores(x)`` (B, K), ``predict_many(x)`` (B,), ``predict_one(x)``;
+- ``layer_predictions(x)`` (B, L): each layer's own prediction, where ``"layer_predictions"`` is among the
+  family's ``capabilities`` (otherwise ``UnsupportedError``);
+- ``add_class(name, examples=None)`` -> the new class's index; ``class_names``;
+- ``set_lr(lr)``;
+- ``state()`` / ``load_state(state)``: everything a checkpoint needs (``edgeff.checkpoint``);
+- ``inference_graph(layers)``: the torch module of its prediction rule that ONNX export traces, and
+  ``prediction_kind(layers)``: the rule's name stored in the exported file.
+
+Configs: a family reads the shared core of ``TrainConfig`` (``CORE_TRAIN``) and the fields it names in
+``train_fields``; the model fields it reads beyond ``CORE_MODEL`` in ``model_fields`` (``reads`` narrows
+both to what matters under the given configs: no head learning rate without a head). A field it does
+not read must stay at its default, or the learner refuses to be built (no silently ignored settings). The
+backprop twin of a preset is built with ``build(..., backprop=True)``, which gives it the preset's
+configs with the fields it does not read reset (``for_family``).
+
+Capabilities (strings a caller may ask ``supports`` about): ``layer_predictions``, ``per_layer_export``
+(one ONNX file per layer), ``device_export`` (the simulated device's model), ``edge_runtime`` (the numpy
+runtime trains it), ``pipeline`` (a layer pipeline over ranks), ``zero_shot`` and ``attention_maps``
+(label-embedding models). ``select_eval_layers`` picks the layers that predict where that means something.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import fields, replace
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgeff.config import ModelConfig, TrainConfig
+from edgeff.errors import InputError, UnsupportedError
+from edgeff.inputs import as_batch, resolve_device
+from edgeff.loop import LayerMetrics
+
+# TrainConfig fields every learner honours (the optimizer and its state, the seed, the device) or the
+# training loop reads (batch size, epochs, the lr decay)
+CORE_TRAIN = frozenset({"lr", "optimizer", "optim_state_dtype", "seed", "device", "batch_size", "epochs", "lr_final"})
+# ModelConfig fields every learner honours
+CORE_MODEL = frozenset({"layers", "input_shape", "num_classes", "class_names", "loss", "bn_momentum", "bn_min_batch",
+                        "bn_always_running"})
+# the modules that define and register the families (imported on first use of the registry)
+FAMILY_MODULES = ("edgeff.trainer", "edgeff.contrastive", "edgeff.mirror", "edgeff.baseline")
+
+
+class LearnerBase(ABC):
+    """The contract (see the module docstring). Subclasses set the class attributes, call
+    ``super().__init__(model, train)`` first (it checks the configs, resolves the device and seeds
+    the generator), then build ``self.net``."""
+
+    kind: ClassVar[str]  # the registry's and the checkpoint's key: "local", "contrastive", "mirror", "bp"
+    family: ClassVar[str]  # its name for people: "goodness", "contrastive", "mirror", "backprop"
+    losses: ClassVar[frozenset[str]] = frozenset()  # the ModelConfig.loss values it trains
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+    # what its LayerMetrics mean: "goodness" (loss, g+ - g-), "norm" (loss, mean feature norm) or "loss"
+    metrics: ClassVar[str] = "loss"
+    train_fields: ClassVar[frozenset[str]] = frozenset()  # TrainConfig fields read beyond CORE_TRAIN
+    model_fields: ClassVar[frozenset[str]] = frozenset()  # ModelConfig fields read beyond CORE_MODEL
+
+    net: Any  # the family's network (a torch module; families narrow the type)
+
+    def __init__(self, model: ModelConfig, train: TrainConfig) -> None:
+        refuse_unread(type(self), model, train)
+        self.model_cfg = model
+        self.train_cfg = train
+        self.device = resolve_device(train.device)
+        self.generator = torch.Generator().manual_seed(train.seed)
+        self.step = 0  # learn_many calls so far
+        self.samples_seen = 0
+        self.layer_hook: Callable[[int, bool], None] | None = None  # (layer, entering) around each layer's step
+
+    # ------------------------------------------------------------------------------------- verbs
+    @abstractmethod
+    def learn_many(self, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray | list[int], *,
+                   fresh: int | None = None) -> list[LayerMetrics]:
+        """One step on a batch; one ``LayerMetrics`` per layer that ran. Never mutates ``x`` or ``y``."""
+
+    def learn_one(self, x: torch.Tensor | np.ndarray, y: int) -> list[LayerMetrics]:
+        """``learn_many`` on a single sample of shape (C, H, W)."""
+        return self.learn_many(as_batch(x, self.model_cfg.input_shape, single=True), [int(y)])
+
+    @abstractmethod
+    def scores(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Class scores (B, K); higher is more likely."""
+
+    def predict_many(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        return self.scores(x).argmax(1).cpu()
+
+    def predict_one(self, x: torch.Tensor | np.ndarray) -> int:
+        return int(self.predict_many(as_batch(x, self.model_cfg.input_shape, single=True))[0])
+
+    def layer_predictions(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Each layer's own prediction (B, L), for families with the ``layer_predictions`` capability."""
+        raise UnsupportedError(f"a {self.family} learner has no per-layer predictions")
+
+    @abstractmethod
+    def add_class(self, name: str, examples: torch.Tensor | np.ndarray | None = None) -> int:
+        """Add a class online; returns its index (the old classes keep theirs)."""
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.model_cfg.names
+
+    @abstractmethod
+    def set_lr(self, lr: float) -> None:
+        """Every layer's learning rate from now on."""
+
+    @classmethod
+    def reads(cls, model: ModelConfig, train: TrainConfig) -> tuple[frozenset[str], frozenset[str]]:
+        """The train and model fields this family reads under these configs (beyond the core ones);
+        a family narrows its ``train_fields``/``model_fields`` where a field only matters with another
+        setting (e.g. a head's learning rate without a head)."""
+        return cls.train_fields, cls.model_fields
+
+    def supports(self, capability: str) -> bool:
+        """Whether this learner does ``capability`` (see the module docstring)."""
+        return capability in self.capabilities
+
+    def select_eval_layers(self, layers: str) -> None:
+        """Predict from the layers ``layers`` names (all, all-but-first, last, last:K) from now on."""
+        raise UnsupportedError(f"a {self.family} model predicts from its output; --layers does not apply")
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def state(self) -> dict[str, Any]:
+        """Everything needed to resume exactly: weights and statistics, the generator, the counters,
+        and the family's optimizer and predictor state (``_optim_state``)."""
+        return {"net": self.net.state_dict(), "generator": self.generator.get_state(), "step": self.step,
+                "samples_seen": self.samples_seen, **self._optim_state()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["net"])
+        self.generator.set_state(state["generator"])
+        self.step = int(state["step"])
+        self.samples_seen = int(state["samples_seen"])
+        self._load_optim_state(state)
+
+    @abstractmethod
+    def _optim_state(self) -> dict[str, Any]:
+        """The optimizers' (and a learned predictor's) state, under checkpoint keys of the family's choosing."""
+
+    @abstractmethod
+    def _load_optim_state(self, state: dict[str, Any]) -> None: ...
+
+    # ----------------------------------------------------------------------------------- export
+    @abstractmethod
+    def inference_graph(self, layers: str | None = None) -> nn.Module:
+        """The prediction rule as a module ``x -> (scores, label)`` (``edgeff.graphs``), in eval mode."""
+
+    def prediction_kind(self, layers: str | None = None) -> str:
+        """How the exported scores are made (stored in the ONNX file's metadata)."""
+        return "logits"
+
+
+L = TypeVar("L", bound=type[LearnerBase])
+_REGISTRY: dict[str, type[LearnerBase]] = {}
+
+
+def register(cls: L) -> L:
+    """Class decorator: make a family known by its ``kind``."""
+    _REGISTRY[cls.kind] = cls
+    return cls
+
+
+def families() -> dict[str, type[LearnerBase]]:
+    """Every registered family by kind (the family modules imported on first use)."""
+    for name in FAMILY_MODULES:
+        importlib.import_module(name)
+    return dict(_REGISTRY)
+
+
+def learner_class(kind: str) -> type[LearnerBase]:
+    reg = families()
+    if kind not in reg:
+        raise InputError(f"unknown learner kind {kind!r}; this edgeff knows {', '.join(sorted(reg))}")
+    return reg[kind]
+
+
+def family_of(model: ModelConfig, *, backprop: bool = False) -> type[LearnerBase]:
+    """The family that trains ``model`` (by its loss), or the backprop twin."""
+    if backprop:
+        return learner_class("bp")
+    for cls in families().values():
+        if model.loss in cls.losses:
+            return cls
+    known = sorted(loss for c in families().values() for loss in c.losses)
+    raise InputError(f"unknown loss {model.loss!r}; choose one of {', '.join(known)}")
+
+
+def for_family(cls: type[LearnerBase], model: ModelConfig, train: TrainConfig) -> tuple[ModelConfig, TrainConfig]:
+    """``model`` and ``train`` with every field ``cls`` does not read reset to its default (a preset's
+    configs handed to its backprop twin)."""
+    t_read, m_read = cls.reads(model, train)
+    m_keep, t_keep = CORE_MODEL | m_read, CORE_TRAIN | t_read
+    m_defaults: dict[str, Any] = {f.name: f.default for f in fields(ModelConfig) if f.name not in m_keep}
+    t_defaults: dict[str, Any] = {f.name: f.default for f in fields(TrainConfig) if f.name not in t_keep}
+    return replace(model, **m_defaults), replace(train, **t_defaults)
+
+
+def build(model: ModelConfig, train: TrainConfig, *, backprop: bool = False) -> LearnerBase:
+    """The learner of ``model``'s family (or its backprop twin, on the fields the twin reads)."""
+    cls = family_of(model, backprop=backprop)
+    if backprop:
+        model, train = for_family(cls, model, train)
+    return cls(model, train)
+
+
+def refuse_unread(cls: type[LearnerBase], model: ModelConfig, train: TrainConfig) -> None:
+    """Raise ``InputError`` naming every config field ``cls`` would ignore that is not at its default
+    (a family without a label input also takes ``label="none"``)."""
+    t_read, m_read = cls.reads(model, train)
+    ignored = [f"{f.name}={getattr(train, f.name)!r}" for f in fields(TrainConfig)
+               if f.name not in CORE_TRAIN | t_read and getattr(train, f.name) != f.default]
+    ignored += [f"{f.name}={getattr(model, f.name)!r}" for f in fields(ModelConfig)
+                if f.name not in CORE_MODEL | m_read and getattr(model, f.name) != f.default
+                and not (f.name == "label" and model.label == "none")]
+    if ignored:
+        raise InputError(f"a {cls.family} learner does not use {', '.join(ignored)}; leave "
+                         f"{'it' if len(ignored) == 1 else 'them'} at the default")
+
+
+__all__ = ["CORE_MODEL", "CORE_TRAIN", "LearnerBase", "UnsupportedError", "build", "families", "family_of",
+           "for_family", "learner_class", "refuse_unread", "register"]

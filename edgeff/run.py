@@ -1,0 +1,179 @@
+"""A training run as ``edgeff train`` runs it: a preset on a data set, checked up front, resumable,
+checkpointed along the way, evaluated at the end. The CLI only parses options and draws progress.
+
+    run = Run(RunOptions(preset="symba-mlp", data="mnist", data_dir=Path("../shared/data")))
+    run.train(on_step=lambda metrics, n: ...)   # periodic checkpoints; resumes where ``--resume`` left off
+    result = run.finish()                        # final checkpoint + test accuracy (per layer where defined)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from edgeff import checkpoint
+from edgeff.config import TrainConfig
+from edgeff.contract import LearnerBase
+from edgeff.errors import InputError
+from edgeff.evaluation import EvalResult, evaluate
+from edgeff.inputs import resolve_device
+from edgeff.loop import train_epochs
+from edgeff.optim import STATE_DTYPES
+from edgeff.presets import Preset, get_preset, make_learner
+
+CHECKPOINT_SECONDS = 300.0  # a run saves its checkpoint this often by default
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What a user chooses for a run; ``None`` means the preset's value."""
+
+    preset: str = "symba-mlp"
+    data: str = "builtin"
+    data_dir: Path | None = None
+    epochs: int | None = None
+    samples: int | None = None  # training samples per pass
+    batch_size: int | None = None
+    lr: float | None = None
+    schedule: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    backprop: bool = False
+    out: Path | None = None  # default runs/PRESET.pt
+    resume: bool = False
+    optim_state: str = "float32"
+    lazy: bool = False  # IDX files read batch by batch in file order
+    frugal: bool = True
+    chunk: int = 64
+    views: int | None = None
+    crop_padding: int | None = None
+    hflip: bool | None = None
+    lr_epochs: int | None = None  # the lr decay's horizon
+    checkpoint_every: int | None = None  # samples; None: every CHECKPOINT_SECONDS; 0: only at the end
+
+
+def check_options(o: RunOptions, path: Path) -> None:
+    """Every option mistake, found before any work starts (``InputError``, one line each)."""
+    if o.lr is not None and not (math.isfinite(o.lr) and o.lr > 0):
+        raise InputError(f"--lr must be a positive finite number, got {o.lr}")
+    for opt, v in (("--epochs", o.epochs), ("--lr-epochs", o.lr_epochs), ("--samples", o.samples),
+                   ("--batch-size", o.batch_size)):
+        if v is not None and v < 1:
+            raise InputError(f"{opt} must be at least 1, got {v}")
+    if o.checkpoint_every is not None and o.checkpoint_every < 0:
+        raise InputError(f"--checkpoint-every must be 0 (only at the end) or a number of samples, got {o.checkpoint_every}")
+    if o.chunk < 0:
+        raise InputError(f"--chunk must be 0 (the whole batch) or a number of pairs, got {o.chunk}")
+    if o.optim_state not in STATE_DTYPES:
+        raise InputError(f"--optim-state must be {', '.join(STATE_DTYPES)}, got {o.optim_state!r}")
+    resolve_device(o.device)  # unknown or unavailable device
+    if path.is_dir():
+        raise InputError(f"--out {path} is a folder; give a file name such as {path / 'model.pt'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create the folder for --out {path}: {e.strerror or e}") from None
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise InputError(f"cannot write --out {path}: no write permission; choose another path")
+
+
+def train_config(p: Preset, o: RunOptions) -> TrainConfig:
+    """The preset's train config with the user's choices; ``epochs`` is the planned run (the lr horizon)."""
+    chosen: dict[str, Any] = {"batch_size": o.batch_size, "lr": o.lr, "schedule": o.schedule, "views": o.views,
+                              "crop_padding": o.crop_padding, "hflip": o.hflip}
+    tc = replace(p.train, seed=o.seed, device=o.device, optim_state_dtype=o.optim_state, frugal=o.frugal,
+                 chunk=o.chunk, **{k: v for k, v in chosen.items() if v is not None})
+    return replace(tc, epochs=o.lr_epochs or (o.epochs or tc.epochs))
+
+
+class Run:
+    """A run, set up: options checked, data loaded, the learner built or resumed (see the module docstring)."""
+
+    def __init__(self, o: RunOptions) -> None:
+        from edgeff.data import load_data
+
+        self.options = o
+        p = get_preset(o.preset)
+        self.name = f"{o.preset}{'-bp' if o.backprop and p.algorithm != 'bp' else ''}"
+        self.path = o.out or Path("runs") / f"{self.name}.pt"
+        check_options(o, self.path)
+        self.data = load_data(o.data, o.data_dir)
+        tc = train_config(p, o)
+        self.epochs = o.epochs or p.train.epochs
+        self.resumed = o.resume and self.path.is_file()
+        self.learner: LearnerBase
+        if self.resumed:
+            self.learner = self._resume(p)
+        else:
+            self.learner = make_learner(p, input_shape=self.data.input_shape, num_classes=len(self.data.classes),
+                                        train=tc, backprop=o.backprop)
+        n = len(self.data.y_train)
+        self.per_epoch = min(o.samples, n) if o.samples else n
+        self.total = self.per_epoch * self.epochs
+        self.meta: dict[str, Any] = {"dataset": self.data.name, "classes": list(self.data.classes),
+                                     "mean": list(self.data.mean), "std": list(self.data.std), "preset": o.preset,
+                                     "samples_per_epoch": self.per_epoch}
+        self.seconds = 0.0
+
+    def _resume(self, p: Preset) -> LearnerBase:
+        o = self.options
+        learner, old = checkpoint.load(self.path, device=o.device)
+        bp = o.backprop or p.algorithm == "bp"
+        if old.get("preset") not in (None, o.preset) or (learner.kind == "bp") != bp:
+            raise InputError(f"{self.path} holds a {old.get('preset')}{' backprop' if learner.kind == 'bp' else ''} "
+                             f"model, not {self.name}; pass --preset {old.get('preset')} or another --out")
+        if old.get("dataset") not in (None, self.data.name):
+            raise InputError(f"{self.path} was trained on {old.get('dataset')}, not {self.data.name}; pass --data "
+                             f"{old.get('dataset')} or another --out")
+        if o.lr_epochs is not None:
+            learner.train_cfg = replace(learner.train_cfg, epochs=o.lr_epochs)
+        return learner
+
+    def resume_note(self) -> str:
+        """What resuming means for this run, for people."""
+        planned = self.learner.train_cfg.epochs
+        later = self.epochs > planned and self.learner.train_cfg.lr_final is not None
+        return (f"resuming {self.path} at {self.learner.samples_seen} samples (lr schedule planned over {planned} "
+                f"epoch{'s' if planned != 1 else ''}{'; later epochs stay at the final lr' if later else ''})")
+
+    def train(self, on_step: Callable[[Any, int], None] | None = None) -> None:
+        """Train the planned epochs (from where a resumed run stopped), saving the checkpoint every
+        ``checkpoint_every`` samples or every ``CHECKPOINT_SECONDS``; ``on_step(metrics, n)`` after each step."""
+        o, learner = self.options, self.learner
+        t0 = time.perf_counter()
+        saved = [learner.samples_seen, t0]  # the last periodic checkpoint: samples and time
+
+        def step(m: Any, n: int) -> None:
+            if on_step is not None:
+                on_step(m, n)
+            now = time.perf_counter()
+            due = (learner.samples_seen - saved[0] >= o.checkpoint_every if o.checkpoint_every
+                   else o.checkpoint_every is None and now - saved[1] >= CHECKPOINT_SECONDS)
+            if due:  # a kill now loses at most this much work; --resume continues from it
+                checkpoint.save(learner, self.path, meta=self.meta)
+                saved[:] = [learner.samples_seen, time.perf_counter()]
+
+        if o.lazy:
+            from edgeff.data import lazy_train_batches
+            from edgeff.trainer import fit
+
+            for _ in range(self.epochs):
+                fit(learner, lazy_train_batches(self.data.name, o.data_dir or Path("."), learner.train_cfg.batch_size,
+                                                limit=o.samples), on_step=step)
+        else:
+            train_epochs(learner, self.data, epochs=self.epochs, batch_size=learner.train_cfg.batch_size, seed=o.seed,
+                         limit=o.samples, on_step=step)
+        self.seconds += time.perf_counter() - t0
+
+    def finish(self, on_batch: Callable[[int], None] | None = None) -> EvalResult:
+        """Save the checkpoint and evaluate on the full test set (``on_batch(n)`` after each test batch)."""
+        checkpoint.save(self.learner, self.path, meta=self.meta)
+        return evaluate(self.learner, self.data.test_batches(500), per_layer=True, on_batch=on_batch)
+
+
+__all__ = ["CHECKPOINT_SECONDS", "Run", "RunOptions", "check_options", "train_config"]
