@@ -46,6 +46,7 @@ def common(
 app.command()(train.train)
 app.command("eval")(train.eval_cmd)
 app.command()(train.export)
+app.command()(train.predict)
 app.command()(info.memory)
 app.command()(info.presets)
 app.command()(info.explain)

@@ -241,4 +241,26 @@ def export(
                   f"of fp32); same label as torch on {agree:.2%} of {len(x)} images", highlight=False)
 
 
-__all__ = ["Backend", "Quant", "err", "eval_cmd", "export", "train"]
+@guarded()
+def predict(
+    model: Annotated[Path, typer.Argument(metavar="MODEL", help="a checkpoint (`edgeff train`) or an ONNX file (`edgeff export`)")],
+    images: Annotated[Path, typer.Argument(metavar="IMAGES", help="an image file, a folder of images, or a .npy/.npz array")],
+    top: Annotated[int, typer.Option(help="how many classes to show per image")] = 3,
+    as_json: JsonOpt = False,
+) -> None:
+    """Predict the class of each image with a trained model, with its best scores."""
+    from edgeff.predict import predict_images
+
+    if top < 1:
+        fail(f"--top must be at least 1, got {top}")
+    preds = predict_images(model, images, top=top)
+    if as_json:
+        out.print(json.dumps([{"item": p.item, "label": p.label, "index": p.index, "top": [list(t) for t in p.top]}
+                              for p in preds]), highlight=False, soft_wrap=True)
+        return
+    for p in preds:
+        rest = ", ".join(f"{name} {score:.3g}" for name, score in p.top)
+        out.print(f"{Path(p.item).name}: {p.label}  ({rest})", highlight=False)
+
+
+__all__ = ["Backend", "Quant", "err", "eval_cmd", "export", "predict", "train"]

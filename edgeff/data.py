@@ -184,10 +184,19 @@ def lazy_train_batches(
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".tif", ".tiff", ".webp")
 
 
+def image_files(path: str | Path) -> list[Path]:
+    """The image files ``load_pixels`` reads from ``path``, in its order: the file itself, or a folder's
+    image files sorted by name."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return [p]
+    return sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def load_pixels(path: str | Path, input_shape: tuple[int, int, int]) -> np.ndarray:
     """Examples of one class as an array (N, C, H, W): uint8 pixels, or floats taken as already normalised.
 
-    ``path`` is a folder of image files (converted to the model's channels and resized to H×W), or a
+    ``path`` is an image file or a folder of them (converted to the model's channels and resized to H×W), or a
     ``.npy``/``.npz`` array (the ``x`` key, else the first array) of shape (N, H, W) or (N, C, H, W).
 
     Raises:
@@ -198,8 +207,8 @@ def load_pixels(path: str | Path, input_shape: tuple[int, int, int]) -> np.ndarr
 
     p = Path(path).expanduser()
     c, h, w = input_shape
-    if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    if p.is_dir() or (p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+        files = image_files(p)
         if not files:
             raise DataNotFoundError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {p}")
         from PIL import Image

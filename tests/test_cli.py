@@ -1,3 +1,4 @@
+import json
 import re
 import shutil
 import subprocess
@@ -10,6 +11,8 @@ import pytest
 import torch
 from edgeff.cli.app import app
 from typer.testing import CliRunner
+
+from edgeff import checkpoint
 
 runner = CliRunner()
 
@@ -133,6 +136,32 @@ def test_add_class_leaves_its_input_untouched_unless_in_place(tmp_path: Path, tr
     assert res.exit_code == 2 and model.read_bytes() == before  # both: refused before anything is written
     res = runner.invoke(app, ["add-class", str(model), "--name", "mug", "--in-place"])
     assert res.exit_code == 0 and model.read_bytes() != before
+
+
+def test_predict_names_the_class_of_each_image(tmp_path: Path, trained: Path) -> None:
+    from edgeff.exporters.onnx import export_onnx
+    from PIL import Image
+
+    from edgeff.data import load_data
+
+    ds = load_data("builtin")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(ds.x_test[i, 0]).save(folder / f"img{i}.png")
+    learner, meta = checkpoint.load(trained)
+    want = learner.predict_many(ds.normalise(ds.x_test[:4])).tolist()
+    onnx_path = export_onnx(learner, tmp_path / "m.onnx", meta=meta)
+    for model in (trained, onnx_path):  # a checkpoint and its ONNX export agree with the learner
+        res = runner.invoke(app, ["predict", str(model), str(folder), "--json"])
+        assert res.exit_code == 0, res.output
+        preds = json.loads(res.output)
+        assert [p["index"] for p in preds] == want and [Path(p["item"]).name for p in preds] == [
+            f"img{i}.png" for i in range(4)]
+    res = runner.invoke(app, ["predict", str(trained), str(folder / "img0.png")])
+    assert res.exit_code == 0 and res.output.startswith(f"img0.png: {learner.class_names[want[0]]}"), res.output
+    res = runner.invoke(app, ["predict", str(trained), str(tmp_path / "nothing")])
+    assert res.exit_code == 2 and "neither" in res.output
 
 
 def test_version_threads_and_a_legend(tmp_path: Path) -> None:
