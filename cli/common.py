@@ -11,6 +11,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -46,7 +47,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON"
 
 def fail(msg: str) -> None:
     """Print a one-line error and exit with status 2."""
-    err.print(f"[bold red]error:[/] {msg}", highlight=False)
+    err.print(f"[bold red]error:[/] {escape(msg)}", highlight=False)  # escaped: `pip install 'edgeff[plot]'`
     raise typer.Exit(2)
 
 

@@ -164,6 +164,17 @@ def test_predict_names_the_class_of_each_image(tmp_path: Path, trained: Path) ->
     assert res.exit_code == 2 and "neither" in res.output
 
 
+def test_error_text_keeps_its_brackets(monkeypatch: pytest.MonkeyPatch) -> None:
+    import edgeff.memory
+
+    def no_matplotlib(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("--plot needs matplotlib: pip install -e \".[plot]\"")
+
+    monkeypatch.setattr(edgeff.memory, "plot", no_matplotlib)
+    res = runner.invoke(app, ["memory", "symba-mlp", "--plot", "x.png"])
+    assert res.exit_code == 2 and '".[plot]"' in res.output, res.output  # rich markup would eat "[plot]"
+
+
 def test_version_threads_and_a_legend(tmp_path: Path) -> None:
     from edgeff import __version__
 

@@ -206,6 +206,7 @@ def test_split_experiences_are_class_disjoint(mnist_small: ImageData) -> None:
         split_experiences(mnist_small, 3)
 
 
+@pytest.mark.slow  # two full split streams: `pytest -m slow`
 def test_replay_beats_naive_fine_tuning_on_a_real_split_stream(mnist_small: ImageData) -> None:
     naive = split_scenario(mnist_small, preset="cfl-mlp", buffer=0, batch_size=10)
     replay = split_scenario(mnist_small, preset="cfl-mlp", buffer=200, batch_size=10)
@@ -223,6 +224,7 @@ def test_stream_grows_a_learner_from_no_class(mnist_small: ImageData) -> None:
     assert len(res.curve) == 6 and set(res.curve[0]) == {"samples", *(f"exp{j}" for j in range(5))}
 
 
+@pytest.mark.slow  # pretraining on 4,500 images: `pytest -m slow`
 def test_add_one_class_reports_recall_and_drop(mnist_small: ImageData) -> None:
     learner = pretrain_without(mnist_small, 9, preset="cfl-mlp-stream", epochs=1)
     assert learner.class_names == mnist_small.classes[:9]
