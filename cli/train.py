@@ -16,7 +16,6 @@ from edgeff.cli.common import (
     LEGENDS,
     CheckpointArg,
     DataDirOpt,
-    Dataset,
     JsonOpt,
     LayersOpt,
     Schedule,
@@ -73,7 +72,7 @@ def _memory_report(run: Any) -> None:
 @guarded()
 def train(
     preset: Annotated[str, typer.Option(help="named configuration; see `edgeff presets`")] = "symba-mlp",
-    data: Annotated[Dataset, typer.Option(help="data set")] = Dataset.builtin,
+    data: Annotated[str, typer.Option(help="builtin, mnist, fashion-mnist, cifar10, cifar10-exact, or a folder of your own images (one sub-folder per class)")] = "builtin",
     data_dir: DataDirOpt = None,
     epochs: Annotated[int | None, typer.Option(help="passes over the training set [default: the preset's]")] = None,
     samples: Annotated[int | None, typer.Option(help="use only this many (shuffled) training samples per pass")] = None,
@@ -103,7 +102,7 @@ def train(
     """Train a preset on a data set, streaming batches, then report test accuracy."""
     from edgeff.run import Run, RunOptions
 
-    o = RunOptions(preset=preset, data=data.value, data_dir=data_dir, epochs=epochs, samples=samples,
+    o = RunOptions(preset=preset, data=data, data_dir=data_dir, epochs=epochs, samples=samples,
                    batch_size=batch_size, lr=lr, schedule=schedule.value if schedule else None, seed=seed, device=device,
                    backprop=backprop, out=out_path, resume=resume, optim_state=optim_state, lazy=lazy, frugal=frugal,
                    chunk=chunk, views=views, crop_padding=crop_padding, hflip=hflip, lr_epochs=lr_epochs,
@@ -145,7 +144,7 @@ def train(
 @guarded()
 def eval_cmd(
     checkpoint_path: CheckpointArg,
-    data: Annotated[Dataset | None, typer.Option(help="data set [default: the one it was trained on]")] = None,
+    data: Annotated[str | None, typer.Option(help="data set or image folder [default: the one it was trained on]")] = None,
     data_dir: DataDirOpt = None,
     layers: LayersOpt = None,
     limit: Annotated[int | None, typer.Option(help="evaluate on the first N test images")] = None,
@@ -161,8 +160,8 @@ def eval_cmd(
     from edgeff.data import load_data
 
     learner, meta = checkpoint.load(checkpoint_path, device=device)
-    name = data.value if data is not None else str(meta.get("dataset", "builtin"))
-    ds = load_data(name, data_dir)
+    name = data if data is not None else str(meta.get("dataset", "builtin"))
+    ds = load_data(name, data_dir, input_shape=learner.model_cfg.input_shape)
     if tuple(ds.input_shape) != tuple(learner.model_cfg.input_shape):
         fail(f"{checkpoint_path} expects inputs of shape {learner.model_cfg.input_shape} but {name} has "
              f"{ds.input_shape}; evaluate it on the data set it was trained on ({meta.get('dataset')})")
@@ -180,7 +179,7 @@ def eval_cmd(
         out.print(f"  layer {i + 1} alone: {a:.2%}")
 
 
-def _eval_onnx(path: Path, data: Dataset | None, data_dir: Path | None, layers: str | None, limit: int | None,
+def _eval_onnx(path: Path, data: str | None, data_dir: Path | None, layers: str | None, limit: int | None,
                as_json: bool) -> None:
     from edgeff.exporters.onnx import OnnxPredictor, evaluate_onnx, export_onnx
 
@@ -194,8 +193,8 @@ def _eval_onnx(path: Path, data: Dataset | None, data_dir: Path | None, layers: 
             learner, meta = checkpoint.load(path, device="cpu")
             onnx_path = export_onnx(learner, Path(tmp) / "model.onnx", meta=meta, layers=layers)
         pred = OnnxPredictor(onnx_path)
-        name = data.value if data is not None else (pred.meta.get("dataset") or "builtin")
-        ds = load_data(name, data_dir)
+        name = data if data is not None else (pred.meta.get("dataset") or "builtin")
+        ds = load_data(name, data_dir, input_shape=tuple(pred.input_shape))
         if tuple(ds.input_shape) != tuple(pred.input_shape):
             fail(f"{path} expects inputs of shape {pred.input_shape} but {name} has {ds.input_shape}")
         acc = evaluate_onnx(pred, ((x.numpy(), y.numpy()) for x, y in ds.test_batches(500, limit=limit)))

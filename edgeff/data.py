@@ -33,7 +33,7 @@ from edgeff.edge.data import (  # noqa: F401 - the class names and set names are
     epoch_order,
     load_edge_data,
 )
-from edgeff.errors import DataNotFoundError
+from edgeff.errors import DataNotFoundError, InputError
 
 
 @dataclass(frozen=True)
@@ -112,9 +112,66 @@ def _idx_set(name: str, folder: str, data_dir: Path, classes: tuple[str, ...], m
     return ImageData(name, xtr[:, None], ytr, xte[:, None], yte, classes, (mean,), (std,))
 
 
-def load_data(name: str = "builtin", data_dir: str | Path | None = None) -> ImageData:
-    """Load a data set by name. ``data_dir`` is needed for everything but ``builtin``. The IDX sets are
-    read into memory here; the others come from ``edgeff.edge.data`` (the same arrays)."""
+def load_folder(path: str | Path, input_shape: tuple[int, int, int], *, test_every: int = 5) -> ImageData:
+    """A user's own images: ``path`` holds one sub-folder per class (the class names are the folder names,
+    sorted); every image is converted to the model's channels and resized to its H×W. With ``train/`` and
+    ``test/`` sub-folders (each laid out so) those are the split; otherwise every ``test_every``-th image of
+    each class (by file name) is held out for testing. The normalisation is the training pixels' own
+    mean and std per channel.
+
+    Raises:
+        DataNotFoundError: no class folders or no images in one; InputError: an unreadable image.
+    """
+    root = Path(path).expanduser()
+
+    def classes_in(folder: Path) -> list[Path]:
+        subs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if not subs:
+            raise DataNotFoundError(f"{folder} has no class folders; put each class's images in a sub-folder "
+                                    f"named after it ({folder}/cat/*.png, {folder}/dog/*.png, ...)")
+        return subs
+
+    def read(folders: list[Path]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        xs, ys = [], []
+        for k, d in enumerate(folders):
+            xs.append(load_pixels(d, input_shape))
+            if xs[-1].dtype != np.uint8:
+                raise InputError(f"{d} holds an array of floats; a class folder holds image files")
+            ys.append(np.full(len(xs[-1]), k, np.int64))
+        return xs, ys
+
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        train_dirs, test_dirs = classes_in(root / "train"), classes_in(root / "test")
+        names = [d.name for d in train_dirs]
+        if [d.name for d in test_dirs] != names:
+            raise InputError(f"{root}/train and {root}/test must hold the same class folders")
+        (xtr, ytr), (xte, yte) = read(train_dirs), read(test_dirs)
+        x_train, y_train, x_test, y_test = np.concatenate(xtr), np.concatenate(ytr), np.concatenate(xte), np.concatenate(yte)
+    else:
+        dirs = classes_in(root)
+        names = [d.name for d in dirs]
+        xs, ys = read(dirs)
+        held = [np.arange(len(x)) % test_every == test_every - 1 for x in xs]
+        if any(len(x) < 2 for x in xs):
+            raise InputError(f"every class folder in {root} needs at least 2 images (one is held out for testing)")
+        held = [h if h.any() else np.arange(len(h)) == len(h) - 1 for h in held]
+        x_train = np.concatenate([x[~h] for x, h in zip(xs, held, strict=True)])
+        y_train = np.concatenate([y[~h] for y, h in zip(ys, held, strict=True)])
+        x_test = np.concatenate([x[h] for x, h in zip(xs, held, strict=True)])
+        y_test = np.concatenate([y[h] for y, h in zip(ys, held, strict=True)])
+    pixels = x_train.astype(np.float64) / 255.0
+    mean = tuple(float(v) for v in pixels.mean((0, 2, 3)))
+    std = tuple(max(float(v), 1e-3) for v in pixels.std((0, 2, 3)))
+    return ImageData(str(root), x_train, y_train, x_test, y_test, tuple(names), mean, std)
+
+
+def load_data(name: str = "builtin", data_dir: str | Path | None = None, *,
+              input_shape: tuple[int, int, int] | None = None) -> ImageData:
+    """Load a data set by name, or a folder of one sub-folder of images per class (``load_folder``,
+    converted to ``input_shape``). ``data_dir`` is needed for everything but ``builtin`` and folders. The
+    IDX sets are read into memory here; the others come from ``edgeff.edge.data`` (the same arrays)."""
+    if name not in DATASETS and Path(name).expanduser().is_dir():
+        return load_folder(name, input_shape or (1, 28, 28))
     if name in IDX_SETS:
         folder, classes, mean, std = IDX_SETS[name]
         return _idx_set(name, folder, data_root(name, data_dir), classes, mean[0], std[0])
@@ -203,7 +260,6 @@ def load_pixels(path: str | Path, input_shape: tuple[int, int, int]) -> np.ndarr
         DataNotFoundError: nothing readable at ``path``.
         InputError: images or arrays that do not fit ``input_shape``.
     """
-    from edgeff.errors import InputError
 
     p = Path(path).expanduser()
     c, h, w = input_shape

@@ -34,7 +34,7 @@ class RunOptions:
     """What a user chooses for a run; ``None`` means the preset's value."""
 
     preset: str = "symba-mlp"
-    data: str = "builtin"
+    data: str = "builtin"  # a data set's name, or a folder with one sub-folder of images per class
     data_dir: Path | None = None
     epochs: int | None = None
     samples: int | None = None  # training samples per pass
@@ -102,7 +102,7 @@ class Run:
         self.name = f"{o.preset}{'-bp' if o.backprop and p.algorithm != 'bp' else ''}"
         self.path = o.out or Path("runs") / f"{self.name}.pt"
         check_options(o, self.path)
-        self.data = load_data(o.data, o.data_dir)
+        self.data = load_data(o.data, o.data_dir, input_shape=p.model.input_shape)
         tc = train_config(p, o)
         self.epochs = o.epochs or p.train.epochs
         self.resumed = o.resume and self.path.is_file()
@@ -110,8 +110,10 @@ class Run:
         if self.resumed:
             self.learner = self._resume(p)
         else:
-            self.learner = make_learner(p, input_shape=self.data.input_shape, num_classes=len(self.data.classes),
-                                        train=tc, backprop=o.backprop)
+            classes = tuple(self.data.classes)  # the data set's class names travel with the model
+            p = replace(p, model=replace(p.model, input_shape=self.data.input_shape, num_classes=len(classes),
+                                         class_names=classes))
+            self.learner = make_learner(p, train=tc, backprop=o.backprop)
         n = len(self.data.y_train)
         self.per_epoch = min(o.samples, n) if o.samples else n
         self.total = self.per_epoch * self.epochs

@@ -175,6 +175,33 @@ def test_error_text_keeps_its_brackets(monkeypatch: pytest.MonkeyPatch) -> None:
     assert res.exit_code == 2 and '".[plot]"' in res.output, res.output  # rich markup would eat "[plot]"
 
 
+def test_train_on_a_folder_of_ones_own_images(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from edgeff.data import load_data
+
+    ds = load_data("builtin")
+    root = tmp_path / "mine"
+    for digit, name in ((0, "zero"), (1, "one"), (7, "seven")):
+        (root / name).mkdir(parents=True)
+        for i, img in enumerate(ds.x_train[ds.y_train == digit][:40, 0]):
+            Image.fromarray(img).resize((40, 40)).save(root / name / f"{i:03d}.png")  # resized back to 28x28
+    out_path = tmp_path / "mine.pt"
+    res = runner.invoke(app, ["train", "--preset", "symba-mlp", "--data", str(root), "--epochs", "3", "--out",
+                              str(out_path), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "96 samples" in res.output and _accuracy(res.output) > 0.6  # 3 classes, 8 test images each
+    learner, meta = checkpoint.load(out_path)
+    assert learner.class_names == ("one", "seven", "zero") and meta["classes"] == ["one", "seven", "zero"]
+    res = runner.invoke(app, ["eval", str(out_path), "--json", "--no-progress"])  # the folder is remembered
+    assert res.exit_code == 0 and json.loads(res.output)["n"] == 24, res.output
+    res = runner.invoke(app, ["predict", str(out_path), str(root / "seven" / "004.png")])
+    assert res.exit_code == 0 and res.output.startswith("004.png: "), res.output
+    (root / "one" / "broken.png").write_bytes(b"not an image")
+    res = runner.invoke(app, ["train", "--data", str(root), "--out", str(tmp_path / "b.pt")])
+    assert res.exit_code == 2 and "cannot read the image" in res.output and "broken.png" in res.output
+
+
 def test_version_threads_and_a_legend(tmp_path: Path) -> None:
     from edgeff import __version__
 

@@ -148,7 +148,8 @@ def data_root(name: str, data_dir: str | Path | None) -> Path:
     """The folder holding data set ``name`` (any but ``builtin``), checked; ``DataNotFoundError`` saying
     what to pass otherwise."""
     if name not in DATASETS:
-        raise DataNotFoundError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+        raise DataNotFoundError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)} or a folder with "
+                                "one sub-folder of images per class")
     if data_dir is None:
         raise DataNotFoundError(f"data set {name!r} needs --data-dir pointing at a folder with its files "
                                 "(MNIST/raw/, FashionMNIST/raw/ or CIFAR10/); only 'builtin' ships with edgeff")
