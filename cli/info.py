@@ -25,17 +25,18 @@ def print_memory(report: Any, measured: dict[str, Any] | None, title: str) -> No
         table.add_row(*[r[c] if c == "layer" else ("-" if r[c] is None else f"{r[c]:,.1f}") for c in cols])
     out.print(table)
     k = 1024
-    out.print(f"step cost (accounted): layer-local {report.local_step / k:,.1f} KiB ({report.schedule}, {report.step}), "
-              f"backprop {report.bp_step / k:,.1f} KiB, ratio {report.local_step / report.bp_step:.2f}; peak with the "
-              f"model: {report.local_peak / k:,.1f} vs {report.bp_peak / k:,.1f} KiB; physical limit (greedy) "
-              f"{report.physical_limit / k:,.1f} KiB", highlight=False)
+    out.print(f"step ({report.schedule}, {report.step}), accounted:\n"
+              f"  layer-local {report.local_step / k:,.1f} KiB, backprop {report.bp_step / k:,.1f} KiB, "
+              f"ratio {report.local_step / report.bp_step:.2f}\n"
+              f"  peak with the model {report.local_peak / k:,.1f} vs {report.bp_peak / k:,.1f} KiB; "
+              f"greedy limit {report.physical_limit / k:,.1f} KiB", highlight=False)
     if measured:
         parts = [f"{'layer-local' if key == 'local' else 'backprop'} {m['step_cost'] / k:,.1f} KiB"
                  for key, m in measured.items()]
-        line = f"step cost (measured, {next(iter(measured.values()))['method']}): " + ", ".join(parts)
+        line = "  " + ", ".join(parts)
         if {"local", "bp"} <= set(measured):
             line += f", ratio {measured['local']['step_cost'] / measured['bp']['step_cost']:.2f}"
-        out.print(line, highlight=False)
+        out.print(f"measured ({next(iter(measured.values()))['method']}):\n{line}", highlight=False)
 
 
 @guarded(RuntimeError)
