@@ -52,6 +52,7 @@ app.command()(info.presets)
 app.command()(info.explain)
 app.command("add-class")(continual.add_class)
 app.command()(continual.continual)
+app.command()(continual.learn)
 app.command("device-sim")(device.device_sim)
 app.add_typer(device.device_app, name="device")
 

@@ -69,6 +69,37 @@ def add_class(
     out.print(f"checkpoint: {path}", highlight=False)
 
 
+@guarded()
+def learn(
+    checkpoint_path: CheckpointArg,
+    data: Annotated[str, typer.Option(help="the new data: a data set's name or a folder with one sub-folder of images per class")],
+    data_dir: DataDirOpt = None,
+    buffer: Annotated[int | None, typer.Option(help="replay buffer samples [default: the checkpoint's buffer, else none]")] = None,
+    batch_size: Annotated[int, typer.Option(help="stream samples per step")] = 10,
+    out_path: Annotated[Path | None, typer.Option("--out", help="checkpoint to write [default: CHECKPOINT's name + -learned]")] = None,
+    in_place: Annotated[bool, typer.Option("--in-place", help="overwrite CHECKPOINT")] = False,
+    seed: Annotated[int, typer.Option(help="data order seed")] = 0,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Continue learning from a checkpoint on new data (one pass, replay): new classes grow, the replay
+    buffer is kept in the checkpoint, old-class accuracy is printed before and after."""
+    from edgeff.learn import learn as learn_fn
+
+    if in_place and out_path is not None:
+        fail("--in-place overwrites CHECKPOINT; drop --out, or drop --in-place to write --out")
+    with progress_bar(err, disable=not progress) as bar:
+        task = bar.add_task("learn", total=None)
+        r = learn_fn(checkpoint_path, data, data_dir=data_dir, buffer=buffer, batch_size=batch_size, seed=seed,
+                     out=checkpoint_path if in_place else out_path, on_step=lambda m, n: bar.update(task, advance=n))
+    pct = lambda v: "-" if v is None else f"{v:.2%}"
+    grown = ", ".join(r.new_classes) or "none"
+    out.print(f"learned from {r.samples} samples; new classes: {grown}", highlight=False)
+    out.print(f"old classes {pct(r.old_before)} -> {pct(r.old_after)}; new classes {pct(r.new_acc)}", highlight=False)
+    out.print(f"replay buffer: {r.buffer_size} samples, {r.buffer_bytes / 1024:,.1f} KiB (kept in the checkpoint)",
+              highlight=False)
+    out.print(f"checkpoint: {r.path}", highlight=False)
+
+
 def _add_one(ds: Any, o: dict[str, Any], who: str, quiet: bool) -> None:
     from edgeff.continual import ReplayBuffer, add_one_class, pretrain_without
 
@@ -160,4 +191,4 @@ def continual(
     (_add_one if scenario == Scenario.add_one_class else _split)(ds, o, who, not progress or as_json)
 
 
-__all__ = ["Scenario", "add_class", "continual"]
+__all__ = ["Scenario", "add_class", "continual", "learn"]

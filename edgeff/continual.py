@@ -78,6 +78,33 @@ class ReplayBuffer:
                 self.x[slot] = x[i].detach().cpu()
                 self.y[slot] = int(y[i])
 
+    def nbytes(self) -> int:
+        """Memory the buffer holds (its sample storage and labels)."""
+        return (0 if self.x is None else self.x.numel() * self.x.element_size()) + self.y.numel() * 8
+
+    def state(self) -> dict[str, Any]:
+        """Everything to restore the buffer exactly (kept in a checkpoint's meta by ``edgeff learn``)."""
+        return {"capacity": self.capacity, "batch": self.batch, "asymmetric": self.asymmetric, "seen": self.seen,
+                "size": self.size, "generator": self.generator.get_state(),
+                "x": None if self.x is None else self.x[: self.size].clone(), "y": self.y[: self.size].clone()}
+
+    @staticmethod
+    def from_state(state: dict[str, Any], capacity: int | None = None) -> ReplayBuffer:
+        """The buffer ``state`` describes; a smaller ``capacity`` keeps a uniform subset of its samples."""
+        cap = int(state["capacity"]) if capacity is None else capacity
+        buf = ReplayBuffer(cap, batch=state["batch"], asymmetric=bool(state["asymmetric"]))
+        buf.generator.set_state(state["generator"])
+        buf.seen = int(state["seen"])
+        x, y = state["x"], state["y"]
+        keep = min(int(state["size"]), cap)
+        if x is not None and keep:
+            idx = torch.randperm(int(state["size"]), generator=buf.generator)[:keep] if keep < state["size"] else \
+                torch.arange(keep)
+            buf.x = torch.zeros(cap, *x.shape[1:], dtype=x.dtype)
+            buf.x[:keep], buf.y[:keep] = x[idx], y[idx]
+            buf.size = keep
+        return buf
+
     def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Up to ``n`` held samples, uniformly without replacement: (x, y)."""
         if self.x is None or self.size == 0 or n < 1:

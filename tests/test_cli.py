@@ -202,6 +202,41 @@ def test_train_on_a_folder_of_ones_own_images(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "cannot read the image" in res.output and "broken.png" in res.output
 
 
+def test_learn_continues_from_a_checkpoint_with_its_replay_buffer(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from edgeff.data import load_data
+
+    ds = load_data("builtin")
+
+    def folder(name: str, digits: tuple[int, ...], n: int) -> Path:
+        root = tmp_path / name
+        for d in digits:
+            (root / str(d)).mkdir(parents=True)
+            for i, img in enumerate(ds.x_train[ds.y_train == d][:n, 0]):
+                Image.fromarray(img).save(root / str(d) / f"{i:03d}.png")
+        return root
+
+    first, second = folder("first", (0, 1, 2), 30), folder("second", (2, 3), 30)
+    base = tmp_path / "base.pt"
+    res = runner.invoke(app, ["train", "--preset", "cfl-mlp-stream", "--data", str(first), "--epochs", "2",
+                              "--out", str(base), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    before = base.read_bytes()
+    res = runner.invoke(app, ["learn", str(base), "--data", str(second), "--buffer", "40", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "new classes: 3" in res.output and "old classes " in res.output and "40 samples" in res.output
+    assert base.read_bytes() == before  # written beside it, not over it
+    learned = tmp_path / "base-learned.pt"
+    learner, meta = checkpoint.load(learned)
+    assert learner.class_names == ("0", "1", "2", "3") and meta["replay"]["size"] == 40
+    # the next session replays the saved buffer (no --buffer): it round-trips through the checkpoint
+    res = runner.invoke(app, ["learn", str(learned), "--data", str(second), "--in-place", "--no-progress"])
+    assert res.exit_code == 0 and "new classes: none" in res.output and "40 samples" in res.output, res.output
+    _, meta2 = checkpoint.load(learned)
+    assert meta2["replay"]["seen"] == meta["replay"]["seen"] + 48  # 2 classes x 24 training images
+
+
 def test_version_threads_and_a_legend(tmp_path: Path) -> None:
     from edgeff import __version__
 
