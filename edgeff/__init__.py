@@ -14,8 +14,11 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "PRESETS": "edgeff.presets",
     "BPLearner": "edgeff.baseline",
+    "ContrastiveLearner": "edgeff.contrastive",
+    "LearnerBase": "edgeff.contract",
+    "MirrorLearner": "edgeff.mirror",
     "EvalResult": "edgeff.evaluation",
-    "LayerMetrics": "edgeff.trainer",
+    "LayerMetrics": "edgeff.loop",
     "LayerSpec": "edgeff.config",
     "Learner": "edgeff.trainer",
     "ModelConfig": "edgeff.config",
@@ -29,10 +32,13 @@ _EXPORTS = {
 __all__ = [
     "PRESETS",
     "BPLearner",
+    "ContrastiveLearner",
     "EvalResult",
     "LayerMetrics",
     "LayerSpec",
     "Learner",
+    "LearnerBase",
+    "MirrorLearner",
     "ModelConfig",
     "TrainConfig",
     "__version__",
@@ -45,9 +51,13 @@ __all__ = [
 if TYPE_CHECKING:
     from edgeff.baseline import BPLearner
     from edgeff.config import LayerSpec, ModelConfig, TrainConfig
+    from edgeff.contract import LearnerBase
+    from edgeff.contrastive import ContrastiveLearner
     from edgeff.evaluation import EvalResult, evaluate
+    from edgeff.loop import LayerMetrics
+    from edgeff.mirror import MirrorLearner
     from edgeff.presets import PRESETS, get_preset, make_learner
-    from edgeff.trainer import LayerMetrics, Learner, fit
+    from edgeff.trainer import Learner, fit
 
 
 def __getattr__(name: str) -> Any:
