@@ -17,7 +17,7 @@ from edgeff.config import ModelConfig, TrainConfig
 from edgeff.contract import LearnerBase, register
 from edgeff.graphs import BPGraph
 from edgeff.inputs import as_batch, as_labels, check_loss
-from edgeff.layers import class_row, grow_linear, make_block, make_optimizer, out_shape
+from edgeff.layers import HEAD_ROW_NORM, class_row, grow_linear, make_block, make_optimizer, out_shape
 from edgeff.loop import LayerMetrics
 from edgeff.losses import fresh_class_mask
 
@@ -107,7 +107,7 @@ class BPLearner(LearnerBase):
             self.net.eval()
             with torch.no_grad():
                 proto = self.net.features(xb).mean(0)
-        grow_linear(self.net.head, class_row(self.net.head.weight, proto, self.generator), [self.opt])
+        grow_linear(self.net.head, class_row(self.net.head.weight, proto, self.generator, HEAD_ROW_NORM), [self.opt])
         self.model_cfg = cfg
         return cfg.num_classes - 1
 

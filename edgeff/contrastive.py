@@ -35,7 +35,16 @@ from edgeff.augment import make_augment, make_views
 from edgeff.config import ModelConfig, TrainConfig
 from edgeff.contract import LearnerBase, register
 from edgeff.inputs import as_batch, as_labels, check_loss
-from edgeff.layers import LocalLayer, class_row, grow_linear, grow_rows, make_block, make_optimizer, out_shape
+from edgeff.layers import (
+    HEAD_ROW_NORM,
+    LocalLayer,
+    class_row,
+    grow_linear,
+    grow_rows,
+    make_block,
+    make_optimizer,
+    out_shape,
+)
 from edgeff.loop import LayerMetrics
 from edgeff.losses import (
     cfl_batch_loss,
@@ -300,7 +309,7 @@ class ContrastiveLearner(LearnerBase):
             grow_rows(self.net, "embed", row[None], [last.opt])
             last.extra_params = [self.net.embed]
         head_proto = None if feats is None else feats[-1].mean(0)
-        grow_linear(self.net.head, class_row(self.net.head.weight, head_proto, self.generator), [self.head_opt])
+        grow_linear(self.net.head, class_row(self.net.head.weight, head_proto, self.generator, HEAD_ROW_NORM), [self.head_opt])
         self.model_cfg = cfg
         self.net.cfg = cfg
         return cfg.num_classes - 1

@@ -371,14 +371,21 @@ def grow_rows(
     return new
 
 
-def class_row(existing: torch.Tensor, proto: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+HEAD_ROW_NORM = 3 ** -0.5  # a row's expected norm under torch's default Linear init (uniform ±1/√D over D values)
+
+
+def class_row(existing: torch.Tensor, proto: torch.Tensor | None, generator: torch.Generator,
+              first_norm: float | None = None) -> torch.Tensor:
     """A new class's row for a (K, D) matrix of class vectors (label embeddings, head weights): the
     direction of ``proto`` (D,) — a mean feature of the class's examples — or a random Gaussian one,
-    scaled to the mean row norm of ``existing`` so no class starts louder than the others."""
+    scaled to the mean row norm of ``existing`` so no class starts louder than the others. The first row
+    of an empty matrix gets ``first_norm`` (default: a Gaussian row's norm √D, the label dictionary's
+    init; heads pass ``HEAD_ROW_NORM``: √D would start a 1,024-wide head ~55× louder than torch's init)."""
     rows = existing.detach()
     if proto is None:
         proto = torch.randn(rows.shape[1], generator=generator).to(rows.device)
-    scale = rows.norm(dim=1).mean() if rows.shape[0] else torch.tensor(float(rows.shape[1]) ** 0.5)  # randn's norm
+    first = float(rows.shape[1]) ** 0.5 if first_norm is None else first_norm
+    scale = rows.norm(dim=1).mean() if rows.shape[0] else torch.tensor(first)
     return proto.to(rows.dtype).flatten() / proto.norm().clamp_min(1e-12) * scale  # (D,)
 
 

@@ -25,7 +25,15 @@ from edgeff.config import ModelConfig, TrainConfig
 from edgeff.contract import LearnerBase, register
 from edgeff.graphs import MirrorGraph
 from edgeff.inputs import as_batch, as_labels, check_loss
-from edgeff.layers import LocalLayer, class_row, grow_linear, make_block, make_optimizer, out_shape
+from edgeff.layers import (
+    HEAD_ROW_NORM,
+    LocalLayer,
+    class_row,
+    grow_linear,
+    make_block,
+    make_optimizer,
+    out_shape,
+)
 from edgeff.loop import LayerMetrics
 from edgeff.optim import LeanOptimizer
 
@@ -170,7 +178,7 @@ class MirrorLearner(LearnerBase):
                         h = layer(h)
                     proto = h.flatten(1).mean(0)
             opts = [self._out_opts[i]] if self._out_opts is not None else []
-            grow_linear(m.out, class_row(m.out.weight, proto, self.generator), opts)
+            grow_linear(m.out, class_row(m.out.weight, proto, self.generator, HEAD_ROW_NORM), opts)
         self.model_cfg = cfg
         return cfg.num_classes - 1
 

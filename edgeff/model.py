@@ -11,7 +11,15 @@ from torch import nn
 
 from edgeff.config import ModelConfig, TrainConfig, select_layers
 from edgeff.labels import LabelEncoder, make_encoder
-from edgeff.layers import LocalLayer, class_row, grow_linear, make_block, make_optimizer, out_shape
+from edgeff.layers import (
+    HEAD_ROW_NORM,
+    LocalLayer,
+    class_row,
+    grow_linear,
+    make_block,
+    make_optimizer,
+    out_shape,
+)
 from edgeff.losses import goodness
 from edgeff.optim import LeanOptimizer
 
@@ -137,7 +145,7 @@ class HeadPredictor(nn.Module):
         if examples is not None:
             with torch.no_grad():
                 proto = self._features(net, examples).mean(0)  # (D,)
-        grow_linear(self.linear, class_row(self.linear.weight, proto, generator), [self.opt])
+        grow_linear(self.linear, class_row(self.linear.weight, proto, generator, HEAD_ROW_NORM), [self.opt])
 
     def learn(self, net: LocalNet, x: torch.Tensor, y: torch.Tensor) -> float | None:
         """One cross-entropy step on the features the head will see at inference (eval mode, so the
