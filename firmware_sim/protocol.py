@@ -95,45 +95,31 @@ def cobs_encode(data: bytes) -> bytes:
     return bytes(out)
 
 
-WINDOW_BLOCKS = 1 << 14  # blocks decoded per vectorised window
-WINDOW_BYTES = 1 << 16  # ... and encoded bytes: a window's scratch is a few of these, whatever the frame's size
-
-
 def cobs_decode(data: bytes | bytearray | memoryview) -> bytes:
-    """Invert ``cobs_encode``; raises ``FrameError`` on a malformed encoding. The block chain is walked once,
-    a window of at most ``WINDOW_BLOCKS`` blocks / ``WINDOW_BYTES`` bytes at a time (block offsets kept as
-    int32, not a Python object each) and each window is decoded with numpy into one output buffer, so
-    decoding costs the output plus a window's scratch (a frame of zeros, one block per byte, included)."""
+    """Invert ``cobs_encode``; raises ``FrameError`` on a malformed encoding. The block chain is walked once
+    (block offsets kept as int32, 4 bytes per block, not a Python object each), the output built by numpy."""
     if isinstance(data, memoryview):
         data = data.tobytes()
     n = len(data)
     if data.find(0) != -1:
         raise FrameError("COBS: zero byte inside a frame")
+    codes = array.array("i")
+    i = 0
+    while i < n:  # one step per block: the code bytes chain through the frame
+        codes.append(i)
+        i += data[i]
+    if i != n:
+        raise FrameError("COBS: block runs past the end of the frame")
+    if not codes:
+        return b""
     arr = np.frombuffer(data, np.uint8)
-    out = np.empty(n, np.uint8)  # the decoded frame is shorter than the encoded one
-    o = i = 0
-    prev = -1  # the code of the block before the window (-1: none; 255: no zero follows it)
-    while i < n:
-        codes = array.array("i")
-        start = i
-        while i < n and len(codes) < WINDOW_BLOCKS and i - start < WINDOW_BYTES:
-            codes.append(i - start)
-            i += data[i]
-        if i > n:
-            raise FrameError("COBS: block runs past the end of the frame")
-        rel = np.frombuffer(codes, np.int32)
-        seg = arr[start:i].copy()
-        zero = np.empty(len(rel), bool)  # does a zero byte stand where this block's code byte is?
-        zero[0] = prev not in (-1, 255)
-        zero[1:] = seg[rel[:-1]] != 255
-        prev = int(seg[rel[-1]])
-        seg[rel] = 0
-        keep = np.ones(len(seg), bool)
-        keep[rel[~zero]] = False
-        piece = seg[keep]
-        out[o : o + len(piece)] = piece
-        o += len(piece)
-    return out[:o].tobytes()
+    pos = np.frombuffer(codes, np.int32)
+    keep = np.ones(n, bool)
+    keep[pos[0]] = False  # the leading code byte
+    keep[pos[1:][arr[pos[:-1]] == 255]] = False  # a 255-block is not followed by a zero
+    out = arr.copy()
+    out[pos] = 0
+    return out[keep].tobytes()
 
 
 # --------------------------------------------------------------------------- bodies
