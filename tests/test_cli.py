@@ -1,4 +1,5 @@
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -237,8 +238,14 @@ def test_learn_continues_from_a_checkpoint_with_its_replay_buffer(tmp_path: Path
     assert meta2["replay"]["seen"] == meta["replay"]["seen"] + 48  # 2 classes x 24 training images
 
 
-def test_version_threads_and_a_legend(tmp_path: Path) -> None:
+def test_version_threads_and_a_legend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgeff.cli.app import THREAD_VARS
+
     from edgeff import __version__
+
+    for var in THREAD_VARS:  # --threads sets them for the process: restored (to absent) after this test
+        monkeypatch.setenv(var, os.environ.get(var, "0"))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # nor may it change the suite's threads
 
     res = runner.invoke(app, ["--version"])
     assert res.exit_code == 0 and __version__ in res.output
