@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 from edgeff.cli.common import Dataset, err, out  # the main CLI's choices and consoles (no torch at load)
 from edgeff.cli.common import fail as _fail
+from edgeff.cli.device import device_sim
 
 app = typer.Typer(help="edgeff's edge runtime: train and run layer-local models with numpy alone (no torch).",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -149,22 +150,8 @@ def convert(
     out.print(f"wrote {path}")
 
 
-@app.command("device-sim")
-def device_sim(
-    budget: Annotated[str, typer.Option(help="RAM budget, e.g. 512KiB or 4MiB")] = "4MiB",
-    state_dir: Annotated[Path | None, typer.Option(help="where SAVE writes state and a restart restores it")] = None,
-    socket_port: Annotated[int | None, typer.Option("--socket", help="serve socket://127.0.0.1:PORT instead of a pty")] = None,
-    seed: Annotated[int, typer.Option(help="device RNG seed")] = 0,
-) -> None:
-    """Run the simulated device (numpy only), as `edgeff device-sim`."""
-    from edgeff.firmware_sim.device import main as sim_main
-
-    argv = ["--budget", budget, "--seed", str(seed)]
-    if state_dir is not None:
-        argv += ["--state-dir", str(state_dir)]
-    if socket_port is not None:
-        argv += ["--socket", str(socket_port)]
-    raise typer.Exit(sim_main(argv))
+# the same simulated device as `edgeff device-sim` (cli/device.py imports no torch)
+app.command("device-sim")(device_sim)
 
 
 def main() -> None:
