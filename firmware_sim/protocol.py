@@ -259,10 +259,11 @@ class FrameDecoder:
                 out.extend(self._finish())
             if self._overflow:
                 continue
-            self._buf += chunk
-            if len(self._buf) > self.max_frame:
+            if len(self._buf) + len(chunk) > self.max_frame:  # checked before appending: never over the limit
                 self._buf.clear()
                 self._overflow = True
+                continue
+            self._buf += chunk
         return out
 
     def _finish(self) -> list[Message | FrameError]:

@@ -72,6 +72,26 @@ def test_oversized_frame_is_dropped_not_buffered() -> None:
     assert len(dec._buf) == 0
 
 
+def test_the_receive_buffer_never_holds_more_than_the_limit() -> None:
+    # a frame arriving in large pieces is dropped before a piece that would take it past max_frame is appended
+    import tracemalloc
+
+    dec = FrameDecoder(max_frame=1_000_000)
+    piece = b"\x05" * 600_000
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for _ in range(3):
+            dec.feed(piece)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000  # the buffered part (600 kB) and never a 1.2 MB buffer
+    items = dec.feed(b"\x00" + encode_frame(Message(MsgType.STATS, 4)))
+    assert isinstance(items[0], FrameError)
+    assert isinstance(items[1], Message) and items[1].seq == 4
+
+
 def test_unsupported_array_dtype_is_refused() -> None:
     with pytest.raises(ValueError, match="dtype"):
         encode_frame(Message(MsgType.INFER, 1, {}, {"x": np.zeros(3, np.float16)}))
