@@ -35,7 +35,7 @@ from edgeff.trainer import train_epochs
 # 71.2% at 1e-3, 82.8% at 1e-4).
 STREAM_LR = 1e-4
 JOBS: dict[str, tuple[str, str, str, int, int, float]] = {
-    "ff-mlp:mnist": ("ff-mlp", "mnist", "epochs", 20, 100, 12 * 60),
+    "ff-mlp:mnist": ("ff-mlp", "mnist", "epochs", 10, 100, 25 * 60),
     "symba-mlp:mnist": ("symba-mlp", "mnist", "epochs", 20, 100, 12 * 60),
     "trifecta-cnn:mnist": ("trifecta-cnn", "mnist", "epochs", 6, 128, 25 * 60),
     "trifecta-cnn:fashion-mnist": ("trifecta-cnn", "fashion-mnist", "epochs", 4, 128, 18 * 60),

@@ -9,7 +9,9 @@ Jobs (writes bench/results/continual.json, prints tables):
   (the ``--preset`` local learner) or ``bp`` (end-to-end backprop on the same architecture, growing
   head), each ``-naive`` (no buffer), ``-ace`` (reservoir buffer of ``--buffer`` samples, ER-ACE's
   asymmetric loss: fresh samples compete only with the fresh classes) or ``-er`` (the same buffer,
-  plain experience replay). Reports the accuracy matrix, average accuracy, forgetting, backward transfer.
+  plain experience replay), the buffer filled by each of ``--policies`` (``reservoir``: Vitter's algorithm R;
+  ``balanced``: class-balanced reservoir sampling). Reports the accuracy matrix, average accuracy,
+  forgetting, backward transfer.
 - ``add:DATA:LEARNER`` — train on 9 classes (``--pretrain-epochs``), then stream 2,000 old-class samples
   with k = 5, 20, 50 examples of class 9 at random positions (batch 10, the ``-ace`` buffer); each k
   starts from a copy of the same pretrained model. Reports new-class recall and the old classes'
@@ -38,7 +40,8 @@ JOBS = ([f"split:mnist:{lr}" for lr in LEARNERS] + [f"split:fashion-mnist:{lr}" 
         + ["add:mnist:edgeff-ace", "add:mnist:bp-ace"])
 
 
-def run_job(job: str, data_dir: Path, preset: str, buffer: int, pretrain_epochs: int, seed: int) -> list[dict[str, Any]]:
+def run_job(job: str, data_dir: Path, preset: str, buffer: int, pretrain_epochs: int, seed: int,
+            policy: str = "reservoir") -> list[dict[str, Any]]:
     torch.set_num_threads(1)
     kind, dataset, learner = job.split(":")
     family, mode = learner.split("-")
@@ -46,11 +49,12 @@ def run_job(job: str, data_dir: Path, preset: str, buffer: int, pretrain_epochs:
     buf = 0 if mode == "naive" else buffer
     ds = load_data(dataset, data_dir)
     base = {"job": job, "scenario": kind, "dataset": dataset, "learner": learner, "preset": preset,
-            "backprop": backprop, "buffer": buf, "asymmetric": mode == "ace", "batch_size": 10, "seed": seed}
+            "backprop": backprop, "buffer": buf, "asymmetric": mode == "ace", "batch_size": 10, "seed": seed,
+            "buffer_policy": policy if buf else "none"}
     t0 = time.perf_counter()
     if kind == "split":
         res = split_scenario(ds, preset=preset, backprop=backprop, buffer=buf, asymmetric=mode == "ace",
-                             batch_size=10, seed=seed)
+                             buffer_policy=policy, batch_size=10, seed=seed)
         return [{**base, "epochs": 1, "seconds": time.perf_counter() - t0, "avg_acc": res.average_accuracy,
                  "forgetting": res.forgetting, "bwt": res.backward_transfer,
                  "final_row": ",".join(f"{v:.4f}" for v in res.matrix[-1]),
@@ -61,7 +65,7 @@ def run_job(job: str, data_dir: Path, preset: str, buffer: int, pretrain_epochs:
     for k in (5, 20, 50):
         t1 = time.perf_counter()
         learner_k = copy.deepcopy(pre)
-        replay = ReplayBuffer(buf, seed=seed, asymmetric=mode == "ace") if buf else None
+        replay = ReplayBuffer(buf, seed=seed, asymmetric=mode == "ace", policy=policy) if buf else None
         r = add_one_class(learner_k, ds, 9, k, traffic=2000, batch_size=10, replay=replay, seed=seed)
         out.append({**base, "k": k, "epochs": pretrain_epochs, "pretrain_seconds": pre_seconds,
                     "seconds": time.perf_counter() - t1, "new_recall": r.new_recall, "old_before": r.old_before,
@@ -77,12 +81,15 @@ def main() -> None:
     ap.add_argument("--buffer", type=int, default=500)
     ap.add_argument("--pretrain-epochs", type=int, default=1)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds; every job runs once per seed")
+    ap.add_argument("--policies", default="reservoir", help="buffer policies (reservoir, balanced), comma-separated; "
+                    "every job with a buffer runs once per policy")
     args = ap.parse_args()
-    jobs = args.jobs.split(",")
+    runs = [(j, seed, pol) for j in args.jobs.split(",") for seed in map(int, args.seeds.split(","))
+            for pol in (args.policies.split(",") if not j.endswith("-naive") else ["reservoir"])]
     with ProcessPoolExecutor(args.workers) as pool:
-        futures = [pool.submit(run_job, j, args.data_dir, args.preset, args.buffer, args.pretrain_epochs, args.seed)
-                   for j in jobs]
+        futures = [pool.submit(run_job, j, args.data_dir, args.preset, args.buffer, args.pretrain_epochs, seed, pol)
+                   for j, seed, pol in runs]
         records = [r for f in futures for r in f.result()]
     # side-by-side ratios: each edgeff record against backprop with the same buffer mode in this run
     for r in records:
@@ -90,16 +97,17 @@ def main() -> None:
             continue
         twin = next((b for b in records if b["backprop"] and b["scenario"] == r["scenario"]
                      and b["dataset"] == r["dataset"] and b["learner"].split("-")[1] == r["learner"].split("-")[1]
-                     and b.get("k") == r.get("k")), None)
+                     and b.get("k") == r.get("k") and b["seed"] == r["seed"]
+                     and b["buffer_policy"] == r["buffer_policy"]), None)
         if twin is not None:
             key = "avg_acc" if r["scenario"] == "split" else "new_recall"
             r[f"bp_{key}"] = twin[key]
             r["ratio"] = r[key] / twin[key] if twin[key] else float("nan")
-    merge_records("continual", records, ("job", "preset", "buffer", "seed", "k"))
+    merge_records("continual", records, ("job", "preset", "buffer", "buffer_policy", "seed", "k"))
     split = [r for r in records if r["scenario"] == "split"]
     add = [r for r in records if r["scenario"] == "add"]
     if split:
-        print(table(split, ["dataset", "learner", "buffer", "avg_acc", "forgetting", "bwt", "bp_avg_acc", "ratio",
+        print(table(split, ["dataset", "learner", "buffer", "buffer_policy", "seed", "avg_acc", "forgetting", "bwt", "bp_avg_acc", "ratio",
                             "seconds", "final_row"]))
     if add:
         print(table(add, ["dataset", "learner", "k", "new_recall", "old_before", "old_after", "old_drop_pt",

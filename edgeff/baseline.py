@@ -58,13 +58,14 @@ class BPLearner(LearnerBase):
     net: BPNet
     kind = "bp"
     family = "backprop"
-    train_fields = frozenset({"views", "crop_padding", "hflip"})
+    train_fields = frozenset({"views", "crop_padding", "hflip", "weight_decay"})
     model_fields = frozenset({"global_pool"})
 
     def __init__(self, model: ModelConfig, train: TrainConfig) -> None:
         super().__init__(model, train)
         self.net = BPNet(model, self.generator).to(self.device)
-        self.opt = make_optimizer(list(self.net.parameters()), train.optimizer, train.lr, train.optim_state_dtype)
+        self.opt = make_optimizer(list(self.net.parameters()), train.optimizer, train.lr, train.optim_state_dtype,
+                                  train.weight_decay)
         self.augment = make_augment(train, self.generator)
 
     def set_lr(self, lr: float) -> None:

@@ -45,6 +45,10 @@ class ModelConfig:
     icp_rate: float = 0.1  # SymBa's pattern sampling rate
     loss: str = "symba"  # ff | symba (goodness, label in the input) | supcon (CFF) | cfl (label embeddings) | mirror
     threshold: float = 2.0  # FF loss θ
+    sharpness: float = 1.0  # FF loss slope s: softplus(s(θ − G+)) + softplus(s(G− − θ)); s = width, θ = 1 is a BCE on Σh² − width
+    peer_norm: float = 0.0  # goodness family: weight of the peer-normalisation loss (each unit's running mean activity on positives pulled toward the layer's mean; 0 = off)
+    relu_grad: str = "zero"  # zero: ReLU's gradient below 0 is 0 | pass: passes every gradient (dead units recover under peer_norm)
+    init: str = "torch"  # torch: Kaiming-uniform weights and uniform biases | normal: N(0, 1/√out) weights, zero biases
     alpha: float = 4.0  # SymBa α
     bn_momentum: float = 0.1  # running-statistics BatchNorm momentum
     bn_min_batch: int = 8  # batches (pos+neg) smaller than this normalise with running stats in training
@@ -62,6 +66,13 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         labels, losses = ("overlay", "icp", "channel", "none"), ("ff", "symba", "supcon", "cfl", "mirror")
+        for name, allowed in (("relu_grad", ("zero", "pass")), ("init", ("torch", "normal"))):
+            if getattr(self, name) not in allowed:
+                raise InputError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
+        if not (math.isfinite(self.sharpness) and self.sharpness > 0):
+            raise InputError(f"sharpness must be a positive finite number, got {self.sharpness!r}")
+        if not (math.isfinite(self.peer_norm) and self.peer_norm >= 0):
+            raise InputError(f"peer_norm must be a finite number >= 0, got {self.peer_norm!r}")
         if self.label not in labels:
             raise InputError(f"unknown label encoding {self.label!r}; choose one of {', '.join(labels)}")
         if self.loss not in losses:
@@ -127,6 +138,8 @@ class TrainConfig:
     batch_size: int = 128
     epochs: int = 1
     lr_final: float | None = None  # if set, fit() decays each layer's lr linearly to this over the run
+    lr_hold: float = 0.0  # with lr_final: the fraction of the planned run at lr before the linear decay starts
+    weight_decay: float | None = None  # None: the optimizer's default (adamw 0.01, adam/sgd 0)
     views: int = 1  # contrastive/backprop learners: 1 (one-forward) or 2 augmented views of every batch (CFF)
     crop_padding: int = 0  # random-crop augmentation: pad by this many border pixels, crop back (0: off)
     hflip: bool = False  # random horizontal flips (not for digits)
@@ -146,6 +159,10 @@ class TrainConfig:
             v = getattr(self, name)
             if not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
                 raise InputError(f"{name} must be a positive finite number, got {v!r}")
+        if not 0.0 <= self.lr_hold < 1.0:
+            raise InputError(f"lr_hold must be a fraction in [0, 1), got {self.lr_hold!r}")
+        if self.weight_decay is not None and not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise InputError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         for name, least in (("batch_size", 1), ("epochs", 1), ("greedy_steps", 1), ("chunk", 0), ("crop_padding", 0)):
             if getattr(self, name) < least:
                 raise InputError(f"{name} must be at least {least}, got {getattr(self, name)}")

@@ -32,33 +32,66 @@ from edgeff.data import ImageData
 from edgeff.errors import InputError
 from edgeff.trainer import fit
 
+POLICIES = ("reservoir", "balanced")
+
 
 class ReplayBuffer:
-    """A fixed-capacity reservoir of past samples: after n samples were offered, each of them is held
-    with probability capacity / n (Vitter's algorithm R). Seeded; ``sample`` draws without replacement.
+    """A fixed-capacity store of past samples, filled online as the stream passes, with one of two policies:
+
+    - ``reservoir``: after n samples were offered, each is held with probability capacity / n (Vitter's
+      algorithm R) — the classes are held in proportion to the stream's;
+    - ``balanced``: class-balanced reservoir sampling (CBRS, Chrysakis & Moens 2020): once full, a sample of
+      a class that is not among the largest held ones replaces a random sample of a largest class; a sample
+      of a largest class replaces a random one of its own class with probability held/seen for that class.
+      Every class seen keeps about capacity / classes samples, however skewed or ordered the stream.
+
+    Seeded; ``sample`` draws without replacement.
 
     Args:
         capacity: the most samples ever held (0 disables replay).
         seed: seeds the buffer's own generator (admission and sampling).
         batch: samples replayed per training step (default: as many as the step's stream batch).
+        policy: ``reservoir`` or ``balanced``.
     """
 
-    def __init__(self, capacity: int, *, seed: int = 0, batch: int | None = None, asymmetric: bool = False) -> None:
+    def __init__(self, capacity: int, *, seed: int = 0, batch: int | None = None, asymmetric: bool = False,
+                 policy: str = "reservoir") -> None:
         if capacity < 0:
             raise InputError(f"a replay buffer's capacity must be >= 0, got {capacity}")
         if batch is not None and batch < 1:
             raise InputError(f"replay batch must be at least 1, got {batch}")
+        if policy not in POLICIES:
+            raise InputError(f"unknown buffer policy {policy!r}; choose one of {', '.join(POLICIES)}")
         self.capacity = capacity
         self.batch = batch
         self.asymmetric = asymmetric
+        self.policy = policy
         self.generator = torch.Generator().manual_seed(seed)
         self.seen = 0  # samples offered so far
+        self.seen_per_class: dict[int, int] = {}  # samples of each class offered so far (the balanced policy)
         self.x: torch.Tensor | None = None  # (capacity, ...) storage, allocated on the first add
         self.y = torch.zeros(capacity, dtype=torch.long)
         self.size = 0
 
     def __len__(self) -> int:
         return self.size
+
+    def _randint(self, n: int) -> int:
+        return int(torch.randint(0, n, (1,), generator=self.generator))
+
+    def _slot(self, label: int) -> int:
+        """Where a full buffer stores a new sample of class ``label`` (``capacity``: nowhere)."""
+        if self.policy == "reservoir":
+            return self._randint(self.seen + 1)
+        held = torch.bincount(self.y[: self.size], minlength=label + 1)
+        largest = held.max()
+        if held[label] < largest:  # not among the largest classes: take a place from one of them
+            candidates = torch.nonzero(held[self.y[: self.size]] == largest).flatten()
+        else:  # a largest class: reservoir sampling within the class
+            if self._randint(self.seen_per_class[label]) >= int(held[label]):
+                return self.capacity
+            candidates = torch.nonzero(self.y[: self.size] == label).flatten()
+        return int(candidates[self._randint(candidates.numel())])
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Offer a batch; never keeps a reference to the caller's tensors."""
@@ -68,15 +101,22 @@ class ReplayBuffer:
         if self.x is None:
             self.x = torch.zeros(self.capacity, *x.shape[1:], dtype=x.dtype)
         for i in range(x.shape[0]):
+            label = int(y[i])
+            self.seen_per_class[label] = self.seen_per_class.get(label, 0) + 1
             if self.size < self.capacity:
                 slot = self.size
                 self.size += 1
             else:
-                slot = int(torch.randint(0, self.seen + 1, (1,), generator=self.generator))
+                slot = self._slot(label)
             self.seen += 1
             if slot < self.capacity:
                 self.x[slot] = x[i].detach().cpu()
-                self.y[slot] = int(y[i])
+                self.y[slot] = label
+
+    def class_counts(self) -> dict[int, int]:
+        """How many samples of each class the buffer holds."""
+        labels, counts = torch.unique(self.y[: self.size], return_counts=True)
+        return {int(a): int(b) for a, b in zip(labels, counts, strict=True)}
 
     def nbytes(self) -> int:
         """Memory the buffer holds (its sample storage and labels)."""
@@ -85,16 +125,18 @@ class ReplayBuffer:
     def state(self) -> dict[str, Any]:
         """Everything to restore the buffer exactly (kept in a checkpoint's meta by ``edgeff learn``)."""
         return {"capacity": self.capacity, "batch": self.batch, "asymmetric": self.asymmetric, "seen": self.seen,
-                "size": self.size, "generator": self.generator.get_state(),
+                "policy": self.policy, "seen_per_class": dict(self.seen_per_class), "size": self.size, "generator": self.generator.get_state(),
                 "x": None if self.x is None else self.x[: self.size].clone(), "y": self.y[: self.size].clone()}
 
     @staticmethod
     def from_state(state: dict[str, Any], capacity: int | None = None) -> ReplayBuffer:
         """The buffer ``state`` describes; a smaller ``capacity`` keeps a uniform subset of its samples."""
         cap = int(state["capacity"]) if capacity is None else capacity
-        buf = ReplayBuffer(cap, batch=state["batch"], asymmetric=bool(state["asymmetric"]))
+        buf = ReplayBuffer(cap, batch=state["batch"], asymmetric=bool(state["asymmetric"]),
+                           policy=state.get("policy", "reservoir"))
         buf.generator.set_state(state["generator"])
         buf.seen = int(state["seen"])
+        buf.seen_per_class = {int(k): int(v) for k, v in state.get("seen_per_class", {}).items()}
         x, y = state["x"], state["y"]
         keep = min(int(state["size"]), cap)
         if x is not None and keep:
@@ -398,6 +440,8 @@ def split_scenario(
     backprop: bool = False,
     buffer: int = 0,
     asymmetric: bool = True,
+    buffer_policy: str = "reservoir",
+    replay_batch: int | None = None,
     n_experiences: int = 5,
     batch_size: int = 10,
     seed: int = 0,
@@ -410,13 +454,16 @@ def split_scenario(
 
     Args:
         preset: the architecture and local rule; with ``backprop`` its end-to-end baseline (growing head).
-        buffer: reservoir replay capacity (0: naive fine-tuning).
+        buffer: replay capacity (0: naive fine-tuning).
+        buffer_policy: ``reservoir`` or ``balanced`` (``ReplayBuffer``).
+        replay_batch: replayed samples per step (default: as many as the stream batch).
         asymmetric: with a buffer, fresh samples' softmax runs over the fresh classes only (ER-ACE).
         limit: at most this many training samples per experience.
     """
     learner = _learner(preset, data, 0, backprop=backprop, seed=seed)
     exps = split_experiences(data, n_experiences, seed=seed, limit=limit)
-    replay = ReplayBuffer(buffer, seed=seed, asymmetric=asymmetric) if buffer else None
+    replay = ReplayBuffer(buffer, seed=seed, asymmetric=asymmetric, policy=buffer_policy,
+                          batch=replay_batch) if buffer else None
     return run_stream(learner, exps, data.classes, batch_size=batch_size, replay=replay, eval_every=eval_every,
                       on_step=on_step)
 

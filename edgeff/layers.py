@@ -138,6 +138,16 @@ class RunningBatchNorm(nn.Module):
         return (x - mu) / torch.sqrt(var + self.eps) * self._shape(self.weight) + self._shape(self.bias)
 
 
+class PassReLU(nn.Module):
+    """ReLU forward, identity backward: the gradient passes below zero too (the Forward-Forward reference
+    implementation's ``ReLU_full_grad``). Goodness (a square) has no gradient at a silent unit anyway, so
+    this only lets the peer-normalisation loss revive dead units. Written as ``x + (relu(x) − x)`` with
+    the bracket detached: the value is exactly relu(x) and it exports to ONNX as plain ops."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + (torch.relu(x) - x).detach()
+
+
 def make_norm(
     norm: str, features: int, *, spatial: bool, bn_momentum: float, bn_min_batch: int, bn_always_running: bool
 ) -> nn.Module:
@@ -246,8 +256,12 @@ def make_block(
     bn_momentum: float = 0.1,
     bn_min_batch: int = 8,
     bn_always_running: bool = False,
+    relu_grad: str = "zero",
+    init: str = "torch",
 ) -> nn.Sequential:
-    """normalisation -> weights -> ReLU (-> max-pool), Kaiming-uniform initialised from ``generator``."""
+    """normalisation -> weights -> ReLU (-> max-pool), initialised from ``generator``: torch's default
+    (Kaiming-uniform weights, uniform biases) or ``init="normal"`` (N(0, 1/√out) weights, zero biases);
+    ``relu_grad="pass"`` lets the ReLU's gradient through below zero (``PassReLU``)."""
     bn = {"bn_momentum": bn_momentum, "bn_min_batch": bn_min_batch, "bn_always_running": bn_always_running}
     if spec.kind == "vit":
         mods: list[nn.Module] = []
@@ -274,15 +288,19 @@ def make_block(
         weight = nn.Conv2d(in_shape[0], spec.out, spec.kernel, spec.stride, spec.padding)
     else:
         raise ValueError(f"unknown layer kind {spec.kind!r}; choose linear, conv or vit")
-    nn.init.kaiming_uniform_(weight.weight, a=math.sqrt(5), generator=generator)
-    bound = 1 / math.sqrt(weight.weight[0].numel())
     assert weight.bias is not None
-    nn.init.uniform_(weight.bias, -bound, bound, generator=generator)
+    if init == "normal":
+        nn.init.normal_(weight.weight, 0.0, 1 / math.sqrt(spec.out), generator=generator)
+        nn.init.zeros_(weight.bias)
+    else:
+        nn.init.kaiming_uniform_(weight.weight, a=math.sqrt(5), generator=generator)
+        bound = 1 / math.sqrt(weight.weight[0].numel())
+        nn.init.uniform_(weight.bias, -bound, bound, generator=generator)
     mods.append(weight)
     out_norm = make_norm(spec.norm, spec.out, spatial=spec.kind == "conv", **bn) if post else None  # type: ignore[arg-type]
     if spec.order == "post":
         mods.append(out_norm)  # type: ignore[arg-type]
-    mods.append(nn.ReLU())
+    mods.append(PassReLU() if relu_grad == "pass" else nn.ReLU())
     if spec.order == "post-act":
         mods.append(out_norm)  # type: ignore[arg-type]
     if spec.kind == "conv" and spec.pool > 1:
@@ -290,23 +308,26 @@ def make_block(
     return nn.Sequential(*mods)
 
 
-def make_optimizer(params: list[nn.Parameter], kind: str, lr: float, state_dtype: str = "float32") -> LeanOptimizer:
+def make_optimizer(params: list[nn.Parameter], kind: str, lr: float, state_dtype: str = "float32",
+                   weight_decay: float | None = None) -> LeanOptimizer:
     """Adam, AdamW (weight decay 0.01, as CFL and CFF train) or SGD with momentum 0.9: torch's updates,
     stepped a block at a time, without importing ``torch.optim`` (see ``edgeff.optim``); the state is kept
-    in ``state_dtype`` between steps."""
-    return LeanOptimizer(params, kind, lr, state_dtype)
+    in ``state_dtype`` between steps. ``weight_decay`` overrides the kind's default."""
+    return LeanOptimizer(params, kind, lr, state_dtype, weight_decay)
 
 
 class LocalLayer(nn.Module):
     """A block with its own optimizer. The optimizer is created on demand and can be dropped
     (greedy schedule), so a frozen layer holds no optimizer state."""
 
-    def __init__(self, block: nn.Sequential, *, optimizer: str, lr: float, state_dtype: str = "float32") -> None:
+    def __init__(self, block: nn.Sequential, *, optimizer: str, lr: float, state_dtype: str = "float32",
+                 weight_decay: float | None = None) -> None:
         super().__init__()
         self.block = block
         self.optimizer_kind = optimizer
         self.lr = lr
         self.state_dtype = state_dtype
+        self.weight_decay = weight_decay
         self.extra_params: list[nn.Parameter] = []  # e.g. a learned label channel, trained with layer 0
         self.opt: LeanOptimizer | None = None
 
@@ -316,7 +337,7 @@ class LocalLayer(nn.Module):
     def ensure_optimizer(self) -> LeanOptimizer:
         if self.opt is None:
             self.opt = make_optimizer(list(self.block.parameters()) + self.extra_params, self.optimizer_kind, self.lr,
-                                      self.state_dtype)
+                                      self.state_dtype, self.weight_decay)
         return self.opt
 
     def drop_optimizer(self) -> None:

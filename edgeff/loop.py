@@ -61,7 +61,8 @@ def train_epochs(
 
     Each epoch's order depends only on (seed, epoch), so a learner loaded from a checkpoint continues
     with exactly the batches an uninterrupted run would have seen. With ``train.lr_final`` set, the
-    learning rate falls linearly from ``train.lr`` to it over ``train.epochs`` epochs — the *planned* run,
+    learning rate falls linearly from ``train.lr`` to it over ``train.epochs`` epochs (after holding ``train.lr``
+    for the first ``train.lr_hold`` of them) — the *planned* run,
     stored in checkpoints — and stays at ``lr_final`` after it. A run stopped early and resumed with more
     epochs (up to the plan) is therefore the same as the longer run from the start; to extend a run past
     its plan, plan it longer from the start (``edgeff train --lr-epochs``).
@@ -73,6 +74,13 @@ def train_epochs(
         m = learner.learn_many(x, y)
         if on_step is not None:
             on_step(m, int(x.shape[0]))
+
+
+def decayed(step: int, total: int, hold: float) -> float:
+    """How far the lr has gone from ``lr`` to ``lr_final`` at ``step`` of a planned ``total``: 0 for the first
+    ``hold`` of the run, then linearly to 1 at its end (and 1 after it)."""
+    start = hold * total
+    return min(1.0, max(0.0, step - start) / max(1e-12, total - start))
 
 
 def planned_batches(
@@ -101,5 +109,5 @@ def planned_batches(
     for epoch in range(done_epochs, epochs):
         skip = -(-rest // batch_size) if epoch == done_epochs else 0
         for x, y in data.train_batches(batch_size, seed=seed, epoch=epoch, limit=limit, skip=skip):
-            yield x, y, (None if lr1 is None else lr0 + (lr1 - lr0) * min(1.0, step / total))
+            yield x, y, (None if lr1 is None else lr0 + (lr1 - lr0) * decayed(step, total, train.lr_hold))
             step += 1

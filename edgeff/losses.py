@@ -21,12 +21,16 @@ def goodness(h: torch.Tensor) -> torch.Tensor:
     return h.pow(2).flatten(1).mean(1)  # (B,)
 
 
-def ff_loss(g_pos: torch.Tensor, g_neg: torch.Tensor, *, threshold: float = 2.0) -> torch.Tensor:
-    """Forward-Forward threshold loss (Hinton 2022): ``softplus(θ − G_pos) + softplus(G_neg − θ)``.
+def ff_loss(g_pos: torch.Tensor, g_neg: torch.Tensor, *, threshold: float = 2.0, sharpness: float = 1.0) -> torch.Tensor:
+    """Forward-Forward threshold loss (Hinton 2022): ``softplus(s(θ − G_pos)) + softplus(s(G_neg − θ))``.
 
-    Averaged over the batch; θ = 2 in Hinton's and most public implementations.
+    Averaged over the batch; θ = 2, s = 1 in Hinton's and most public implementations. With goodness the
+    mean of squares over W features, s = W and θ = 1 is the binary cross-entropy on ``Σh² − W`` (times two:
+    summed over the positive and the negative instead of averaged).
     """
-    return (F.softplus(threshold - g_pos) + F.softplus(g_neg - threshold)).mean()
+    if sharpness == 1.0:
+        return (F.softplus(threshold - g_pos) + F.softplus(g_neg - threshold)).mean()
+    return (F.softplus(sharpness * (threshold - g_pos)) + F.softplus(sharpness * (g_neg - threshold))).mean()
 
 
 def symba_loss(g_pos: torch.Tensor, g_neg: torch.Tensor, *, alpha: float = 4.0) -> torch.Tensor:
@@ -41,10 +45,10 @@ def symba_loss(g_pos: torch.Tensor, g_neg: torch.Tensor, *, alpha: float = 4.0) 
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {"ff": ff_loss, "symba": symba_loss}
 
 
-def get_loss(name: str, *, threshold: float = 2.0, alpha: float = 4.0) -> LossFn:
-    """The loss called ``name`` with its hyperparameter bound."""
+def get_loss(name: str, *, threshold: float = 2.0, alpha: float = 4.0, sharpness: float = 1.0) -> LossFn:
+    """The loss called ``name`` with its hyperparameters bound."""
     if name == "ff":
-        return lambda gp, gn: ff_loss(gp, gn, threshold=threshold)
+        return lambda gp, gn: ff_loss(gp, gn, threshold=threshold, sharpness=sharpness)
     if name == "symba":
         return lambda gp, gn: symba_loss(gp, gn, alpha=alpha)
     raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
@@ -146,6 +150,18 @@ def cfl_feat_loss(z: torch.Tensor, y: torch.Tensor, *, tau: float = 0.07) -> tor
         return z.sum() * 0.0
     per = -(_masked_logsumexp(logits, pos) - torch.log(pos.sum(1).clamp(min=1).float())) + _masked_logsumexp(logits, neg)
     return per[valid].mean()
+
+
+def peer_loss(h_pos: torch.Tensor, running: torch.Tensor, momentum: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Peer normalisation (the Forward-Forward reference implementation of Löwe): each unit's mean
+    activity over the positive samples ``h_pos`` (B, C, ...; spatial dims averaged too) is folded into its
+    ``running`` mean (C,) with ``momentum``, and the loss is the mean squared distance of the units' running
+    means from their average, so no unit goes silent or takes over. Returns (loss, this batch's mean
+    activity, detached) — the caller folds the latter into ``running`` once per batch."""
+    dims = [0, *range(2, h_pos.dim())]
+    act = h_pos.mean(dims)  # (C,)
+    mixed = running * momentum + act * (1 - momentum)
+    return (mixed.mean() - mixed).pow(2).mean(), act.detach()
 
 
 def margin_at(layer: int, n_layers: int, first: float, last: float) -> float:

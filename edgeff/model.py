@@ -46,8 +46,13 @@ class LocalNet(nn.Module):
                 bn_momentum=cfg.bn_momentum,
                 bn_min_batch=cfg.bn_min_batch,
                 bn_always_running=cfg.bn_always_running,
+                relu_grad=cfg.relu_grad,
+                init=cfg.init,
             )
-            layers.append(LocalLayer(block, optimizer=train.optimizer, lr=train.lr, state_dtype=train.optim_state_dtype))
+            layers.append(LocalLayer(block, optimizer=train.optimizer, lr=train.lr, state_dtype=train.optim_state_dtype,
+                                     weight_decay=train.weight_decay))
+            if cfg.peer_norm:  # the running mean activity of each unit on positives (peer normalisation)
+                layers[-1].register_buffer("peer_mean", torch.full((out_shape(spec, shape)[0],), 0.5))
             shape = out_shape(spec, shape)
             self.shapes.append(shape)
         self.layers = nn.ModuleList(layers)
@@ -111,14 +116,17 @@ class GoodnessPredictor:
 
 class HeadPredictor(nn.Module):
     """A linear softmax head on the detached, length-normalised features of one neutral-label pass
-    (Hinton's one-pass classifier): one forward pass per sample instead of one per label."""
+    (Hinton's one-pass classifier): one forward pass per sample instead of one per label. It steps with
+    the layers' optimizer kind and weight decay at its own learning rate (``head_lr``)."""
 
     kind = "head"
 
     def __init__(self, net: LocalNet, layers: str, lr: float, generator: torch.Generator,
-                 state_dtype: str = "float32") -> None:
+                 state_dtype: str = "float32", optimizer: str = "adam", weight_decay: float | None = None) -> None:
         super().__init__()
         self.state_dtype = state_dtype
+        self.optimizer_kind = optimizer
+        self.weight_decay = weight_decay
         self.layers = layers
         self.idx = select_layers(layers, len(net.layers))
         dim = sum(math.prod(net.shapes[i]) for i in self.idx)
@@ -163,7 +171,8 @@ class HeadPredictor(nn.Module):
 
     def ensure_optimizer(self) -> LeanOptimizer:
         if self.opt is None:
-            self.opt = make_optimizer(list(self.linear.parameters()), "adam", self.lr, self.state_dtype)
+            self.opt = make_optimizer(list(self.linear.parameters()), self.optimizer_kind, self.lr, self.state_dtype,
+                                      self.weight_decay)
         return self.opt
 
 
@@ -171,7 +180,8 @@ def make_predictor(train: TrainConfig, net: LocalNet, generator: torch.Generator
     if train.predictor == "goodness":
         return GoodnessPredictor(train.eval_layers)
     if train.predictor == "head":
-        return HeadPredictor(net, train.eval_layers, train.head_lr, generator, train.optim_state_dtype)
+        return HeadPredictor(net, train.eval_layers, train.head_lr, generator, train.optim_state_dtype, train.optimizer,
+                             train.weight_decay)
     raise ValueError(f"unknown predictor {train.predictor!r}; choose goodness or head")
 
 

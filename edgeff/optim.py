@@ -36,14 +36,15 @@ class LeanOptimizer:
     """One optimizer over a list of parameters: ``step``, ``zero_grad``, ``state_dict``/``load_state_dict``,
     ``param_groups`` (one group, ``lr`` settable) and ``state`` keyed by parameter, like torch's."""
 
-    def __init__(self, params: Iterable[torch.nn.Parameter], kind: str, lr: float, state_dtype: str = "float32") -> None:
+    def __init__(self, params: Iterable[torch.nn.Parameter], kind: str, lr: float, state_dtype: str = "float32",
+                 weight_decay: float | None = None) -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown optimizer {kind!r}; choose one of {', '.join(KINDS)}")
         if state_dtype not in STATE_DTYPES:
             raise ValueError(f"unknown optimizer state dtype {state_dtype!r}; choose one of {', '.join(STATE_DTYPES)}")
         self.kind = kind
         self.state_dtype = STATE_DTYPES[state_dtype]
-        group: dict[str, Any] = {"params": list(params), "lr": float(lr), "weight_decay": WEIGHT_DECAY[kind]}
+        group: dict[str, Any] = {"params": list(params), "lr": float(lr), "weight_decay": WEIGHT_DECAY[kind] if weight_decay is None else float(weight_decay)}
         if kind == "sgd":
             group.update(momentum=MOMENTUM, dampening=0.0, nesterov=False, maximize=False)
         else:

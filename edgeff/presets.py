@@ -31,7 +31,10 @@ def _cnn(channels: tuple[int, ...], norm: str = "batch") -> tuple[LayerSpec, ...
     return tuple(LayerSpec("conv", c, norm=norm, pool=2 if i % 2 == 1 else 1) for i, c in enumerate(channels))
 
 
-FF_MLP = ModelConfig(layers=_mlp(1000, 3, "length"), label="overlay", loss="ff", threshold=2.0)
+# FF with the public reference implementation's recipe (Löwe): BCE on Σh² − width (θ = 1 on the mean of squares,
+# slope = width), peer normalisation through a gradient-passing ReLU, N(0, 1/√width) weights
+FF_MLP = ModelConfig(layers=_mlp(1000, 3, "length"), label="overlay", loss="ff", threshold=1.0, sharpness=1000.0,
+                     peer_norm=0.06, relu_grad="pass", init="normal")
 SYMBA_MLP = ModelConfig(layers=_mlp(1000, 2, "length"), label="icp", loss="symba", alpha=4.0)
 TRIFECTA_CNN = ModelConfig(layers=_cnn((16, 16, 32, 32, 64, 64)), label="channel", label_learned=True,
                            loss="symba", alpha=4.0)
@@ -65,12 +68,18 @@ PRESETS: dict[str, Preset] = {
     for p in [
         Preset(
             "ff-mlp", "local", FF_MLP,
-            TrainConfig(lr=1e-3, lr_final=1e-4, batch_size=100, epochs=20, eval_layers="all-but-first"),
-            "Hinton 2022, The Forward-Forward Algorithm",
-            "3x1000 ReLU MLP, length normalisation before every layer, one-hot label overlaid on the first "
-            "10 pixels, threshold loss θ=2 on goodness = mean of squares, uniform wrong-label negatives, "
-            "prediction by goodness summed over all layers but the first. Hinton used 4x2000 and 60 epochs; "
-            "the width is reduced to fit a laptop CPU.",
+            TrainConfig(lr=1e-3, lr_final=1e-4, lr_hold=0.5, batch_size=100, epochs=10, eval_layers="all-but-first"),
+            "Hinton 2022, The Forward-Forward Algorithm; recipe of Löwe's reference implementation",
+            "3x1000 ReLU MLP, length normalisation before every layer, one-hot label overlaid on the first 10 pixels, "
+            "uniform wrong-label negatives, prediction by goodness summed over all layers but the first (or "
+            "--predictor head: a softmax on neutral-label features, one pass, the same accuracy). The loss is the "
+            "reference implementation's: a binary cross-entropy on Σh² − width (threshold 1 on the mean of squares, "
+            "slope = the width), plus peer normalisation (weight 0.06 = the reference's 0.03 in our summed loss) "
+            "through a ReLU that passes its gradient, weights N(0, 1/√width); Adam, lr 1e-3 held for half the run "
+            "then linearly to 1e-4. MNIST, 10 epochs (bench/accuracy.py ablation, head / goodness): Hinton's "
+            "θ = 2 on the mean of squares with Kaiming init and a plain linear decay 92.94% (layer 3 collapses to "
+            "54%); this recipe with the reference's SGD (lr 1e-3 momentum 0.9, weight decay 3e-4) 97.34 / 96.33%; "
+            "with Adam 97.52 / 97.53% (layers 96.6 / 97.5 / 97.3%). Hinton used 4x2000 and 60 epochs.",
         ),
         Preset(
             "symba-mlp", "local", SYMBA_MLP,

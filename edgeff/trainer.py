@@ -25,10 +25,11 @@ from edgeff.graphs import GoodnessGraph, HeadGraph
 from edgeff.inputs import as_batch, as_labels, check_loss, resolve_device  # noqa: F401 - re-exported
 from edgeff.layers import RunningBatchNorm
 from edgeff.loop import LayerMetrics, train_epochs  # noqa: F401 - re-exported: the runtime-free training loop
-from edgeff.losses import get_loss, goodness
+from edgeff.losses import get_loss, goodness, peer_loss
 from edgeff.model import NEGATIVES, GoodnessPredictor, HeadPredictor, LocalNet, make_predictor, select_layers
 
 SCHEDULES = ("all", "greedy", "olu")
+PEER_MOMENTUM = 0.9  # peer normalisation's running mean activity (the reference implementation's value)
 
 
 def _fresh_negatives(y: torch.Tensor, fallback: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -58,8 +59,9 @@ class Learner(LearnerBase):
     metrics = "goodness"
     capabilities = frozenset({"layer_predictions", "per_layer_export", "device_export", "edge_runtime", "pipeline"})
     train_fields = frozenset({"schedule", "greedy_steps", "negatives", "predictor", "eval_layers", "head_lr", "frugal",
-                              "chunk"})
-    model_fields = frozenset({"label", "label_learned", "icp_rate", "threshold", "alpha"})
+                              "chunk", "weight_decay"})
+    model_fields = frozenset({"label", "label_learned", "icp_rate", "threshold", "alpha", "sharpness", "peer_norm",
+                              "relu_grad", "init"})
 
     @classmethod
     def reads(cls, model: ModelConfig, train: TrainConfig) -> tuple[frozenset[str], frozenset[str]]:
@@ -70,7 +72,12 @@ class Learner(LearnerBase):
             t.discard("greedy_steps")
         if not train.frugal or train.schedule == "olu":  # olu steps whole batches (two layers' graphs)
             t.discard("chunk")
-        m.discard("threshold" if model.loss == "symba" else "alpha")
+        if model.loss == "symba":
+            m -= {"threshold", "sharpness"}
+        else:
+            m.discard("alpha")
+        if not model.peer_norm:
+            m.discard("relu_grad")  # goodness has no gradient at a silent unit: only the peer loss reaches below 0
         if model.label != "channel":
             m.discard("label_learned")
         if model.label != "icp":
@@ -90,7 +97,24 @@ class Learner(LearnerBase):
         if isinstance(self.predictor, torch.nn.Module):
             self.predictor.to(self.device)
         self.negatives = NEGATIVES[train.negatives]
-        self.loss_fn = get_loss(model.loss, threshold=model.threshold, alpha=model.alpha)
+        self.loss_fn = get_loss(model.loss, threshold=model.threshold, alpha=model.alpha, sharpness=model.sharpness)
+
+    def _layer_loss(self, layer: torch.nn.Module, out: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                     torch.Tensor | None]:
+        """A layer's local loss on its output for ``n`` positives followed by ``n`` negatives: the goodness
+        loss plus, with ``peer_norm``, the peer-normalisation loss; returns (loss, goodness, the positives'
+        mean unit activity to fold into the layer's running mean once per batch, or None)."""
+        g = goodness(out)  # (2n,)
+        loss = self.loss_fn(g[:n], g[n:])
+        if not self.model_cfg.peer_norm:
+            return loss, g, None
+        peer, act = peer_loss(out[:n], layer.get_buffer("peer_mean"), PEER_MOMENTUM)
+        return loss + self.model_cfg.peer_norm * peer, g, act
+
+    @staticmethod
+    def _fold_peer(layer: torch.nn.Module, act: torch.Tensor | None) -> None:
+        if act is not None:
+            layer.get_buffer("peer_mean").mul_(PEER_MOMENTUM).add_(act, alpha=1 - PEER_MOMENTUM)
 
     # ----------------------------------------------------------------- schedule
     def _greedy_active(self) -> int:
@@ -161,9 +185,9 @@ class Learner(LearnerBase):
                 h = out
                 continue
             out = layer(h)
-            g = goodness(out)  # (2B,)
-            loss = self.loss_fn(g[:b], g[b:])
+            loss, g, act = self._layer_loss(layer, out, b)  # g: (2B,)
             check_loss(loss, f"layer {i + 1}")
+            self._fold_peer(layer, act)
             passes = schedule == "olu" and ((i % 2 == 0) ^ (self.step % 2 == 0)) and i < n_layers - 1
             gd = g.detach()
             if passes:
@@ -274,13 +298,15 @@ class Learner(LearnerBase):
         b = hp.shape[0]
         outs: list[torch.Tensor] = []
         loss_sum = gp_sum = gn_sum = 0.0
+        acts: torch.Tensor | None = None  # the positives' mean unit activity over the batch (peer normalisation)
         for s in range(0, b, step):
             n = min(step, b - s)
             with torch.set_grad_enabled(trains):
                 out = layer(torch.cat([hp[s:s + n], hn[s:s + n]]))  # (2n, ...): the chunk's pairs
-                g = goodness(out)  # (2n,)
-                loss = self.loss_fn(g[:n], g[n:])
+                loss, g, act = self._layer_loss(layer, out, n)  # g: (2n,)
                 check_loss(loss, f"layer {i + 1}")
+                if act is not None:
+                    acts = act * (n / b) if acts is None else acts + act * (n / b)
                 if trains:  # this chunk's share of the batch's gradient; a learned label encoder's
                     # graph (layer 0's input) is shared by every chunk, so it is kept to the last one
                     (loss * (n / b)).backward(retain_graph=hp.requires_grad and s + n < b)
@@ -292,6 +318,8 @@ class Learner(LearnerBase):
             gp_sum += float(g[:n].detach().sum())
             gn_sum += float(g[n:].detach().sum())
             del out, g, loss
+        if trains:
+            self._fold_peer(layer, acts)
         return outs, loss_sum, gp_sum, gn_sum
 
     # ----------------------------------------------------------------- growth

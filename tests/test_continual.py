@@ -159,6 +159,27 @@ def test_buffer_samples_the_stream_uniformly() -> None:
     assert chi2 < n * 1.3  # ~ n degrees of freedom (slightly less spread than binomial)
 
 
+def test_balanced_buffer_holds_every_class_equally_in_a_skewed_ordered_stream() -> None:
+    # 900 samples of class 0, then 100 of class 1, then 50 of class 2: a reservoir keeps them in proportion,
+    # the class-balanced policy about a third each; both keep only samples of their own class
+    def fill(policy: str) -> ReplayBuffer:
+        buf = ReplayBuffer(90, seed=1, policy=policy)
+        for label, n in ((0, 900), (1, 100), (2, 50)):
+            for i in range(0, n, 10):
+                buf.add(torch.full((10, 1, 1, 1), float(label)), torch.full((10,), label))
+        assert torch.equal(buf.x[: len(buf)].view(-1).long(), buf.y[: len(buf)])  # type: ignore[index]
+        return buf
+
+    reservoir, balanced = fill("reservoir").class_counts(), fill("balanced").class_counts()
+    assert reservoir[0] > 60 and reservoir.get(2, 0) < 12
+    assert balanced == {0: 30, 1: 30, 2: 30}
+    state = fill("balanced").state()
+    again = ReplayBuffer.from_state(state)
+    assert again.policy == "balanced" and again.seen_per_class == {0: 900, 1: 100, 2: 50}
+    with pytest.raises(InputError, match="policy"):
+        ReplayBuffer(10, policy="fifo")
+
+
 def test_fit_mixes_replay_and_offers_only_the_stream(mnist_small: ImageData) -> None:
     seen: list[tuple[int, int | None]] = []
 

@@ -134,12 +134,13 @@ ALTERNATIVE_TRAIN: dict[str, dict[str, Any]] = {
     "seed": {"seed": 7}, "schedule": {"schedule": "greedy"}, "greedy_steps": {"greedy_steps": 1},
     "negatives": {"negatives": "hard"}, "predictor": {"predictor": "head"}, "eval_layers": {"eval_layers": "all"},
     "head_lr": {"head_lr": 0.5}, "views": {"views": 2}, "crop_padding": {"crop_padding": 2}, "hflip": {"hflip": True},
+    "weight_decay": {"weight_decay": 0.5},
 }
 # a field that matters only with another setting is compared under that setting
 CONDITION = {"greedy_steps": {"schedule": "greedy"}, "head_lr": {"predictor": "head"}}
 # fields that change how a step is computed or when, not what it computes (their exactness and memory are
 # tested in test_trainer.py / test_memory.py) or that only the training loop reads
-NOT_OBSERVABLE_IN_TWO_STEPS = {"frugal", "chunk", "device", "batch_size", "epochs", "lr_final"}
+NOT_OBSERVABLE_IN_TWO_STEPS = {"frugal", "chunk", "device", "batch_size", "epochs", "lr_final", "lr_hold"}
 
 
 def _observed(learner: LearnerBase, x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

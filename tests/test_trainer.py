@@ -256,3 +256,20 @@ def test_frugal_step_without_whole_batch_statistics_differs(real_batch, monkeypa
         split.learn_many(x[:16], y[:16])
     states = whole.net.state_dict().values(), split.net.state_dict().values()
     assert max(float((a - b).abs().max()) for a, b in zip(*states, strict=True)) > 1e-2  # frugal: ~1e-6
+
+
+def test_lr_hold_keeps_the_lr_then_decays_linearly(mnist_small) -> None:
+    from edgeff.loop import planned_batches
+
+    def lrs(hold: float) -> list[float]:
+        tc = TrainConfig(device="cpu", lr=1e-3, lr_final=1e-4, lr_hold=hold, epochs=2)
+        return [lr for _, _, lr in planned_batches(tc, 0, mnist_small, epochs=2, batch_size=10, limit=100)]
+
+    held, plain = lrs(0.5), lrs(0.0)
+    assert len(held) == 20 and held[:11] == [1e-3] * 11  # the first half of the plan at lr
+    steps = np.diff(held[10:])
+    assert np.allclose(steps, steps[0]) and steps[0] < 0  # then a straight line towards lr_final
+    assert held[-1] == pytest.approx(1e-3 + (1e-4 - 1e-3) * 9 / 10)
+    assert plain[1] < 1e-3 and plain[-1] == pytest.approx(1e-3 + (1e-4 - 1e-3) * 19 / 20)
+    with pytest.raises(InputError, match="lr_hold"):
+        TrainConfig(lr_hold=1.0)

@@ -37,6 +37,7 @@ from edgeff.errors import InputError, UnsupportedError
 from edgeff.loop import LayerMetrics
 
 GOODNESS_LOSSES = ("ff", "symba")
+PEER_MOMENTUM = 0.9  # edgeff.trainer.PEER_MOMENTUM (this module imports no torch)
 
 
 def pool_matrix(dim: int, width: int) -> np.ndarray:
@@ -106,11 +107,13 @@ class EdgeLayer:
     """One local layer: its ops, its optimizer (created on demand, dropped when frozen) and any extra
     parameters it trains (a learned label matrix, the CFL dictionary), named as in torch's state dict."""
 
-    def __init__(self, index: int, ops: list[Op], optimizer: str, lr: float) -> None:
+    def __init__(self, index: int, ops: list[Op], optimizer: str, lr: float, weight_decay: float | None = None) -> None:
         self.index = index
         self.ops = ops
         self.optimizer_kind = optimizer
         self.lr = lr
+        self.weight_decay = weight_decay
+        self.peer_mean: np.ndarray | None = None  # peer normalisation's running mean unit activity (goodness)
         self.opt: Optimizer | None = None
         self.extra: list[str] = []  # names of learner-level parameters this layer's loss trains
 
@@ -134,7 +137,7 @@ class EdgeLayer:
 
     def ensure_optimizer(self) -> Optimizer:
         if self.opt is None:
-            self.opt = Optimizer(self.optimizer_kind, self.lr)
+            self.opt = Optimizer(self.optimizer_kind, self.lr, self.weight_decay)
         return self.opt
 
     def set_lr(self, lr: float) -> None:
@@ -278,8 +281,11 @@ class EdgeLearner:
         self.layers: list[EdgeLayer] = []
         self.shapes: list[tuple[int, ...]] = []
         for i, spec in enumerate(model.layers):
-            self.layers.append(EdgeLayer(i, make_block(spec, shape, self.rng, bn=bn), train.optimizer, train.lr))
+            self.layers.append(EdgeLayer(i, make_block(spec, shape, self.rng, bn=bn, relu_grad=model.relu_grad,
+                                                       init=model.init), train.optimizer, train.lr, train.weight_decay))
             shape = out_shape(spec, shape)
+            if self.family == "goodness" and model.peer_norm:
+                self.layers[-1].peer_mean = np.full(shape[0], 0.5, F32)
             self.shapes.append(shape)
         if self.family == "goodness" and model.label == "channel" and model.label_learned:
             self.layers[0].extra = ["encoder.matrix"]
@@ -308,6 +314,8 @@ class EdgeLearner:
         for layer in self.layers:
             out.update(layer.named("params"))
             out.update(layer.named("buffers"))
+            if layer.peer_mean is not None:
+                out[f"layers.{layer.index}.peer_mean"] = layer.peer_mean
         out.update(self.extra)
         return out
 
@@ -328,6 +336,8 @@ class EdgeLearner:
                         if a.shape != store[n].shape:
                             raise ValueError(f"{name}: shape {a.shape}, the model needs {store[n].shape}")
                         store[n] = a.copy()
+            if layer.peer_mean is not None:
+                layer.peer_mean = np.asarray(arrays[f"layers.{layer.index}.peer_mean"], F32).copy()
         for name in self.extra:
             self.extra[name] = np.asarray(arrays[name], F32).copy()
 
@@ -385,9 +395,12 @@ class EdgeLearner:
             d = gp - gn
             s = _sigmoid(-a * d)
             return float(_softplus(-a * d).mean()), -a * s / F32(b), a * s / F32(b)
-        th = F32(cfg.threshold)
-        loss = float((_softplus(th - gp) + _softplus(gn - th)).mean())
-        return loss, -_sigmoid(th - gp) / F32(b), _sigmoid(gn - th) / F32(b)
+        th, k = F32(cfg.threshold), F32(cfg.sharpness)
+        if cfg.sharpness == 1.0:
+            loss = float((_softplus(th - gp) + _softplus(gn - th)).mean())
+            return loss, -_sigmoid(th - gp) / F32(b), _sigmoid(gn - th) / F32(b)
+        loss = float((_softplus(k * (th - gp)) + _softplus(k * (gn - th))).mean())
+        return loss, -k * _sigmoid(k * (th - gp)) / F32(b), k * _sigmoid(k * (gn - th)) / F32(b)
 
     def _learn_goodness(self, x: np.ndarray, y: np.ndarray, fresh: int | None) -> list[LayerMetrics]:
         b, k = x.shape[0], self.num_classes
@@ -410,6 +423,8 @@ class EdgeLearner:
             if trains:
                 n = out[0].size
                 dout = np.concatenate([dgp, dgn]).reshape(-1, *([1] * (out.ndim - 1))) * (F32(2.0 / n) * out)
+                if layer.peer_mean is not None:
+                    loss += self._peer_step(layer, out[:b], dout[:b])
                 learned = "encoder.matrix" in layer.extra
                 dx = layer.backward(dout.astype(F32, copy=False), need_input_grad=learned)
                 extra = {}
@@ -425,6 +440,23 @@ class EdgeLearner:
             metrics.append(LayerMetrics(loss, float(g[:b].mean()), float(g[b:].mean()), trains))
             h = out
         return metrics
+
+    def _peer_step(self, layer: EdgeLayer, pos: np.ndarray, dpos: np.ndarray) -> float:
+        """Peer normalisation (``edgeff.losses.peer_loss``) of a layer's positive outputs ``pos`` (B, C, ...):
+        adds its gradient into ``dpos`` in place, folds the batch's mean activity into the running mean and
+        returns the weighted loss."""
+        assert layer.peer_mean is not None
+        w, m = F32(self.model_cfg.peer_norm), F32(PEER_MOMENTUM)
+        axes = (0, *range(2, pos.ndim))
+        act = pos.mean(axes)  # (C,)
+        mixed = layer.peer_mean * m + act * (F32(1) - m)
+        dev = mixed - mixed.mean()
+        c = mixed.shape[0]
+        per_value = pos.size // c  # values averaged into each unit's activity
+        dact = (w * F32(2.0 / c) * (F32(1) - m) / F32(per_value)) * dev  # (C,)
+        dpos += dact.reshape(1, c, *([1] * (pos.ndim - 2)))
+        layer.peer_mean = mixed.astype(F32)
+        return float(w * (dev * dev).mean())
 
     def _fresh_negatives(self, y: np.ndarray, fallback: np.ndarray) -> np.ndarray:
         classes = np.unique(y)

@@ -58,13 +58,21 @@ class Flatten(Op):
 
 
 class ReLU(Op):
+    """max(x, 0); ``passes``: the gradient passes below zero too (``edgeff.layers.PassReLU``)."""
+
+    def __init__(self, passes: bool = False) -> None:
+        super().__init__()
+        self.passes = passes
+
     def forward(self, x: np.ndarray, train: bool) -> np.ndarray:
         y = np.maximum(x, F32(0))
-        self.cache = y if train else None
+        self.cache = y if train and not self.passes else None
         return y
 
     def backward(self, dy: np.ndarray, need_dx: bool) -> np.ndarray | None:
-        return np.where(self.cache > 0, dy, F32(0)) if need_dx else None
+        if not need_dx:
+            return None
+        return dy if self.passes else np.where(self.cache > 0, dy, F32(0))
 
 
 def _sample_axes(x: np.ndarray) -> tuple[int, ...]:
@@ -280,9 +288,11 @@ def out_shape(spec: LayerSpec, in_shape: tuple[int, ...]) -> tuple[int, ...]:
     return (spec.out, h // spec.pool, w // spec.pool)
 
 
-def make_block(spec: LayerSpec, in_shape: tuple[int, ...], rng: np.random.Generator, *, bn: dict[str, Any]) -> list[Op]:
+def make_block(spec: LayerSpec, in_shape: tuple[int, ...], rng: np.random.Generator, *, bn: dict[str, Any],
+               relu_grad: str = "zero", init: str = "torch") -> list[Op]:
     """The ops of one local layer, in ``edgeff.layers.make_block``'s order, initialised like torch's
-    defaults (weights and biases U(±1/√fan_in)) from ``rng`` (the values differ from torch's draws)."""
+    defaults (weights and biases U(±1/√fan_in)) or ``init="normal"`` (N(0, 1/√out) weights, zero biases)
+    from ``rng`` (the values differ from torch's draws)."""
     if spec.kind not in ("linear", "conv"):
         raise ValueError(f"the edge runtime trains linear and conv layers, not {spec.kind!r} (ViT layers need torch)")
     if spec.order not in ("pre", "post", "post-act"):
@@ -303,15 +313,22 @@ def make_block(spec: LayerSpec, in_shape: tuple[int, ...], rng: np.random.Genera
             ops.append(make_norm(spec.norm, in_shape[0], spatial=True, bn=bn))
         weight = Conv2d(in_shape[0], spec.out, spec.kernel, spec.stride, spec.padding)
     bound = 1.0 / np.sqrt(fan_in)
-    for arr in weight.params.values():  # U(-bound, bound) drawn in float32 (no float64 copy of a big layer)
-        rng.random(arr.shape, dtype=F32, out=arr)
+    for name, arr in weight.params.items():  # drawn in float32 (no float64 copy of a big layer)
+        if init == "normal":
+            if name == "weight":
+                rng.standard_normal(arr.shape, dtype=F32, out=arr)
+                arr *= F32(1.0 / np.sqrt(spec.out))
+            else:
+                arr[...] = 0
+            continue
+        rng.random(arr.shape, dtype=F32, out=arr)  # U(-bound, bound)
         arr *= F32(2 * bound)
         arr -= F32(bound)
     ops.append(weight)
     out_norm = make_norm(spec.norm, spec.out, spatial=spec.kind == "conv", bn=bn) if post else None
     if spec.order == "post":
         ops.append(out_norm)  # type: ignore[arg-type]
-    ops.append(ReLU())
+    ops.append(ReLU(passes=relu_grad == "pass"))
     if spec.order == "post-act":
         ops.append(out_norm)  # type: ignore[arg-type]
     if spec.kind == "conv" and spec.pool > 1:

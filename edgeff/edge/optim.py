@@ -36,11 +36,12 @@ class Outer:
 class Optimizer:
     """One layer's optimizer over named parameters (the order torch's optimizer sees them in)."""
 
-    def __init__(self, kind: str, lr: float) -> None:
+    def __init__(self, kind: str, lr: float, weight_decay: float | None = None) -> None:
         if kind not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {kind!r}; choose one of {OPTIMIZERS}")
         self.kind = kind
         self.lr = float(lr)
+        self.weight_decay = WEIGHT_DECAY[kind] if weight_decay is None else float(weight_decay)
         self.state: dict[str, dict[str, np.ndarray]] = {}  # per parameter: exp_avg, exp_avg_sq | momentum_buffer
         self.steps: dict[str, int] = {}
 
@@ -74,6 +75,9 @@ class Optimizer:
 
     def _update(self, t: int, fresh: bool, pb: np.ndarray, gb: np.ndarray, st: dict[str, np.ndarray], tmp: np.ndarray,
                 lr: float) -> None:
+        wd = self.weight_decay
+        if wd and self.kind != "adamw":  # L2: torch adds wd·p to the gradient (a copy: gb may be a view)
+            gb = gb + F32(wd) * pb
         if self.kind == "sgd":
             buf = st["momentum_buffer"]
             if fresh:
@@ -85,10 +89,9 @@ class Optimizer:
             pb -= tmp
             return
         mb, vb = st["exp_avg"], st["exp_avg_sq"]
-        wd = WEIGHT_DECAY[self.kind]
         step_size = F32(lr / (1 - BETA1**t))
         inv_bc2 = F32(1 / np.sqrt(1 - BETA2**t))
-        if wd:
+        if wd and self.kind == "adamw":
             pb *= F32(1 - lr * wd)
         np.subtract(gb, mb, out=tmp)  # exp_avg.lerp_(grad, 1 - beta1)
         tmp *= F32(1 - BETA1)

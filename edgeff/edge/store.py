@@ -66,7 +66,7 @@ def from_arrays(arrays: dict[str, np.ndarray]) -> tuple[EdgeLearner, dict[str, A
         layer.set_lr(float(lr))
         if opt is None:
             continue
-        o = Optimizer(opt["kind"], float(lr))
+        o = Optimizer(opt["kind"], float(lr), learner.train_cfg.weight_decay)
         o.steps = {k: int(v) for k, v in opt["steps"].items()}
         prefix = f"o:{layer.index}:"
         for k, a in arrays.items():
