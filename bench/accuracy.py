@@ -167,7 +167,7 @@ def run_job(name: str, data_dir: Path, threads: int, budget_scale: float) -> dic
         "views": tc.views, "crop_padding": tc.crop_padding, "hflip": tc.hflip,
         "test_acc": res.accuracy, "bp_test_acc": bp_acc, "ratio": round(res.accuracy / bp_acc, 4),
         "layer_acc": ",".join(f"{a:.4f}" for a in res.layer_accuracy), "threads": threads,
-        "schedule": tc.schedule, "lr": tc.lr, "lr_final": tc.lr_final,
+        "schedule": tc.schedule, "lr": tc.lr, "lr_final": tc.lr_final, "lr_hold": tc.lr_hold,
     }
 
 

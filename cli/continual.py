@@ -40,33 +40,50 @@ def add_class(
     checkpoint_path: CheckpointArg,
     name: Annotated[str, typer.Option(help="the new class's name")],
     data_path: Annotated[Path | None, typer.Option("--data", help="examples of the class: a folder of images, or a .npy/.npz array (uint8 pixels or normalised floats)")] = None,
+    held_out: Annotated[Path | None, typer.Option(help="more examples of the class, not learned from: its recall is printed")] = None,
+    replay_data: Annotated[str | None, typer.Option(help="old-class samples to replay while learning it, and to measure the old classes on: a data set name or image folder [default: the checkpoint's buffer, else the data set it was trained on]")] = None,
+    data_dir: DataDirOpt = None,
+    passes: Annotated[int, typer.Option(help="passes over the examples, each batch mixed with replayed old samples (0: only imprint the class)")] = 10,
+    buffer: Annotated[int, typer.Option(help="replay buffer samples when it is built from --replay-data")] = 500,
     out_path: Annotated[Path | None, typer.Option("--out", help="checkpoint to write [default: CHECKPOINT's name + -NAME, beside it]")] = None,
     in_place: Annotated[bool, typer.Option("--in-place", help="overwrite CHECKPOINT instead of writing a new file")] = False,
 ) -> None:
-    """Add a class to a trained model: a new label embedding (or pattern / head row), initialised from
-    the examples' mean feature, usable at once; it keeps learning when training resumes."""
+    """Add a class to a trained model: a new label embedding (or pattern / head row) from the examples' mean
+    feature, then learned from them with replay of the old classes, whose accuracy is printed before and after."""
     from edgeff import checkpoint
     from edgeff.data import load_examples
+    from edgeff.learn import add_class as add_fn
 
-    learner, meta = checkpoint.load(checkpoint_path, device="cpu")
-    names = list(meta.get("classes", []))
-    if not learner.model_cfg.class_names and len(names) == learner.model_cfg.num_classes:
-        learner.model_cfg = replace(learner.model_cfg, class_names=tuple(names))
-    x = None
-    if data_path is not None:
-        x = load_examples(data_path, learner.model_cfg.input_shape, tuple(meta.get("mean", [0.0])),
-                          tuple(meta.get("std", [1.0])))
-    before = learner.model_cfg.num_classes
-    idx = learner.add_class(name, examples=x)
     if in_place and out_path is not None:
         fail("--in-place overwrites CHECKPOINT; drop --out, or drop --in-place to write --out")
+    if data_path is None and passes:
+        passes = 0  # nothing to learn from: the class is added from a random row
+    learner, meta = checkpoint.load(checkpoint_path, device="cpu")
+    shape, norm = learner.model_cfg.input_shape, (tuple(meta.get("mean", [0.0])), tuple(meta.get("std", [1.0])))
+    if "mean" not in meta and data_path is not None:
+        err.print("warning: the checkpoint records no pixel mean/std; uint8 examples are only scaled to [0, 1] "
+                  "(save it with `edgeff train`, or pass normalised float arrays)", highlight=False)
+    x = None if data_path is None else load_examples(data_path, shape, *norm)
+    xh = None if held_out is None else load_examples(held_out, shape, *norm)
     target = checkpoint_path if in_place else out_path or added_path(checkpoint_path, name)
-    path = checkpoint.save(learner, target, meta={**meta, "classes": list(learner.class_names)})
-    out.print(f"added class {name!r} as index {idx} ({before} -> {before + 1} classes)", highlight=False)
-    if x is not None:
-        hits = int((learner.predict_many(x) == idx).sum())
-        out.print(f"{hits}/{x.shape[0]} of its {x.shape[0]} examples are already predicted as {name!r}", highlight=False)
-    out.print(f"checkpoint: {path}", highlight=False)
+    if x is None:  # no examples: a random row, nothing to learn from or measure
+        names = list(meta.get("classes", []))
+        if not learner.model_cfg.class_names and len(names) == learner.model_cfg.num_classes:
+            learner.model_cfg = replace(learner.model_cfg, class_names=tuple(names))
+        idx = learner.add_class(name)
+        path = checkpoint.save(learner, target, meta={**meta, "classes": list(learner.class_names)})
+        out.print(f"added class {name!r} as index {idx} (no examples: it learns when training resumes)", highlight=False)
+        out.print(f"checkpoint: {path}", highlight=False)
+        return
+    with err.status(f"learning {name!r} from {x.shape[0]} examples", spinner="dots"):
+        r = add_fn(checkpoint_path, name, x, out=target, held_out=xh, replay_data=replay_data, data_dir=data_dir,
+                   buffer=buffer, passes=passes)
+    pct = lambda v: "-" if v is None else f"{v:.2%}"
+    out.print(f"added class {name!r} as index {r.index}; {r.steps} steps with replay from {r.replay}", highlight=False)
+    out.print(f"old classes {pct(r.old_before)} -> {pct(r.old_after)}; {r.examples_hit}/{x.shape[0]} of its "
+              f"examples predicted as {name!r}" + ("" if r.held_out_recall is None else
+                                                   f"; held-out recall {pct(r.held_out_recall)}"), highlight=False)
+    out.print(f"checkpoint: {r.path}", highlight=False)
 
 
 @guarded()

@@ -91,4 +91,90 @@ def learn(model: str | Path, data: str, *, data_dir: str | Path | None = None, b
     return LearnResult(path, len(new.y_train), tuple(grown), before, after, new_acc, len(replay), replay.nbytes())
 
 
-__all__ = ["LearnResult", "learn"]
+@dataclass(frozen=True)
+class AddResult:
+    path: Path
+    index: int  # the new class's index
+    old_before: float | None  # accuracy on the old classes' test images before and after (None: none available)
+    old_after: float | None
+    examples_hit: int  # of the examples themselves, how many are predicted as the new class after
+    held_out_recall: float | None  # recall on held-out examples of the new class (None: none given)
+    replay: str  # where the replayed samples came from ("checkpoint", a data set, or "none")
+    steps: int
+
+
+def _replay_from(learner: Any, data: ImageData, index: dict[str, int], capacity: int, seed: int) -> ReplayBuffer:
+    """A class-balanced buffer of ``capacity`` samples drawn from ``data``'s training images of the classes
+    the learner knows (learner indices by name)."""
+    buf = ReplayBuffer(capacity, seed=seed, policy="balanced")
+    known = [k for k, c in enumerate(data.classes) if c in index]
+    rows = np.flatnonzero(np.isin(data.y_train, known))
+    if not len(rows):
+        raise InputError(f"the replay data holds none of the model's classes ({', '.join(sorted(index))})")
+    rows = np.random.default_rng(seed).permutation(rows)[: 20 * capacity]
+    to_model = torch.tensor([index.get(c, -1) for c in data.classes])
+    for i in range(0, len(rows), 500):
+        part = np.sort(rows[i : i + 500])
+        buf.add(data.normalise(data.x_train[part]), to_model[torch.from_numpy(data.y_train[part].astype(np.int64))])
+    return buf
+
+
+def add_class(model: str | Path, name: str, examples: torch.Tensor, *, out: str | Path, held_out: torch.Tensor | None = None,
+              replay_data: str | None = None, data_dir: str | Path | None = None, buffer: int = 500, passes: int = 10,
+              batch_size: int = 10, mix: int | None = None, seed: int = 0) -> AddResult:
+    """Add class ``name`` to the model in checkpoint ``model`` from its ``examples`` (N, C, H, W normalised)
+    and learn it with replay so the old classes keep their accuracy; writes ``out``.
+
+    The class starts from the examples' mean feature (``add_class`` on the learner), then ``passes`` passes
+    over the examples in batches of ``batch_size``, each batch mixed with replayed old samples in the
+    proportion one class has among all of them (``batch_size`` × the old class count), so the new class is
+    learned without being over-weighted. Replay comes from the buffer the checkpoint carries (written by
+    ``edgeff learn``), else from ``replay_data`` (a data set name or image folder; a class-balanced buffer
+    of ``buffer`` samples of the old classes), else from the data set the checkpoint was trained on; with
+    none available the class is only imprinted. Old-class accuracy is measured before and after on that
+    data's test images; ``held_out`` examples give the new class's recall. The examples join the buffer,
+    which is saved in the written checkpoint."""
+    if passes < 0 or batch_size < 1 or buffer < 0:
+        raise InputError("--passes must be >= 0, --batch-size >= 1 and --buffer >= 0")
+    model = Path(model)
+    learner, meta = checkpoint.load(model, device="cpu")
+    shape = learner.model_cfg.input_shape
+    index = {c: i for i, c in enumerate(learner.class_names)}
+    old_names = set(index)
+    source = replay_data or meta.get("dataset")
+    try:
+        ref = load_data(str(source), data_dir, input_shape=shape) if source else None
+    except (DataNotFoundError, InputError):
+        if replay_data:
+            raise
+        ref = None
+    before = None if ref is None else _accuracy(learner, ref, index, old_names)
+    saved = meta.get("replay")
+    if saved is not None:
+        replay, origin = ReplayBuffer.from_state(saved), "checkpoint"
+    elif ref is not None and buffer:
+        replay, origin = _replay_from(learner, ref, index, buffer, seed), str(source)
+    else:
+        replay, origin = None, "none"
+    new = learner.add_class(name, examples=examples)
+    steps = 0
+    if passes and replay is not None:
+        replay.batch = batch_size * (mix or len(old_names))
+        replay.asymmetric = False  # a batch of one new class: its softmax must meet the old classes
+        gen = torch.Generator().manual_seed(seed)
+        labels = torch.full((examples.shape[0],), new, dtype=torch.long)
+        for _ in range(passes):
+            order = torch.randperm(examples.shape[0], generator=gen)
+            batches = [(examples[order[i : i + batch_size]], labels[order[i : i + batch_size]])
+                       for i in range(0, examples.shape[0], batch_size)]
+            fit(learner, batches, replay=replay)
+            steps += len(batches)
+    after = None if ref is None else _accuracy(learner, ref, index, old_names)
+    hit = int((learner.predict_many(examples) == new).sum())
+    recall = None if held_out is None else float((learner.predict_many(held_out) == new).float().mean())
+    meta = {**meta, "classes": list(learner.class_names), "replay": None if replay is None else replay.state()}
+    path = checkpoint.save(learner, out, meta=meta)
+    return AddResult(Path(path), new, before, after, hit, recall, origin, steps)
+
+
+__all__ = ["AddResult", "LearnResult", "add_class", "learn"]

@@ -268,7 +268,7 @@ def test_cli_add_class_from_an_array_and_a_folder(mnist_small: ImageData, tmp_pa
     res = runner.invoke(app, ["add-class", str(ck), "--name", "seven-again", "--data", str(tmp_path / "sevens.npy"),
                               "--out", str(tmp_path / "grown.pt")])
     assert res.exit_code == 0, res.output
-    assert "index 10" in res.output and "of its 12 examples" in res.output
+    assert "index 10" in res.output and "/12 of its examples" in res.output
     grown, meta = checkpoint.load(tmp_path / "grown.pt")
     assert grown.class_names[-1] == "seven-again" and meta["classes"][-1] == "seven-again"
     folder = tmp_path / "imgs"
@@ -280,6 +280,35 @@ def test_cli_add_class_from_an_array_and_a_folder(mnist_small: ImageData, tmp_pa
     assert res.exit_code == 0 and "index 11" in res.output, res.output
     res = runner.invoke(app, ["add-class", str(tmp_path / "grown.pt"), "--name", "png"])
     assert res.exit_code == 2 and "already exists" in res.output
+
+
+def test_cli_add_class_learns_with_replay_and_reports_old_and_held_out(mnist_small: ImageData, tmp_path) -> None:
+    ck = tmp_path / "m.pt"
+    learner = _trained("bp-mlp", mnist_small, k=9, steps=60)  # classes 0-8
+    checkpoint.save(learner, ck, meta={"dataset": "builtin", "classes": list(mnist_small.classes[:9]),
+                                       "mean": [0.1307], "std": [0.3081]})
+    nines = mnist_small.x_train[mnist_small.y_train == 9][:50, 0]  # uint8 (50, 28, 28)
+    held = mnist_small.x_test[mnist_small.y_test == 9][:, 0]
+    np.save(tmp_path / "nines.npy", nines)
+    np.save(tmp_path / "held.npy", held)
+    before = ck.read_bytes()
+    common = ["add-class", str(ck), "--name", "9", "--data", str(tmp_path / "nines.npy"), "--held-out",
+              str(tmp_path / "held.npy")]
+    res = runner.invoke(app, [*common, "--passes", "0", "--out", str(tmp_path / "imprinted.pt")])
+    assert res.exit_code == 0, res.output
+    imprint_old = float(res.output.split("-> ")[1].split("%")[0])
+    res = runner.invoke(app, [*common, "--out", str(tmp_path / "learned.pt")])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "steps with replay from builtin" in text and "held-out recall" in text, text
+    old_before, old_after = (float(v) for v in text.split("old classes ")[1].split(";")[0].replace("%", "").split(" -> "))
+    recall = float(text.split("held-out recall ")[1].split("%")[0])
+    assert ck.read_bytes() == before  # the input is never written
+    assert recall > 50 and old_after >= old_before - 5  # chance 10%; this small model barely forgets
+    assert old_after > imprint_old or old_after >= old_before - 1  # replay keeps (or restores) the old classes
+    grown, meta = checkpoint.load(tmp_path / "learned.pt")
+    assert grown.class_names[-1] == "9" and meta["replay"] is not None
+    assert 9 in ReplayBuffer.from_state(meta["replay"]).class_counts()  # its examples joined the buffer
 
 
 def test_cli_continual_split_prints_the_matrix(tmp_path) -> None:
