@@ -106,7 +106,7 @@ class AddResult:
 def _replay_from(learner: Any, data: ImageData, index: dict[str, int], capacity: int, seed: int) -> ReplayBuffer:
     """A class-balanced buffer of ``capacity`` samples drawn from ``data``'s training images of the classes
     the learner knows (learner indices by name)."""
-    buf = ReplayBuffer(capacity, seed=seed, policy="balanced")
+    buf = ReplayBuffer(capacity, seed=seed, policy="balanced", asymmetric=True)
     known = [k for k, c in enumerate(data.classes) if c in index]
     rows = np.flatnonzero(np.isin(data.y_train, known))
     if not len(rows):
@@ -132,8 +132,9 @@ def add_class(model: str | Path, name: str, examples: torch.Tensor, *, out: str 
     ``edgeff learn``), else from ``replay_data`` (a data set name or image folder; a class-balanced buffer
     of ``buffer`` samples of the old classes), else from the data set the checkpoint was trained on; with
     none available the class is only imprinted. Old-class accuracy is measured before and after on that
-    data's test images; ``held_out`` examples give the new class's recall. The examples join the buffer,
-    which is saved in the written checkpoint."""
+    data's test images; ``held_out`` examples give the new class's recall. ``mix`` overrides the replayed
+    samples per new example (default: the old class count). The examples join the buffer, which is saved in
+    the written checkpoint with its own replay settings (``edgeff learn`` restores them)."""
     if passes < 0 or batch_size < 1 or buffer < 0:
         raise InputError("--passes must be >= 0, --batch-size >= 1 and --buffer >= 0")
     model = Path(model)
@@ -159,6 +160,7 @@ def add_class(model: str | Path, name: str, examples: torch.Tensor, *, out: str 
     new = learner.add_class(name, examples=examples)
     steps = 0
     if passes and replay is not None:
+        kept = replay.batch, replay.asymmetric  # the buffer's own settings go back into the checkpoint
         replay.batch = batch_size * (mix or len(old_names))
         replay.asymmetric = False  # a batch of one new class: its softmax must meet the old classes
         gen = torch.Generator().manual_seed(seed)
@@ -169,6 +171,7 @@ def add_class(model: str | Path, name: str, examples: torch.Tensor, *, out: str 
                        for i in range(0, examples.shape[0], batch_size)]
             fit(learner, batches, replay=replay)
             steps += len(batches)
+        replay.batch, replay.asymmetric = kept
     after = None if ref is None else _accuracy(learner, ref, index, old_names)
     hit = int((learner.predict_many(examples) == new).sum())
     recall = None if held_out is None else float((learner.predict_many(held_out) == new).float().mean())

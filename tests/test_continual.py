@@ -308,7 +308,9 @@ def test_cli_add_class_learns_with_replay_and_reports_old_and_held_out(mnist_sma
     assert old_after > imprint_old or old_after >= old_before - 1  # replay keeps (or restores) the old classes
     grown, meta = checkpoint.load(tmp_path / "learned.pt")
     assert grown.class_names[-1] == "9" and meta["replay"] is not None
-    assert 9 in ReplayBuffer.from_state(meta["replay"]).class_counts()  # its examples joined the buffer
+    saved = ReplayBuffer.from_state(meta["replay"])
+    assert 9 in saved.class_counts()  # its examples joined the buffer
+    assert saved.asymmetric and saved.batch is None  # with the settings `edgeff learn` gave it (ER-ACE)
 
 
 def test_cli_continual_split_prints_the_matrix(tmp_path) -> None:
