@@ -25,15 +25,15 @@ import torch
 from _common import RESULTS, merge_records, table
 
 from edgeff import evaluate, get_preset, make_learner
+from edgeff.presets import stream_train
 from edgeff.data import load_data
 from edgeff.explain import attention_maps, save_attention
 from edgeff.trainer import train_epochs
 
 # job name -> (preset, dataset, mode, epochs, batch size, budget in seconds for the local learner).
-# Streaming jobs (batch 1) use lr 1e-4 for both learners: the presets' 1e-3 is tuned for batches of
-# ~100, and at batch 1 it is ~sqrt(100) times too large (symba-mlp, 10k MNIST samples, batch 1:
-# 71.2% at 1e-3, 82.8% at 1e-4).
-STREAM_LR = 1e-4
+# Streaming jobs (batch 1, one pass) train both learners with the preset's stream recipe
+# (edgeff.presets.stream_train: lr 1e-4 constant, a window of the 8 samples before each new one), and
+# record samples per second (training samples / wall seconds) of both, measured in the same run.
 JOBS: dict[str, tuple[str, str, str, int, int, float]] = {
     "ff-mlp:mnist": ("ff-mlp", "mnist", "epochs", 10, 100, 25 * 60),
     "symba-mlp:mnist": ("symba-mlp", "mnist", "epochs", 20, 100, 12 * 60),
@@ -54,6 +54,8 @@ JOBS: dict[str, tuple[str, str, str, int, int, float]] = {
     "ffcl-mirror-paper:mnist": ("ffcl-mirror-paper", "mnist", "epochs", 30, 64, 12 * 60),
     "stream:symba-mlp:mnist": ("symba-mlp", "mnist", "stream", 1, 1, 30 * 60),
     "stream:trifecta-cnn:mnist": ("trifecta-cnn", "mnist", "stream", 1, 1, 30 * 60),
+    "stream:cfl-mlp:mnist": ("cfl-mlp", "mnist", "stream", 1, 1, 30 * 60),
+    "stream:ff-mlp:mnist": ("ff-mlp", "mnist", "stream", 1, 1, 30 * 60),
     "ff-mlp:fashion-mnist": ("ff-mlp", "fashion-mnist", "epochs", 20, 100, 12 * 60),
     "symba-mlp:fashion-mnist": ("symba-mlp", "fashion-mnist", "epochs", 20, 100, 12 * 60),
     "ffcl-mirror:fashion-mnist": ("ffcl-mirror", "fashion-mnist", "epochs", 20, 128, 12 * 60),
@@ -127,7 +129,7 @@ def run_job(name: str, data_dir: Path, threads: int, budget_scale: float) -> dic
     data = load_data(dataset, data_dir)
     tc = replace(p.train, device="cpu", batch_size=batch, epochs=epochs, seed=0, **AUGMENT.get(name, {}))
     if mode == "stream":
-        tc = replace(tc, lr=STREAM_LR, lr_final=None)  # a stream has no known end to decay towards
+        tc = stream_train(p, tc)  # the recipe a user streaming at batch 1 gets
 
     def train(backprop: bool, n_epochs: int, time_budget: float | None) -> tuple[Any, int, float, float]:
         learner = make_learner(p, input_shape=data.input_shape, num_classes=len(data.classes), train=tc,
@@ -167,7 +169,9 @@ def run_job(name: str, data_dir: Path, threads: int, budget_scale: float) -> dic
         "views": tc.views, "crop_padding": tc.crop_padding, "hflip": tc.hflip,
         "test_acc": res.accuracy, "bp_test_acc": bp_acc, "ratio": round(res.accuracy / bp_acc, 4),
         "layer_acc": ",".join(f"{a:.4f}" for a in res.layer_accuracy), "threads": threads,
-        "schedule": tc.schedule, "lr": tc.lr, "lr_final": tc.lr_final, "lr_hold": tc.lr_hold,
+        "schedule": tc.schedule, "lr": tc.lr, "lr_final": tc.lr_final, "lr_hold": tc.lr_hold, "window": tc.window,
+        "samples_per_s": round(len(data.y_train) * done / seconds, 1),
+        "bp_samples_per_s": round(len(data.y_train) * done / bp_seconds, 1),
     }
 
 
@@ -179,7 +183,7 @@ def main() -> None:
     ap.add_argument("--budget-scale", type=float, default=1.0, help="multiply every job's time budget")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cols = ["preset", "dataset", "mode", "views", "batch_size", "epochs", "cpu_seconds", "test_acc", "bp_cpu_seconds", "bp_test_acc",
+    cols = ["preset", "dataset", "mode", "views", "batch_size", "window", "epochs", "cpu_seconds", "test_acc", "bp_cpu_seconds", "bp_test_acc", "samples_per_s", "bp_samples_per_s",
             "ratio"]
     records = []
     for name in args.jobs.split(","):

@@ -94,6 +94,7 @@ def train(
     crop_padding: Annotated[int | None, typer.Option(help="random-crop augmentation: border pixels to pad and crop back, 0 = off [default: the preset's]")] = None,
     hflip: Annotated[bool | None, typer.Option("--hflip/--no-hflip", help="random horizontal flips (not for digits) [default: the preset's]")] = None,
     lr_epochs: Annotated[int | None, typer.Option(help="epochs the lr decay is planned over [default: --epochs]; plan longer to resume a run further later")] = None,
+    window: Annotated[int | None, typer.Option(help="each step also learns the N samples just before it (a sliding window over the stream; 0 = off) [default: the preset's; at --batch-size 1 its stream recipe's]")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="also save the checkpoint every N samples [default: about every 5 minutes of training; 0 = only at the end]")] = None,
     pipeline: Annotated[bool, typer.Option("--pipeline", help="a layer pipeline across the ranks of `torchrun --nproc-per-node N -m edgeff.cli.app train ...`")] = False,
     pipeline_mode: Annotated[str, typer.Option(help="pipeline: overlap (rank 0 runs a step ahead) or lockstep")] = "overlap",
@@ -106,7 +107,7 @@ def train(
                    batch_size=batch_size, lr=lr, schedule=schedule.value if schedule else None, seed=seed, device=device,
                    backprop=backprop, out=out_path, resume=resume, optim_state=optim_state, lazy=lazy, frugal=frugal,
                    chunk=chunk, views=views, crop_padding=crop_padding, hflip=hflip, lr_epochs=lr_epochs,
-                   checkpoint_every=checkpoint_every)
+                   checkpoint_every=checkpoint_every, window=window)
     if pipeline:
         return _pipeline(o, pipeline_mode, pipeline_split)
     run = Run(o)
@@ -116,6 +117,9 @@ def train(
     out.print(f"[bold]{run.name}[/] on {run.data.name}: {run.per_epoch} samples x {run.epochs} "
               f"epoch{'s' if run.epochs != 1 else ''}, batch {learner.train_cfg.batch_size}, device {learner.device}",
               highlight=False)
+    note = run.stream_note()
+    if note:
+        out.print(note, highlight=False, style="dim")
     if progress:
         out.print(LEGENDS[learner.metrics], highlight=False, style="dim")
     with progress_bar(disable=not progress, metrics=True) as bar:

@@ -140,6 +140,7 @@ class TrainConfig:
     lr_final: float | None = None  # if set, fit() decays each layer's lr linearly to this over the run
     lr_hold: float = 0.0  # with lr_final: the fraction of the planned run at lr before the linear decay starts
     weight_decay: float | None = None  # None: the optimizer's default (adamw 0.01, adam/sgd 0)
+    window: int = 0  # each step also learns this many samples that came just before the batch (0: off)
     views: int = 1  # contrastive/backprop learners: 1 (one-forward) or 2 augmented views of every batch (CFF)
     crop_padding: int = 0  # random-crop augmentation: pad by this many border pixels, crop back (0: off)
     hflip: bool = False  # random horizontal flips (not for digits)
@@ -163,7 +164,8 @@ class TrainConfig:
             raise InputError(f"lr_hold must be a fraction in [0, 1), got {self.lr_hold!r}")
         if self.weight_decay is not None and not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise InputError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
-        for name, least in (("batch_size", 1), ("epochs", 1), ("greedy_steps", 1), ("chunk", 0), ("crop_padding", 0)):
+        for name, least in (("batch_size", 1), ("epochs", 1), ("greedy_steps", 1), ("chunk", 0), ("crop_padding", 0),
+                            ("window", 0)):
             if getattr(self, name) < least:
                 raise InputError(f"{name} must be at least {least}, got {getattr(self, name)}")
 

@@ -50,7 +50,7 @@ from edgeff.loop import LayerMetrics
 # TrainConfig fields every learner honours (the optimizer and its state, the seed, the device) or the
 # training loop reads (batch size, epochs, the lr decay)
 CORE_TRAIN = frozenset({"lr", "optimizer", "optim_state_dtype", "seed", "device", "batch_size", "epochs", "lr_final",
-                        "lr_hold"})
+                        "lr_hold", "window"})
 # ModelConfig fields every learner honours
 CORE_MODEL = frozenset({"layers", "input_shape", "num_classes", "class_names", "loss", "bn_momentum", "bn_min_batch",
                         "bn_always_running"})

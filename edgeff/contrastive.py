@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgeff import factored
 from edgeff.augment import make_augment, make_views
 from edgeff.config import ModelConfig, TrainConfig
 from edgeff.contract import LearnerBase, register
@@ -229,14 +230,15 @@ class ContrastiveLearner(LearnerBase):
         for i, layer in enumerate(self.net.local_layers):
             if hook is not None:
                 hook(i, True)
-            out = layer(h)
-            hbar = feature_vectors(out, self.model_cfg.groups).mean(1)  # (B, C_l)
-            loss = loss_fn(i, hbar, yb, allowed)
-            check_loss(loss, f"layer {i + 1}")
             opt = layer.ensure_optimizer()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            layer.optimizer_step()
+            with factored.recording(layer, h.shape[0]) as factors:  # small batches: Linear gradients as factors
+                out = layer(h)
+                hbar = feature_vectors(out, self.model_cfg.groups).mean(1)  # (B, C_l)
+                loss = loss_fn(i, hbar, yb, allowed)
+                check_loss(loss, f"layer {i + 1}")
+                loss.backward()
+            layer.optimizer_step(factors)
             metrics.append(LayerMetrics(float(loss.detach()), float(hbar.detach().norm(dim=1).mean()), 0.0, True))
             h = out.detach()  # the memory contract: no graph crosses this boundary
             if hook is not None:

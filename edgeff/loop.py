@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any, Protocol
+
+import numpy as np
 
 from edgeff.config import TrainConfig
 from edgeff.errors import InputError
@@ -59,6 +62,10 @@ def train_epochs(
     """Train for ``epochs`` passes over ``data``'s training set (the first ``limit`` shuffled samples
     of each pass when given), resuming where ``learner.samples_seen`` says it stopped.
 
+    With ``train.window`` each step learns the new batch together with the ``window`` samples that came
+    just before it in the pass (a sliding window over the stream, ``planned_batches``); the learner's
+    ``samples_seen`` counts each sample once.
+
     Each epoch's order depends only on (seed, epoch), so a learner loaded from a checkpoint continues
     with exactly the batches an uninterrupted run would have seen. With ``train.lr_final`` set, the
     learning rate falls linearly from ``train.lr`` to it over ``train.epochs`` epochs (after holding ``train.lr``
@@ -67,13 +74,14 @@ def train_epochs(
     epochs (up to the plan) is therefore the same as the longer run from the start; to extend a run past
     its plan, plan it longer from the start (``edgeff train --lr-epochs``).
     """
-    for x, y, lr in planned_batches(learner.train_cfg, learner.samples_seen, data, epochs=epochs, batch_size=batch_size,
-                                    seed=seed, limit=limit):
+    for x, y, lr, fresh in planned_batches(learner.train_cfg, learner.samples_seen, data, epochs=epochs,
+                                           batch_size=batch_size, seed=seed, limit=limit):
         if lr is not None:
             learner.set_lr(lr)
         m = learner.learn_many(x, y)
+        learner.samples_seen -= int(x.shape[0]) - fresh  # the window's samples were counted when they were new
         if on_step is not None:
-            on_step(m, int(x.shape[0]))
+            on_step(m, fresh)
 
 
 def decayed(step: int, total: int, hold: float) -> float:
@@ -81,6 +89,15 @@ def decayed(step: int, total: int, hold: float) -> float:
     ``hold`` of the run, then linearly to 1 at its end (and 1 after it)."""
     start = hold * total
     return min(1.0, max(0.0, step - start) / max(1e-12, total - start))
+
+
+def _cat(parts: list[Any]) -> Any:
+    """Concatenate batches along the first axis: numpy arrays (the edge runtime) or torch tensors."""
+    if isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts)
+    import sys
+
+    return sys.modules["torch"].cat(parts)  # a torch tensor: torch is loaded
 
 
 def planned_batches(
@@ -92,10 +109,16 @@ def planned_batches(
     batch_size: int,
     seed: int = 0,
     limit: int | None = None,
-) -> Iterator[tuple[Any, Any, float | None]]:
+) -> Iterator[tuple[Any, Any, float | None, int]]:
     """The batches ``train_epochs`` feeds a learner that has seen ``samples_seen`` samples, each with the
-    learning rate of its step (None without ``train.lr_final``): one data order and one schedule for
-    every runner (one process, or the first stage of a layer pipeline)."""
+    learning rate of its step (None without ``train.lr_final``) and how many of its rows are new: one data
+    order and one schedule for every runner (one process, or the first stage of a layer pipeline).
+
+    With ``train.window`` > 0 a batch is the new samples followed by the ``window`` samples before them in
+    this pass (fewer at the start of a pass; a resumed run re-reads them from the pass's order, so it
+    learns exactly what the uninterrupted run learned). At batch 1 a step's cost is the optimizer's pass
+    over the weights, not the rows, so the window adds little time and makes each update an average over
+    ``window + 1`` samples, every sample learned ``window + 1`` times in one pass."""
     if batch_size < 1:
         raise InputError(f"batch size must be at least 1, got {batch_size}")
     per_epoch = min(limit, len(data.y_train)) if limit is not None else len(data.y_train)
@@ -108,6 +131,19 @@ def planned_batches(
     lr0, lr1 = train.lr, train.lr_final
     for epoch in range(done_epochs, epochs):
         skip = -(-rest // batch_size) if epoch == done_epochs else 0
+        recent: list[tuple[Any, Any]] = []  # the window, newest first, one sample per entry
+        if train.window and skip:  # resumed inside a pass: the window holds the samples just before this point
+            back = min(train.window, skip * batch_size)
+            recent = list(islice(data.train_batches(1, seed=seed, epoch=epoch, limit=limit, skip=skip * batch_size - back),
+                                 back))
+            recent.reverse()
         for x, y in data.train_batches(batch_size, seed=seed, epoch=epoch, limit=limit, skip=skip):
-            yield x, y, (None if lr1 is None else lr0 + (lr1 - lr0) * decayed(step, total, train.lr_hold))
+            lr = None if lr1 is None else lr0 + (lr1 - lr0) * decayed(step, total, train.lr_hold)
+            n = int(x.shape[0])
+            if not train.window:
+                yield x, y, lr, n
+            else:
+                yield _cat([x, *(r[0] for r in recent)]), _cat([y, *(r[1] for r in recent)]), lr, n
+                recent = [(x[i : i + 1], y[i : i + 1]) for i in range(n - 1, -1, -1)] + recent
+                del recent[train.window :]
             step += 1

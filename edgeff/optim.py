@@ -4,9 +4,11 @@
 memory in a fresh process) the first time one is built, and torch's Adam allocates a parameter-sized
 temporary (the denominator) per parameter and step. On a small device both are most of a training
 step's memory. These optimizers do the same updates as ``torch.optim.Adam``/``AdamW``/``SGD(momentum=0.9)``
-on the CPU (their single-tensor path: the same operations in the same order on the same values, so
-the results are bit-identical), but on blocks of ``BLOCK`` values in place, so a step's scratch memory
-is one block, and they import nothing.
+with ``fused=True`` (they call the same fused kernels, one pass over each value, so the results are
+bit-identical), but on blocks of ``BLOCK`` values in place, so a step's scratch memory is one block of
+gradient, and they import nothing. The fused kernel reads a parameter, its gradient and its state once
+per step: at batch 1, where the step is the optimizer, that is ~3.5x faster than the eight separate
+in-place operations of torch's single-tensor path.
 
 Their state and ``state_dict()`` use torch's layout (``param_groups`` with ``params`` indices, and
 per parameter ``step`` as a float32 tensor, ``exp_avg``, ``exp_avg_sq`` or ``momentum_buffer``), so
@@ -27,7 +29,7 @@ EPS = 1e-8
 WEIGHT_DECAY = {"adam": 0.0, "adamw": 0.01, "sgd": 0.0}  # torch's defaults (AdamW: 0.01)
 MOMENTUM = 0.9
 BLOCK = 1 << 18  # values per in-place block: a step's scratch memory is at most 1 MiB of float32
-FACTORED_BLOCK = 1 << 16  # values per block of a gradient built from its factors (edgeff.factored)
+FACTORED_BLOCK = BLOCK  # values per block of a gradient built from its factors (edgeff.factored)
 KINDS = ("adam", "adamw", "sgd")
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -113,14 +115,8 @@ class LeanOptimizer:
                 st["momentum_buffer"] = torch.empty_like(p, memory_format=torch.contiguous_format)
             buf = st["momentum_buffer"].view(-1)
             for s, e, gb in self._blocks(p, grad):
-                pb, bb = pf[s:e], buf[s:e]
-                if wd:
-                    gb = gb.add(pb, alpha=wd)
-                if fresh:  # torch: the first momentum buffer is a copy of the first gradient
-                    bb.copy_(gb)
-                else:
-                    bb.mul_(MOMENTUM).add_(gb)
-                pb.add_(bb, alpha=-lr)
+                torch._fused_sgd_([pf[s:e]], [gb.contiguous()], [buf[s:e]], weight_decay=wd, momentum=MOMENTUM, lr=lr,
+                                  dampening=0.0, nesterov=False, maximize=False, is_first_step=fresh)
                 del gb
             return
         if st is None:
@@ -128,24 +124,14 @@ class LeanOptimizer:
                                   "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                                   "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
         st["step"] += 1
-        t = float(st["step"].item())
         beta1, beta2 = group["betas"]
-        eps = float(group["eps"])
-        step_size = lr / (1 - beta1 ** t)
-        bc2_sqrt = (1 - beta2 ** t) ** 0.5
+        fused = torch._fused_adamw_ if self.kind == "adamw" else torch._fused_adam_
         m, v = st["exp_avg"].view(-1), st["exp_avg_sq"].view(-1)
         for s, e, gb in self._blocks(p, grad):
-            pb, mb, vb = pf[s:e], m[s:e], v[s:e]
-            if wd:
-                if self.kind == "adamw":
-                    pb.mul_(1 - lr * wd)
-                else:
-                    gb = gb.add(pb, alpha=wd)
-            mb.lerp_(gb, 1 - beta1)
-            vb.mul_(beta2).addcmul_(gb, gb, value=1 - beta2)
-            denom = vb.sqrt().div_(bc2_sqrt).add_(eps)  # one block of scratch (torch's values: x / c == x.div_(c))
-            pb.addcdiv_(mb, denom, value=-step_size)
-            del gb, denom  # before the next block is built: one block of gradient and one of scratch at a time
+            # one pass over the block (torch's fused CPU kernel; it reads the step count, the caller counts)
+            fused([pf[s:e]], [gb.contiguous()], [m[s:e]], [v[s:e]], [], [st["step"]], lr=lr, beta1=beta1, beta2=beta2,
+                  weight_decay=wd, eps=float(group["eps"]), amsgrad=False, maximize=False)
+            del gb  # before the next block is built: one block of gradient at a time
 
     # ----------------------------------------------------------------- torch's state_dict layout
     def state_dict(self) -> dict[str, Any]:

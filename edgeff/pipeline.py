@@ -194,6 +194,8 @@ def _check(learner: Any) -> None:
                          f"{learner.train_cfg.schedule}")
     if learner.predictor.kind != "goodness":
         raise InputError("the layer pipeline predicts by goodness; the head predictor is not supported")
+    if learner.train_cfg.window:
+        raise InputError("the layer pipeline streams each sample once: --window is not supported with --pipeline")
 
 
 def run(preset: str, data_name: str = "builtin", data_dir: Path | None = None, *, epochs: int | None = None,
@@ -282,7 +284,7 @@ def run(preset: str, data_name: str = "builtin", data_dir: Path | None = None, *
                 if world > 1:
                     link.send(header, [], 1)
                 break
-            x, y, lr = item
+            x, y, lr, _ = item
             hp, hn = learner.encode_batch(x, y)
             header = torch.tensor([hp.shape[0], learner.step, -1.0 if lr is None else lr], dtype=torch.float64)
         else:

@@ -24,7 +24,7 @@ from edgeff.evaluation import EvalResult, evaluate
 from edgeff.inputs import resolve_device
 from edgeff.loop import train_epochs
 from edgeff.optim import STATE_DTYPES
-from edgeff.presets import Preset, get_preset, make_learner
+from edgeff.presets import Preset, get_preset, make_learner, stream_train
 
 CHECKPOINT_SECONDS = 300.0  # a run saves its checkpoint this often by default
 
@@ -54,6 +54,7 @@ class RunOptions:
     crop_padding: int | None = None
     hflip: bool | None = None
     lr_epochs: int | None = None  # the lr decay's horizon
+    window: int | None = None  # stream window (TrainConfig.window) [default: the preset's, its stream recipe's at batch 1]
     checkpoint_every: int | None = None  # samples; None: every CHECKPOINT_SECONDS; 0: only at the end
 
 
@@ -67,6 +68,8 @@ def check_options(o: RunOptions, path: Path) -> None:
             raise InputError(f"{opt} must be at least 1, got {v}")
     if o.checkpoint_every is not None and o.checkpoint_every < 0:
         raise InputError(f"--checkpoint-every must be 0 (only at the end) or a number of samples, got {o.checkpoint_every}")
+    if o.window is not None and o.window < 0:
+        raise InputError(f"--window must be 0 (off) or a number of samples, got {o.window}")
     if o.chunk < 0:
         raise InputError(f"--chunk must be 0 (the whole batch) or a number of pairs, got {o.chunk}")
     if o.optim_state not in STATE_DTYPES:
@@ -85,9 +88,11 @@ def check_options(o: RunOptions, path: Path) -> None:
 def train_config(p: Preset, o: RunOptions) -> TrainConfig:
     """The preset's train config with the user's choices; ``epochs`` is the planned run (the lr horizon)."""
     chosen: dict[str, Any] = {"batch_size": o.batch_size, "lr": o.lr, "schedule": o.schedule, "views": o.views,
-                              "crop_padding": o.crop_padding, "hflip": o.hflip}
+                              "crop_padding": o.crop_padding, "hflip": o.hflip, "window": o.window}
+    chosen = {k: v for k, v in chosen.items() if v is not None}
     tc = replace(p.train, seed=o.seed, device=o.device, optim_state_dtype=o.optim_state, frugal=o.frugal,
-                 chunk=o.chunk, **{k: v for k, v in chosen.items() if v is not None})
+                 chunk=o.chunk, **chosen)
+    tc = stream_train(p, tc, chosen)  # batch 1: the stream recipe where the user chose nothing
     return replace(tc, epochs=o.lr_epochs or (o.epochs or tc.epochs))
 
 
@@ -135,6 +140,16 @@ class Run:
         if o.lr_epochs is not None:
             learner.train_cfg = replace(learner.train_cfg, epochs=o.lr_epochs)
         return learner
+
+    def stream_note(self) -> str | None:
+        """How a batch-1 run streams (the recipe's or the user's settings), for the user; None otherwise."""
+        tc = self.learner.train_cfg
+        if tc.batch_size != 1 or self.resumed:
+            return None
+        lr = "constant" if tc.lr_final is None else f"decaying to {tc.lr_final:g}"
+        window = (f"window {tc.window} (each new sample is learned with the {tc.window} before it; --window 0 turns "
+                  f"it off)" if tc.window else "no window")
+        return f"streaming at batch 1: lr {tc.lr:g} {lr}, {window}"
 
     def resume_note(self) -> str:
         """What resuming means for this run, for people."""

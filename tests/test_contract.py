@@ -140,7 +140,8 @@ ALTERNATIVE_TRAIN: dict[str, dict[str, Any]] = {
 CONDITION = {"greedy_steps": {"schedule": "greedy"}, "head_lr": {"predictor": "head"}}
 # fields that change how a step is computed or when, not what it computes (their exactness and memory are
 # tested in test_trainer.py / test_memory.py) or that only the training loop reads
-NOT_OBSERVABLE_IN_TWO_STEPS = {"frugal", "chunk", "device", "batch_size", "epochs", "lr_final", "lr_hold"}
+NOT_OBSERVABLE_IN_TWO_STEPS = {"frugal", "chunk", "device", "batch_size", "epochs", "lr_final", "lr_hold",
+                               "window"}  # window: the loop's (test_window.py)
 
 
 def _observed(learner: LearnerBase, x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

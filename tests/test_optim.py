@@ -10,8 +10,9 @@ import torch
 from edgeff.layers import make_optimizer
 from edgeff.optim import BLOCK
 
-TORCH = {"adam": lambda p, lr: torch.optim.Adam(p, lr=lr), "adamw": lambda p, lr: torch.optim.AdamW(p, lr=lr),
-         "sgd": lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9)}
+TORCH = {"adam": lambda p, lr: torch.optim.Adam(p, lr=lr, fused=True),
+         "adamw": lambda p, lr: torch.optim.AdamW(p, lr=lr, fused=True),
+         "sgd": lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9, fused=True)}
 
 
 def _params(g: torch.Generator) -> list[torch.nn.Parameter]:

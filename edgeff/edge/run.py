@@ -57,10 +57,11 @@ def train_run(
         if meta.get("data") not in (None, data):
             raise CheckpointError(f"{path} was trained on {meta.get('data')}, not {data}")
     else:
-        from edgeff.presets import get_preset
+        from edgeff.presets import get_preset, stream_train
 
         p = get_preset(preset)
-        train = replace(p.train, **(overrides or {}))
+        train = replace(p.train, **{**(overrides or {}), **({"batch_size": batch_size} if batch_size else {})})
+        train = stream_train(p, train, overrides or {})  # batch 1: the stream recipe where not overridden
         if epochs is not None and "epochs" not in (overrides or {}):
             train = replace(train, epochs=epochs)  # the planned run: the lr schedule's horizon
         learner = make_edge_learner(p, input_shape=ds.input_shape, num_classes=len(ds.classes), train=train)
