@@ -25,9 +25,9 @@ import torch
 from _common import RESULTS, merge_records, table
 
 from edgeff import evaluate, get_preset, make_learner
-from edgeff.presets import stream_train
 from edgeff.data import load_data
 from edgeff.explain import attention_maps, save_attention
+from edgeff.presets import stream_train
 from edgeff.trainer import train_epochs
 
 # job name -> (preset, dataset, mode, epochs, batch size, budget in seconds for the local learner).

@@ -18,14 +18,14 @@ temporaries. Both methods are accounted and measured with this one definition, p
   frugal step (``TrainConfig.frugal``) keeps one chunk's graph (``2 × chunk`` rows), the whole-batch
   step 2B rows, backprop B rows for every layer at once;
 - ``workspace``: the backward pass's activation gradients (two copies of the largest activation of the
-  rows in the graph: an estimate) and the optimizer's scratch (one block of ``edgeff.optim.BLOCK``, or
-  for a factored gradient the denominator of its block of rows).
+  rows in the graph: an estimate); the optimizer needs no scratch (torch's fused kernels, a block at a
+  time: ``edgeff.optim``), a factored gradient's block of rows is counted with the gradients.
 
 ``local_live[i]`` is what is live while layer i trains: the step's input batch, the layer's input,
 output, saved activations, gradients and workspace (an OLU pair adds the previous layer's graph, kept
 alive by design). ``bp_live[i]`` is what backprop holds when its backward pass reaches layer i: the
 activations saved by layers 1..i, the gradients of layers i..L and the head, and workspace. The step cost
-is the largest of these (for backprop also: every gradient plus the optimizer's scratch). The **physical
+is the largest of these (for backprop also: every gradient at once, as its optimizer steps). The **physical
 limit** of layer-local training is the greedy schedule's: one layer's optimizer state.
 
 **Measurement** (``measure_step``): after a warm-up step, every gradient is dropped and the resident set
@@ -52,7 +52,7 @@ from torch import nn
 from edgeff.config import ModelConfig, TrainConfig
 from edgeff.factored import pays
 from edgeff.layers import make_block, out_shape
-from edgeff.optim import BLOCK, FACTORED_BLOCK
+from edgeff.optim import FACTORED_BLOCK
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 OPT_SLOTS = {"adam": 2, "adamw": 2, "sgd": 1}
@@ -199,9 +199,6 @@ def account(model: ModelConfig, train: TrainConfig, batch_size: int, *, dtype: s
     c, h, w = model.input_shape
     batch_bytes = b * c * h * w * item  # the step's input batch, alive throughout
 
-    def scratch(n: int) -> int:
-        return min(BLOCK, n) * item  # the optimizer's block of scratch (edgeff.optim)
-
     # ---- layer-local: 2B rows in and out; the graph of 2 x chunk rows (frugal) or 2B rows
     shape: tuple[int, ...] = (c + (0 if model.label == "overlay" else 1), h, w)
     local: list[LayerMemory] = []
@@ -212,17 +209,15 @@ def account(model: ModelConfig, train: TrainConfig, batch_size: int, *, dtype: s
         chunked = kind.startswith("frugal") and not (spec.norm == "batch" and spec.order != "pre")
         rows = 2 * min(train.chunk or b, b) if chunked else 2 * b
         saved, largest = saved_bytes(block, torch.zeros(rows, *shape, dtype=tdt), with_goodness=True)
-        grads, opt_scratch = n, scratch(n)
+        grads = n
         if kind.startswith("frugal"):  # Linear weights whose factors (2B rows of input and output) cost
-            dense = n  # less than their gradient: those, and the gradient built a block of rows at a time
+            # less than their gradient: those, and the gradient built a block of rows at a time
             for lin in (m for m in block.modules() if type(m) is nn.Linear and pays(m, 2 * b)):
                 built = min(lin.weight.numel(), max(1, FACTORED_BLOCK // lin.in_features) * lin.in_features)
                 grads += 2 * b * (lin.in_features + lin.out_features) - lin.weight.numel() + built
-                dense -= lin.weight.numel()
-                opt_scratch = max(scratch(dense), built * item)  # the block's denominator
         local.append(LayerMemory(i + 1, n * item, grads * item, slots * n * state_item, saved,
                                  2 * b * math.prod(shape) * item, 2 * b * math.prod(nxt) * item,
-                                 2 * largest + opt_scratch))
+                                 2 * largest))
         shape = nxt
 
     frugal = kind.startswith("frugal")
@@ -265,7 +260,7 @@ def account(model: ModelConfig, train: TrainConfig, batch_size: int, *, dtype: s
     bp_live = tuple(batch_bytes + sum(m.saved for m in bp[:i + 1]) + sum(m.grads for m in bp[i:]) + bp[i].workspace
                     for i in range(len(bp) - 1))
     top = batch_bytes + sum(m.saved for m in bp) + head.output  # the forward pass done: every graph and the logits
-    bp_step = max(top, *bp_live, batch_bytes + total_grads + scratch(max(m.params // item for m in bp)))
+    bp_step = max(top, *bp_live, batch_bytes + total_grads)
     return MemoryReport(batch_size, dtype, train.schedule, kind, train.optim_state_dtype, tuple(local), tuple(bp),
                         local_live, bp_live, params + kept, max(local_live),
                         sum(m.params + m.optimizer for m in bp), bp_step, params + greedy_kept + max(local_live))

@@ -29,7 +29,7 @@ EPS = 1e-8
 WEIGHT_DECAY = {"adam": 0.0, "adamw": 0.01, "sgd": 0.0}  # torch's defaults (AdamW: 0.01)
 MOMENTUM = 0.9
 BLOCK = 1 << 18  # values per in-place block: a step's scratch memory is at most 1 MiB of float32
-FACTORED_BLOCK = BLOCK  # values per block of a gradient built from its factors (edgeff.factored)
+FACTORED_BLOCK = 1 << 16  # values per block of a gradient built from its factors (edgeff.factored)
 KINDS = ("adam", "adamw", "sgd")
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -68,6 +68,28 @@ def test_train_with_two_augmented_views(tmp_path: Path) -> None:
     assert saved["samples_seen"] == 2000  # two views of a sample count once
 
 
+def test_batch_one_streams_with_the_recipe_unless_told_otherwise(tmp_path: Path) -> None:
+    """--batch-size 1 gets the stream recipe (lr 1e-4 constant, window 8), says so, and resumes with it;
+    what the user sets wins."""
+    from edgeff import checkpoint
+
+    path = tmp_path / "s.pt"
+    args = ["train", "--preset", "cfl-mlp", "--samples", "60", "--epochs", "1", "--batch-size", "1", "--device", "cpu",
+            "--out", str(path), "--no-progress"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "streaming at batch 1: lr 0.0001 constant, window 8" in res.output
+    learner, _ = checkpoint.load(path)
+    tc = learner.train_cfg
+    assert (tc.lr, tc.lr_final, tc.window, tc.views, tc.crop_padding) == (1e-4, None, 8, 1, 0)
+    assert learner.samples_seen == 60 and learner.step == 60
+    res = runner.invoke(app, [*args[:-3], "--out", str(tmp_path / "t.pt"), "--window", "0", "--lr", "3e-4",
+                              "--no-progress"])
+    assert res.exit_code == 0 and "lr 0.0003 constant, no window" in res.output, res.output
+    res = runner.invoke(app, [*args, "--window", "-2"])
+    assert res.exit_code != 0 and "--window must be 0" in res.output
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -87,3 +87,15 @@ def test_the_edge_runtime_takes_the_same_windowed_steps_as_torch():
     train_epochs(e, load_edge_data("builtin"), epochs=1, batch_size=1, seed=3, limit=40)
     assert t.samples_seen == e.samples_seen == 40 and t.step == e.step == 40
     _assert_same_state(t, e, 1e-4)
+
+
+def test_the_edge_runtime_streams_with_the_same_recipe(tmp_path):
+    from edgeff.edge.run import train_run
+
+    res = train_run(preset="cfl-mlp", batch_size=1, samples=40, epochs=1, out=tmp_path / "e.npz")
+    tc = res.learner.train_cfg
+    assert (tc.batch_size, tc.lr, tc.lr_final, tc.window, tc.views) == (1, 1e-4, None, 8, 1)
+    assert res.learner.samples_seen == 40
+    res = train_run(preset="cfl-mlp", batch_size=1, samples=40, epochs=1, out=tmp_path / "f.npz",
+                    overrides={"window": 2})
+    assert res.learner.train_cfg.window == 2
