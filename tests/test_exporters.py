@@ -41,9 +41,15 @@ def test_onnxruntime_matches_torch_on_real_images(name: str, mnist_small, tmp_pa
     x, _ = next(mnist_small.test_batches(300))
     pred = OnnxPredictor(path)
     pr = parity(learner, pred, x)
-    scale = max(1.0, float(learner.scores(x).abs().max()))
-    assert pr["agreement"] == 1.0
+    scores = learner.scores(x)
+    scale = max(1.0, float(scores.abs().max()))
     assert pr["max_abs_diff"] <= 1e-4 * scale
+    # the same label for every image, except a tie: torch's two best scores within the score tolerance
+    # (ff-mlp on the builtin set has one image whose two best goodness sums are one float32 step apart)
+    top2 = scores.topk(2, dim=1).values
+    differ = learner.predict_many(x).numpy() != pred.predict_many(x)
+    assert ((top2[:, 0] - top2[:, 1]).numpy()[differ] <= 1e-4 * scale).all()
+    assert pr["agreement"] >= 1 - 1 / 100
     assert pred.predict_one(x[0]) == learner.predict_one(x[0])
     assert (pred.predict_many(x[:7]) == learner.predict_many(x[:7]).numpy()).all()  # any batch size
 

@@ -263,7 +263,7 @@ def test_lr_hold_keeps_the_lr_then_decays_linearly(mnist_small) -> None:
 
     def lrs(hold: float) -> list[float]:
         tc = TrainConfig(device="cpu", lr=1e-3, lr_final=1e-4, lr_hold=hold, epochs=2)
-        return [lr for _, _, lr in planned_batches(tc, 0, mnist_small, epochs=2, batch_size=10, limit=100)]
+        return [lr for _, _, lr, _ in planned_batches(tc, 0, mnist_small, epochs=2, batch_size=10, limit=100)]
 
     held, plain = lrs(0.5), lrs(0.0)
     assert len(held) == 20 and held[:11] == [1e-3] * 11  # the first half of the plan at lr
