@@ -47,7 +47,8 @@ def _pipeline(o: Any, mode: str, split: str | None) -> None:
     res = pipeline.run(o.preset, o.data, o.data_dir, epochs=o.epochs, batch_size=o.batch_size, samples=o.samples,
                        out=o.out, seed=o.seed, mode=mode, split=split, resume=o.resume,
                        checkpoint_every=200 if o.checkpoint_every is None else o.checkpoint_every,
-                       train_overrides={"schedule": o.schedule} if o.schedule is not None else None)
+                       train_overrides={k: v for k, v in (("schedule", o.schedule), ("window", o.window))
+                                        if v is not None} or None)  # --window: refused by the pipeline
     if res is not None:
         ranks = " | ".join(f"{a + 1}-{b}" for a, b in res.split)
         out.print(f"pipeline {o.preset}: {res.samples} samples in {res.seconds:.1f}s ({res.samples_per_s:.1f} "
