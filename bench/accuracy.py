@@ -32,7 +32,8 @@ from edgeff.trainer import train_epochs
 
 # job name -> (preset, dataset, mode, epochs, batch size, budget in seconds for the local learner).
 # Streaming jobs (batch 1, one pass) train both learners with the preset's stream recipe
-# (edgeff.presets.stream_train: lr 1e-4 constant, a window of the 8 samples before each new one), and
+# (edgeff.presets.stream_train: lr 1e-4 constant, a window of the 8 samples before each new one; each learner
+# the part its family reads: slda-conv has no lr and takes no window, its backprop twin gets both), and
 # record samples per second (training samples / wall seconds) of both, measured in the same run.
 JOBS: dict[str, tuple[str, str, str, int, int, float]] = {
     "ff-mlp:mnist": ("ff-mlp", "mnist", "epochs", 10, 100, 25 * 60),
@@ -56,6 +57,9 @@ JOBS: dict[str, tuple[str, str, str, int, int, float]] = {
     "stream:trifecta-cnn:mnist": ("trifecta-cnn", "mnist", "stream", 1, 1, 30 * 60),
     "stream:cfl-mlp:mnist": ("cfl-mlp", "mnist", "stream", 1, 1, 30 * 60),
     "stream:ff-mlp:mnist": ("ff-mlp", "mnist", "stream", 1, 1, 30 * 60),
+    "stream:slda-conv:mnist": ("slda-conv", "mnist", "stream", 1, 1, 30 * 60),
+    "stream:slda-conv:fashion-mnist": ("slda-conv", "fashion-mnist", "stream", 1, 1, 30 * 60),
+    "slda-conv:mnist": ("slda-conv", "mnist", "epochs", 1, 100, 30 * 60),
     "ff-mlp:fashion-mnist": ("ff-mlp", "fashion-mnist", "epochs", 20, 100, 12 * 60),
     "symba-mlp:fashion-mnist": ("symba-mlp", "fashion-mnist", "epochs", 20, 100, 12 * 60),
     "ffcl-mirror:fashion-mnist": ("ffcl-mirror", "fashion-mnist", "epochs", 20, 128, 12 * 60),
@@ -128,12 +132,13 @@ def run_job(name: str, data_dir: Path, threads: int, budget_scale: float) -> dic
     p = get_preset(preset_name)
     data = load_data(dataset, data_dir)
     tc = replace(p.train, device="cpu", batch_size=batch, epochs=epochs, seed=0, **AUGMENT.get(name, {}))
-    if mode == "stream":
-        tc = stream_train(p, tc)  # the recipe a user streaming at batch 1 gets
+    bp_tc = tc
+    if mode == "stream":  # the recipe a user streaming at batch 1 gets, each learner the part its family reads
+        tc, bp_tc = stream_train(p, tc), stream_train(p, tc, backprop=True)
 
     def train(backprop: bool, n_epochs: int, time_budget: float | None) -> tuple[Any, int, float, float]:
-        learner = make_learner(p, input_shape=data.input_shape, num_classes=len(data.classes), train=tc,
-                               backprop=backprop)
+        learner = make_learner(p, input_shape=data.input_shape, num_classes=len(data.classes),
+                               train=bp_tc if backprop else tc, backprop=backprop)
         t0, c0 = time.perf_counter(), time.process_time()
         done = 0
         for ep in range(n_epochs):
@@ -170,6 +175,7 @@ def run_job(name: str, data_dir: Path, threads: int, budget_scale: float) -> dic
         "test_acc": res.accuracy, "bp_test_acc": bp_acc, "ratio": round(res.accuracy / bp_acc, 4),
         "layer_acc": ",".join(f"{a:.4f}" for a in res.layer_accuracy), "threads": threads,
         "schedule": tc.schedule, "lr": tc.lr, "lr_final": tc.lr_final, "lr_hold": tc.lr_hold, "window": tc.window,
+        "bp_lr": bp_tc.lr, "bp_window": bp_tc.window,
         "samples_per_s": round(len(data.y_train) * done / seconds, 1),
         "bp_samples_per_s": round(len(data.y_train) * done / bp_seconds, 1),
     }

@@ -87,6 +87,7 @@ LEGENDS = {  # one line each, within 80 columns
     "goodness": "live: Lk loss/sep = layer k's loss / goodness separation (higher is better)",
     "norm": "live: Lk loss/norm = layer k's contrastive loss / mean feature norm",
     "loss": "live: the training loss (mirror: Lk = layer k's cosine loss)",
+    "spread": "live: spread = the batch's mean squared distance to its class means",
 }
 
 
@@ -97,6 +98,8 @@ def metrics_text(metrics: Any, kind: str, width: int) -> str:
         parts = [f"L{i + 1} {m.loss:.3f}/{m.separation:+.2f}" for i, m in enumerate(metrics)]
     elif kind == "norm":
         parts = [f"L{i + 1} {m.loss:.3f}/{m.g_pos:.2f}" for i, m in enumerate(metrics)]
+    elif kind == "spread":
+        parts = [f"spread {metrics[0].loss:.3f}"]
     elif len(metrics) == 1:
         parts = [f"loss {metrics[0].loss:.3f}"]
     else:

@@ -43,7 +43,7 @@ class ModelConfig:
     label: str = "icp"  # overlay (FF) | icp (SymBa) | channel (Trifecta)
     label_learned: bool = False  # channel encoder only: learn the label matrix with layer 0
     icp_rate: float = 0.1  # SymBa's pattern sampling rate
-    loss: str = "symba"  # ff | symba (goodness, label in the input) | supcon (CFF) | cfl (label embeddings) | mirror
+    loss: str = "symba"  # ff | symba (goodness, label in the input) | supcon (CFF) | cfl (label embeddings) | mirror | lda (analytic)
     threshold: float = 2.0  # FF loss θ
     sharpness: float = 1.0  # FF loss slope s: softplus(s(θ − G+)) + softplus(s(G− − θ)); s = width, θ = 1 is a BCE on Σh² − width
     peer_norm: float = 0.0  # goodness family: weight of the peer-normalisation loss (each unit's running mean activity on positives pulled toward the layer's mean; 0 = off)
@@ -62,15 +62,18 @@ class ModelConfig:
     groups: int = 1  # CFL/CFF linear layers: K feature groups per output (features = mean over groups)
     embed_noise: bool = True  # CFL: N(0, 1/C_l²) noise on the pooled embeddings while training
     mirror_negatives: bool = False  # mirror FFCL: also same-class (+1) and other-class (−1) pairs
+    shrinkage: float = 1e-2  # analytic (lda): the covariance's ridge, a share of its mean variance
     class_names: tuple[str, ...] = ()  # one name per class (empty: "0".."K-1"); grows with add_class
 
     def __post_init__(self) -> None:
-        labels, losses = ("overlay", "icp", "channel", "none"), ("ff", "symba", "supcon", "cfl", "mirror")
+        labels, losses = ("overlay", "icp", "channel", "none"), ("ff", "symba", "supcon", "cfl", "mirror", "lda")
         for name, allowed in (("relu_grad", ("zero", "pass")), ("init", ("torch", "normal"))):
             if getattr(self, name) not in allowed:
                 raise InputError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
         if not (math.isfinite(self.sharpness) and self.sharpness > 0):
             raise InputError(f"sharpness must be a positive finite number, got {self.sharpness!r}")
+        if not (math.isfinite(self.shrinkage) and self.shrinkage >= 0):
+            raise InputError(f"shrinkage must be a finite number >= 0, got {self.shrinkage!r}")
         if not (math.isfinite(self.peer_norm) and self.peer_norm >= 0):
             raise InputError(f"peer_norm must be a finite number >= 0, got {self.peer_norm!r}")
         if self.label not in labels:

@@ -55,7 +55,7 @@ CORE_TRAIN = frozenset({"lr", "optimizer", "optim_state_dtype", "seed", "device"
 CORE_MODEL = frozenset({"layers", "input_shape", "num_classes", "class_names", "loss", "bn_momentum", "bn_min_batch",
                         "bn_always_running"})
 # the modules that define and register the families (imported on first use of the registry)
-FAMILY_MODULES = ("edgeff.trainer", "edgeff.contrastive", "edgeff.mirror", "edgeff.baseline")
+FAMILY_MODULES = ("edgeff.trainer", "edgeff.contrastive", "edgeff.mirror", "edgeff.baseline", "edgeff.analytic")
 
 
 class LearnerBase(ABC):
@@ -71,6 +71,8 @@ class LearnerBase(ABC):
     metrics: ClassVar[str] = "loss"
     train_fields: ClassVar[frozenset[str]] = frozenset()  # TrainConfig fields read beyond CORE_TRAIN
     model_fields: ClassVar[frozenset[str]] = frozenset()  # ModelConfig fields read beyond CORE_MODEL
+    # CORE_TRAIN fields it has no use for (a closed-form family: no lr, no optimizer); refused like the others
+    core_unused: ClassVar[frozenset[str]] = frozenset()
 
     net: Any  # the family's network (a torch module; families narrow the type)
 
@@ -204,8 +206,7 @@ def family_of(model: ModelConfig, *, backprop: bool = False) -> type[LearnerBase
 def for_family(cls: type[LearnerBase], model: ModelConfig, train: TrainConfig) -> tuple[ModelConfig, TrainConfig]:
     """``model`` and ``train`` with every field ``cls`` does not read reset to its default (a preset's
     configs handed to its backprop twin)."""
-    t_read, m_read = cls.reads(model, train)
-    m_keep, t_keep = CORE_MODEL | m_read, CORE_TRAIN | t_read
+    m_keep, t_keep = CORE_MODEL | cls.reads(model, train)[1], train_read(cls, model, train)
     m_defaults: dict[str, Any] = {f.name: f.default for f in fields(ModelConfig) if f.name not in m_keep}
     t_defaults: dict[str, Any] = {f.name: f.default for f in fields(TrainConfig) if f.name not in t_keep}
     return replace(model, **m_defaults), replace(train, **t_defaults)
@@ -219,12 +220,17 @@ def build(model: ModelConfig, train: TrainConfig, *, backprop: bool = False) -> 
     return cls(model, train)
 
 
+def train_read(cls: type[LearnerBase], model: ModelConfig, train: TrainConfig) -> frozenset[str]:
+    """Every ``TrainConfig`` field ``cls`` reads under these configs: the core it uses and its own."""
+    return (CORE_TRAIN - cls.core_unused) | cls.reads(model, train)[0]
+
+
 def refuse_unread(cls: type[LearnerBase], model: ModelConfig, train: TrainConfig) -> None:
     """Raise ``InputError`` naming every config field ``cls`` would ignore that is not at its default
     (a family without a label input also takes ``label="none"``)."""
-    t_read, m_read = cls.reads(model, train)
+    m_read = cls.reads(model, train)[1]
     ignored = [f"{f.name}={getattr(train, f.name)!r}" for f in fields(TrainConfig)
-               if f.name not in CORE_TRAIN | t_read and getattr(train, f.name) != f.default]
+               if f.name not in train_read(cls, model, train) and getattr(train, f.name) != f.default]
     ignored += [f"{f.name}={getattr(model, f.name)!r}" for f in fields(ModelConfig)
                 if f.name not in CORE_MODEL | m_read and getattr(model, f.name) != f.default
                 and not (f.name == "label" and model.label == "none")]
@@ -234,4 +240,4 @@ def refuse_unread(cls: type[LearnerBase], model: ModelConfig, train: TrainConfig
 
 
 __all__ = ["CORE_MODEL", "CORE_TRAIN", "LearnerBase", "UnsupportedError", "build", "families", "family_of",
-           "for_family", "learner_class", "refuse_unread", "register"]
+           "for_family", "learner_class", "refuse_unread", "register", "train_read"]

@@ -33,10 +33,11 @@ def to_edge(learner: LearnerBase) -> EdgeLearner:
         UnsupportedError: the learner uses something only torch implements (see ``edgeff.edge.learner``).
     """
     if not learner.supports("edge_runtime"):
-        raise UnsupportedError(f"a {type(learner).__name__} cannot run on the edge runtime; it trains goodness and "
-                               "CFL models")
+        raise UnsupportedError(f"a {type(learner).__name__} cannot run on the edge runtime; it trains goodness, "
+                               "CFL and streaming-LDA models")
     edge = EdgeLearner(learner.model_cfg, learner.train_cfg)
-    edge.load_arrays({k: v.detach().cpu().float().numpy() for k, v in learner.net.state_dict().items()})
+    edge.load_arrays({k: v.detach().cpu().numpy() if v.dtype in (torch.float64, torch.int64) else
+                      v.detach().cpu().float().numpy() for k, v in learner.net.state_dict().items()})
     edge.step, edge.samples_seen = learner.step, learner.samples_seen
     for i, (tl, el) in enumerate(zip(learner.net.local_layers, edge.layers, strict=True)):
         el.set_lr(tl.lr)
@@ -56,10 +57,10 @@ def to_edge(learner: LearnerBase) -> EdgeLearner:
 
 def from_edge(edge: EdgeLearner) -> LearnerBase:
     """The torch learner in the same state as an ``EdgeLearner`` (for ONNX export, or more training)."""
-    learner = learner_class("local" if edge.family == "goodness" else "contrastive")(edge.model_cfg, edge.train_cfg)
+    learner = learner_class(edge.kind)(edge.model_cfg, edge.train_cfg)
     sd = learner.net.state_dict()
     for name, a in edge.arrays().items():
-        sd[name] = torch.from_numpy(np.array(a, np.float32))
+        sd[name] = torch.from_numpy(np.array(a)).to(sd[name].dtype) if name in sd else torch.from_numpy(np.array(a))
     learner.net.load_state_dict(sd)  # into the parameters the layers' optimizers were built on
     learner.step, learner.samples_seen = edge.step, edge.samples_seen
     for i, (tl, el) in enumerate(zip(learner.net.local_layers, edge.layers, strict=True)):

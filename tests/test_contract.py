@@ -16,7 +16,7 @@ import torch
 
 from edgeff import checkpoint
 from edgeff.config import ModelConfig, TrainConfig
-from edgeff.contract import CORE_MODEL, CORE_TRAIN, LearnerBase, build, families, family_of
+from edgeff.contract import CORE_MODEL, LearnerBase, build, families, family_of, train_read
 from edgeff.errors import InputError, UnsupportedError
 from edgeff.loop import LayerMetrics
 from edgeff.presets import PRESETS
@@ -150,10 +150,11 @@ def _observed(learner: LearnerBase, x: torch.Tensor, y: torch.Tensor) -> tuple[d
     return state_tensors(learner), learner.scores(x)
 
 
-@pytest.mark.parametrize("kind", ["local", "contrastive", "mirror", "bp"])
+@pytest.mark.parametrize("kind", ["local", "contrastive", "mirror", "bp", "analytic"])
 def test_every_config_field_is_honoured_or_refused(kind: str) -> None:
     cls = families()[kind]
-    name = {"local": "symba-mlp", "contrastive": "cfl-mlp-stream", "mirror": "ffcl-mirror", "bp": "bp-mlp"}[kind]
+    name = {"local": "symba-mlp", "contrastive": "cfl-mlp-stream", "mirror": "ffcl-mirror", "bp": "bp-mlp",
+            "analytic": "slda-conv"}[kind]
     p = PRESETS[name]
     model, train = p.model, replace(p.train, device="cpu")
     base_learner = cls(model, train)
@@ -168,7 +169,7 @@ def test_every_config_field_is_honoured_or_refused(kind: str) -> None:
         except InputError:  # the condition itself is refused (the family has no such setting)
             reference, cond = base, train
         change = ALTERNATIVE_TRAIN[f.name]
-        if f.name not in CORE_TRAIN | cls.reads(model, cond)[0]:
+        if f.name not in train_read(cls, model, cond):
             with pytest.raises(InputError, match=f.name):
                 cls(model, replace(cond, **change))
             continue

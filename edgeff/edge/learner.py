@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from edgeff.config import MAX_INPUT, ModelConfig, TrainConfig, select_layers
+from edgeff.edge.analytic import LdaStats
 from edgeff.edge.ops import F32, Op, make_block, out_shape
 from edgeff.edge.optim import Optimizer
 from edgeff.errors import InputError, UnsupportedError
@@ -229,9 +230,11 @@ def check_supported(model: ModelConfig, train: TrainConfig) -> str:
                                    "trains L_dict and L_feat (total-D, the presets' choice)")
         if train.views not in (1, 2):
             raise UnsupportedError(f"views must be 1 or 2, got {train.views}")
+    elif model.loss == "lda":
+        family = "analytic"
     else:
         raise UnsupportedError(f"{model.loss!r} models (CFF, mirror FFCL, backprop) need torch; the edge runtime "
-                               "trains the goodness family (ff, symba) and CFL")
+                               "trains the goodness family (ff, symba), CFL and streaming LDA")
     if train.optim_state_dtype != "float32":
         raise UnsupportedError("the edge runtime keeps optimizer state in float32")
     for spec in model.layers:
@@ -257,7 +260,7 @@ class EdgeLearner:
         if not model.layers:
             raise ValueError("a model needs at least one layer")
         self.family = check_supported(model, train)
-        self.kind = "local" if self.family == "goodness" else "contrastive"
+        self.kind = {"goodness": "local", "cfl": "contrastive", "analytic": "analytic"}[self.family]
         self.model_cfg = model
         self.train_cfg = train
         self.rng = np.random.default_rng(train.seed)
@@ -298,6 +301,8 @@ class EdgeLearner:
             self.layers[-1].extra = ["embed"]
             self._pool = {wd: pool_matrix(self.extra["embed"].shape[1], wd) for wd in set(self.widths)}
         self.eval_layers = select_layers(train.eval_layers, len(self.layers))
+        self.lda = LdaStats(k, int(np.prod(shape))) if self.family == "analytic" else None
+        self._readout: tuple[np.ndarray, np.ndarray] | None = None  # the LDA readout, until the next step
 
     # ----------------------------------------------------------------- state
     @property
@@ -317,6 +322,8 @@ class EdgeLearner:
             if layer.peer_mean is not None:
                 out[f"layers.{layer.index}.peer_mean"] = layer.peer_mean
         out.update(self.extra)
+        if self.lda is not None:
+            out.update(self.lda.arrays())
         return out
 
     def param_order(self, i: int) -> list[str]:
@@ -340,6 +347,9 @@ class EdgeLearner:
                 layer.peer_mean = np.asarray(arrays[f"layers.{layer.index}.peer_mean"], F32).copy()
         for name in self.extra:
             self.extra[name] = np.asarray(arrays[name], F32).copy()
+        if self.lda is not None:
+            self.lda.load(arrays)
+            self._readout = None
 
     def set_lr(self, lr: float) -> None:
         """Every layer's learning rate (live optimizers and those created later)."""
@@ -370,7 +380,13 @@ class EdgeLearner:
         """
         xb = as_batch(x, self.model_cfg.input_shape)
         yb = as_labels(y, xb.shape[0], self.num_classes)
-        out = self._learn_goodness(xb, yb, fresh) if self.family == "goodness" else self._learn_cfl(xb, yb, fresh)
+        if self.lda is not None:
+            xb, yb = (xb[:fresh], yb[:fresh]) if fresh is not None else (xb, yb)
+            out = self._learn_analytic(xb, yb)
+        elif self.family == "goodness":
+            out = self._learn_goodness(xb, yb, fresh)
+        else:
+            out = self._learn_cfl(xb, yb, fresh)
         self.step += 1
         self.samples_seen += xb.shape[0]
         return out
@@ -378,6 +394,29 @@ class EdgeLearner:
     def learn_one(self, x: Any, y: int) -> list[LayerMetrics]:
         """``learn_many`` on one sample of shape (C, H, W)."""
         return self.learn_many(as_batch(x, self.model_cfg.input_shape, single=True), [int(y)])
+
+    def _body(self, x: np.ndarray) -> np.ndarray:
+        for layer in self.layers:
+            x = layer.forward(x, train=False)
+        return x.reshape(x.shape[0], -1)  # (B, D)
+
+    def _learn_analytic(self, x: np.ndarray, y: np.ndarray) -> list[LayerMetrics]:
+        """Streaming LDA (``edgeff.analytic``): the batch's features into the statistics (the replayed
+        samples of a ``fresh`` step were counted when new); the metric is the batch's mean squared
+        distance to its classes' running means."""
+        assert self.lda is not None
+        h = self._body(x)
+        self.lda.accumulate(h, y)
+        mu = self.lda.class_sum[y] / self.lda.count[y, None]
+        self._readout = None
+        return [LayerMetrics(float(((h.astype(np.float64) - mu) ** 2).mean()), 0.0, 0.0, True)]
+
+    def readout(self) -> tuple[np.ndarray, np.ndarray]:
+        """The solved LDA readout ``(P, c)`` (analytic family; cached until the next step)."""
+        assert self.lda is not None
+        if self._readout is None:
+            self._readout = self.lda.readout(self.model_cfg.shrinkage)
+        return self._readout
 
     def _greedy_active(self) -> int:
         active = min(self.step // self.train_cfg.greedy_steps, len(self.layers) - 1)
@@ -560,6 +599,10 @@ class EdgeLearner:
         Computed in chunks, so the working set stays small for any batch."""
         xb = as_batch(x, self.model_cfg.input_shape)
         k = self.num_classes
+        if self.lda is not None:
+            p, c = self.readout()
+            return np.concatenate([self._body(xb[s : s + 128]) @ p + c for s in range(0, xb.shape[0], 128)]
+                                  or [np.zeros((0, k), F32)])[..., None]
         out = []
         step = self._chunk()
         for s in range(0, xb.shape[0], step):
@@ -605,7 +648,10 @@ class EdgeLearner:
         cfg = self.model_cfg.with_class(name)
         xb = None if examples is None else as_batch(examples, self.model_cfg.input_shape)
         c, h, w = self.model_cfg.input_shape
-        if self.family == "goodness":
+        if self.lda is not None:
+            self.lda.grow(self._body(xb).mean(0) if xb is not None else np.zeros(self.lda.dim, F32))
+            self._readout = None
+        elif self.family == "goodness":
             if self.model_cfg.label == "overlay" and cfg.num_classes > c * h * w:
                 raise InputError("no input value left to overlay another class on; use an icp or channel model")
             if self.model_cfg.label == "icp":
