@@ -79,7 +79,9 @@ def add_class(
         r = add_fn(checkpoint_path, name, x, out=target, held_out=xh, replay_data=replay_data, data_dir=data_dir,
                    buffer=buffer, passes=passes)
     pct = lambda v: "-" if v is None else f"{v:.2%}"
-    out.print(f"added class {name!r} as index {r.index}; {r.steps} steps with replay from {r.replay}", highlight=False)
+    how = {"none": "without replay", "closed form": "in closed form (one pass; no replay needed)"}.get(
+        r.replay, f"with replay from {r.replay}")
+    out.print(f"added class {name!r} as index {r.index}; {r.steps} steps {how}", highlight=False)
     out.print(f"old classes {pct(r.old_before)} -> {pct(r.old_after)}; {r.examples_hit}/{x.shape[0]} of its "
               f"examples predicted as {name!r}" + ("" if r.held_out_recall is None else
                                                    f"; held-out recall {pct(r.held_out_recall)}"), highlight=False)

@@ -171,10 +171,11 @@ class AnalyticLearner(LearnerBase):
 
     net: AnalyticNet
     kind = "analytic"
-    family = "analytic"
+    family = "streaming-LDA (closed-form)"
     losses = frozenset({"lda"})
     model_fields = frozenset({"shrinkage", "init"})
     capabilities = frozenset({"edge_runtime"})
+    exact_once = True
     metrics = "spread"  # no loss: the batch's mean squared distance to its classes' means
     core_unused = frozenset({"lr", "optimizer", "optim_state_dtype", "lr_final", "lr_hold", "window"})
 

@@ -73,6 +73,9 @@ class LearnerBase(ABC):
     model_fields: ClassVar[frozenset[str]] = frozenset()  # ModelConfig fields read beyond CORE_MODEL
     # CORE_TRAIN fields it has no use for (a closed-form family: no lr, no optimizer); refused like the others
     core_unused: ClassVar[frozenset[str]] = frozenset()
+    # it learns sufficient statistics (the analytic family): a sample learned again counts twice, so the
+    # loops give it each sample once (``fit`` mixes no replayed samples in, class addition makes one pass)
+    exact_once: ClassVar[bool] = False
 
     net: Any  # the family's network (a torch module; families narrow the type)
 

@@ -99,7 +99,7 @@ class AddResult:
     old_after: float | None
     examples_hit: int  # of the examples themselves, how many are predicted as the new class after
     held_out_recall: float | None  # recall on held-out examples of the new class (None: none given)
-    replay: str  # where the replayed samples came from ("checkpoint", a data set, or "none")
+    replay: str  # where the replayed samples came from ("checkpoint", a data set, "none", or "closed form")
     steps: int
 
 
@@ -153,16 +153,19 @@ def add_class(model: str | Path, name: str, examples: torch.Tensor, *, out: str 
     saved = meta.get("replay")
     if saved is not None:
         replay, origin = ReplayBuffer.from_state(saved), "checkpoint"
-    elif ref is not None and buffer:
+    elif ref is not None and buffer and not learner.exact_once:
         replay, origin = _replay_from(learner, ref, index, buffer, seed), str(source)
     else:
         replay, origin = None, "none"
+    if learner.exact_once:  # closed form: the old classes' statistics do not change; each example counts once
+        origin, passes = "closed form", min(passes, 1)
     new = learner.add_class(name, examples=examples)
     steps = 0
-    if passes and replay is not None:
-        kept = replay.batch, replay.asymmetric  # the buffer's own settings go back into the checkpoint
-        replay.batch = batch_size * (mix or len(old_names))
-        replay.asymmetric = False  # a batch of one new class: its softmax must meet the old classes
+    if passes and (replay is not None or learner.exact_once):
+        kept = None if replay is None else (replay.batch, replay.asymmetric)  # go back into the checkpoint
+        if replay is not None:
+            replay.batch = batch_size * (mix or len(old_names))
+            replay.asymmetric = False  # a batch of one new class: its softmax must meet the old classes
         gen = torch.Generator().manual_seed(seed)
         labels = torch.full((examples.shape[0],), new, dtype=torch.long)
         for _ in range(passes):
@@ -171,7 +174,8 @@ def add_class(model: str | Path, name: str, examples: torch.Tensor, *, out: str 
                        for i in range(0, examples.shape[0], batch_size)]
             fit(learner, batches, replay=replay)
             steps += len(batches)
-        replay.batch, replay.asymmetric = kept
+        if replay is not None and kept is not None:
+            replay.batch, replay.asymmetric = kept
     after = None if ref is None else _accuracy(learner, ref, index, old_names)
     hit = int((learner.predict_many(examples) == new).sum())
     recall = None if held_out is None else float((learner.predict_many(held_out) == new).float().mean())

@@ -146,6 +146,8 @@ class Run:
         tc = self.learner.train_cfg
         if tc.batch_size != 1 or self.resumed:
             return None
+        if "lr" in type(self.learner).core_unused:
+            return "streaming at batch 1: closed form (no lr, no window); the model does not depend on the batch size"
         lr = "constant" if tc.lr_final is None else f"decaying to {tc.lr_final:g}"
         window = (f"window {tc.window} (each new sample is learned with the {tc.window} before it; --window 0 turns "
                   f"it off)" if tc.window else "no window")

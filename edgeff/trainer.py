@@ -415,10 +415,11 @@ def fit(
 
     With a ``replay`` buffer (e.g. ``edgeff.continual.ReplayBuffer``) every step learns from the batch
     plus ``replay.batch`` (default: as many) samples drawn from the buffer (experience replay), and the batch is then offered to
-    the buffer; ``on_step`` counts the stream's samples only.
+    the buffer; ``on_step`` counts the stream's samples only. A learner that learns each sample exactly once
+    (``exact_once``: the analytic family) learns the batch alone; the buffer still fills.
     """
     for x, y in batches:
-        if replay is None or not len(replay):
+        if replay is None or not len(replay) or learner.exact_once:  # exact_once: replayed samples would count twice
             m = learner.learn_many(x, y)
         else:
             yt = torch.as_tensor(y)

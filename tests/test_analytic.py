@@ -147,3 +147,25 @@ def test_the_edge_runtime_trains_it_from_scratch(tmp_path: Path) -> None:
     res = train_run(preset="slda-conv", data="builtin", out=tmp_path / "m.npz", batch_size=1, samples=1000)
     assert res.learner.samples_seen == 1000 and res.learner.train_cfg.window == 0
     assert res.test["accuracy"] > 0.85  # 1,000 digits, one pass at batch 1 (chance 0.1)
+
+
+def test_cli_add_class_counts_each_example_once_and_leaves_the_old_classes(mnist_small: ImageData,
+                                                                          tmp_path: Path) -> None:
+    import numpy as np
+    from edgeff.cli.app import app
+    from typer.testing import CliRunner
+
+    x, y = _sample(mnist_small, 1000)
+    keep = y < 9
+    learner = _learner(k=9)
+    learner.learn_many(x[keep], y[keep])
+    ck = checkpoint.save(learner, tmp_path / "m.pt", meta={"dataset": "builtin", "classes": list(learner.class_names)})
+    np.save(tmp_path / "nines.npy", mnist_small.x_train[mnist_small.y_train == 9][:20, 0])
+    res = CliRunner().invoke(app, ["add-class", str(ck), "--name", "nine", "--data", str(tmp_path / "nines.npy"),
+                                   "--out", str(tmp_path / "g.pt")])
+    assert res.exit_code == 0, res.output
+    assert "in closed form" in res.output
+    grown, _ = checkpoint.load(tmp_path / "g.pt", device="cpu")
+    assert isinstance(grown, AnalyticLearner)
+    assert float(grown.net.count[9]) == 20  # one pass, not --passes 10 (the examples would count 10 times)
+    assert torch.equal(grown.net.class_sum[:9], learner.net.class_sum) and torch.equal(grown.net.count[:9], learner.net.count)
