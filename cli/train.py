@@ -60,13 +60,22 @@ def _pipeline(o: Any, mode: str, split: str | None) -> None:
 def _memory_report(run: Any) -> None:
     from edgeff.cli.info import print_memory
 
+    from edgeff.errors import UnsupportedError
     from edgeff.memory import account, measure_checkpoint
 
     o, learner, b = run.options, run.learner, run.learner.train_cfg.batch_size
     methods = ("bp",) if learner.kind == "bp" else ("local", "bp")
     measured = measure_checkpoint(str(run.path), o.data, str(o.data_dir) if o.data_dir else None, b, seed=o.seed + 1,
                                   methods=methods)
-    report = account(learner.model_cfg, learner.train_cfg, b)
+    try:
+        report = account(learner.model_cfg, learner.train_cfg, b)
+    except UnsupportedError as e:  # a closed-form family: the measured step only
+        k = 1024
+        parts = [f"{'local' if key == 'local' else 'backprop'} step {m['step_cost'] / k:,.1f} KiB, peak RSS "
+                 f"{m['peak_rss'] / k / k:,.1f} MiB" for key, m in measured.items()]
+        out.print(f"{run.name}: measured on real {run.data.name} batches of {b} ({next(iter(measured.values()))['method']}): "
+                  f"{'; '.join(parts)}\n({e})", highlight=False)
+        return
     print_memory(report, measured, f"{run.name}: memory of a step on real {run.data.name} batches of {b}")
 
 

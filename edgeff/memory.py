@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from edgeff.config import ModelConfig, TrainConfig
+from edgeff.errors import UnsupportedError
 from edgeff.factored import pays
 from edgeff.layers import make_block, out_shape
 from edgeff.optim import FACTORED_BLOCK
@@ -185,6 +186,10 @@ def account(model: ModelConfig, train: TrainConfig, batch_size: int, *, dtype: s
     """Accounted memory of one training step at ``batch_size`` (see the module docstring)."""
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    if model.loss == "lda":
+        raise UnsupportedError("the memory accounting covers the gradient-trained families; a streaming-LDA "
+                               "model holds its statistics (D x D float64) and a step only the body's activations: "
+                               "measure it (--memory-report measures, bench/memory.py --process)")
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     tdt = DTYPES[dtype]
