@@ -24,6 +24,7 @@ import torch
 from _common import merge_records, table
 
 from edgeff import get_preset, make_learner
+from edgeff.contract import family_of, train_read
 from edgeff.data import load_data
 from edgeff.loop import planned_batches
 from edgeff.presets import stream_train
@@ -31,26 +32,31 @@ from edgeff.presets import stream_train
 
 def measure(preset: str, data: Any, samples: int, rnd: int, window: int | None) -> dict[str, Any]:
     p = get_preset(preset)
-    tc = stream_train(p, replace(p.train, batch_size=1, epochs=1, device="cpu", seed=0))
-    if window is not None:
-        tc = replace(tc, window=window)
-    learners = [make_learner(p, input_shape=data.input_shape, num_classes=len(data.classes), train=tc, backprop=bp)
-                for bp in (False, True)]
-    batches = [(x, y) for x, y, _, _ in planned_batches(tc, 0, data, epochs=1, batch_size=1, limit=samples + 20)]
-    for learner in learners:  # warm-up: optimizer state, lazy allocations
+    base = replace(p.train, batch_size=1, epochs=1, device="cpu", seed=0)
+    configs = [stream_train(p, base, backprop=bp) for bp in (False, True)]  # each family's part of the recipe
+    if window is not None:  # for the families that take a window
+        configs = [replace(c, window=window) if "window" in train_read(family_of(p.model, backprop=bp), p.model, c)
+                   else c for c, bp in zip(configs, (False, True), strict=True)]
+    tc = configs[0]
+    learners = [make_learner(p, input_shape=data.input_shape, num_classes=len(data.classes), train=c, backprop=bp)
+                for c, bp in zip(configs, (False, True), strict=True)]
+    streams = [[(x, y) for x, y, _, _ in planned_batches(c, 0, data, epochs=1, batch_size=1, limit=samples + 20)]
+               for c in configs]
+    for learner, batches in zip(learners, streams, strict=True):  # warm-up: optimizer state, lazy allocations
         for x, y in batches[:20]:
             learner.learn_many(x, y)
     spent = [0.0, 0.0]
     for start in range(20, 20 + samples, rnd):
         for i, learner in enumerate(learners):
             t0 = time.perf_counter()
-            for x, y in batches[start:start + rnd]:
+            for x, y in streams[i][start:start + rnd]:
                 learner.learn_many(x, y)
             spent[i] += time.perf_counter() - t0
     local, bp = samples / spent[0], samples / spent[1]
     print(f"{preset}: window {tc.window}, local {local:.1f} samples/s, backprop {bp:.1f} samples/s, "
           f"ratio {local / bp:.3f}", flush=True)
     return {"preset": preset, "dataset": data.name, "batch_size": 1, "window": tc.window, "lr": tc.lr,
+            "bp_window": configs[1].window, "bp_lr": configs[1].lr,
             "optimizer": tc.optimizer, "samples": samples, "round": rnd, "threads": torch.get_num_threads(),
             "samples_per_s": round(local, 1), "bp_samples_per_s": round(bp, 1), "ratio": round(local / bp, 4)}
 

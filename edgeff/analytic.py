@@ -121,8 +121,11 @@ class AnalyticNet(nn.Module):
         n = self.count.sum()
         seen = self.count > 0
         mu = torch.where(seen[:, None], self.class_sum / self.count.clamp(min=1)[:, None], self.imprint.double())
-        if float(n) < 2 or k == 0:  # nothing to estimate a covariance from: nearest class mean
-            cov = torch.eye(d, dtype=torch.float64)
+        dev, shrink = self.gram.device, 0.0
+        if k == 0:
+            return torch.zeros(d, 0, device=dev), torch.zeros(0, device=dev)
+        if float(n) < 2:  # nothing to estimate a covariance from: nearest class mean
+            cov = torch.eye(d, dtype=torch.float64, device=dev)
         else:
             tail = self.pending[: int(self.n_pending)].double()
             gram = self.gram + tail.T @ tail  # the pending block counts, without changing the state
@@ -131,8 +134,6 @@ class AnalyticNet(nn.Module):
             scale = float(cov.diagonal().mean())
             shrink = shrinkage * (scale if scale > 0 else 1.0)
             cov.diagonal().add_(shrink)
-        if k == 0:
-            return torch.zeros(d, 0), torch.zeros(0)
         chol, info = torch.linalg.cholesky_ex(cov)
         if int(info) != 0:  # rank-deficient at shrinkage 0: a small ridge makes it positive definite
             cov.diagonal().add_(1e-6 * max(float(cov.diagonal().mean()), 1e-12))

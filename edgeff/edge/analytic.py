@@ -62,7 +62,8 @@ class LdaStats:
         return np.where(seen[:, None], self.class_sum / np.maximum(self.count, 1)[:, None], self.imprint)
 
     def readout(self, shrinkage: float) -> tuple[np.ndarray, np.ndarray]:
-        """``(P, c)``: scores = h @ P + c (see ``edgeff.analytic``), float32."""
+        """``(P, c)``: scores = h @ P + c (see ``edgeff.analytic``), float32. Built in place, so the solve
+        holds about three D×D float64 matrices (the Gram matrix, the covariance, LAPACK's copy)."""
         k, d = self.count.shape[0], self.dim
         n = float(self.count.sum())
         seen = self.count > 0
@@ -73,21 +74,23 @@ class LdaStats:
         if n < 2:
             cov = np.eye(d)
         else:
+            cov = self.gram.copy()
             tail = self.pending[: int(self.n_pending)].astype(np.float64)
+            cov += tail.T @ tail
             m_seen = mu[seen] * np.sqrt(self.count[seen])[:, None]
-            cov = (self.gram + tail.T @ tail - m_seen.T @ m_seen) / n
+            cov -= m_seen.T @ m_seen
+            cov /= n
             scale = float(np.diagonal(cov).mean())
             shrink = shrinkage * (scale if scale > 0 else 1.0)
             cov[np.diag_indices(d)] += shrink
         try:
-            chol = np.linalg.cholesky(cov)
-        except np.linalg.LinAlgError:  # rank-deficient at shrinkage 0
+            p = np.linalg.solve(cov, mu.T)  # (D, K): Σ'⁻¹ μᵀ
+        except np.linalg.LinAlgError:  # singular at shrinkage 0
             cov[np.diag_indices(d)] += 1e-6 * max(float(np.diagonal(cov).mean()), 1e-12)
-            chol = np.linalg.cholesky(cov)
-        inv_l = np.linalg.solve(chol, np.eye(d))  # L⁻¹: Σ'⁻¹ = L⁻ᵀ L⁻¹
-        p = inv_l.T @ (inv_l @ mu.T)  # (D, K)
+            p = np.linalg.solve(cov, mu.T)
         c = -0.5 * (mu * p.T).sum(1)
         if n >= 2:
-            d_eff = d - shrink * float((inv_l * inv_l).sum())  # tr(Σ'⁻¹ Σ)
+            lam = np.linalg.eigvalsh(cov)  # Σ' = Σ + s·I: tr(Σ'⁻¹ Σ) = Σ (λ − s) / λ
+            d_eff = float(((lam - shrink) / lam).sum())
             c += np.where(seen, 0.5 * d_eff / np.maximum(self.count, 1), 0.0)
         return p.astype(F32), c.astype(F32)
