@@ -126,11 +126,12 @@ class AnalyticNet(nn.Module):
             return torch.zeros(d, 0, device=dev), torch.zeros(0, device=dev)
         if float(n) < 2:  # nothing to estimate a covariance from: nearest class mean
             cov = torch.eye(d, dtype=torch.float64, device=dev)
-        else:
+        else:  # built in place: the Gram matrix, the covariance and the factor are the only D×D matrices
+            cov = self.gram.clone()
             tail = self.pending[: int(self.n_pending)].double()
-            gram = self.gram + tail.T @ tail  # the pending block counts, without changing the state
+            cov.addmm_(tail.T, tail)  # the pending block counts, without changing the state
             m_seen = mu[seen] * self.count[seen, None].sqrt()  # (K', D)
-            cov = (gram - m_seen.T @ m_seen) / n  # pooled within-class covariance
+            cov.addmm_(m_seen.T, m_seen, alpha=-1.0).div_(n)  # pooled within-class covariance
             scale = float(cov.diagonal().mean())
             shrink = shrinkage * (scale if scale > 0 else 1.0)
             cov.diagonal().add_(shrink)
@@ -139,9 +140,11 @@ class AnalyticNet(nn.Module):
             cov.diagonal().add_(1e-6 * max(float(cov.diagonal().mean()), 1e-12))
             chol = torch.linalg.cholesky(cov)
         p = torch.cholesky_solve(mu.T.contiguous(), chol)  # (D, K)
+        del chol
         c = -0.5 * (mu * p.T).sum(1)  # (K,)
         if float(n) >= 2:  # a mean of n_c samples overstates ‖μ_c‖² by d_eff / n_c: unbias it
-            d_eff = d - shrink * float(torch.cholesky_inverse(chol).diagonal().sum())  # tr(Σ'⁻¹ Σ)
+            lam = torch.linalg.eigvalsh(cov)  # Σ' = Σ + s·I: d_eff = tr(Σ'⁻¹ Σ) = Σ (λ − s) / λ
+            d_eff = float(((lam - shrink) / lam).sum())
             c += torch.where(seen, 0.5 * d_eff / self.count.clamp(min=1), torch.zeros_like(c))
         return p.float(), c.float()
 
