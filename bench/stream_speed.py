@@ -9,7 +9,7 @@ step time; the ratio is local / backprop. One thread.
     python bench/stream_speed.py --data-dir ../shared/data                      # cfl-mlp, symba-mlp, ff-mlp
     python bench/stream_speed.py --data-dir ../shared/data --presets cfl-mlp --window 0
 
-Writes bench/results/stream_speed.json (records merged by preset, dataset, window) and prints a table.
+Writes bench/results/stream_speed.json (records merged by preset, dataset, window, bp_window) and prints a table.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def main() -> None:
     torch.set_num_threads(1)
     data = load_data("mnist", args.data_dir)
     records = [measure(name, data, args.samples, args.round, args.window) for name in args.presets.split(",")]
-    merge_records("stream_speed", records, ("preset", "dataset", "window"))
+    merge_records("stream_speed", records, ("preset", "dataset", "window", "bp_window"))
     print(table(records, ["preset", "window", "samples", "samples_per_s", "bp_samples_per_s", "ratio"]))
 
 
