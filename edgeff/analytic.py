@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeff.config import ModelConfig, TrainConfig
+from edgeff.config import UNUSED_CORE, ModelConfig, TrainConfig
 from edgeff.contract import LearnerBase, register
 from edgeff.inputs import as_batch, as_labels
 from edgeff.layers import make_block, out_shape
@@ -181,7 +181,7 @@ class AnalyticLearner(LearnerBase):
     capabilities = frozenset({"edge_runtime"})
     exact_once = True
     metrics = "spread"  # no loss: the batch's mean squared distance to its classes' means
-    core_unused = frozenset({"lr", "optimizer", "optim_state_dtype", "lr_final", "lr_hold", "window"})
+    core_unused = UNUSED_CORE["lda"]
 
     def __init__(self, model: ModelConfig, train: TrainConfig) -> None:
         super().__init__(model, train)

@@ -14,6 +14,12 @@ from edgeff.errors import InputError
 # the largest |value| a learner accepts in a batch after the float32 cast (normalised pixels are O(1); a larger
 # value overflows goodness and losses to inf/NaN and would poison every parameter)
 MAX_INPUT = 1e6
+# the core TrainConfig fields a family has no use for, by its loss (a closed-form family has no lr, no
+# optimizer and takes no window); the learner contract refuses them, the stream recipe leaves them alone
+# (here, not in the family's module, so the torch-free edge runtime can read it)
+UNUSED_CORE: dict[str, frozenset[str]] = {
+    "lda": frozenset({"lr", "optimizer", "optim_state_dtype", "lr_final", "lr_hold", "window"}),
+}
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from edgeff.config import LayerSpec, ModelConfig, TrainConfig
+from edgeff.config import UNUSED_CORE, LayerSpec, ModelConfig, TrainConfig
 from edgeff.errors import UnknownPresetError
 
 if TYPE_CHECKING:  # the learners import torch; the presets themselves are torch-free (the edge runtime reads them)
@@ -38,14 +38,12 @@ STREAM_RECIPE: dict[str, Any] = {"lr": 1e-4, "lr_final": None, "window": 8}
 def stream_train(p: Preset, train: TrainConfig, chosen: Iterable[str] = (), *, backprop: bool = False) -> TrainConfig:
     """``train`` as ``p`` (or its backprop twin) learns from a stream: at batch 1, ``STREAM_RECIPE`` with the
     preset's own changes, for every field not in ``chosen`` (those the user set) that the learner's family
-    reads (the analytic family has no lr and takes no window); other batch sizes unchanged."""
-    from edgeff.contract import family_of, train_read
-
+    reads (``config.UNUSED_CORE``: the closed-form family has no lr and takes no window; torch-free, for the
+    edge runtime); other batch sizes unchanged."""
     if train.batch_size != 1:
         return train
-    keep = set(chosen)
-    reads = train_read(family_of(p.model, backprop=backprop or p.algorithm == "bp"), p.model, train)
-    return replace(train, **{k: v for k, v in {**STREAM_RECIPE, **p.stream}.items() if k not in keep and k in reads})
+    skip = set(chosen) | (set() if backprop or p.algorithm == "bp" else UNUSED_CORE.get(p.model.loss, frozenset()))
+    return replace(train, **{k: v for k, v in {**STREAM_RECIPE, **p.stream}.items() if k not in skip})
 
 
 def _mlp(width: int, depth: int, norm: str) -> tuple[LayerSpec, ...]:

@@ -419,7 +419,7 @@ def fit(
     (``exact_once``: the analytic family) learns the batch alone; the buffer still fills.
     """
     for x, y in batches:
-        if replay is None or not len(replay) or learner.exact_once:  # exact_once: replayed samples would count twice
+        if replay is None or not len(replay) or getattr(learner, "exact_once", False):  # replayed rows would count twice
             m = learner.learn_many(x, y)
         else:
             yt = torch.as_tensor(y)

@@ -203,3 +203,16 @@ def test_the_twin_takes_only_the_fields_it_reads() -> None:
     with pytest.raises(InputError, match="schedule"):
         type(twin)(p.model, p.train)
     copy.deepcopy(twin)  # plain objects: copyable
+
+
+def test_every_preset_and_its_twin_build_with_the_stream_recipe() -> None:
+    """At batch 1 each learner gets the part of the stream recipe its family reads (none of it refused)."""
+    from edgeff.presets import stream_train
+
+    for name, p in PRESETS.items():
+        at_one = replace(p.train, batch_size=1, device="cpu")
+        if p.algorithm == "local":
+            build(p.model, stream_train(p, at_one))
+        twin = stream_train(p, at_one, backprop=True)
+        assert (twin.lr, twin.window) == (1e-4, 8), name
+        build(p.model, twin, backprop=True)

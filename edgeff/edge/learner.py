@@ -261,6 +261,7 @@ class EdgeLearner:
             raise ValueError("a model needs at least one layer")
         self.family = check_supported(model, train)
         self.kind = {"goodness": "local", "cfl": "contrastive", "analytic": "analytic"}[self.family]
+        self.exact_once = self.family == "analytic"  # each sample counted once (``LearnerBase.exact_once``)
         self.model_cfg = model
         self.train_cfg = train
         self.rng = np.random.default_rng(train.seed)
