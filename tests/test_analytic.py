@@ -68,6 +68,13 @@ def test_settings_it_has_no_use_for_are_refused(field: dict[str, object]) -> Non
         _learner(**field)
 
 
+def test_the_edge_runtime_refuses_a_window_too() -> None:
+    from edgeff.edge import make_edge_learner
+
+    with pytest.raises(InputError, match="window"):
+        make_edge_learner(SMALL, train=replace(P.train, window=8))
+
+
 def test_the_stream_recipe_gives_it_nothing_and_the_twin_its_share() -> None:
     at_one = replace(P.train, batch_size=1)
     mine = stream_train(P, at_one)

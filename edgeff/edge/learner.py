@@ -232,6 +232,8 @@ def check_supported(model: ModelConfig, train: TrainConfig) -> str:
             raise UnsupportedError(f"views must be 1 or 2, got {train.views}")
     elif model.loss == "lda":
         family = "analytic"
+        if train.window:
+            raise UnsupportedError("a streaming-LDA model counts each sample once; it takes no window (--window 0)")
     else:
         raise UnsupportedError(f"{model.loss!r} models (CFF, mirror FFCL, backprop) need torch; the edge runtime "
                                "trains the goodness family (ff, symba), CFL and streaming LDA")
