@@ -162,8 +162,8 @@ def add_class(model: str | Path, name: str, examples: torch.Tensor, *, out: str 
     new = learner.add_class(name, examples=examples)
     steps = 0
     if passes and (replay is not None or learner.exact_once):
-        kept = None if replay is None else (replay.batch, replay.asymmetric)  # go back into the checkpoint
         if replay is not None:
+            kept = replay.batch, replay.asymmetric  # the buffer's own settings go back into the checkpoint
             replay.batch = batch_size * (mix or len(old_names))
             replay.asymmetric = False  # a batch of one new class: its softmax must meet the old classes
         gen = torch.Generator().manual_seed(seed)
@@ -174,7 +174,7 @@ def add_class(model: str | Path, name: str, examples: torch.Tensor, *, out: str 
                        for i in range(0, examples.shape[0], batch_size)]
             fit(learner, batches, replay=replay)
             steps += len(batches)
-        if replay is not None and kept is not None:
+        if replay is not None:
             replay.batch, replay.asymmetric = kept
     after = None if ref is None else _accuracy(learner, ref, index, old_names)
     hit = int((learner.predict_many(examples) == new).sum())
