@@ -37,8 +37,7 @@ from edgeff.contract import LearnerBase, register
 from edgeff.inputs import as_batch, as_labels
 from edgeff.layers import make_block, out_shape
 from edgeff.loop import LayerMetrics
-
-PENDING = 64  # samples whose features wait before one Gram-matrix update (a (64, D) float32 block)
+from edgeff.readout import PENDING, solve_lda
 
 
 class FrozenLayer(nn.Module):
@@ -116,37 +115,10 @@ class AnalyticNet(nn.Module):
                 self.n_pending.zero_()
 
     def readout(self, shrinkage: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """The LDA readout ``(P, c)``: scores = h @ P + c, P (D, K) and c (K,), float32."""
-        k, d = self.count.shape[0], self.dim
-        n = self.count.sum()
-        seen = self.count > 0
-        mu = torch.where(seen[:, None], self.class_sum / self.count.clamp(min=1)[:, None], self.imprint.double())
-        dev, shrink = self.gram.device, 0.0
-        if k == 0:
-            return torch.zeros(d, 0, device=dev), torch.zeros(0, device=dev)
-        if float(n) < 2:  # nothing to estimate a covariance from: nearest class mean
-            cov = torch.eye(d, dtype=torch.float64, device=dev)
-        else:  # built in place: the Gram matrix, the covariance and the factor are the only D×D matrices
-            cov = self.gram.clone()
-            tail = self.pending[: int(self.n_pending)].double()
-            cov.addmm_(tail.T, tail)  # the pending block counts, without changing the state
-            m_seen = mu[seen] * self.count[seen, None].sqrt()  # (K', D)
-            cov.addmm_(m_seen.T, m_seen, alpha=-1.0).div_(n)  # pooled within-class covariance
-            scale = float(cov.diagonal().mean())
-            shrink = shrinkage * (scale if scale > 0 else 1.0)
-            cov.diagonal().add_(shrink)
-        chol, info = torch.linalg.cholesky_ex(cov)
-        if int(info) != 0:  # rank-deficient at shrinkage 0: a small ridge makes it positive definite
-            cov.diagonal().add_(1e-6 * max(float(cov.diagonal().mean()), 1e-12))
-            chol = torch.linalg.cholesky(cov)
-        p = torch.cholesky_solve(mu.T.contiguous(), chol)  # (D, K)
-        del chol
-        c = -0.5 * (mu * p.T).sum(1)  # (K,)
-        if float(n) >= 2:  # a mean of n_c samples overstates ‖μ_c‖² by d_eff / n_c: unbias it
-            lam = torch.linalg.eigvalsh(cov)  # Σ' = Σ + s·I: d_eff = tr(Σ'⁻¹ Σ) = Σ (λ − s) / λ
-            d_eff = float(((lam - shrink) / lam).sum())
-            c += torch.where(seen, 0.5 * d_eff / self.count.clamp(min=1), torch.zeros_like(c))
-        return p.float(), c.float()
+        """The LDA readout ``(P, c)``: scores = h @ P + c, P (D, K) and c (K,), float32 (``solve_lda``; the
+        pending block counts, without changing the state)."""
+        tail = self.pending[: int(self.n_pending)].double()
+        return solve_lda(self.gram.clone().addmm_(tail.T, tail), self.class_sum, self.count, self.imprint, shrinkage)
 
 
 class AnalyticGraph(nn.Module):

@@ -68,7 +68,7 @@ class ModelConfig:
     groups: int = 1  # CFL/CFF linear layers: K feature groups per output (features = mean over groups)
     embed_noise: bool = True  # CFL: N(0, 1/C_l²) noise on the pooled embeddings while training
     mirror_negatives: bool = False  # mirror FFCL: also same-class (+1) and other-class (−1) pairs
-    shrinkage: float = 1e-2  # analytic (lda): the covariance's ridge, a share of its mean variance
+    shrinkage: float = 1e-2  # lda (analytic family, lda predictor): the covariance's ridge, a share of its mean variance
     class_names: tuple[str, ...] = ()  # one name per class (empty: "0".."K-1"); grows with add_class
 
     def __post_init__(self) -> None:
@@ -139,9 +139,10 @@ class TrainConfig:
     schedule: str = "all"  # all (every layer every batch) | greedy | olu (Overlapping Local Updates)
     greedy_steps: int = 1000  # greedy: steps each layer trains before it freezes
     negatives: str = "uniform"  # uniform wrong label | hard (drawn by current goodness)
-    predictor: str = "goodness"  # goodness (one pass per label) | head (softmax on neutral-label features)
+    predictor: str = "goodness"  # goodness (one pass per label) | head (softmax on neutral-label features) | lda (closed-form readout on them)
     eval_layers: str = "all-but-first"  # all | all-but-first | last | last:K
     head_lr: float = 1e-3  # softmax head learning rate
+    readout_memory: int = 20000  # lda predictor: samples its statistics remember (exponential forgetting; 0 = all)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     batch_size: int = 128
@@ -159,7 +160,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         choices = {"optimizer": ("adam", "adamw", "sgd"), "optim_state_dtype": ("float32", "bfloat16", "float16"),
                    "schedule": ("all", "greedy", "olu"), "negatives": ("uniform", "hard"),
-                   "predictor": ("goodness", "head")}
+                   "predictor": ("goodness", "head", "lda")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise InputError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(map(str, allowed))}")
@@ -174,7 +175,7 @@ class TrainConfig:
         if self.weight_decay is not None and not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise InputError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         for name, least in (("batch_size", 1), ("epochs", 1), ("greedy_steps", 1), ("chunk", 0), ("crop_padding", 0),
-                            ("window", 0)):
+                            ("window", 0), ("readout_memory", 0)):
             if getattr(self, name) < least:
                 raise InputError(f"{name} must be at least {least}, got {getattr(self, name)}")
 

@@ -19,6 +19,7 @@ from edgeff.contrastive import pool_embeddings
 from edgeff.labels import ChannelEncoder, ICPEncoder, OverlayEncoder
 from edgeff.layers import RunningBatchNorm
 from edgeff.model import HeadPredictor, select_layers
+from edgeff.readout import LdaPredictor
 
 if TYPE_CHECKING:
     from edgeff.baseline import BPLearner
@@ -108,7 +109,7 @@ class HeadGraph(nn.Module):
 
     code: torch.Tensor
 
-    def __init__(self, learner: Learner, head: HeadPredictor) -> None:
+    def __init__(self, learner: Learner, head: HeadPredictor | LdaPredictor) -> None:
         super().__init__()
         enc = learner.net.encoder
         neutral = enc.neutral(torch.zeros(1, *learner.model_cfg.input_shape))  # (1, C', H, W)

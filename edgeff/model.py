@@ -22,6 +22,7 @@ from edgeff.layers import (
 )
 from edgeff.losses import goodness
 from edgeff.optim import LeanOptimizer
+from edgeff.readout import LdaPredictor
 
 
 class LocalNet(nn.Module):
@@ -176,13 +177,17 @@ class HeadPredictor(nn.Module):
         return self.opt
 
 
-def make_predictor(train: TrainConfig, net: LocalNet, generator: torch.Generator) -> GoodnessPredictor | HeadPredictor:
+def make_predictor(train: TrainConfig, net: LocalNet, generator: torch.Generator
+                   ) -> GoodnessPredictor | HeadPredictor | LdaPredictor:
     if train.predictor == "goodness":
         return GoodnessPredictor(train.eval_layers)
     if train.predictor == "head":
         return HeadPredictor(net, train.eval_layers, train.head_lr, generator, train.optim_state_dtype, train.optimizer,
                              train.weight_decay)
-    raise ValueError(f"unknown predictor {train.predictor!r}; choose goodness or head")
+    if train.predictor == "lda":
+        return LdaPredictor(net, select_layers(train.eval_layers, len(net.layers)), train.readout_memory,
+                            net.cfg.shrinkage)
+    raise ValueError(f"unknown predictor {train.predictor!r}; choose goodness, head or lda")
 
 
 class NegativeSampler(Protocol):

@@ -55,6 +55,7 @@ class RunOptions:
     hflip: bool | None = None
     lr_epochs: int | None = None  # the lr decay's horizon
     window: int | None = None  # stream window (TrainConfig.window) [default: the preset's, its stream recipe's at batch 1]
+    predictor: str | None = None  # goodness family: goodness, head or lda (TrainConfig.predictor)
     checkpoint_every: int | None = None  # samples; None: every CHECKPOINT_SECONDS; 0: only at the end
 
 
@@ -88,7 +89,8 @@ def check_options(o: RunOptions, path: Path) -> None:
 def train_config(p: Preset, o: RunOptions) -> TrainConfig:
     """The preset's train config with the user's choices; ``epochs`` is the planned run (the lr horizon)."""
     chosen: dict[str, Any] = {"batch_size": o.batch_size, "lr": o.lr, "schedule": o.schedule, "views": o.views,
-                              "crop_padding": o.crop_padding, "hflip": o.hflip, "window": o.window}
+                              "crop_padding": o.crop_padding, "hflip": o.hflip, "window": o.window,
+                              "predictor": o.predictor}
     chosen = {k: v for k, v in chosen.items() if v is not None}
     tc = replace(p.train, seed=o.seed, device=o.device, optim_state_dtype=o.optim_state, frugal=o.frugal,
                  chunk=o.chunk, **chosen)

@@ -27,6 +27,7 @@ from edgeff.layers import RunningBatchNorm
 from edgeff.loop import LayerMetrics, train_epochs  # noqa: F401 - re-exported: the runtime-free training loop
 from edgeff.losses import get_loss, goodness, peer_loss
 from edgeff.model import NEGATIVES, GoodnessPredictor, HeadPredictor, LocalNet, make_predictor, select_layers
+from edgeff.readout import LdaPredictor
 
 SCHEDULES = ("all", "greedy", "olu")
 PEER_MOMENTUM = 0.9  # peer normalisation's running mean activity (the reference implementation's value)
@@ -59,15 +60,18 @@ class Learner(LearnerBase):
     metrics = "goodness"
     capabilities = frozenset({"layer_predictions", "per_layer_export", "device_export", "edge_runtime", "pipeline"})
     train_fields = frozenset({"schedule", "greedy_steps", "negatives", "predictor", "eval_layers", "head_lr", "frugal",
-                              "chunk", "weight_decay"})
+                              "chunk", "weight_decay", "readout_memory"})
     model_fields = frozenset({"label", "label_learned", "icp_rate", "threshold", "alpha", "sharpness", "peer_norm",
-                              "relu_grad", "init"})
+                              "relu_grad", "init", "shrinkage"})
 
     @classmethod
     def reads(cls, model: ModelConfig, train: TrainConfig) -> tuple[frozenset[str], frozenset[str]]:
         t, m = set(cls.train_fields), set(cls.model_fields)
         if train.predictor != "head":
             t.discard("head_lr")
+        if train.predictor != "lda":
+            t.discard("readout_memory")
+            m.discard("shrinkage")
         if train.schedule != "greedy":
             t.discard("greedy_steps")
         if not train.frugal or train.schedule == "olu":  # olu steps whole batches (two layers' graphs)
@@ -383,13 +387,13 @@ class Learner(LearnerBase):
 
     def inference_graph(self, layers: str | None = None) -> nn.Module:
         pred = self.predictor
-        if isinstance(pred, HeadPredictor) and layers is None:
+        if isinstance(pred, HeadPredictor | LdaPredictor) and layers is None:  # one linear map on neutral features
             return HeadGraph(self, pred).eval()
         sel = layers or (pred.layers if isinstance(pred, GoodnessPredictor) else "all-but-first")
         return GoodnessGraph(self, sel).eval()
 
     def prediction_kind(self, layers: str | None = None) -> str:
-        return "logits" if isinstance(self.predictor, HeadPredictor) and layers is None else \
+        return "logits" if isinstance(self.predictor, HeadPredictor | LdaPredictor) and layers is None else \
             f"goodness:{layers or 'default'}"
 
 

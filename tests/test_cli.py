@@ -57,6 +57,20 @@ def test_backprop_baseline_and_resume(tmp_path: Path) -> None:
     assert torch.load(path, weights_only=True)["samples_seen"] == 2000
 
 
+def test_train_with_the_lda_predictor_then_export(tmp_path: Path) -> None:
+    path = tmp_path / "lda.pt"
+    res = runner.invoke(app, ["train", "--preset", "symba-mlp", "--predictor", "lda", "--samples", "1000", "--epochs",
+                              "1", "--batch-size", "50", "--device", "cpu", "--out", str(path), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    acc = _accuracy(res.output)
+    assert acc > 0.8
+    res = runner.invoke(app, ["export", str(path), "--out", str(tmp_path / "lda.onnx")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["eval", str(tmp_path / "lda.onnx"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert abs(json.loads(res.output)["accuracy"] - acc) <= 0.002  # onnxruntime on the solved readout
+
+
 def test_train_with_two_augmented_views(tmp_path: Path) -> None:
     path = tmp_path / "cff.pt"
     res = runner.invoke(app, ["train", "--preset", "cff-mlp", "--samples", "1000", "--epochs", "2", "--batch-size", "50",
@@ -102,6 +116,8 @@ def test_batch_one_streams_with_the_recipe_unless_told_otherwise(tmp_path: Path)
         (["eval", "missing.pt"], "does not exist"),
         (["train", "--preset", "cff-mlp", "--views", "3"], "views must be 1 (one-forward) or 2"),
         (["train", "--preset", "symba-mlp", "--views", "2"], "a goodness learner does not use views=2"),
+        (["train", "--predictor", "softmax"], "unknown predictor 'softmax'; choose one of goodness, head, lda"),
+        (["train", "--preset", "cfl-mlp", "--predictor", "lda"], "does not use predictor='lda'"),
         # each of these raised a traceback (or silently did the wrong thing) before
         (["train", "--lr", "nan"], "--lr must be a positive finite number"),
         (["train", "--lr", "inf"], "--lr must be a positive finite number"),

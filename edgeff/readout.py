@@ -1,0 +1,185 @@
+"""Closed-form LDA readouts: the solve shared by the analytic family and the goodness family's ``lda`` predictor.
+
+``solve_lda`` turns sufficient statistics (a Gram matrix ``Σ h hᵀ``, per-class feature sums and counts) into
+a linear readout: LDA with equal class priors and a pooled within-class covariance shrunk by a share of its
+mean variance, plus the small-class bias correction (a mean of n samples overstates its squared Mahalanobis
+norm by d_eff / n). ``edgeff.analytic`` solves it over a frozen random body.
+
+``LdaPredictor`` is the same readout over a *learning* network's neutral-label features (the goodness
+family's third predictor, next to goodness and the softmax head): one forward pass per prediction, and no
+gradient or learning rate of its own. Its statistics forget exponentially (``TrainConfig.readout_memory``
+samples: every block of ``PENDING`` samples scales the old sums by exp(−PENDING / memory)), so the readout
+follows features that are still moving; with memory 0 it keeps every sample (for a network that no longer
+learns).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:  # edgeff.model builds this predictor
+    from edgeff.model import LocalNet
+
+PENDING = 64  # samples whose features wait before one Gram-matrix update (a (64, D) float32 block)
+
+
+def solve_lda(cov: torch.Tensor, class_sum: torch.Tensor, count: torch.Tensor, imprint: torch.Tensor,
+              shrinkage: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LDA readout ``(P, c)`` (scores = h @ P + c; P (D, K), c (K,), float32) from ``cov``, the Gram
+    matrix ``Σ h hᵀ`` of every counted sample (float64, D×D; it is overwritten: the covariance and its factor
+    are built in place), ``class_sum`` (K, D) and ``count`` (K,) of the same samples, and ``imprint`` (K, D):
+    the mean of a class that has no samples yet."""
+    k, d = count.shape[0], cov.shape[0]
+    dev = cov.device
+    if k == 0:
+        return torch.zeros(d, 0, device=dev), torch.zeros(0, device=dev)
+    n = count.sum()
+    seen = count > 0
+    mu = torch.where(seen[:, None], class_sum / count.clamp(min=1e-12)[:, None], imprint.double())
+    shrink = 0.0
+    if float(n) < 2:  # nothing to estimate a covariance from: nearest class mean
+        cov.zero_().diagonal().fill_(1.0)
+    else:
+        m_seen = mu[seen] * count[seen, None].sqrt()  # (K', D)
+        cov.addmm_(m_seen.T, m_seen, alpha=-1.0).div_(n)  # pooled within-class covariance
+        scale = float(cov.diagonal().mean())
+        shrink = shrinkage * (scale if scale > 0 else 1.0)
+        cov.diagonal().add_(shrink)
+    chol, info = torch.linalg.cholesky_ex(cov)
+    if int(info) != 0:  # rank-deficient at shrinkage 0: a small ridge makes it positive definite
+        cov.diagonal().add_(1e-6 * max(float(cov.diagonal().mean()), 1e-12))
+        chol = torch.linalg.cholesky(cov)
+    p = torch.cholesky_solve(mu.T.contiguous(), chol)  # (D, K)
+    del chol
+    c = -0.5 * (mu * p.T).sum(1)  # (K,)
+    if float(n) >= 2:  # Σ' = Σ + s·I: d_eff = tr(Σ'⁻¹ Σ) = Σ (λ − s) / λ
+        lam = torch.linalg.eigvalsh(cov)
+        d_eff = float(((lam - shrink) / lam).sum())
+        c += torch.where(seen, 0.5 * d_eff / count.clamp(min=1.0), torch.zeros_like(c))
+    return p.float(), c.float()
+
+
+class ForgettingStats(nn.Module):
+    """LDA's sufficient statistics over the last ~``memory`` samples (float64 sums; exponential forgetting,
+    applied a block of ``PENDING`` samples at a time so the Gram matrix, the sums and the counts always
+    describe the same weighted samples). All state is buffers: a checkpoint resumes it exactly."""
+
+    class_sum: torch.Tensor
+    count: torch.Tensor
+    gram: torch.Tensor
+    pending: torch.Tensor
+    pending_y: torch.Tensor
+    n_pending: torch.Tensor
+    imprint: torch.Tensor
+
+    def __init__(self, dim: int, num_classes: int, memory: int) -> None:
+        super().__init__()
+        self.dim, self.memory = dim, memory
+        self.register_buffer("class_sum", torch.zeros(num_classes, dim, dtype=torch.float64))
+        self.register_buffer("count", torch.zeros(num_classes, dtype=torch.float64))
+        self.register_buffer("gram", torch.zeros(dim, dim, dtype=torch.float64))
+        self.register_buffer("pending", torch.zeros(PENDING, dim))
+        self.register_buffer("pending_y", torch.zeros(PENDING, dtype=torch.long))
+        self.register_buffer("n_pending", torch.zeros((), dtype=torch.long))
+        self.register_buffer("imprint", torch.zeros(num_classes, dim))
+
+    def accumulate(self, h: torch.Tensor, y: torch.Tensor) -> None:
+        """Add features ``h`` (B, D) of classes ``y`` (B,)."""
+        i = 0
+        while i < h.shape[0]:
+            n = int(self.n_pending)
+            take = min(PENDING - n, h.shape[0] - i)
+            self.pending[n : n + take] = h[i : i + take]
+            self.pending_y[n : n + take] = y[i : i + take]
+            self.n_pending += take
+            i += take
+            if int(self.n_pending) == PENDING:
+                keep = math.exp(-PENDING / self.memory) if self.memory > 0 else 1.0
+                block = self.pending.double()
+                self.gram.mul_(keep).addmm_(block.T, block)
+                self.class_sum.mul_(keep).index_add_(0, self.pending_y, block)
+                self.count.mul_(keep).add_(torch.bincount(self.pending_y, minlength=self.count.shape[0]).double())
+                self.n_pending.zero_()
+
+    def readout(self, shrinkage: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``solve_lda`` over the statistics and the pending block (which counts, without changing the state)."""
+        n = int(self.n_pending)
+        tail, ty = self.pending[:n].double(), self.pending_y[:n]
+        cov = self.gram.clone().addmm_(tail.T, tail)
+        class_sum = self.class_sum.clone().index_add_(0, ty, tail)
+        count = self.count + torch.bincount(ty, minlength=self.count.shape[0]).double()
+        return solve_lda(cov, class_sum, count, self.imprint, shrinkage)
+
+    def grow(self, proto: torch.Tensor) -> None:
+        """One more class with no samples; ``proto`` (D,) is its mean until it has some."""
+        self.class_sum = torch.cat([self.class_sum, self.class_sum.new_zeros(1, self.dim)])
+        self.count = torch.cat([self.count, self.count.new_zeros(1)])
+        self.imprint = torch.cat([self.imprint, proto.to(self.imprint)[None]])
+
+
+class LdaPredictor(nn.Module):
+    """Streaming LDA on the detached, length-normalised features of one neutral-label pass (the inputs
+    ``HeadPredictor`` reads), solved in closed form when scores are asked for after new samples. Exported
+    like the head: the solved readout is one linear layer (``linear``)."""
+
+    kind = "lda"
+
+    def __init__(self, net: LocalNet, idx: list[int], memory: int, shrinkage: float) -> None:
+        super().__init__()
+        self.idx = idx
+        self.scales = [math.sqrt(math.prod(net.shapes[i])) for i in idx]
+        dim = sum(math.prod(net.shapes[i]) for i in idx)
+        self.stats = ForgettingStats(dim, net.num_classes, memory)
+        self.shrinkage = shrinkage
+        self._solved: nn.Linear | None = None
+
+    def _features(self, net: LocalNet, x: torch.Tensor) -> torch.Tensor:
+        outs = net.features(net.encoder.neutral(x))
+        return torch.cat([F.normalize(outs[i].flatten(1), dim=1) * s for i, s in zip(self.idx, self.scales,
+                                                                                      strict=True)], dim=1)
+
+    @property
+    def linear(self) -> nn.Linear:
+        """The solved readout as a linear layer (cached until the statistics change)."""
+        if self._solved is None:
+            p, c = self.stats.readout(self.shrinkage)
+            lin = nn.Linear(p.shape[0], p.shape[1], device=p.device)
+            with torch.no_grad():
+                lin.weight.copy_(p.T)
+                lin.bias.copy_(c)
+            object.__setattr__(self, "_solved", lin.requires_grad_(False))  # not a submodule: not in the state
+        return lin if self._solved is None else self._solved
+
+    def scores(self, net: LocalNet, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.linear(self._features(net, x))
+
+    def learn(self, net: LocalNet, x: torch.Tensor, y: torch.Tensor) -> float | None:
+        """Add the batch's features as the network now computes them (eval mode: the neutral pass does not
+        touch the running BatchNorm statistics)."""
+        was_training = net.training
+        net.eval()
+        with torch.no_grad():
+            self.stats.accumulate(self._features(net, x), y)
+        net.train(was_training)
+        self._solved = None
+        return None
+
+    def grow(self, net: LocalNet, examples: torch.Tensor | None, generator: torch.Generator) -> None:
+        """One more class: its mean is that of ``examples``' features until it has samples (the origin
+        without examples, far from any normalised feature, so it is rarely predicted)."""
+        proto = torch.zeros(self.stats.dim, device=self.stats.gram.device)
+        if examples is not None:
+            with torch.no_grad():
+                proto = self._features(net, examples).mean(0)
+        self.stats.grow(proto)
+        self._solved = None
+
+    def load_state_dict(self, state, strict: bool = True, assign: bool = False):  # type: ignore[no-untyped-def,override]
+        self._solved = None
+        return super().load_state_dict(state, strict=strict, assign=assign)

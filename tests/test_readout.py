@@ -1,0 +1,137 @@
+"""The closed-form LDA readout shared by the analytic family and the goodness family's ``lda`` predictor:
+forgetting statistics without memory are the analytic family's statistics, a short memory follows features
+that move, the predictor resumes exactly across a Gram-matrix update, grows a class without moving the old
+ones, and is refused where it cannot be used."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgeff import checkpoint, make_learner
+from edgeff.analytic import AnalyticLearner
+from edgeff.config import LayerSpec
+from edgeff.data import ImageData
+from edgeff.errors import InputError, UnsupportedError
+from edgeff.loop import train_epochs
+from edgeff.presets import PRESETS
+from edgeff.readout import PENDING, ForgettingStats, LdaPredictor
+from edgeff.trainer import Learner
+
+SYMBA = PRESETS["symba-mlp"]
+SLDA = PRESETS["slda-conv"]
+
+
+def _lda_learner(**train: object) -> Learner:
+    tc = replace(SYMBA.train, device="cpu", predictor="lda", **train)  # type: ignore[arg-type]
+    learner = make_learner(SYMBA, train=tc)
+    assert isinstance(learner, Learner) and isinstance(learner.predictor, LdaPredictor)
+    return learner
+
+
+def test_statistics_without_memory_are_the_analytic_familys(mnist_small: ImageData) -> None:
+    """The same features fed one sample at a time to ``ForgettingStats`` (labels held with the pending
+    block) and in batches of 50 to the analytic learner (class sums added at once): the same readout."""
+    small = replace(SLDA, model=replace(SLDA.model, layers=(LayerSpec("conv", 16, kernel=5, padding=0, pool=4),)))
+    analytic = make_learner(small, train=replace(SLDA.train, device="cpu"))
+    assert isinstance(analytic, AnalyticLearner)
+    x = mnist_small.normalise(mnist_small.x_train[:300])
+    y = torch.from_numpy(mnist_small.y_train[:300].astype("int64"))
+    for j in range(0, 300, 50):
+        analytic.learn_many(x[j : j + 50], y[j : j + 50])
+    h = analytic.net.features(x)
+    stats = ForgettingStats(h.shape[1], 10, memory=0)
+    for i in range(300):
+        stats.accumulate(h[i : i + 1], y[i : i + 1])
+    assert int(stats.n_pending) == 300 % PENDING
+    p, c = stats.readout(small.model.shrinkage)
+    pa, ca = analytic.readout()
+    torch.testing.assert_close(p, pa, rtol=1e-4, atol=1e-4 * float(pa.abs().max()))
+    torch.testing.assert_close(c, ca, rtol=1e-4, atol=1e-4 * float(ca.abs().max()))
+
+
+def test_a_short_memory_follows_features_that_move() -> None:
+    """Two classes whose means swap halfway through the stream (features that kept learning): a readout
+    that keeps every sample cannot tell them apart; one that remembers ~2 blocks predicts the new layout."""
+    g = torch.Generator().manual_seed(0)
+    d, n = 16, 20 * PENDING
+    mean = torch.zeros(2, d)
+    mean[0, :4], mean[1, :4] = 1.0, -1.0
+
+    def draw(swapped: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.randint(0, 2, (n,), generator=g)
+        return (mean.flip(0) if swapped else mean)[y] + 0.5 * torch.randn(n, d, generator=g), y
+
+    old, new = draw(False), draw(True)
+    test_x, test_y = draw(True)
+    acc = {}
+    for memory in (0, 2 * PENDING):
+        stats = ForgettingStats(d, 2, memory)
+        for h, y in (old, new):
+            stats.accumulate(h, y)
+        p, c = stats.readout(1e-2)
+        acc[memory] = float(((test_x @ p + c).argmax(1) == test_y).float().mean())
+    assert acc[2 * PENDING] > 0.97 and acc[0] < 0.75, acc
+
+
+def test_the_lda_predictor_learns_and_resumes_exactly(mnist_small: ImageData, tmp_path: Path) -> None:
+    """Batches of 24 with a checkpoint after 3 of them (72 samples: one Gram update done, 8 pending): the
+    resumed learner ends at the uninterrupted one's weights, statistics and scores."""
+    x = mnist_small.normalise(mnist_small.x_train[:240])
+    y = torch.from_numpy(mnist_small.y_train[:240].astype("int64"))
+    batches = [(x[i : i + 24], y[i : i + 24]) for i in range(0, 240, 24)]
+    straight = _lda_learner(readout_memory=100)
+    for bx, by in batches:
+        straight.learn_many(bx, by)
+    first = _lda_learner(readout_memory=100)
+    for bx, by in batches[:3]:
+        first.learn_many(bx, by)
+    checkpoint.save(first, tmp_path / "ck.pt")
+    resumed, _ = checkpoint.load(tmp_path / "ck.pt", device="cpu")
+    assert isinstance(resumed, Learner) and int(resumed.predictor.stats.n_pending) == 72 - PENDING  # type: ignore[union-attr]
+    for bx, by in batches[3:]:
+        resumed.learn_many(bx, by)
+    for k, v in straight.predictor.state_dict().items():
+        assert torch.equal(v, resumed.predictor.state_dict()[k]), k
+    xt = mnist_small.normalise(mnist_small.x_test[:200])
+    assert torch.equal(straight.scores(xt), resumed.scores(xt))
+    assert resumed.prediction_kind() == "logits"
+
+
+def test_the_lda_predictor_reads_the_trained_features(mnist_small: ImageData) -> None:
+    """One epoch on 2,000 shipped digits: the readout beats goodness on the same network (one forward
+    pass instead of ten); a new class from 20 examples is predicted for most of them and the old classes'
+    predictions stay."""
+    learner = _lda_learner(batch_size=50, epochs=1)
+    train_epochs(learner, mnist_small, epochs=1, batch_size=50, limit=2000)
+    xt = mnist_small.normalise(mnist_small.x_test[:500])
+    yt = torch.from_numpy(mnist_small.y_test[:500].astype("int64"))
+    before = learner.scores(xt)
+    new_x = torch.flip(mnist_small.normalise(mnist_small.x_test[500:520]), dims=[3])  # mirrored digits
+    assert learner.add_class("mirrored", new_x) == 10
+    after = learner.scores(xt)  # the neutral input (the mean class pattern) moved a little: so do the scores
+    assert float((after[:, :10].argmax(1) == before.argmax(1)).float().mean()) >= 0.99
+    taken = float((after.argmax(1) == 10).float().mean())
+    assert taken <= 0.05, taken  # old digits now predicted as mirrored ones
+    assert float((learner.scores(new_x).argmax(1) == 10).float().mean()) > 0.5
+    lda_acc = float((before.argmax(1) == yt).float().mean())
+    learner.select_eval_layers("all-but-first")
+    goodness_acc = float((learner.scores(xt)[:, :10].argmax(1) == yt).float().mean())
+    assert lda_acc > 0.85 and lda_acc > goodness_acc, (lda_acc, goodness_acc)
+
+
+def test_where_the_lda_predictor_is_refused() -> None:
+    with pytest.raises(InputError, match="readout_memory"):  # a goodness predictor has no statistics
+        make_learner(SYMBA, train=replace(SYMBA.train, device="cpu", readout_memory=5))
+    with pytest.raises(InputError, match="predictor"):  # the contrastive family predicts by its dictionary
+        p = PRESETS["cfl-mlp-stream"]
+        make_learner(p, train=replace(p.train, device="cpu", predictor="lda"))
+    with pytest.raises(InputError, match="readout_memory"):
+        replace(SYMBA.train, readout_memory=-1)
+    from edgeff.edge.learner import make_edge_learner
+
+    with pytest.raises(UnsupportedError, match="lda"):
+        make_edge_learner(SYMBA, train=replace(SYMBA.train, predictor="lda"))
