@@ -8,7 +8,7 @@ norm by d_eff / n). ``edgeff.analytic`` solves it over a frozen random body.
 ``LdaPredictor`` is the same readout over a *learning* network's neutral-label features (the goodness
 family's third predictor, next to goodness and the softmax head): one forward pass per prediction, and no
 gradient or learning rate of its own. Its statistics forget exponentially (``TrainConfig.readout_memory``
-samples: every block of ``PENDING`` samples scales the old sums by exp(−PENDING / memory)), so the readout
+samples: every block of ``BLOCK`` samples scales the old sums by exp(−BLOCK / memory)), so the readout
 follows features that are still moving; with memory 0 it keeps every sample (for a network that no longer
 learns).
 """
@@ -25,7 +25,8 @@ from torch import nn
 if TYPE_CHECKING:  # edgeff.model builds this predictor
     from edgeff.model import LocalNet
 
-PENDING = 64  # samples whose features wait before one Gram-matrix update (a (64, D) float32 block)
+PENDING = 64  # analytic family: samples whose features wait before one Gram-matrix update (a (64, D) float32 block)
+BLOCK = 256  # lda predictor: the same, in larger blocks (its Gram update runs beside training; fewer passes over D×D)
 
 
 def solve_lda(cov: torch.Tensor, class_sum: torch.Tensor, count: torch.Tensor, imprint: torch.Tensor,
@@ -66,8 +67,10 @@ def solve_lda(cov: torch.Tensor, class_sum: torch.Tensor, count: torch.Tensor, i
 
 class ForgettingStats(nn.Module):
     """LDA's sufficient statistics over the last ~``memory`` samples (float64 sums; exponential forgetting,
-    applied a block of ``PENDING`` samples at a time so the Gram matrix, the sums and the counts always
-    describe the same weighted samples). All state is buffers: a checkpoint resumes it exactly."""
+    applied a block of ``BLOCK`` samples at a time so the Gram matrix, the sums and the counts always
+    describe the same weighted samples; the block products in float64 too: a float32 product loses the
+    covariance of features with a large mean, a small difference of large sums). All state is buffers: a
+    checkpoint resumes it exactly."""
 
     class_sum: torch.Tensor
     count: torch.Tensor
@@ -83,8 +86,8 @@ class ForgettingStats(nn.Module):
         self.register_buffer("class_sum", torch.zeros(num_classes, dim, dtype=torch.float64))
         self.register_buffer("count", torch.zeros(num_classes, dtype=torch.float64))
         self.register_buffer("gram", torch.zeros(dim, dim, dtype=torch.float64))
-        self.register_buffer("pending", torch.zeros(PENDING, dim))
-        self.register_buffer("pending_y", torch.zeros(PENDING, dtype=torch.long))
+        self.register_buffer("pending", torch.zeros(BLOCK, dim))
+        self.register_buffer("pending_y", torch.zeros(BLOCK, dtype=torch.long))
         self.register_buffer("n_pending", torch.zeros((), dtype=torch.long))
         self.register_buffer("imprint", torch.zeros(num_classes, dim))
 
@@ -93,16 +96,16 @@ class ForgettingStats(nn.Module):
         i = 0
         while i < h.shape[0]:
             n = int(self.n_pending)
-            take = min(PENDING - n, h.shape[0] - i)
+            take = min(BLOCK - n, h.shape[0] - i)
             self.pending[n : n + take] = h[i : i + take]
             self.pending_y[n : n + take] = y[i : i + take]
             self.n_pending += take
             i += take
-            if int(self.n_pending) == PENDING:
-                keep = math.exp(-PENDING / self.memory) if self.memory > 0 else 1.0
+            if int(self.n_pending) == BLOCK:
+                keep = math.exp(-BLOCK / self.memory) if self.memory > 0 else 1.0
                 block = self.pending.double()
                 self.gram.mul_(keep).addmm_(block.T, block)
-                self.class_sum.mul_(keep).index_add_(0, self.pending_y, block)
+                self.class_sum.mul_(keep).index_add_(0, self.pending_y, self.pending.double())
                 self.count.mul_(keep).add_(torch.bincount(self.pending_y, minlength=self.count.shape[0]).double())
                 self.n_pending.zero_()
 

@@ -157,7 +157,7 @@ class Learner(LearnerBase):
         enc = self.net.encoder
         if self.train_cfg.frugal and self.train_cfg.schedule != "olu":  # olu carries two layers' graphs by design
             frugal, _, _ = self.learn_block(enc(xb, yb), enc(xb, y_neg))
-            self.predictor.learn(self.net, xb, yb)
+            self._predictor_learns(xb, yb)
             self.step += 1
             self.samples_seen += b
             return frugal
@@ -212,10 +212,17 @@ class Learner(LearnerBase):
             h = out.detach()  # the memory contract: no graph crosses this boundary
         if hook is not None:
             hook(min(last_to_run, n_layers - 1), False)
-        self.predictor.learn(self.net, xb, yb)
+        self._predictor_learns(xb, yb)
         self.step += 1
         self.samples_seen += b
         return metrics
+
+    def _predictor_learns(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
+        """The predictor learns the batch's new samples: with a stream window the loop puts them first
+        (``loop.planned_batches``: at most ``batch_size``), and the window's repeats are left out (a head
+        would take one more gradient step on them; the lda statistics would count them again)."""
+        new = min(xb.shape[0], self.train_cfg.batch_size) if self.train_cfg.window else xb.shape[0]
+        self.predictor.learn(self.net, xb[:new], yb[:new])
 
     def encode_batch(self, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray | list[int]
                      ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,7 @@ from edgeff.data import ImageData
 from edgeff.errors import InputError, UnsupportedError
 from edgeff.loop import train_epochs
 from edgeff.presets import PRESETS
-from edgeff.readout import PENDING, ForgettingStats, LdaPredictor
+from edgeff.readout import BLOCK, ForgettingStats, LdaPredictor
 from edgeff.trainer import Learner
 
 SYMBA = PRESETS["symba-mlp"]
@@ -38,15 +38,15 @@ def test_statistics_without_memory_are_the_analytic_familys(mnist_small: ImageDa
     small = replace(SLDA, model=replace(SLDA.model, layers=(LayerSpec("conv", 16, kernel=5, padding=0, pool=4),)))
     analytic = make_learner(small, train=replace(SLDA.train, device="cpu"))
     assert isinstance(analytic, AnalyticLearner)
-    x = mnist_small.normalise(mnist_small.x_train[:300])
-    y = torch.from_numpy(mnist_small.y_train[:300].astype("int64"))
-    for j in range(0, 300, 50):
+    x = mnist_small.normalise(mnist_small.x_train[:1200])
+    y = torch.from_numpy(mnist_small.y_train[:1200].astype("int64"))
+    for j in range(0, 1200, 50):
         analytic.learn_many(x[j : j + 50], y[j : j + 50])
     h = analytic.net.features(x)
     stats = ForgettingStats(h.shape[1], 10, memory=0)
-    for i in range(300):
+    for i in range(1200):
         stats.accumulate(h[i : i + 1], y[i : i + 1])
-    assert int(stats.n_pending) == 300 % PENDING
+    assert int(stats.n_pending) == 1200 % BLOCK
     p, c = stats.readout(small.model.shrinkage)
     pa, ca = analytic.readout()
     torch.testing.assert_close(p, pa, rtol=1e-4, atol=1e-4 * float(pa.abs().max()))
@@ -57,7 +57,7 @@ def test_a_short_memory_follows_features_that_move() -> None:
     """Two classes whose means swap halfway through the stream (features that kept learning): a readout
     that keeps every sample cannot tell them apart; one that remembers ~2 blocks predicts the new layout."""
     g = torch.Generator().manual_seed(0)
-    d, n = 16, 20 * PENDING
+    d, n = 16, 20 * BLOCK
     mean = torch.zeros(2, d)
     mean[0, :4], mean[1, :4] = 1.0, -1.0
 
@@ -68,37 +68,49 @@ def test_a_short_memory_follows_features_that_move() -> None:
     old, new = draw(False), draw(True)
     test_x, test_y = draw(True)
     acc = {}
-    for memory in (0, 2 * PENDING):
+    for memory in (0, 2 * BLOCK):
         stats = ForgettingStats(d, 2, memory)
         for h, y in (old, new):
             stats.accumulate(h, y)
         p, c = stats.readout(1e-2)
         acc[memory] = float(((test_x @ p + c).argmax(1) == test_y).float().mean())
-    assert acc[2 * PENDING] > 0.97 and acc[0] < 0.75, acc
+    assert acc[2 * BLOCK] > 0.97 and acc[0] < 0.75, acc
 
 
 def test_the_lda_predictor_learns_and_resumes_exactly(mnist_small: ImageData, tmp_path: Path) -> None:
-    """Batches of 24 with a checkpoint after 3 of them (72 samples: one Gram update done, 8 pending): the
+    """Batches of 100 with a checkpoint after 6 of them (600 samples: two Gram updates done, 88 pending): the
     resumed learner ends at the uninterrupted one's weights, statistics and scores."""
-    x = mnist_small.normalise(mnist_small.x_train[:240])
-    y = torch.from_numpy(mnist_small.y_train[:240].astype("int64"))
-    batches = [(x[i : i + 24], y[i : i + 24]) for i in range(0, 240, 24)]
-    straight = _lda_learner(readout_memory=100)
+    x = mnist_small.normalise(mnist_small.x_train[:1200])
+    y = torch.from_numpy(mnist_small.y_train[:1200].astype("int64"))
+    batches = [(x[i : i + 100], y[i : i + 100]) for i in range(0, 1200, 100)]
+    straight = _lda_learner(readout_memory=1000)
     for bx, by in batches:
         straight.learn_many(bx, by)
-    first = _lda_learner(readout_memory=100)
-    for bx, by in batches[:3]:
+    first = _lda_learner(readout_memory=1000)
+    for bx, by in batches[:6]:
         first.learn_many(bx, by)
     checkpoint.save(first, tmp_path / "ck.pt")
     resumed, _ = checkpoint.load(tmp_path / "ck.pt", device="cpu")
-    assert isinstance(resumed, Learner) and int(resumed.predictor.stats.n_pending) == 72 - PENDING  # type: ignore[union-attr]
-    for bx, by in batches[3:]:
+    assert isinstance(resumed, Learner) and int(resumed.predictor.stats.n_pending) == 600 - 2 * BLOCK  # type: ignore[union-attr]
+    for bx, by in batches[6:]:
         resumed.learn_many(bx, by)
     for k, v in straight.predictor.state_dict().items():
         assert torch.equal(v, resumed.predictor.state_dict()[k]), k
     xt = mnist_small.normalise(mnist_small.x_test[:200])
     assert torch.equal(straight.scores(xt), resumed.scores(xt))
     assert resumed.prediction_kind() == "logits"
+
+
+def test_a_stream_window_is_not_counted_again(mnist_small: ImageData) -> None:
+    """At batch 1 with a window of 8 the layers learn every sample 9 times; the readout counts it once."""
+    learner = _lda_learner(batch_size=1, window=8, lr=1e-4, lr_final=None, readout_memory=0, epochs=1)
+    train_epochs(learner, mnist_small, epochs=1, batch_size=1, limit=300)
+    stats = learner.predictor.stats  # type: ignore[union-attr]
+    counted = float(stats.count.sum()) + int(stats.n_pending)
+    assert learner.samples_seen == 300 and counted == 300
+    _, y = next(mnist_small.train_batches(300, seed=0, epoch=0, limit=300))  # the pass's 300 samples
+    assert torch.equal(stats.count + torch.bincount(stats.pending_y[: int(stats.n_pending)], minlength=10),
+                       torch.bincount(torch.as_tensor(y), minlength=10).double())
 
 
 def test_the_lda_predictor_reads_the_trained_features(mnist_small: ImageData) -> None:
