@@ -142,7 +142,7 @@ class TrainConfig:
     predictor: str = "goodness"  # goodness (one pass per label) | head (softmax on neutral-label features) | lda (closed-form readout on them)
     eval_layers: str = "all-but-first"  # all | all-but-first | last | last:K
     head_lr: float = 1e-3  # softmax head learning rate
-    readout_memory: int = 20000  # lda predictor: samples its statistics remember (exponential forgetting; 0 = all)
+    readout_memory: int = 0  # lda predictor: 0 = solved once the planned run is complete; N = follows the stream, remembering ~N samples
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     batch_size: int = 128

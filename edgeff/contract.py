@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import fields, replace
 from typing import Any, ClassVar, TypeVar
 
@@ -94,6 +94,11 @@ class LearnerBase(ABC):
     def learn_many(self, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray | list[int], *,
                    fresh: int | None = None) -> list[LayerMetrics]:
         """One step on a batch; one ``LayerMetrics`` per layer that ran. Never mutates ``x`` or ``y``."""
+
+    def end_of_plan(self, batches: Callable[[], Iterable[tuple[Any, Any]]]) -> None:
+        """The planned run is complete (``loop.train_epochs`` calls it; ``batches()`` iterates over the training
+        set once). Nothing for most families; a goodness learner with an lda predictor that does not follow
+        the stream (``readout_memory=0``) solves its readout here, from one pass through the trained layers."""
 
     def learn_one(self, x: torch.Tensor | np.ndarray, y: int) -> list[LayerMetrics]:
         """``learn_many`` on a single sample of shape (C, H, W)."""

@@ -16,6 +16,8 @@ import numpy as np
 from edgeff.config import TrainConfig
 from edgeff.errors import InputError
 
+READOUT_BATCH = 500  # samples per forward pass of end_of_plan's pass over the training set
+
 
 @dataclass(frozen=True)
 class LayerMetrics:
@@ -38,6 +40,8 @@ class LearnerLike(Protocol):
     def learn_many(self, x: Any, y: Any, *, fresh: int | None = None) -> Any: ...
 
     def set_lr(self, lr: float) -> None: ...
+
+    def end_of_plan(self, batches: Callable[[], Iterable[tuple[Any, Any]]]) -> None: ...
 
 
 class ImageDataLike(Protocol):
@@ -66,6 +70,9 @@ def train_epochs(
     just before it in the pass (a sliding window over the stream, ``planned_batches``); the learner's
     ``samples_seen`` counts each sample once.
 
+    When the planned run (``train.epochs`` passes) is complete, ``learner.end_of_plan`` gets the training set
+    once more (a readout solved on the trained layers).
+
     Each epoch's order depends only on (seed, epoch), so a learner loaded from a checkpoint continues
     with exactly the batches an uninterrupted run would have seen. With ``train.lr_final`` set, the
     learning rate falls linearly from ``train.lr`` to it over ``train.epochs`` epochs (after holding ``train.lr``
@@ -82,6 +89,9 @@ def train_epochs(
         learner.samples_seen -= int(x.shape[0]) - fresh  # the window's samples were counted when they were new
         if on_step is not None:
             on_step(m, fresh)
+    per_epoch = min(limit, len(data.y_train)) if limit is not None else len(data.y_train)
+    if learner.samples_seen >= per_epoch * max(1, learner.train_cfg.epochs):  # the planned run is complete
+        learner.end_of_plan(lambda: data.train_batches(max(batch_size, READOUT_BATCH), seed=seed, limit=limit))
 
 
 def decayed(step: int, total: int, hold: float) -> float:

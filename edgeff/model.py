@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import torch
@@ -108,6 +109,9 @@ class GoodnessPredictor:
     def grow(self, net: LocalNet, examples: torch.Tensor | None, generator: torch.Generator) -> None:
         """Nothing to grow: goodness is read for every label the encoder knows."""
 
+    def end_of_plan(self, net: LocalNet, batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]) -> None:
+        """Nothing to solve."""
+
     def state_dict(self) -> dict[str, object]:
         return {}
 
@@ -169,6 +173,9 @@ class HeadPredictor(nn.Module):
         loss.backward()
         opt.step()
         return float(loss.detach())
+
+    def end_of_plan(self, net: LocalNet, batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]) -> None:
+        """Nothing to solve: the head learned every step."""
 
     def ensure_optimizer(self) -> LeanOptimizer:
         if self.opt is None:

@@ -109,7 +109,7 @@ PRESETS: dict[str, Preset] = {
             "it predicts with the lda readout on every layer's neutral-label features (goodness after one pass: "
             "93.55%; the same readout solved on the final features of a stream without peer normalisation: 96.08% "
             "vs 92.89% by goodness).",
-            stream={"predictor": "lda", "eval_layers": "all"},
+            stream={"predictor": "lda", "eval_layers": "all", "readout_memory": 20000},
         ),
         Preset(
             "symba-mlp", "local", SYMBA_MLP,

@@ -7,20 +7,28 @@ norm by d_eff / n). ``edgeff.analytic`` solves it over a frozen random body.
 
 ``LdaPredictor`` is the same readout over a *learning* network's neutral-label features (the goodness
 family's third predictor, next to goodness and the softmax head): one forward pass per prediction, and no
-gradient or learning rate of its own. Its statistics forget exponentially (``TrainConfig.readout_memory``
-samples: every block of ``BLOCK`` samples scales the old sums by exp(−BLOCK / memory)), so the readout
-follows features that are still moving; with memory 0 it keeps every sample (for a network that no longer
-learns).
+gradient or learning rate of its own. Two ways to fill its statistics (``TrainConfig.readout_memory``):
+
+- ``0`` (the default): once, when the planned run is complete (``LearnerBase.end_of_plan``, called by
+  ``loop.train_epochs``): one more pass over the training set through the trained layers, every sample
+  counted once — the readout of the features the model ends with, at the cost of one forward pass per
+  sample and nothing per step;
+- ``N > 0``: every step, forgetting exponentially with a memory of N samples (each block of ``BLOCK``
+  samples scales the old sums by exp(−BLOCK / N)), so the readout follows layers that are still learning
+  (a stream, which has no planned end).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from edgeff.errors import UnsupportedError
 
 if TYPE_CHECKING:  # edgeff.model builds this predictor
     from edgeff.model import LocalNet
@@ -150,6 +158,10 @@ class LdaPredictor(nn.Module):
     def linear(self) -> nn.Linear:
         """The solved readout as a linear layer (cached until the statistics change)."""
         if self._solved is None:
+            if not self.follows and float(self.stats.count.sum()) + int(self.stats.n_pending) == 0:
+                raise UnsupportedError("the lda readout of this model is solved when its planned run is complete "
+                                       "(edgeff train, loop.train_epochs) or by learner.solve_readout(batches); it "
+                                       "has not been solved yet")
             p, c = self.stats.readout(self.shrinkage)
             lin = nn.Linear(p.shape[0], p.shape[1], device=p.device)
             with torch.no_grad():
@@ -158,20 +170,50 @@ class LdaPredictor(nn.Module):
             object.__setattr__(self, "_solved", lin.requires_grad_(False))  # not a submodule: not in the state
         return lin if self._solved is None else self._solved
 
+    @property
+    def follows(self) -> bool:
+        """Whether the statistics learn every step (a memory) or are solved at the end of the plan."""
+        return self.stats.memory > 0
+
     def scores(self, net: LocalNet, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.linear(self._features(net, x))
 
     def learn(self, net: LocalNet, x: torch.Tensor, y: torch.Tensor) -> float | None:
-        """Add the batch's features as the network now computes them (eval mode: the neutral pass does not
-        touch the running BatchNorm statistics)."""
+        """Following the stream: add the batch's features as the network now computes them (eval mode: the
+        neutral pass does not touch the running BatchNorm statistics). Solved at the end: nothing."""
+        if self.follows:
+            self._accumulate(net, x, y)
+        return None
+
+    def end_of_plan(self, net: LocalNet, batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]) -> None:
+        """The planned run is complete: a readout that does not follow the stream is solved now."""
+        if not self.follows:
+            self.solve(net, batches())
+
+    def solve(self, net: LocalNet, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Statistics from scratch over ``batches`` through the layers as they are (no forgetting), keeping
+        any class means imprinted for classes that have no samples in them."""
+        k, d = self.stats.count.shape[0], self.stats.dim
+        dev = self.stats.gram.device
+        for name, value in (("class_sum", torch.zeros(k, d, dtype=torch.float64)), ("count", torch.zeros(k, dtype=torch.float64)),
+                            ("gram", torch.zeros(d, d, dtype=torch.float64)), ("n_pending", torch.zeros((), dtype=torch.long))):
+            getattr(self.stats, name).copy_(value.to(dev))
+        self._solved = None
+        memory, self.stats.memory = self.stats.memory, 0
+        try:
+            for x, y in batches:
+                self._accumulate(net, x.to(dev), y.to(dev))
+        finally:
+            self.stats.memory = memory
+
+    def _accumulate(self, net: LocalNet, x: torch.Tensor, y: torch.Tensor) -> None:
         was_training = net.training
         net.eval()
         with torch.no_grad():
             self.stats.accumulate(self._features(net, x), y)
         net.train(was_training)
         self._solved = None
-        return None
 
     def grow(self, net: LocalNet, examples: torch.Tensor | None, generator: torch.Generator) -> None:
         """One more class: its mean is that of ``examples``' features until it has samples (the origin

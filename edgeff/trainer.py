@@ -10,7 +10,7 @@ output on *without* detaching, so the next layer's loss also updates it.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -216,6 +216,23 @@ class Learner(LearnerBase):
         self.step += 1
         self.samples_seen += b
         return metrics
+
+    def end_of_plan(self, batches: Callable[[], Iterable[tuple[Any, Any]]]) -> None:
+        """The planned run is complete: the predictor's chance to solve itself (an lda readout that does not
+        follow the stream takes one pass over ``batches()`` through the trained layers)."""
+        self.predictor.end_of_plan(self.net, lambda: self._as_tensors(batches()))
+
+    def solve_readout(self, batches: Iterable[tuple[Any, Any]]) -> None:
+        """Solve an lda predictor's readout from ``batches`` (labelled samples) through the layers as they
+        are now, e.g. after training with ``learn_many``; its statistics restart from these samples."""
+        if not isinstance(self.predictor, LdaPredictor):
+            raise InputError(f"solve_readout needs the lda predictor; this learner predicts by {self.predictor.kind}")
+        self.predictor.solve(self.net, self._as_tensors(batches))
+
+    def _as_tensors(self, batches: Iterable[tuple[Any, Any]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in batches:
+            xb = as_batch(x, self.model_cfg.input_shape).to(self.device)
+            yield xb, as_labels(y, xb.shape[0], self.model_cfg.num_classes).to(self.device)
 
     def _predictor_learns(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
         """The predictor learns the batch's new samples: with a stream window the loop puts them first

@@ -31,7 +31,7 @@ def _trained(name: str, mnist_small, **train_kw):  # type: ignore[no-untyped-def
 @pytest.mark.parametrize("name", [*EXPORTABLE, "symba-mlp+head", "symba-mlp+lda"])
 def test_onnxruntime_matches_torch_on_real_images(name: str, mnist_small, tmp_path: Path) -> None:
     base, _, predictor = name.partition("+")
-    learner = _trained(base, mnist_small, **({"predictor": predictor} if predictor else {}))
+    learner = _trained(base, mnist_small, **({"predictor": predictor, "epochs": 1} if predictor else {}))
     path = export_onnx(learner, tmp_path / "m.onnx", meta={"preset": base, "dataset": "builtin"})
     model = onnx.load(str(path))
     onnx.checker.check_model(model)

@@ -101,9 +101,31 @@ def test_the_lda_predictor_learns_and_resumes_exactly(mnist_small: ImageData, tm
     assert resumed.prediction_kind() == "logits"
 
 
+def test_solved_when_the_plan_is_complete(mnist_small: ImageData) -> None:
+    """readout_memory 0 (the default): nothing per step, one pass through the trained layers when the planned
+    run ends (train_epochs) — the same readout as learn_many steps followed by solve_readout on the data."""
+    a = _lda_learner(batch_size=100, epochs=2, lr_final=None)
+    train_epochs(a, mnist_small, epochs=1, batch_size=100, limit=600)  # half the plan: not solved yet
+    assert float(a.predictor.stats.count.sum()) == 0  # type: ignore[union-attr]
+    xt = mnist_small.normalise(mnist_small.x_test[:300])
+    with pytest.raises(UnsupportedError, match="not been solved"):
+        a.scores(xt)
+    train_epochs(a, mnist_small, epochs=2, batch_size=100, limit=600)
+    b = _lda_learner(batch_size=100, epochs=2, lr_final=None)
+    for epoch in range(2):
+        for x, y in mnist_small.train_batches(100, seed=0, epoch=epoch, limit=600):
+            b.learn_many(x, y)
+    b.solve_readout(mnist_small.train_batches(250, seed=0, limit=600))  # the same 600 samples, other batches
+    sa, sb = a.scores(xt), b.scores(xt)
+    torch.testing.assert_close(sa, sb, rtol=1e-4, atol=1e-5 * float(sa.abs().max()))
+    assert float(a.predictor.stats.count.sum()) + int(a.predictor.stats.n_pending) == 600  # type: ignore[union-attr]
+    with pytest.raises(InputError, match="lda predictor"):
+        make_learner(SYMBA, train=replace(SYMBA.train, device="cpu")).solve_readout([])  # type: ignore[attr-defined]
+
+
 def test_a_stream_window_is_not_counted_again(mnist_small: ImageData) -> None:
     """At batch 1 with a window of 8 the layers learn every sample 9 times; the readout counts it once."""
-    learner = _lda_learner(batch_size=1, window=8, lr=1e-4, lr_final=None, readout_memory=0, epochs=1)
+    learner = _lda_learner(batch_size=1, window=8, lr=1e-4, lr_final=None, readout_memory=10**6, epochs=1)
     train_epochs(learner, mnist_small, epochs=1, batch_size=1, limit=300)
     stats = learner.predictor.stats  # type: ignore[union-attr]
     counted = float(stats.count.sum()) + int(stats.n_pending)

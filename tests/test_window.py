@@ -28,6 +28,9 @@ class Recorder:
     def set_lr(self, lr):
         pass
 
+    def end_of_plan(self, batches):
+        pass
+
 
 def _order(data, n: int) -> list[float]:
     return [round(float(x.sum()), 3) for x, _ in data.train_batches(1, seed=0, limit=n)]

@@ -354,6 +354,10 @@ class EdgeLearner:
             self.lda.load(arrays)
             self._readout = None
 
+    def end_of_plan(self, batches: Any) -> None:
+        """Nothing to solve at the end of a run (``LearnerBase.end_of_plan``: the edge runtime predicts by
+        goodness or, for the analytic family, from statistics kept up to date)."""
+
     def set_lr(self, lr: float) -> None:
         """Every layer's learning rate (live optimizers and those created later)."""
         for layer in self.layers:
