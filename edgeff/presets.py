@@ -59,7 +59,9 @@ def _cnn(channels: tuple[int, ...], norm: str = "batch") -> tuple[LayerSpec, ...
 # slope = width), peer normalisation through a gradient-passing ReLU, N(0, 1/√width) weights
 FF_MLP = ModelConfig(layers=_mlp(1000, 3, "length"), label="overlay", loss="ff", threshold=1.0, sharpness=1000.0,
                      peer_norm=0.06, relu_grad="pass", init="normal")
-SYMBA_MLP = ModelConfig(layers=_mlp(1000, 2, "length"), label="icp", loss="symba", alpha=4.0)
+SYMBA_BASE = ModelConfig(layers=_mlp(1000, 2, "length"), label="icp", loss="symba", alpha=4.0)
+# symba-mlp with ff-mlp's peer normalisation through a gradient-passing ReLU
+SYMBA_MLP = replace(SYMBA_BASE, peer_norm=0.06, relu_grad="pass")
 TRIFECTA_CNN = ModelConfig(layers=_cnn((16, 16, 32, 32, 64, 64)), label="channel", label_learned=True,
                            loss="symba", alpha=4.0)
 TRIFECTA_CNN_PAPER = replace(TRIFECTA_CNN, layers=_cnn((64, 128, 256, 256, 512, 512)))
@@ -113,14 +115,20 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "symba-mlp", "local", SYMBA_MLP,
-            TrainConfig(lr=1e-3, lr_final=1e-4, batch_size=100, epochs=20, eval_layers="all-but-first"),
+            TrainConfig(lr=1e-3, lr_final=1e-4, lr_hold=0.5, batch_size=100, epochs=12, eval_layers="all"),
             "Lee & Song 2023, SymBa (arXiv:2303.08418)",
             "2x1000 ReLU MLP, length normalisation, Intrinsic Class Pattern (rate 0.1) concatenated as an "
-            "extra 28x28 input, SymBa loss α=4, Adam. The paper trains 2x500/2x2000 with batch 4096 for 120 "
-            "epochs; smaller batches reach the same accuracy in far fewer epochs on a CPU.",
+            "extra 28x28 input, SymBa loss α=4, Adam, lr 1e-3 held for half the run then linearly to 1e-4, "
+            "prediction by goodness summed over both layers. With ff-mlp's peer normalisation (weight 0.06, "
+            "through a gradient-passing ReLU). MNIST: 98.02% after 12 epochs (what the 12-min CPU budget holds "
+            "at 58 CPU s per epoch; backprop 98.75%); over 20 epochs 98.35% (layers 98.27 / 98.11%), and 97.72 "
+            "/ 97.81% without peer normalisation and hold, layer 2 alone. The lda readout does not pay here: "
+            "on the final features 98.22% without peer normalisation, 97.49% with it. The paper trains "
+            "2x500/2x2000 with batch 4096 for 120 epochs; smaller batches reach the same accuracy in far "
+            "fewer epochs on a CPU.",
         ),
         Preset(
-            "symba-mlp4", "local", replace(SYMBA_MLP, layers=_mlp(1000, 4, "length")),
+            "symba-mlp4", "local", replace(SYMBA_BASE, layers=_mlp(1000, 4, "length")),
             TrainConfig(lr=1e-3, lr_final=1e-4, batch_size=100, epochs=20, eval_layers="all-but-first"),
             "Lee & Song 2023, SymBa (arXiv:2303.08418)",
             "symba-mlp made deeper (4x1000): the net the layer pipeline splits across ranks (two layers each on "
@@ -249,7 +257,7 @@ PRESETS: dict[str, Preset] = {
             "ResNet-18; here nothing is pretrained: the features are random, only the readout learns.",
         ),
         Preset(
-            "bp-mlp", "bp", SYMBA_MLP, TrainConfig(lr=1e-3, lr_final=1e-4, batch_size=100, epochs=20),
+            "bp-mlp", "bp", SYMBA_BASE, TrainConfig(lr=1e-3, lr_final=1e-4, batch_size=100, epochs=20),
             "backprop baseline",
             "End-to-end backprop with cross-entropy through a linear head on the symba-mlp architecture.",
         ),
