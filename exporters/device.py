@@ -38,6 +38,10 @@ def to_device_model(learner: Any, *, classes: list[str] | None = None, mean: flo
         raise InputError("the device predicts by goodness; a softmax-head model cannot be exported to it")
     if cfg.loss not in ("symba", "ff"):
         raise InputError(f"the device trains the symba and ff losses, not {cfg.loss!r}")
+    if cfg.peer_norm or cfg.relu_grad != "zero":
+        raise InputError(f"the device trains without peer normalisation and with a plain ReLU; this model has "
+                         f"peer_norm={cfg.peer_norm:g}, relu_grad={cfg.relu_grad!r} (the symba-mlp4 model, or "
+                         f"peer_norm=0, goes to the device)")
     enc = net.encoder
     codes = None
     if isinstance(enc, ICPEncoder):
