@@ -180,12 +180,11 @@ class Learner(LearnerBase):
                     hook(i - 1, False)
                 hook(i, True)
             trains = schedule != "greedy" or i == active
-            if not trains:
+            if not trains:  # the same loss as a training layer reports, peer term included (the frugal step's)
                 with torch.no_grad():
                     out = layer(h)
-                g = goodness(out)
-                metrics.append(LayerMetrics(float(self.loss_fn(g[:b], g[b:])), float(g[:b].mean()),
-                                            float(g[b:].mean()), False))
+                    frozen_loss, g, _ = self._layer_loss(layer, out, b)
+                metrics.append(LayerMetrics(float(frozen_loss), float(g[:b].mean()), float(g[b:].mean()), False))
                 h = out
                 continue
             out = layer(h)
