@@ -168,7 +168,7 @@ class LdaPredictor(nn.Module):
                 lin.weight.copy_(p.T)
                 lin.bias.copy_(c)
             object.__setattr__(self, "_solved", lin.requires_grad_(False))  # not a submodule: not in the state
-        return lin if self._solved is None else self._solved
+        return self._solved  # type: ignore[return-value]
 
     @property
     def follows(self) -> bool:
@@ -194,11 +194,9 @@ class LdaPredictor(nn.Module):
     def solve(self, net: LocalNet, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Statistics from scratch over ``batches`` through the layers as they are (no forgetting), keeping
         any class means imprinted for classes that have no samples in them."""
-        k, d = self.stats.count.shape[0], self.stats.dim
         dev = self.stats.gram.device
-        for name, value in (("class_sum", torch.zeros(k, d, dtype=torch.float64)), ("count", torch.zeros(k, dtype=torch.float64)),
-                            ("gram", torch.zeros(d, d, dtype=torch.float64)), ("n_pending", torch.zeros((), dtype=torch.long))):
-            getattr(self.stats, name).copy_(value.to(dev))
+        for buf in (self.stats.class_sum, self.stats.count, self.stats.gram, self.stats.n_pending):
+            buf.zero_()
         self._solved = None
         memory, self.stats.memory = self.stats.memory, 0
         try:
