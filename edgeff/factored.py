@@ -15,6 +15,7 @@ the order they ran, the same products and sums the dense gradient accumulates (a
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -25,16 +26,18 @@ from torch.nn import functional as F
 
 
 class Factors:
-    """The weight gradient of one Linear layer as a sum of ``G.T @ X`` terms (or a dense part)."""
+    """The weight gradient of one Linear layer as a sum of ``G.T @ X`` terms (or a dense part). A term
+    may cover a range of the weight's columns only (``edgeff.labelled``: the label-free and the label
+    part of a first layer's input)."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.weight = weight
-        self.parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.parts: list[tuple[torch.Tensor, torch.Tensor, slice | None]] = []
         self.dense: torch.Tensor | None = None
 
-    def add(self, g: torch.Tensor, x: torch.Tensor) -> None:
-        self.parts.append((g, x))
-        if sum(a.numel() + b.numel() for a, b in self.parts) > self.weight.numel():
+    def add(self, g: torch.Tensor, x: torch.Tensor, cols: slice | None = None) -> None:
+        self.parts.append((g, x, cols))
+        if sum(a.numel() + b.numel() for a, b, _ in self.parts) > self.weight.numel():
             total = self.rows(0, self.weight.shape[0])  # more rows than planned (``pays``): the dense gradient
             self.parts, self.dense = [], total
 
@@ -43,7 +46,13 @@ class Factors:
         if not self.parts and self.dense is not None:
             return self.dense[r0:r1]
         out = None if self.dense is None else self.dense[r0:r1].clone()
-        for g, x in self.parts:
+        if out is None and any(cols is not None for _, _, cols in self.parts):
+            out = self.weight.new_zeros((min(r1, self.weight.shape[0]) - r0, self.weight.shape[1]))
+        for g, x, cols in self.parts:
+            if cols is not None:
+                assert out is not None
+                out[:, cols].addmm_(g[:, r0:r1].t(), x)
+                continue
             block = g[:, r0:r1].t().mm(x)
             out = block if out is None else out.add_(block)
         if out is None:
@@ -51,7 +60,7 @@ class Factors:
         return out
 
     def nbytes(self) -> int:
-        held = sum(a.numel() + b.numel() for a, b in self.parts) + (0 if self.dense is None else self.dense.numel())
+        held = sum(a.numel() + b.numel() for a, b, _ in self.parts) + (0 if self.dense is None else self.dense.numel())
         return held * self.weight.element_size()
 
 
@@ -59,20 +68,33 @@ class _FactoredLinear(torch.autograd.Function):
     """``F.linear`` whose backward hands the weight gradient's factors to a ``Factors``."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sink: Factors
-                ) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sink: Factors,
+                cols: slice | None = None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.sink = sink
-        return F.linear(x, weight, bias)
+        ctx.sink, ctx.cols = sink, cols
+        return F.linear(x, weight if cols is None else weight[:, cols], bias)
 
     @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None, None]:
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None, None, None]:
         x, weight = ctx.saved_tensors
-        gx = g.matmul(weight) if ctx.needs_input_grad[0] else None
+        cols = ctx.cols
+        gx = g.matmul(weight if cols is None else weight[:, cols]) if ctx.needs_input_grad[0] else None
         g2 = g.reshape(-1, g.shape[-1])
-        ctx.sink.add(g2, x.reshape(-1, x.shape[-1]))
+        ctx.sink.add(g2, x.reshape(-1, x.shape[-1]), cols)
         gb = g2.sum(0) if ctx.needs_input_grad[2] else None
-        return gx, None, gb, None
+        return gx, None, gb, None, None
+
+
+_RECORDING: weakref.WeakKeyDictionary[nn.Linear, Factors] = weakref.WeakKeyDictionary()
+
+
+def partial_linear(x: torch.Tensor, linear: nn.Linear, cols: slice) -> torch.Tensor:
+    """``x @ linear.weight[:, cols].T`` (no bias): the product with some of the layer's input columns,
+    its weight gradient recorded as factors over those columns while ``recording`` the layer."""
+    sink = _RECORDING.get(linear)
+    if sink is None:
+        return F.linear(x, linear.weight[:, cols])
+    return _FactoredLinear.apply(x, linear.weight, None, sink, cols)  # type: ignore[no-any-return]
 
 
 def pays(linear: nn.Linear, rows: int) -> bool:
@@ -95,12 +117,14 @@ def recording(module: nn.Module, rows: int) -> Iterator[dict[torch.Tensor, Facto
                 return _FactoredLinear.apply(x, m.weight, m.bias, sink)
 
             m.forward = forward  # type: ignore[method-assign, assignment]
+            _RECORDING[m] = sink
             patched.append(m)
     try:
         yield sinks
     finally:
         for m in patched:
             del m.forward  # back to the class's forward
+            _RECORDING.pop(m, None)
 
 
-__all__ = ["Factors", "pays", "recording"]
+__all__ = ["Factors", "partial_linear", "pays", "recording"]

@@ -7,6 +7,7 @@ Every encoder maps images ``x`` (B, C, H, W) and labels ``y`` (B,) to the networ
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,18 @@ from edgeff.layers import grow_rows
 from edgeff.optim import LeanOptimizer
 
 ENCODERS = ("overlay", "icp", "channel")
+
+
+class LabelSplit(NamedTuple):
+    """A batch's encoded inputs, flattened, as the values no label touches plus one code per label, in
+    separate columns: ``encoder(x, y).flatten(1)[:, base_cols] == base`` and ``[:, code_cols] == table[y]``
+    (``edgeff.labelled`` multiplies a first Linear layer with each part once instead of per label)."""
+
+    base: torch.Tensor  # (B, Db): the input values the label leaves as they are
+    base_cols: slice  # their columns in the flattened encoded input
+    table: torch.Tensor  # (K, Dc): every label's code
+    code_cols: slice  # its columns
+    width: int  # the flattened encoded input's size, Db + Dc
 
 
 class OverlayEncoder(nn.Module):
@@ -48,6 +61,11 @@ class OverlayEncoder(nn.Module):
     def neutral(self, x: torch.Tensor) -> torch.Tensor:
         return self._write(x, torch.full((x.shape[0], self.num_classes), self.on_value / self.num_classes,
                                          dtype=x.dtype, device=x.device))
+
+    def split(self, x: torch.Tensor) -> LabelSplit:
+        k, flat = self.num_classes, x.flatten(1)  # (B, D)
+        table = torch.eye(k, dtype=x.dtype, device=x.device) * self.on_value  # (K, K)
+        return LabelSplit(flat[:, k:], slice(k, flat.shape[1]), table, slice(0, k), flat.shape[1])
 
     def grow(self, generator: torch.Generator, optimizers: Sequence[LeanOptimizer | None] = ()) -> None:
         """One more class: its one-hot slot is the next input value, so the old labels' codes now also
@@ -86,6 +104,11 @@ class ICPEncoder(nn.Module):
     def neutral(self, x: torch.Tensor) -> torch.Tensor:
         mean = self.patterns.mean(0, keepdim=True).to(x.dtype).expand(x.shape[0], -1, -1, -1)
         return torch.cat([x, mean], dim=1)
+
+    def split(self, x: torch.Tensor) -> LabelSplit:
+        flat = x.flatten(1)  # (B, C*H*W); the pattern is the channel after x's
+        d, hw = flat.shape[1], self.patterns[0].numel()
+        return LabelSplit(flat, slice(0, d), self.patterns.flatten(1).to(x.dtype), slice(d, d + hw), d + hw)
 
     def grow(self, generator: torch.Generator, optimizers: Sequence[LeanOptimizer | None] = ()) -> None:
         """One more class: a new fixed sparse pattern drawn like the others."""
@@ -136,6 +159,10 @@ class ChannelEncoder(nn.Module):
     def neutral(self, x: torch.Tensor) -> torch.Tensor:
         code = torch.full((x.shape[0], self.num_classes), 1.0 / self.num_classes, dtype=x.dtype, device=x.device)
         return self._cat(x, code)
+
+    def split(self, x: torch.Tensor) -> LabelSplit | None:
+        """None: the label channel feeds a convolution, which mixes it with the image at every position."""
+        return None
 
     def grow(self, generator: torch.Generator, optimizers: Sequence[LeanOptimizer | None] = ()) -> None:
         """One more class: a new N(0, 1) row of the label matrix (a learned matrix keeps learning with

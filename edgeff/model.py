@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgeff import labelled
 from edgeff.config import ModelConfig, TrainConfig, select_layers
 from edgeff.labels import LabelEncoder, make_encoder
 from edgeff.layers import (
@@ -60,6 +61,7 @@ class LocalNet(nn.Module):
         self.layers = nn.ModuleList(layers)
         if cfg.label_learned:
             layers[0].extra_params = list(self.encoder.parameters())
+        self.split_first = labelled.applies(cfg)  # the first layer multiplies image and label code apart
 
     @property
     def local_layers(self) -> list[LocalLayer]:
@@ -72,21 +74,29 @@ class LocalNet(nn.Module):
 
     def features(self, z: torch.Tensor) -> list[torch.Tensor]:
         """Every layer's output for already-encoded inputs ``z`` (no gradient)."""
-        outs = []
         with torch.no_grad():
-            h = z
-            for layer in self.layers:
-                h = layer(h)
-                outs.append(h)
+            return self._through(z, 0)
+
+    def _through(self, h: torch.Tensor, start: int) -> list[torch.Tensor]:
+        """The outputs of layers ``start ..`` for ``h``, layer ``start``'s input."""
+        outs = []
+        for layer in self.layers[start:]:
+            h = layer(h)
+            outs.append(h)
         return outs
 
     def label_goodness(self, x: torch.Tensor) -> torch.Tensor:
         """Goodness of every layer for every label: (B, K, L). ``x`` is replicated K times in one batch."""
         b, k = x.shape[0], self.num_classes
-        labels = torch.arange(k, device=x.device).repeat(b)  # (B*K,)
-        z = self.encoder(x.repeat_interleave(k, dim=0), labels)  # (B*K, C', H, W)
         with torch.no_grad():
-            gs = [goodness(h).view(b, k) for h in self.features(z)]
+            split = self.encoder.split(x) if self.split_first else None
+            if split is not None:  # the image multiplied once for every label (edgeff.labelled)
+                first = labelled.every_label(self.layers[0], split)  # (B*K, out)
+                outs = [first, *self._through(first, 1)]
+            else:
+                labels = torch.arange(k, device=x.device).repeat(b)  # (B*K,)
+                outs = self.features(self.encoder(x.repeat_interleave(k, dim=0), labels))  # from (B*K, C', H, W)
+            gs = [goodness(h).view(b, k) for h in outs]
         return torch.stack(gs, dim=-1)  # (B, K, L)
 
 

@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from edgeff.config import select_layers
 from edgeff.errors import InputError
+from edgeff.labelled import PairSource, TensorPairs
 from edgeff.loop import planned_batches
 from edgeff.losses import goodness
 
@@ -122,11 +123,12 @@ def measure_costs(learner: Any, x: torch.Tensor, y: torch.Tensor) -> list[float]
     costs: list[float] = []
     for _ in range(2):  # the first pass warms up (optimizer state, allocations)
         t0 = time.perf_counter()
-        hp, hn = probe.encode_batch(x, y)
+        src: PairSource = probe.encode_batch(x, y)
         costs = [time.perf_counter() - t0]  # rank 0 also encodes: counted with layer 1
         for i in range(len(probe.net.layers)):
             t0 = time.perf_counter()
-            _, hp, hn = probe.learn_block(hp, hn, i, i + 1)
+            _, hp, hn = probe.learn_block(src, i, i + 1)
+            src = TensorPairs(hp, hn)
             costs.append(time.perf_counter() - t0)
         costs = [costs[0] + costs[1], *costs[2:]]
     return costs
@@ -285,8 +287,8 @@ def run(preset: str, data_name: str = "builtin", data_dir: Path | None = None, *
                     link.send(header, [], 1)
                 break
             x, y, lr, _ = item
-            hp, hn = learner.encode_batch(x, y)
-            header = torch.tensor([hp.shape[0], learner.step, -1.0 if lr is None else lr], dtype=torch.float64)
+            src = learner.encode_batch(x, y)
+            header = torch.tensor([src.b, learner.step, -1.0 if lr is None else lr], dtype=torch.float64)
         else:
             header = link.recv_header(rank - 1)
             if header[0] == 0:
@@ -297,10 +299,11 @@ def run(preset: str, data_name: str = "builtin", data_dir: Path | None = None, *
             shape = learner.net.encoder.out_shape() if start == 0 else learner.net.shapes[start - 1]
             hp = link.recv((rows, *shape), rank - 1)
             hn = link.recv((rows, *shape), rank - 1)
+            src = TensorPairs(hp, hn)
         if header[2] >= 0:
             for layer in learner.net.local_layers[start:stop]:
                 layer.set_lr(float(header[2]))
-        metrics, hp, hn = learner.learn_block(hp, hn, start, stop)
+        metrics, hp, hn = learner.learn_block(src, start, stop)
         if rank < world - 1:
             link.send(header, [hp, hn], rank + 1)
         learner.step += 1

@@ -23,6 +23,7 @@ from edgeff.contract import LearnerBase, register
 from edgeff.errors import InputError
 from edgeff.graphs import GoodnessGraph, HeadGraph
 from edgeff.inputs import as_batch, as_labels, check_loss, resolve_device  # noqa: F401 - re-exported
+from edgeff.labelled import LabelledPairs, PairSource, TensorPairs
 from edgeff.layers import RunningBatchNorm
 from edgeff.loop import LayerMetrics, train_epochs  # noqa: F401 - re-exported: the runtime-free training loop
 from edgeff.losses import get_loss, goodness, peer_loss
@@ -154,14 +155,14 @@ class Learner(LearnerBase):
         if fresh is not None and 0 < fresh < b:
             y_neg = y_neg.clone()
             y_neg[:fresh] = _fresh_negatives(yb[:fresh], y_neg[:fresh], self.generator)
-        enc = self.net.encoder
+        first = self._first_pairs(xb, yb, y_neg)
         if self.train_cfg.frugal and self.train_cfg.schedule != "olu":  # olu carries two layers' graphs by design
-            frugal, _, _ = self.learn_block(enc(xb, yb), enc(xb, y_neg))
+            frugal, _, _ = self.learn_block(first)
             self._predictor_learns(xb, yb)
             self.step += 1
             self.samples_seen += b
             return frugal
-        h = torch.cat([enc(xb, yb), enc(xb, y_neg)])  # (2B, C', H, W): positives then negatives
+        h = torch.empty(0)  # each layer's input batch after the first: positives then negatives (2B, ...)
         schedule = self.train_cfg.schedule
         n_layers = len(self.net.layers)
         last_to_run = n_layers - 1
@@ -182,12 +183,12 @@ class Learner(LearnerBase):
             trains = schedule != "greedy" or i == active
             if not trains:  # the same loss as a training layer reports, peer term included (the frugal step's)
                 with torch.no_grad():
-                    out = layer(h)
+                    out = first.run(layer, 0, b) if i == 0 else layer(h)
                     frozen_loss, g, _ = self._layer_loss(layer, out, b)
                 metrics.append(LayerMetrics(float(frozen_loss), float(g[:b].mean()), float(g[b:].mean()), False))
                 h = out
                 continue
-            out = layer(h)
+            out = first.run(layer, 0, b) if i == 0 else layer(h)  # (2B, ...)
             loss, g, act = self._layer_loss(layer, out, b)  # g: (2B,)
             check_loss(loss, f"layer {i + 1}")
             self._fold_peer(layer, act)
@@ -240,25 +241,34 @@ class Learner(LearnerBase):
         new = min(xb.shape[0], self.train_cfg.batch_size) if self.train_cfg.window else xb.shape[0]
         self.predictor.learn(self.net, xb[:new], yb[:new])
 
-    def encode_batch(self, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray | list[int]
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The positive and negative inputs of layer 1 for a batch (negatives drawn as ``learn_many`` draws
+    def encode_batch(self, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray | list[int]) -> PairSource:
+        """The positive and negative rows of layer 1 for a batch (negatives drawn as ``learn_many`` draws
         them): what the first stage of a layer pipeline computes before its layers."""
         xb = as_batch(x, self.model_cfg.input_shape).to(self.device)
         yb = as_labels(y, xb.shape[0], self.model_cfg.num_classes).to(self.device)
         self.net.train()
-        y_neg = self.negatives(self.net, xb, yb, self.generator)
-        return self.net.encoder(xb, yb), self.net.encoder(xb, y_neg)
+        return self._first_pairs(xb, yb, self.negatives(self.net, xb, yb, self.generator))
 
-    def learn_block(self, hp: torch.Tensor, hn: torch.Tensor, start: int = 0, stop: int | None = None
+    def _first_pairs(self, xb: torch.Tensor, yb: torch.Tensor, y_neg: torch.Tensor) -> PairSource:
+        """The first layer's positive and negative rows: from the input's split where the layer takes it
+        (``edgeff.labelled``: the image multiplied once for both labels), else the encoded batches."""
+        enc = self.net.encoder
+        if self.net.split_first:
+            split = enc.split(xb)
+            assert split is not None
+            return LabelledPairs(split, yb, y_neg)
+        return TensorPairs(enc(xb, yb), enc(xb, y_neg))
+
+    def learn_block(self, src: PairSource, start: int = 0, stop: int | None = None
                     ) -> tuple[list[LayerMetrics], torch.Tensor, torch.Tensor]:
-        """The frugal step of layers ``start .. stop-1`` on their positive and negative inputs; returns
-        their metrics and the block's detached outputs (the next block's inputs). ``learn_many`` runs
-        every layer through it; a layer pipeline runs one block per rank (``edgeff.pipeline``)."""
+        """The frugal step of layers ``start .. stop-1`` on their positive and negative rows (``encode_batch``
+        for layer 1, ``TensorPairs`` of the previous block's outputs after it); returns their metrics and
+        the block's detached outputs (the next block's inputs). ``learn_many`` runs every layer through
+        it; a layer pipeline runs one block per rank (``edgeff.pipeline``)."""
         self.net.train()
-        return self._learn_frugal(hp, hn, start, len(self.net.layers) if stop is None else stop)
+        return self._learn_frugal(src, start, len(self.net.layers) if stop is None else stop)
 
-    def _learn_frugal(self, hp: torch.Tensor, hn: torch.Tensor, start: int = 0, stop: int | None = None
+    def _learn_frugal(self, src: PairSource, start: int = 0, stop: int | None = None
                       ) -> tuple[list[LayerMetrics], torch.Tensor, torch.Tensor]:
         """The frugal step (schedules ``all`` and ``greedy``): one layer at a time, the batch passes in
         chunks of ``train.chunk`` positive/negative pairs; each chunk's graph is freed after its
@@ -272,7 +282,7 @@ class Learner(LearnerBase):
         the whole-batch update. A layer whose BN follows its weights (``order="post"``) cannot be split
         that way and takes the whole batch at once."""
         active = self._apply_greedy() if self.train_cfg.schedule == "greedy" else -1
-        b = hp.shape[0]
+        b = src.b
         metrics: list[LayerMetrics] = []
         hook = self.layer_hook
         stop = len(self.net.layers) if stop is None else stop
@@ -289,14 +299,14 @@ class Learner(LearnerBase):
             bns = [m for m in layer.modules() if isinstance(m, RunningBatchNorm)] if step < b else []
             kept = [(bn.running_mean.clone(), bn.running_var.clone()) for bn in bns]
             for bn in bns:
-                bn.prepare([hp, hn])
+                bn.prepare(src.parts())
             if trains:
                 layer.ensure_optimizer().zero_grad(set_to_none=True)
             recorder: contextlib.AbstractContextManager[dict[torch.Tensor, factored.Factors]] = (
                 factored.recording(layer, 2 * b) if trains else contextlib.nullcontext({}))
             try:
                 with recorder as factors:  # Linear weight gradients as factors, never whole (edgeff.factored)
-                    outs, loss_sum, gp_sum, gn_sum = self._chunks(layer, i, hp, hn, step, trains)
+                    outs, loss_sum, gp_sum, gn_sum = self._chunks(layer, i, src, step, trains)
             except InputError:  # a non-finite loss: this layer keeps its parameters and statistics
                 if trains:
                     layer.opt.zero_grad(set_to_none=True)  # type: ignore[union-attr]
@@ -312,31 +322,32 @@ class Learner(LearnerBase):
                 layer.opt.zero_grad(set_to_none=True)  # type: ignore[union-attr]
             del factors
             metrics.append(LayerMetrics(loss_sum / b, gp_sum / b, gn_sum / b, trains))
-            hp, hn = outs
+            src = TensorPairs(*outs)
             del outs
             if hook is not None:
                 hook(i, False)
-        return metrics, hp, hn
+        assert isinstance(src, TensorPairs)  # at least one layer ran
+        return metrics, src.hp, src.hn
 
-    def _chunks(self, layer: torch.nn.Module, i: int, hp: torch.Tensor, hn: torch.Tensor, step: int, trains: bool
+    def _chunks(self, layer: torch.nn.Module, i: int, src: PairSource, step: int, trains: bool
                 ) -> tuple[list[torch.Tensor], float, float, float]:
         """Layer ``i`` over the batch in chunks of ``step`` pairs, each chunk's share of the gradient
         accumulated (when it ``trains``); returns its output batches and the sums of loss, g+ and g-."""
-        b = hp.shape[0]
+        b = src.b
         outs: list[torch.Tensor] = []
         loss_sum = gp_sum = gn_sum = 0.0
         acts: torch.Tensor | None = None  # the positives' mean unit activity over the batch (peer normalisation)
         for s in range(0, b, step):
             n = min(step, b - s)
             with torch.set_grad_enabled(trains):
-                out = layer(torch.cat([hp[s:s + n], hn[s:s + n]]))  # (2n, ...): the chunk's pairs
+                out = src.run(layer, s, n)  # (2n, ...): the chunk's pairs
                 loss, g, act = self._layer_loss(layer, out, n)  # g: (2n,)
                 check_loss(loss, f"layer {i + 1}")
                 if act is not None:
                     acts = act * (n / b) if acts is None else acts + act * (n / b)
                 if trains:  # this chunk's share of the batch's gradient; a learned label encoder's
                     # graph (layer 0's input) is shared by every chunk, so it is kept to the last one
-                    (loss * (n / b)).backward(retain_graph=hp.requires_grad and s + n < b)
+                    (loss * (n / b)).backward(retain_graph=src.requires_grad and s + n < b)
             out = out.detach()
             if not outs:  # the layer's output batches, filled chunk by chunk
                 outs = [out.new_empty((b, *out.shape[1:])) for _ in range(2)]

@@ -36,12 +36,19 @@ def _torchrun(out: Path, *extra: str, restarts: int = 0) -> subprocess.Popen[str
 
 
 def _single_process() -> tuple[dict[str, torch.Tensor], float]:
+    """The reference, on one thread as each rank runs (OMP_NUM_THREADS=1): BLAS may split a product's sum
+    differently on another number of threads, which changes the last bit of some products."""
     p = PRESETS["symba-mlp4"]
     data = load_data("builtin")
     learner = make_learner(p, train=type(p.train)(**{**p.train.to_dict(), "schedule": "all", "batch_size": 20,
                                                      "epochs": 2, "device": "cpu"}))
-    train_epochs(learner, data, epochs=2, batch_size=20, seed=0, limit=400)
-    return learner.net.state_dict(), evaluate(learner, data.test_batches(500)).accuracy
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_epochs(learner, data, epochs=2, batch_size=20, seed=0, limit=400)
+        return learner.net.state_dict(), evaluate(learner, data.test_batches(500)).accuracy
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
