@@ -59,9 +59,12 @@ class Factors:
             return self.weight.new_zeros((min(r1, self.weight.shape[0]) - r0, self.weight.shape[1]))
         return out
 
+    def values(self) -> int:
+        """How many values the factors (and any dense part) hold."""
+        return sum(a.numel() + b.numel() for a, b, _ in self.parts) + (0 if self.dense is None else self.dense.numel())
+
     def nbytes(self) -> int:
-        held = sum(a.numel() + b.numel() for a, b, _ in self.parts) + (0 if self.dense is None else self.dense.numel())
-        return held * self.weight.element_size()
+        return self.values() * self.weight.element_size()
 
 
 class _FactoredLinear(torch.autograd.Function):

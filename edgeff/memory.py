@@ -53,7 +53,7 @@ from edgeff.config import ModelConfig, TrainConfig
 from edgeff.errors import UnsupportedError
 from edgeff.factored import pays
 from edgeff.layers import make_block, out_shape
-from edgeff.optim import FACTORED_BLOCK
+from edgeff.optim import factored_block
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 OPT_SLOTS = {"adam": 2, "adamw": 2, "sgd": 1}
@@ -218,8 +218,9 @@ def account(model: ModelConfig, train: TrainConfig, batch_size: int, *, dtype: s
         if kind.startswith("frugal"):  # Linear weights whose factors (2B rows of input and output) cost
             # less than their gradient: those, and the gradient built a block of rows at a time
             for lin in (m for m in block.modules() if type(m) is nn.Linear and pays(m, 2 * b)):
-                built = min(lin.weight.numel(), max(1, FACTORED_BLOCK // lin.in_features) * lin.in_features)
-                grads += 2 * b * (lin.in_features + lin.out_features) - lin.weight.numel() + built
+                factors = 2 * b * (lin.in_features + lin.out_features)
+                built = min(lin.weight.numel(), max(1, factored_block(factors) // lin.in_features) * lin.in_features)
+                grads += factors - lin.weight.numel() + built
         local.append(LayerMemory(i + 1, n * item, grads * item, slots * n * state_item, saved,
                                  2 * b * math.prod(shape) * item, 2 * b * math.prod(nxt) * item,
                                  2 * largest))

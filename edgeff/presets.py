@@ -115,7 +115,7 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "symba-mlp", "local", SYMBA_MLP,
-            TrainConfig(lr=1e-3, lr_final=1e-4, lr_hold=0.5, batch_size=100, epochs=12, eval_layers="all"),
+            TrainConfig(lr=1e-3, lr_final=1e-4, lr_hold=0.5, batch_size=100, epochs=20, eval_layers="all"),
             "Lee & Song 2023, SymBa (arXiv:2303.08418)",
             "2x1000 ReLU MLP, length normalisation, Intrinsic Class Pattern (rate 0.1) concatenated as an "
             "extra 28x28 input, SymBa loss α=4, Adam, lr 1e-3 held for half the run then linearly to 1e-4, "
