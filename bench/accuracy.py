@@ -37,7 +37,7 @@ from edgeff.trainer import train_epochs
 # record samples per second (training samples / wall seconds) of both, measured in the same run.
 JOBS: dict[str, tuple[str, str, str, int, int, float]] = {
     "ff-mlp:mnist": ("ff-mlp", "mnist", "epochs", 10, 100, 25 * 60),
-    "symba-mlp:mnist": ("symba-mlp", "mnist", "epochs", 12, 100, 12 * 60),
+    "symba-mlp:mnist": ("symba-mlp", "mnist", "epochs", 20, 100, 12 * 60),
     "trifecta-cnn:mnist": ("trifecta-cnn", "mnist", "epochs", 6, 128, 25 * 60),
     "trifecta-cnn:fashion-mnist": ("trifecta-cnn", "fashion-mnist", "epochs", 4, 128, 18 * 60),
     "cfl-mlp:mnist": ("cfl-mlp", "mnist", "epochs", 12, 512, 12 * 60),

@@ -50,7 +50,7 @@ def memory(
     device: Annotated[str, typer.Option(help="device for --measure: cpu, cuda or auto")] = "cpu",
     optim_state: Annotated[str, typer.Option(help="optimizer state dtype between steps: float32, bfloat16, float16")] = "float32",
     frugal: Annotated[bool, typer.Option("--frugal/--whole-batch", help="goodness presets, all/greedy: the frugal step (chunks of pairs)")] = True,
-    chunk: Annotated[int, typer.Option(help="frugal step: pairs per chunk (0: the whole batch)")] = 64,
+    chunk: Annotated[int | None, typer.Option(help="frugal step: pairs per chunk (0: the whole batch) [default: the preset's]")] = None,
 ) -> None:
     """Memory of a training step, per layer and whole: layer-local next to backprop on the same architecture."""
     from edgeff import get_preset
@@ -61,7 +61,8 @@ def memory(
     p = get_preset(preset)
     if batch_size < 1:
         fail(f"--batch-size must be at least 1, got {batch_size}")
-    tc = replace(p.train, device=device, optim_state_dtype=optim_state, frugal=frugal, chunk=chunk)
+    tc = replace(p.train, device=device, optim_state_dtype=optim_state, frugal=frugal,
+                 chunk=p.train.chunk if chunk is None else chunk)
     if schedule is not None:
         tc = replace(tc, schedule=schedule.value)
     report = account(p.model, tc, batch_size, dtype=dtype)

@@ -98,7 +98,7 @@ def train(
     optim_state: Annotated[str, typer.Option(help="optimizer state dtype between steps: float32, bfloat16 or float16")] = "float32",
     lazy: Annotated[bool, typer.Option("--lazy", help="read the IDX training files batch by batch, in file order (no data set in RAM)")] = False,
     frugal: Annotated[bool, typer.Option("--frugal/--whole-batch", help="goodness presets, all/greedy: one layer at a time in chunks of --chunk pairs (the whole-batch update, a fraction of its memory)")] = True,
-    chunk: Annotated[int, typer.Option(help="frugal step: positive/negative pairs per chunk (0: the whole batch)")] = 64,
+    chunk: Annotated[int | None, typer.Option(help="frugal step: positive/negative pairs per chunk (0: the whole batch) [default: the preset's, 64 for most]")] = None,
     memory_report: Annotated[bool, typer.Option("--memory-report", help="measure per-layer memory on real batches after training")] = False,
     views: Annotated[int | None, typer.Option(help="contrastive/backprop: 1 (one-forward) or 2 augmented views per batch [default: the preset's]")] = None,
     crop_padding: Annotated[int | None, typer.Option(help="random-crop augmentation: border pixels to pad and crop back, 0 = off [default: the preset's]")] = None,

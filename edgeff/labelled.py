@@ -11,8 +11,8 @@ step records the two column ranges as factors (``factored.partial_linear``).
 
 symba-mlp's first layer (784 image values + a 784-value pattern, 1000 units) costs 784 multiply-adds per
 unit for a positive/negative pair this way instead of 2 x 1568, and a prediction's 10 labels 784 instead of
-10 x 1568; its batch-100 step (frugal, chunks of 64 pairs) falls from 94 to 72 ms of CPU on this machine's
-one thread. The rows are ``block(encoder(x, y))``'s up to float rounding (tests/test_labelled.py).
+10 x 1568; an epoch of MNIST at batch 100 fell from 58 to 36.5 CPU s (bench/accuracy.py). The rows are
+``block(encoder(x, y))``'s up to float rounding (tests/test_labelled.py).
 """
 
 from __future__ import annotations

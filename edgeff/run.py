@@ -49,7 +49,7 @@ class RunOptions:
     optim_state: str = "float32"
     lazy: bool = False  # IDX files read batch by batch in file order
     frugal: bool = True
-    chunk: int = 64
+    chunk: int | None = None  # frugal step: pairs per chunk [default: the preset's]
     views: int | None = None
     crop_padding: int | None = None
     hflip: bool | None = None
@@ -71,7 +71,7 @@ def check_options(o: RunOptions, path: Path) -> None:
         raise InputError(f"--checkpoint-every must be 0 (only at the end) or a number of samples, got {o.checkpoint_every}")
     if o.window is not None and o.window < 0:
         raise InputError(f"--window must be 0 (off) or a number of samples, got {o.window}")
-    if o.chunk < 0:
+    if o.chunk is not None and o.chunk < 0:
         raise InputError(f"--chunk must be 0 (the whole batch) or a number of pairs, got {o.chunk}")
     if o.optim_state not in STATE_DTYPES:
         raise InputError(f"--optim-state must be {', '.join(STATE_DTYPES)}, got {o.optim_state!r}")
@@ -92,8 +92,9 @@ def train_config(p: Preset, o: RunOptions) -> TrainConfig:
                               "crop_padding": o.crop_padding, "hflip": o.hflip, "window": o.window,
                               "predictor": o.predictor}
     chosen = {k: v for k, v in chosen.items() if v is not None}
-    tc = replace(p.train, seed=o.seed, device=o.device, optim_state_dtype=o.optim_state, frugal=o.frugal,
-                 chunk=o.chunk, **chosen)
+    if o.chunk is not None:
+        chosen["chunk"] = o.chunk
+    tc = replace(p.train, seed=o.seed, device=o.device, optim_state_dtype=o.optim_state, frugal=o.frugal, **chosen)
     tc = stream_train(p, tc, chosen)  # batch 1: the stream recipe where the user chose nothing
     return replace(tc, epochs=o.lr_epochs or (o.epochs or tc.epochs))
 

@@ -75,8 +75,8 @@ class Learner(LearnerBase):
             m.discard("shrinkage")
         if train.schedule != "greedy":
             t.discard("greedy_steps")
-        if not train.frugal or train.schedule == "olu":  # olu steps whole batches (two layers' graphs)
-            t.discard("chunk")
+        if train.schedule == "olu":  # olu steps whole batches (two layers' graphs); the whole-batch step (frugal
+            t.discard("chunk")  # False) takes a preset's chunk as it is: chunks never change the update
         if model.loss == "symba":
             m -= {"threshold", "sharpness"}
         else:
