@@ -172,6 +172,7 @@ class TrainConfig:
                 raise InputError(f"{name} must be a positive finite number, got {v!r}")
         if not 0.0 <= self.lr_hold < 1.0:
             raise InputError(f"lr_hold must be a fraction in [0, 1), got {self.lr_hold!r}")
+        select_layers(self.eval_layers, None)  # the spelling; the layer count is checked when a model is built
         if self.weight_decay is not None and not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise InputError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         for name, least in (("batch_size", 1), ("epochs", 1), ("greedy_steps", 1), ("chunk", 0), ("crop_padding", 0),
@@ -187,26 +188,28 @@ class TrainConfig:
         return TrainConfig(**d)
 
 
-def select_layers(spec: str, n_layers: int) -> list[int]:
+def select_layers(spec: str, n_layers: int | None) -> list[int]:
     """Indices of the layers a goodness or head predictor reads.
 
     ``all``, ``all-but-first`` (Hinton's default; the only layer when there is one), ``last``
-    (the Trifecta's default) or ``last:K`` (the Trifecta's last-K ensemble, app. I).
+    (the Trifecta's default) or ``last:K`` (the Trifecta's last-K ensemble, app. I). With ``n_layers``
+    None only the spelling is checked (and an empty list returned). Raises ``InputError``.
     """
-    if spec == "all":
-        return list(range(n_layers))
-    if spec == "all-but-first":
-        return list(range(1, n_layers)) or [0]
-    if spec == "last":
-        return [n_layers - 1]
+    if spec in ("all", "all-but-first", "last"):
+        if n_layers is None:
+            return []
+        return {"all": list(range(n_layers)), "all-but-first": list(range(1, n_layers)) or [0],
+                "last": [n_layers - 1]}[spec]
     if spec.startswith("last:"):
         try:
             k = int(spec.split(":", 1)[1])
         except ValueError:
             k = 0
         if k < 1:
-            raise ValueError(f"bad layer selection {spec!r}: use last:K with K >= 1")
+            raise InputError(f"bad layer selection {spec!r}: use last:K with K >= 1")
+        if n_layers is None:
+            return []
         if k > n_layers:
-            raise ValueError(f"{spec} asks for {k} layers but the model has {n_layers}; use last:{n_layers} or all")
+            raise InputError(f"{spec} asks for {k} layers but the model has {n_layers}; use last:{n_layers} or all")
         return list(range(max(0, n_layers - k), n_layers))
-    raise ValueError(f"unknown layer selection {spec!r}; use all, all-but-first, last or last:K")
+    raise InputError(f"unknown layer selection {spec!r}; use all, all-but-first, last or last:K")

@@ -56,6 +56,7 @@ class RunOptions:
     lr_epochs: int | None = None  # the lr decay's horizon
     window: int | None = None  # stream window (TrainConfig.window) [default: the preset's, its stream recipe's at batch 1]
     predictor: str | None = None  # goodness family: goodness, head or lda (TrainConfig.predictor)
+    eval_layers: str | None = None  # the layers the predictor reads (TrainConfig.eval_layers)
     checkpoint_every: int | None = None  # samples; None: every CHECKPOINT_SECONDS; 0: only at the end
 
 
@@ -90,7 +91,7 @@ def train_config(p: Preset, o: RunOptions) -> TrainConfig:
     """The preset's train config with the user's choices; ``epochs`` is the planned run (the lr horizon)."""
     chosen: dict[str, Any] = {"batch_size": o.batch_size, "lr": o.lr, "schedule": o.schedule, "views": o.views,
                               "crop_padding": o.crop_padding, "hflip": o.hflip, "window": o.window,
-                              "predictor": o.predictor}
+                              "predictor": o.predictor, "eval_layers": o.eval_layers}
     chosen = {k: v for k, v in chosen.items() if v is not None}
     if o.chunk is not None:
         chosen["chunk"] = o.chunk

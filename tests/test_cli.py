@@ -71,6 +71,23 @@ def test_train_with_the_lda_predictor_then_export(tmp_path: Path) -> None:
     assert abs(json.loads(res.output)["accuracy"] - acc) <= 0.002  # onnxruntime on the solved readout
 
 
+def test_eval_layers_choose_what_the_lda_readout_reads(tmp_path: Path) -> None:
+    from edgeff import checkpoint
+
+    accs = {}
+    for layers in ("last", "all"):
+        path = tmp_path / f"{layers}.pt"
+        res = runner.invoke(app, ["train", "--preset", "symba-mlp", "--predictor", "lda", "--eval-layers", layers,
+                                  "--samples", "500", "--epochs", "1", "--batch-size", "50", "--device", "cpu",
+                                  "--out", str(path), "--no-progress"])
+        assert res.exit_code == 0, res.output
+        learner, _ = checkpoint.load(path, device="cpu")
+        assert learner.train_cfg.eval_layers == layers
+        assert learner.predictor.idx == ([1] if layers == "last" else [0, 1])
+        accs[layers] = _accuracy(res.output)
+    assert min(accs.values()) > 0.7 and accs["last"] != accs["all"]  # two different readouts, both learned
+
+
 def test_train_with_two_augmented_views(tmp_path: Path) -> None:
     path = tmp_path / "cff.pt"
     res = runner.invoke(app, ["train", "--preset", "cff-mlp", "--samples", "1000", "--epochs", "2", "--batch-size", "50",
@@ -118,6 +135,9 @@ def test_batch_one_streams_with_the_recipe_unless_told_otherwise(tmp_path: Path)
         (["train", "--preset", "symba-mlp", "--views", "2"], "a goodness learner does not use views=2"),
         (["train", "--predictor", "softmax"], "unknown predictor 'softmax'; choose one of goodness, head, lda"),
         (["train", "--preset", "cfl-mlp", "--predictor", "lda"], "does not use predictor='lda'"),
+        (["train", "--eval-layers", "first"], "unknown layer selection 'first'; use all, all-but-first, last or last:K"),
+        (["train", "--eval-layers", "last:0"], "bad layer selection 'last:0': use last:K with K >= 1"),
+        (["train", "--eval-layers", "last:3"], "last:3 asks for 3 layers but the model has 2; use last:2 or all"),
         # each of these raised a traceback (or silently did the wrong thing) before
         (["train", "--lr", "nan"], "--lr must be a positive finite number"),
         (["train", "--lr", "inf"], "--lr must be a positive finite number"),
