@@ -85,7 +85,7 @@ def test_eval_layers_choose_what_the_lda_readout_reads(tmp_path: Path) -> None:
         assert learner.train_cfg.eval_layers == layers
         assert learner.predictor.idx == ([1] if layers == "last" else [0, 1])
         accs[layers] = _accuracy(res.output)
-    assert min(accs.values()) > 0.7 and accs["last"] != accs["all"]  # two different readouts, both learned
+    assert min(accs.values()) > 0.7  # both readouts learned (which layers each reads: the idx above)
 
 
 def test_train_with_two_augmented_views(tmp_path: Path) -> None:
