@@ -195,11 +195,14 @@ def select_layers(spec: str, n_layers: int | None) -> list[int]:
     (the Trifecta's default) or ``last:K`` (the Trifecta's last-K ensemble, app. I). With ``n_layers``
     None only the spelling is checked (and an empty list returned). Raises ``InputError``.
     """
-    if spec in ("all", "all-but-first", "last"):
-        if n_layers is None:
-            return []
-        return {"all": list(range(n_layers)), "all-but-first": list(range(1, n_layers)) or [0],
-                "last": [n_layers - 1]}[spec]
+    if spec in ("all", "all-but-first", "last") and n_layers is None:
+        return []
+    if spec == "all":
+        return list(range(n_layers or 0))
+    if spec == "all-but-first":
+        return list(range(1, n_layers or 0)) or [0]
+    if spec == "last":
+        return [(n_layers or 0) - 1]
     if spec.startswith("last:"):
         try:
             k = int(spec.split(":", 1)[1])
