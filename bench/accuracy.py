@@ -25,9 +25,10 @@ import torch
 from _common import RESULTS, merge_records, table
 
 from edgeff import evaluate, get_preset, make_learner
+from edgeff.checkpoint import save
 from edgeff.data import load_data
 from edgeff.explain import attention_maps, save_attention
-from edgeff.presets import stream_train
+from edgeff.presets import stream_preset, stream_train
 from edgeff.trainer import train_epochs
 
 # job name -> (preset, dataset, mode, epochs, batch size, budget in seconds for the local learner).
@@ -126,7 +127,7 @@ def zero_shot(local: Any, bp: Any, data: Any) -> dict[str, Any]:
     return out
 
 
-def run_job(name: str, data_dir: Path, threads: int, budget_scale: float) -> dict[str, Any]:
+def run_job(name: str, data_dir: Path, threads: int, budget_scale: float, keep: Path | None = None) -> dict[str, Any]:
     preset_name, dataset, mode, epochs, batch, budget = JOBS[name]
     budget *= budget_scale
     p = get_preset(preset_name)
@@ -134,7 +135,7 @@ def run_job(name: str, data_dir: Path, threads: int, budget_scale: float) -> dic
     tc = replace(p.train, device="cpu", batch_size=batch, epochs=epochs, seed=0, **AUGMENT.get(name, {}))
     bp_tc = tc
     if mode == "stream":  # the recipe a user streaming at batch 1 gets, each learner the part its family reads
-        tc, bp_tc = stream_train(p, tc), stream_train(p, tc, backprop=True)
+        p, tc, bp_tc = stream_preset(p, 1), stream_train(p, tc), stream_train(p, tc, backprop=True)
 
     def train(backprop: bool, n_epochs: int, time_budget: float | None) -> tuple[Any, int, float, float]:
         learner = make_learner(p, input_shape=data.input_shape, num_classes=len(data.classes),
@@ -155,6 +156,8 @@ def run_job(name: str, data_dir: Path, threads: int, budget_scale: float) -> dic
     local, done, seconds, cpu_seconds = train(False, epochs, budget)
     res = evaluate(local, data.test_batches(1000), per_layer=True)
     print(f"  local test accuracy {res.accuracy:.4f}", flush=True)
+    if keep is not None:  # the trained local model, for readouts or analyses after the run
+        save(local, keep / f"{name.replace(':', '_')}.pt", meta={"job": name, "dataset": dataset})
     bp, _, bp_seconds, bp_cpu_seconds = train(True, done, None)
     bp_acc = evaluate(bp, data.test_batches(1000)).accuracy
     print(f"  bp test accuracy {bp_acc:.4f}", flush=True)
@@ -176,6 +179,7 @@ def run_job(name: str, data_dir: Path, threads: int, budget_scale: float) -> dic
         "layer_acc": ",".join(f"{a:.4f}" for a in res.layer_accuracy), "threads": threads,
         "schedule": tc.schedule, "lr": tc.lr, "lr_final": tc.lr_final, "lr_hold": tc.lr_hold, "window": tc.window,
         "bp_lr": bp_tc.lr, "bp_window": bp_tc.window,
+        "stream_model": ",".join(f"{k}={v}" for k, v in p.stream_model.items()) if mode == "stream" else "",
         "samples_per_s": round(len(data.y_train) * done / seconds, 1),
         "bp_samples_per_s": round(len(data.y_train) * done / bp_seconds, 1),
     }
@@ -187,7 +191,10 @@ def main() -> None:
     ap.add_argument("--jobs", default=",".join(JOBS), help=f"comma-separated, from: {', '.join(JOBS)}")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--budget-scale", type=float, default=1.0, help="multiply every job's time budget")
+    ap.add_argument("--keep", type=Path, default=None, help="save each job's trained local model in this folder")
     args = ap.parse_args()
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     cols = ["preset", "dataset", "mode", "views", "batch_size", "window", "epochs", "cpu_seconds", "test_acc", "bp_cpu_seconds", "bp_test_acc", "samples_per_s", "bp_samples_per_s",
             "ratio"]
@@ -195,7 +202,7 @@ def main() -> None:
     for name in args.jobs.split(","):
         if name not in JOBS:
             raise SystemExit(f"unknown job {name!r}; choose from {', '.join(JOBS)}")
-        rec = run_job(name, args.data_dir, args.threads, args.budget_scale)
+        rec = run_job(name, args.data_dir, args.threads, args.budget_scale, args.keep)
         records.append(rec)
         merge_records("accuracy", [rec], ("preset", "dataset", "mode", "views"))
     print(table(records, cols))

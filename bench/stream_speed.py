@@ -27,11 +27,11 @@ from edgeff import get_preset, make_learner
 from edgeff.contract import family_of, train_read
 from edgeff.data import load_data
 from edgeff.loop import planned_batches
-from edgeff.presets import stream_train
+from edgeff.presets import stream_preset, stream_train
 
 
 def measure(preset: str, data: Any, samples: int, rnd: int, window: int | None) -> dict[str, Any]:
-    p = get_preset(preset)
+    p = stream_preset(get_preset(preset), 1)
     base = replace(p.train, batch_size=1, epochs=1, device="cpu", seed=0)
     configs = [stream_train(p, base, backprop=bp) for bp in (False, True)]  # each family's part of the recipe
     if window is not None:  # for the families that take a window

@@ -22,6 +22,7 @@ class Preset:
     paper: str  # where the algorithm and its hyperparameters come from
     notes: str  # what it is, and any deliberate difference from the paper
     stream: dict[str, Any] = field(default_factory=dict)  # this preset's changes to STREAM_RECIPE (batch 1)
+    stream_model: dict[str, Any] = field(default_factory=dict)  # its model's changes at batch 1 (ModelConfig fields)
 
 
 # How every preset trains from a stream (batch 1), unless the user sets the field: the presets' lr 1e-3 is
@@ -44,6 +45,15 @@ def stream_train(p: Preset, train: TrainConfig, chosen: Iterable[str] = (), *, b
         return train
     skip = set(chosen) | (set() if backprop or p.algorithm == "bp" else UNUSED_CORE.get(p.model.loss, frozenset()))
     return replace(train, **{k: v for k, v in {**STREAM_RECIPE, **p.stream}.items() if k not in skip})
+
+
+def stream_preset(p: Preset, batch_size: int) -> Preset:
+    """``p`` as a new model learns from a stream: at batch 1 its model takes ``p.stream_model`` (the changes
+    its stream recipe makes to the architecture or loss, e.g. ff-mlp's features without peer normalisation);
+    other batch sizes, and presets without such changes, unchanged."""
+    if batch_size != 1 or not p.stream_model:
+        return p
+    return replace(p, model=replace(p.model, **p.stream_model))
 
 
 def _mlp(width: int, depth: int, norm: str) -> tuple[LayerSpec, ...]:
@@ -113,6 +123,7 @@ PRESETS: dict[str, Preset] = {
             "stream: 94.53-94.91%; the same readout solved on the final features of a stream without peer "
             "normalisation: 96.08% vs 92.89% by goodness).",
             stream={"predictor": "lda", "eval_layers": "all", "readout_memory": 20000},
+            stream_model={"peer_norm": 0.0, "relu_grad": "zero"},
         ),
         Preset(
             "symba-mlp", "local", SYMBA_MLP,

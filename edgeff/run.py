@@ -24,7 +24,7 @@ from edgeff.evaluation import EvalResult, evaluate
 from edgeff.inputs import resolve_device
 from edgeff.loop import train_epochs
 from edgeff.optim import STATE_DTYPES
-from edgeff.presets import Preset, get_preset, make_learner, stream_train
+from edgeff.presets import Preset, get_preset, make_learner, stream_preset, stream_train
 
 CHECKPOINT_SECONDS = 300.0  # a run saves its checkpoint this often by default
 
@@ -116,10 +116,14 @@ class Run:
         self.epochs = o.epochs or p.train.epochs
         self.resumed = o.resume and self.path.is_file()
         self.learner: LearnerBase
+        self.model_changes: dict[str, Any] = {}  # the stream recipe's changes to the preset's model
         if self.resumed:
             self.learner = self._resume(p)
         else:
             classes = tuple(self.data.classes)  # the data set's class names travel with the model
+            streaming = stream_preset(p, tc.batch_size)  # batch 1: the stream recipe's model
+            self.model_changes = {} if streaming is p else dict(p.stream_model)
+            p = streaming
             p = replace(p, model=replace(p.model, input_shape=self.data.input_shape, num_classes=len(classes),
                                          class_names=classes))
             self.learner = make_learner(p, train=tc, backprop=o.backprop)
@@ -155,7 +159,9 @@ class Run:
         lr = "constant" if tc.lr_final is None else f"decaying to {tc.lr_final:g}"
         window = (f"window {tc.window} (each new sample is learned with the {tc.window} before it; --window 0 turns "
                   f"it off)" if tc.window else "no window")
-        return f"streaming at batch 1: lr {tc.lr:g} {lr}, {window}"
+        changes = ", ".join(f"{k}={v}" for k, v in self.model_changes.items())
+        model = f"; the preset's model streams with {changes}" if changes else ""
+        return f"streaming at batch 1: lr {tc.lr:g} {lr}, {window}{model}"
 
     def resume_note(self) -> str:
         """What resuming means for this run, for people."""

@@ -121,6 +121,31 @@ def test_batch_one_streams_with_the_recipe_unless_told_otherwise(tmp_path: Path)
     assert res.exit_code != 0 and "--window must be 0" in res.output
 
 
+def test_batch_one_streams_with_the_recipes_model(tmp_path: Path) -> None:
+    """ff-mlp's stream recipe changes its model (no peer normalisation, a plain ReLU): a new model at batch 1
+    takes it and says so, a batch of 10 keeps the preset's, and a resumed stream keeps the model it has."""
+    from edgeff import checkpoint
+
+    runs = {}
+    for b in ("1", "10"):
+        path = tmp_path / f"b{b}.pt"
+        args = ["train", "--preset", "ff-mlp", "--samples", "30", "--epochs", "1", "--batch-size", b, "--device",
+                "cpu", "--out", str(path), "--no-progress"]
+        res = runner.invoke(app, args)
+        assert res.exit_code == 0, res.output
+        runs[b] = (res.output, checkpoint.load(path)[0].model_cfg)
+    out, model = runs["1"]
+    assert "the preset's model streams with peer_norm=0.0, relu_grad=zero" in out, out
+    assert (model.peer_norm, model.relu_grad) == (0.0, "zero")
+    assert (runs["10"][1].peer_norm, runs["10"][1].relu_grad) == (0.06, "pass")
+    assert "streams with" not in runs["10"][0]
+    res = runner.invoke(app, ["train", "--preset", "ff-mlp", "--samples", "30", "--epochs", "2", "--batch-size", "1",
+                              "--device", "cpu", "--out", str(tmp_path / "b1.pt"), "--resume", "--no-progress"])
+    assert res.exit_code == 0 and "resuming" in res.output, res.output
+    resumed = checkpoint.load(tmp_path / "b1.pt")[0]
+    assert resumed.samples_seen == 60 and resumed.model_cfg.peer_norm == 0.0
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

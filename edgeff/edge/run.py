@@ -57,13 +57,14 @@ def train_run(
         if meta.get("data") not in (None, data):
             raise CheckpointError(f"{path} was trained on {meta.get('data')}, not {data}")
     else:
-        from edgeff.presets import get_preset, stream_train
+        from edgeff.presets import get_preset, stream_preset, stream_train
 
         p = get_preset(preset)
         train = replace(p.train, **{**(overrides or {}), **({"batch_size": batch_size} if batch_size else {})})
         train = stream_train(p, train, overrides or {})  # batch 1: the stream recipe where not overridden
         if epochs is not None and "epochs" not in (overrides or {}):
             train = replace(train, epochs=epochs)  # the planned run: the lr schedule's horizon
+        p = stream_preset(p, train.batch_size)  # batch 1: the stream recipe's model
         learner = make_edge_learner(p, input_shape=ds.input_shape, num_classes=len(ds.classes), train=train)
         learner.model_cfg = replace(learner.model_cfg, class_names=tuple(ds.classes))
     n_epochs = epochs if epochs is not None else learner.train_cfg.epochs
