@@ -248,7 +248,7 @@ def export(
     x, _ = next(ds.test_batches(256))
     pr = parity(learner, OnnxPredictor(path), x)
     out.print(f"wrote {path} ({path.stat().st_size / 1024:.1f} KiB); parity on {int(pr['n'])} real test images: "
-              f"max |score diff| {pr['max_abs_diff']:.2e}, same label {pr['agreement']:.2%}", highlight=False)
+              f"max |score diff| {pr['max_abs_diff']:.2e} ({pr['max_rel_diff']:.1e} of the largest score), same label {pr['agreement']:.2%}", highlight=False)
     if int8 is not None:
         cal = [xb.numpy() for xb, _ in ds.train_batches(64, seed=0, limit=512)]
         qpath = quantize_onnx(path, path.with_suffix(f".int8-{int8.value}.onnx"), mode=int8.value, calibration=cal)

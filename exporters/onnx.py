@@ -224,8 +224,11 @@ def quantize_onnx(
 
 
 def parity(learner: LearnerBase, predictor: OnnxPredictor, x: torch.Tensor) -> dict[str, float]:
-    """Compare torch and onnxruntime on the same images: max |score difference| and label agreement."""
+    """Compare torch and onnxruntime on the same images: max |score difference|, the same relative to the
+    largest |score| (an lda readout's scores can reach 1e7, where float32 rounding alone is ~1), and label
+    agreement."""
     st = learner.scores(x).cpu().numpy()
     so = predictor.scores(x.cpu().numpy())
-    return {"n": float(len(x)), "max_abs_diff": float(np.abs(st - so).max()),
+    diff = float(np.abs(st - so).max())
+    return {"n": float(len(x)), "max_abs_diff": diff, "max_rel_diff": diff / max(float(np.abs(st).max()), 1e-30),
             "agreement": float((st.argmax(1) == so.argmax(1)).mean())}

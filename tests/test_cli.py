@@ -66,6 +66,8 @@ def test_train_with_the_lda_predictor_then_export(tmp_path: Path) -> None:
     assert acc > 0.8
     res = runner.invoke(app, ["export", str(path), "--out", str(tmp_path / "lda.onnx")])
     assert res.exit_code == 0, res.output
+    rel = re.search(r"\(([0-9.e+-]+) of the largest score\)", res.output)
+    assert rel is not None and float(rel.group(1)) < 1e-5, res.output  # float32 rounding, whatever the scale
     res = runner.invoke(app, ["eval", str(tmp_path / "lda.onnx"), "--json"])
     assert res.exit_code == 0, res.output
     assert abs(json.loads(res.output)["accuracy"] - acc) <= 0.002  # onnxruntime on the solved readout

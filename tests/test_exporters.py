@@ -44,6 +44,7 @@ def test_onnxruntime_matches_torch_on_real_images(name: str, mnist_small, tmp_pa
     scores = learner.scores(x)
     scale = max(1.0, float(scores.abs().max()))
     assert pr["max_abs_diff"] <= 1e-4 * scale
+    assert pr["max_rel_diff"] == pytest.approx(pr["max_abs_diff"] / float(scores.abs().max()), rel=1e-3)
     # the same label for every image, except a tie: torch's two best scores within the score tolerance
     # (ff-mlp on the builtin set has one image whose two best goodness sums are one float32 step apart)
     top2 = scores.topk(2, dim=1).values
