@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from edgeff.config import LayerSpec  # defined with the configs (torch-free), still importable from here
 from edgeff.factored import Factors
@@ -117,25 +118,23 @@ class RunningBatchNorm(nn.Module):
         self.fixed = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dims = [0, 2, 3] if self.spatial else [0]
+        # torch's fused batch_norm (one kernel each way: on trifecta-cnn's activations ~3.5x the speed of the
+        # same formula in elementwise ops, and a whole-batch step's peak ~20% lower): in training on the batch's
+        # own statistics it also lerps the running mean and unbiased variance by ``momentum``, as below. A step
+        # in parts keeps the elementwise formula: its backward holds less than the fused kernel's there.
         if self.training and self.fixed is not None:
             mu, var = self._shape(self.fixed[0]), self._shape(self.fixed[1])
             return (x - mu) / torch.sqrt(var + self.eps) * self._shape(self.weight) + self._shape(self.bias)
         if self.training:
-            use_batch = not self.always_running and x.shape[0] >= self.min_batch
-            n = x.numel() // x.shape[1]
+            if not self.always_running and x.shape[0] >= self.min_batch:
+                return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True,
+                                    self.momentum, self.eps)
+            dims = [0, 2, 3] if self.spatial else [0]
             with torch.no_grad():
-                mean = x.mean(dims)
-                self.running_mean.lerp_(mean, self.momentum)
-                if n > 1:
+                self.running_mean.lerp_(x.mean(dims), self.momentum)
+                if x.numel() // x.shape[1] > 1:
                     self.running_var.lerp_(x.var(dims, unbiased=True), self.momentum)
-            if use_batch:
-                mu = x.mean(dims, keepdim=True)
-                var = x.var(dims, unbiased=False, keepdim=True)
-                xn = (x - mu) / torch.sqrt(var + self.eps)
-                return xn * self._shape(self.weight) + self._shape(self.bias)
-        mu, var = self._shape(self.running_mean), self._shape(self.running_var)
-        return (x - mu) / torch.sqrt(var + self.eps) * self._shape(self.weight) + self._shape(self.bias)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
 
 class PassReLU(nn.Module):
@@ -146,6 +145,16 @@ class PassReLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + (torch.relu(x) - x).detach()
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` computed on channels-last activations: oneDNN's CPU kernels for the few channels of the
+    small CNNs here are 1.5-2x as fast that way forward and backward (trifecta-cnn's 28x28 and 14x14 layers);
+    ReLU, batch norm and max-pool keep the layout, so only the first layer's input is converted. Values and
+    parameter names are nn.Conv2d's (its weight stays in the default layout)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.contiguous(memory_format=torch.channels_last))
 
 
 def make_norm(
@@ -285,7 +294,7 @@ def make_block(
             raise ValueError(f"a conv layer cannot follow a linear one (input shape {in_shape})")
         if not post:
             mods.append(make_norm(spec.norm, in_shape[0], spatial=True, **bn))  # type: ignore[arg-type]
-        weight = nn.Conv2d(in_shape[0], spec.out, spec.kernel, spec.stride, spec.padding)
+        weight = Conv2d(in_shape[0], spec.out, spec.kernel, spec.stride, spec.padding)
     else:
         raise ValueError(f"unknown layer kind {spec.kind!r}; choose linear, conv or vit")
     assert weight.bias is not None

@@ -18,7 +18,7 @@ def goodness(h: torch.Tensor) -> torch.Tensor:
     Returns:
         (B,) tensor.
     """
-    return h.pow(2).flatten(1).mean(1)  # (B,)
+    return h.pow(2).mean(tuple(range(1, h.dim())))  # (B,); no flatten: a channels-last h is not copied
 
 
 def ff_loss(g_pos: torch.Tensor, g_neg: torch.Tensor, *, threshold: float = 2.0, sharpness: float = 1.0) -> torch.Tensor:

@@ -52,7 +52,7 @@ from torch import nn
 from edgeff.config import ModelConfig, TrainConfig
 from edgeff.errors import UnsupportedError
 from edgeff.factored import pays
-from edgeff.layers import make_block, out_shape
+from edgeff.layers import RunningBatchNorm, make_block, out_shape
 from edgeff.optim import factored_block
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -160,15 +160,23 @@ def _saved_per_module(modules: list[nn.Module], run: Any, exclude: set[int]) -> 
     return saved, largest
 
 
-def saved_bytes(block: nn.Module, x: torch.Tensor, *, with_goodness: bool) -> tuple[int, int]:
+def saved_bytes(block: nn.Module, x: torch.Tensor, *, with_goodness: bool, in_parts: bool = False) -> tuple[int, int]:
     """Bytes autograd saves for ``block``'s backward on input ``x`` (parameters and ``x`` itself not
-    counted), and the bytes of its largest activation."""
+    counted), and the bytes of its largest activation. ``in_parts``: as a step in parts runs it, its batch
+    norms on statistics fixed beforehand (``RunningBatchNorm.prepare``)."""
     x = x.detach()
+    bns = [m for m in block.modules() if isinstance(m, RunningBatchNorm)] if in_parts else []
 
     def run() -> None:
-        h = block(x)
-        if with_goodness:
-            h.pow(2).flatten(1).mean(1)
+        for bn in bns:
+            bn.prepare([x])
+        try:
+            h = block(x)
+            if with_goodness:
+                h.pow(2).flatten(1).mean(1)
+        finally:
+            for bn in bns:
+                bn.release()
 
     saved, largest = _saved_per_module([block], run, {x.untyped_storage().data_ptr()})
     return saved[0], largest[0]
@@ -213,7 +221,9 @@ def account(model: ModelConfig, train: TrainConfig, batch_size: int, *, dtype: s
         nxt = out_shape(spec, shape)
         chunked = kind.startswith("frugal") and not (spec.norm == "batch" and spec.order != "pre")
         rows = 2 * min(train.chunk or b, b) if chunked else 2 * b
-        saved, largest = saved_bytes(block, torch.zeros(rows, *shape, dtype=tdt), with_goodness=True)
+        in_parts = chunked and rows < 2 * b and spec.norm == "batch"
+        saved, largest = saved_bytes(block, torch.zeros(rows, *shape, dtype=tdt), with_goodness=True,
+                                     in_parts=in_parts)
         grads = n
         if kind.startswith("frugal"):  # Linear weights whose factors (2B rows of input and output) cost
             # less than their gradient: those, and the gradient built a block of rows at a time

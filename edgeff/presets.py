@@ -122,7 +122,7 @@ PRESETS: dict[str, Preset] = {
             "93.55%, lda 94.91%; readout memories of 5k-80k samples or none and shrinkage 0.01-0.4 on the same "
             "stream: 94.53-94.91%; the same readout solved on the final features of a stream without peer "
             "normalisation: 96.08% vs 92.89% by goodness).",
-            stream={"predictor": "lda", "eval_layers": "all", "readout_memory": 20000},
+            stream={"predictor": "lda", "eval_layers": "all", "readout_memory": 5000},
             stream_model={"peer_norm": 0.0, "relu_grad": "zero"},
         ),
         Preset(

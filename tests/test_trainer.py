@@ -238,8 +238,11 @@ def test_frugal_step_gives_the_whole_batch_update(preset: str, schedule: str, ch
         assert [m.trained for m in ms[0]] == [m.trained for m in ms[1]]
         np.testing.assert_allclose([m.loss for m in ms[1]], [m.loss for m in ms[0]], rtol=1e-4)
         np.testing.assert_allclose([m.g_pos for m in ms[1]], [m.g_pos for m in ms[0]], rtol=1e-4)
+    # conv weights: oneDNN's channels-last kernels sum a weight gradient over rows in an order that depends on
+    # the rows (chunk or batch): up to 1.6e-5 apart after 4 steps here (NCHW kernels: within 1e-5)
+    atol = 5e-5 if preset.startswith("trifecta") else 1e-5
     for a, b in zip(learners[0].net.state_dict().values(), learners[1].net.state_dict().values(), strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=atol)
     assert all(q.grad is None for q in learners[1].net.parameters())  # gradients freed right after each step
 
 
