@@ -18,7 +18,25 @@ def goodness(h: torch.Tensor) -> torch.Tensor:
     Returns:
         (B,) tensor.
     """
-    return h.pow(2).mean(tuple(range(1, h.dim())))  # (B,); no flatten: a channels-last h is not copied
+    if h.requires_grad and h.dim() == 4 and not h.is_contiguous():
+        return _ChannelsLastGoodness.apply(h)
+    return h.pow(2).flatten(1).mean(1)  # (B,)
+
+
+class _ChannelsLastGoodness(torch.autograd.Function):
+    """``goodness`` of channels-last conv activations with a gradient in their layout: autograd's own formula
+    multiplies the broadcast (B,) gradient by 2h and lays the result out as NCHW, and every elementwise op
+    after that mixes the two layouts (ReLU's backward 3x slower on trifecta-cnn's 28x28 layers)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, h: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(h)
+        return h.pow(2).mean((1, 2, 3))
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        (h,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        return h * (grad * (2.0 / h[0].numel())).view(-1, 1, 1, 1)
 
 
 def ff_loss(g_pos: torch.Tensor, g_neg: torch.Tensor, *, threshold: float = 2.0, sharpness: float = 1.0) -> torch.Tensor:

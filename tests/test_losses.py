@@ -14,6 +14,22 @@ def test_goodness_is_mean_of_squares() -> None:
     assert goodness(h).tolist() == [1.0, 4.0]
 
 
+def test_channels_last_goodness_has_autograd_gradient_in_the_activations_layout() -> None:
+    """Conv activations in channels-last take their own backward: the same value and gradient as autograd's
+    formula on the same numbers (float64 gradcheck too), laid out as the activations are."""
+    h0 = torch.randn(6, 5, 7, 7, dtype=torch.float64)
+    h = h0.contiguous(memory_format=torch.channels_last).requires_grad_()
+    ref = h0.clone().requires_grad_()
+    w = torch.randn(6, dtype=torch.float64)
+    (goodness(h) * w).sum().backward()
+    (ref.pow(2).flatten(1).mean(1) * w).sum().backward()
+    assert h.grad is not None and ref.grad is not None
+    assert h.grad.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(h.grad, ref.grad)
+    torch.testing.assert_close(goodness(h), goodness(ref))
+    assert torch.autograd.gradcheck(goodness, (h,))
+
+
 def test_ff_loss_hand_computed() -> None:
     g = torch.tensor([2.0])
     assert ff_loss(g, g, threshold=2.0).item() == pytest.approx(2 * math.log(2))  # ln 2 per term
