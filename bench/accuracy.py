@@ -159,7 +159,7 @@ def run_job(name: str, data_dir: Path, threads: int, budget_scale: float, keep: 
     if keep is not None:  # the trained local model (its readout as trained), for analyses after the run
         save(local, keep / f"{name.replace(':', '_')}.pt", meta={"job": name, "dataset": dataset})
     print(f"  local test accuracy {res.accuracy:.4f}", flush=True)
-    if mode == "stream" and getattr(local.train_cfg, "readout_memory", 0) > 0:
+    if mode == "stream" and tc.readout_memory > 0:
         # a readout that followed the stream read each sample's features as they were then; the same readout
         # solved afterwards on the final layers' features takes a second look at every sample (not a stream)
         lc = time.process_time()
