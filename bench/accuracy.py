@@ -40,6 +40,7 @@ JOBS: dict[str, tuple[str, str, str, int, int, float]] = {
     "ff-mlp:mnist": ("ff-mlp", "mnist", "epochs", 10, 100, 25 * 60),
     "symba-mlp:mnist": ("symba-mlp", "mnist", "epochs", 20, 100, 12 * 60),
     "trifecta-cnn:mnist": ("trifecta-cnn", "mnist", "epochs", 6, 128, 25 * 60),
+    "trifecta-cnn:mnist:lda": ("trifecta-cnn", "mnist", "epochs", 6, 128, 25 * 60),
     "trifecta-cnn:fashion-mnist": ("trifecta-cnn", "fashion-mnist", "epochs", 4, 128, 18 * 60),
     "cfl-mlp:mnist": ("cfl-mlp", "mnist", "epochs", 12, 512, 12 * 60),
     "cff-mlp:mnist": ("cff-mlp", "mnist", "epochs", 30, 128, 12 * 60),
@@ -80,9 +81,10 @@ JOBS: dict[str, tuple[str, str, str, int, int, float]] = {
     "cfl-conv:cifar10": ("cfl-conv", "cifar10", "epochs", 10, 128, 30 * 60),
     "cfl-mlp3072:cifar10": ("cfl-mlp3072", "cifar10", "epochs", 30, 512, 15 * 60),
 }
-# per-job changes to the preset's augmentation (TrainConfig fields): flips for clothes and photos (never
-# for digits), and the one-forward mode (one un-augmented view) of presets that default to two views
+# per-job changes to the preset's TrainConfig: flips for clothes and photos (never for digits), the one-forward
+# mode (one un-augmented view) of presets that default to two views, and another predictor
 AUGMENT: dict[str, dict[str, Any]] = {
+    "trifecta-cnn:mnist:lda": {"predictor": "lda", "eval_layers": "last:3"},
     "cff-mlp:fashion-mnist": {"hflip": True},
     "cfl-mlp:fashion-mnist": {"hflip": True},
     "cff-vit:mnist": {"views": 1, "crop_padding": 0},  # one-forward: 10 epochs of 60k images fit the budget
@@ -96,6 +98,9 @@ AUGMENT: dict[str, dict[str, Any]] = {
     "cff-mlp:cifar10": {"crop_padding": 0, "hflip": True},
     "cfl-mlp3072:cifar10": {"views": 2, "crop_padding": 0, "hflip": True},
 }
+
+# per-job changes to the preset's ModelConfig (fields its predictor reads)
+MODEL: dict[str, dict[str, Any]] = {"trifecta-cnn:mnist:lda": {"shrinkage": 3e-3}}
 
 
 # Fashion-MNIST super-classes for CFL zero-shot (a new class = the mean of its members' embeddings)
@@ -131,6 +136,7 @@ def run_job(name: str, data_dir: Path, threads: int, budget_scale: float, keep: 
     preset_name, dataset, mode, epochs, batch, budget = JOBS[name]
     budget *= budget_scale
     p = get_preset(preset_name)
+    p = replace(p, model=replace(p.model, **MODEL.get(name, {})))
     data = load_data(dataset, data_dir)
     tc = replace(p.train, device="cpu", batch_size=batch, epochs=epochs, seed=0, **AUGMENT.get(name, {}))
     bp_tc = tc
@@ -159,9 +165,10 @@ def run_job(name: str, data_dir: Path, threads: int, budget_scale: float, keep: 
     if keep is not None:  # the trained local model (its readout as trained), for analyses after the run
         save(local, keep / f"{name.replace(':', '_')}.pt", meta={"job": name, "dataset": dataset})
     print(f"  local test accuracy {res.accuracy:.4f}", flush=True)
-    if mode == "stream" and tc.readout_memory > 0:
-        # a readout that followed the stream read each sample's features as they were then; the same readout
-        # solved afterwards on the final layers' features takes a second look at every sample (not a stream)
+    if mode == "stream" and (tc.readout_memory > 0 or tc.readout_window > 0):
+        # a readout that followed the stream read each sample's features as they were then, one solved from a
+        # window the last samples' only; the same readout solved afterwards on the final layers' features of
+        # every sample takes a second look at each (not a stream): the reference
         lc = time.process_time()
         local.solve_readout(data.train_batches(1000, seed=0))
         extra["readout_final_acc"] = evaluate(local, data.test_batches(1000)).accuracy
@@ -187,6 +194,7 @@ def run_job(name: str, data_dir: Path, threads: int, budget_scale: float, keep: 
         "layer_acc": ",".join(f"{a:.4f}" for a in res.layer_accuracy), "threads": threads,
         "schedule": tc.schedule, "lr": tc.lr, "lr_final": tc.lr_final, "lr_hold": tc.lr_hold, "window": tc.window,
         "bp_lr": bp_tc.lr, "bp_window": bp_tc.window, "predictor": tc.predictor, "readout_memory": tc.readout_memory,
+        "readout_window": tc.readout_window, "shrinkage": p.model.shrinkage if tc.predictor == "lda" else None,
         "stream_model": ",".join(f"{k}={v}" for k, v in p.stream_model.items()) if mode == "stream" else "",
         "samples_per_s": round(len(data.y_train) * done / seconds, 1),
         "bp_samples_per_s": round(len(data.y_train) * done / bp_seconds, 1),
@@ -212,7 +220,7 @@ def main() -> None:
             raise SystemExit(f"unknown job {name!r}; choose from {', '.join(JOBS)}")
         rec = run_job(name, args.data_dir, args.threads, args.budget_scale, args.keep)
         records.append(rec)
-        merge_records("accuracy", [rec], ("preset", "dataset", "mode", "views"))
+        merge_records("accuracy", [rec], ("preset", "dataset", "mode", "views", "predictor"))
     print(table(records, cols))
 
 

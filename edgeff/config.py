@@ -143,6 +143,7 @@ class TrainConfig:
     eval_layers: str = "all-but-first"  # all | all-but-first | last | last:K
     head_lr: float = 1e-3  # softmax head learning rate
     readout_memory: int = 0  # lda predictor: 0 = solved once the planned run is complete; N = follows the stream, remembering ~N samples
+    readout_window: int = 0  # lda predictor: keep the last N samples learned and solve the readout from them at the end of the plan (no second pass over the data)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     batch_size: int = 128
@@ -176,7 +177,7 @@ class TrainConfig:
         if self.weight_decay is not None and not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise InputError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         for name, least in (("batch_size", 1), ("epochs", 1), ("greedy_steps", 1), ("chunk", 0), ("crop_padding", 0),
-                            ("window", 0), ("readout_memory", 0)):
+                            ("window", 0), ("readout_memory", 0), ("readout_window", 0)):
             if getattr(self, name) < least:
                 raise InputError(f"{name} must be at least {least}, got {getattr(self, name)}")
 

@@ -98,7 +98,8 @@ class LearnerBase(ABC):
     def end_of_plan(self, batches: Callable[[], Iterable[tuple[Any, Any]]]) -> None:
         """The planned run is complete (``loop.train_epochs`` calls it; ``batches()`` iterates over the training
         set once). Nothing for most families; a goodness learner with an lda predictor that does not follow
-        the stream (``readout_memory=0``) solves its readout here, from one pass through the trained layers."""
+        the stream (``readout_memory=0``) solves its readout here, from one pass through the trained layers (or
+        from the samples its ``readout_window`` holds, without that pass)."""
 
     def learn_one(self, x: torch.Tensor | np.ndarray, y: int) -> list[LayerMetrics]:
         """``learn_many`` on a single sample of shape (C, H, W)."""

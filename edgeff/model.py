@@ -203,7 +203,7 @@ def make_predictor(train: TrainConfig, net: LocalNet, generator: torch.Generator
                              train.weight_decay)
     if train.predictor == "lda":
         return LdaPredictor(net, select_layers(train.eval_layers, len(net.layers)), train.readout_memory,
-                            net.cfg.shrinkage)
+                            net.cfg.shrinkage, train.readout_window)
     raise ValueError(f"unknown predictor {train.predictor!r}; choose goodness, head or lda")
 
 

@@ -16,19 +16,24 @@ gradient or learning rate of its own. Two ways to fill its statistics (``TrainCo
 - ``N > 0``: every step, forgetting exponentially with a memory of N samples (each block of ``BLOCK``
   samples scales the old sums by exp(−BLOCK / N)), so the readout follows layers that are still learning
   (a stream, which has no planned end).
+
+A stream has no data set to take that second pass over. ``TrainConfig.readout_window`` (N > 0) keeps the last
+N samples learned (inputs and labels, a ring of buffers) and solves the readout from them through the trained
+layers when the planned run is complete, and whenever ``solve`` is called without batches: the final
+features of samples the device still holds, each sample having arrived once.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeff.errors import UnsupportedError
+from edgeff.errors import InputError, UnsupportedError
 
 if TYPE_CHECKING:  # edgeff.model builds this predictor
     from edgeff.model import LocalNet
@@ -140,7 +145,11 @@ class LdaPredictor(nn.Module):
 
     kind = "lda"
 
-    def __init__(self, net: LocalNet, idx: list[int], memory: int, shrinkage: float) -> None:
+    window_x: torch.Tensor
+    window_y: torch.Tensor
+    window_seen: torch.Tensor
+
+    def __init__(self, net: LocalNet, idx: list[int], memory: int, shrinkage: float, window: int = 0) -> None:
         super().__init__()
         self.idx = idx
         self.scales = [math.sqrt(math.prod(net.shapes[i])) for i in idx]
@@ -148,6 +157,10 @@ class LdaPredictor(nn.Module):
         self.stats = ForgettingStats(dim, net.num_classes, memory)
         self.shrinkage = shrinkage
         self._solved: nn.Linear | None = None
+        # the last `window` samples learned, in a ring (window_seen: how many were ever added)
+        self.register_buffer("window_x", torch.zeros(window, *net.cfg.input_shape))
+        self.register_buffer("window_y", torch.zeros(window, dtype=torch.long))
+        self.register_buffer("window_seen", torch.zeros((), dtype=torch.long))
 
     def _features(self, net: LocalNet, x: torch.Tensor) -> torch.Tensor:
         outs = net.features(net.encoder.neutral(x))
@@ -160,7 +173,8 @@ class LdaPredictor(nn.Module):
         if self._solved is None:
             if not self.follows and float(self.stats.count.sum()) + int(self.stats.n_pending) == 0:
                 raise UnsupportedError("the lda readout of this model is solved when its planned run is complete "
-                                       "(edgeff train, loop.train_epochs) or by learner.solve_readout(batches); it "
+                                       "(edgeff train, loop.train_epochs) or by learner.solve_readout(batches)"
+                                       f"{' or learner.solve_readout() (its window)' if self.window else ''}; it "
                                        "has not been solved yet")
             p, c = self.stats.readout(self.shrinkage)
             lin = nn.Linear(p.shape[0], p.shape[1], device=p.device)
@@ -179,21 +193,49 @@ class LdaPredictor(nn.Module):
         with torch.no_grad():
             return self.linear(self._features(net, x))
 
+    @property
+    def window(self) -> int:
+        """How many of the latest samples are kept to solve the readout from (0: none)."""
+        return self.window_x.shape[0]
+
     def learn(self, net: LocalNet, x: torch.Tensor, y: torch.Tensor) -> float | None:
         """Following the stream: add the batch's features as the network now computes them (eval mode: the
-        neutral pass does not touch the running BatchNorm statistics). Solved at the end: nothing."""
+        neutral pass does not touch the running BatchNorm statistics). Solved at the end: nothing. With a
+        window, the samples also go into it (the oldest ones leave)."""
         if self.follows:
             self._accumulate(net, x, y)
+        if self.window:
+            start = int(self.window_seen)
+            x, y = x[-self.window :], y[-self.window :]  # a batch larger than the window: its latest samples
+            slots = torch.arange(start, start + x.shape[0], device=self.window_y.device) % self.window
+            self.window_x[slots] = x.to(self.window_x)
+            self.window_y[slots] = y.to(self.window_y)
+            self.window_seen += x.shape[0]
         return None
 
     def end_of_plan(self, net: LocalNet, batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]) -> None:
-        """The planned run is complete: a readout that does not follow the stream is solved now."""
-        if not self.follows:
+        """The planned run is complete: with a window, the readout is solved from the samples it holds (no
+        pass over the data); otherwise a readout that does not follow the stream is solved from ``batches()``."""
+        if self.window:
+            self.solve(net)
+        elif not self.follows:
             self.solve(net, batches())
 
-    def solve(self, net: LocalNet, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Statistics from scratch over ``batches`` through the layers as they are (no forgetting), keeping
-        any class means imprinted for classes that have no samples in them."""
+    def window_batches(self, size: int = 500) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The samples the window holds, oldest first, in batches of ``size``."""
+        n = min(int(self.window_seen), self.window)
+        order = (torch.arange(n, device=self.window_y.device) + int(self.window_seen) - n) % max(1, self.window)
+        for i in range(0, n, size):
+            yield self.window_x[order[i : i + size]], self.window_y[order[i : i + size]]
+
+    def solve(self, net: LocalNet, batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+        """Statistics from scratch over ``batches`` (None: the window's samples) through the layers as they
+        are (no forgetting), keeping any class means imprinted for classes that have no samples in them."""
+        if batches is None:
+            if not self.window:
+                raise InputError("this lda readout keeps no window of samples (TrainConfig.readout_window is 0): "
+                                 "pass the labelled batches to solve it from")
+            batches = self.window_batches()
         dev = self.stats.gram.device
         for buf in (self.stats.class_sum, self.stats.count, self.stats.gram, self.stats.n_pending):
             buf.zero_()
@@ -226,3 +268,9 @@ class LdaPredictor(nn.Module):
     def load_state_dict(self, state, strict: bool = True, assign: bool = False):  # type: ignore[no-untyped-def,override]
         self._solved = None
         return super().load_state_dict(state, strict=strict, assign=assign)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if prefix + "window_seen" not in state_dict and not self.window:  # saved before windows existed: none
+            for name in ("window_x", "window_y", "window_seen"):
+                state_dict[prefix + name] = getattr(self, name)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

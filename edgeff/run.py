@@ -161,7 +161,13 @@ class Run:
                   f"it off)" if tc.window else "no window")
         changes = ", ".join(f"{k}={v}" for k, v in self.model_changes.items())
         model = f"; the preset's model streams with {changes}" if changes else ""
-        return f"streaming at batch 1: lr {tc.lr:g} {lr}, {window}{model}"
+        readout = ""
+        if tc.predictor == "lda":
+            readout = ("; its lda readout follows the stream" if tc.readout_memory else
+                       "; its lda readout is solved when the pass is complete, from "
+                       + (f"the last {tc.readout_window} samples, kept in memory" if tc.readout_window else
+                          "one more pass over the data"))
+        return f"streaming at batch 1: lr {tc.lr:g} {lr}, {window}{model}{readout}"
 
     def resume_note(self) -> str:
         """What resuming means for this run, for people."""

@@ -61,7 +61,8 @@ class Learner(LearnerBase):
     metrics = "goodness"
     capabilities = frozenset({"layer_predictions", "per_layer_export", "device_export", "edge_runtime", "pipeline"})
     train_fields = frozenset({"schedule", "greedy_steps", "negatives", "predictor", "eval_layers", "head_lr", "frugal",
-                              "chunk", "weight_decay", "readout_memory"})
+                              "chunk", "weight_decay", "readout_memory",
+                              "readout_window"})
     model_fields = frozenset({"label", "label_learned", "icp_rate", "threshold", "alpha", "sharpness", "peer_norm",
                               "relu_grad", "init", "shrinkage"})
 
@@ -72,6 +73,7 @@ class Learner(LearnerBase):
             t.discard("head_lr")
         if train.predictor != "lda":
             t.discard("readout_memory")
+            t.discard("readout_window")
             m.discard("shrinkage")
         if train.schedule != "greedy":
             t.discard("greedy_steps")
@@ -222,12 +224,13 @@ class Learner(LearnerBase):
         follow the stream takes one pass over ``batches()`` through the trained layers)."""
         self.predictor.end_of_plan(self.net, lambda: self._as_tensors(batches()))
 
-    def solve_readout(self, batches: Iterable[tuple[Any, Any]]) -> None:
+    def solve_readout(self, batches: Iterable[tuple[Any, Any]] | None = None) -> None:
         """Solve an lda predictor's readout from ``batches`` (labelled samples) through the layers as they
-        are now, e.g. after training with ``learn_many``; its statistics restart from these samples."""
+        are now, e.g. after training with ``learn_many``; its statistics restart from these samples. Without
+        batches, from the samples its window holds (``TrainConfig.readout_window``)."""
         if not isinstance(self.predictor, LdaPredictor):
             raise InputError(f"solve_readout needs the lda predictor; this learner predicts by {self.predictor.kind}")
-        self.predictor.solve(self.net, self._as_tensors(batches))
+        self.predictor.solve(self.net, None if batches is None else self._as_tensors(batches))
 
     def _as_tensors(self, batches: Iterable[tuple[Any, Any]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for x, y in batches:

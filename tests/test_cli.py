@@ -139,6 +139,8 @@ def test_batch_one_streams_with_the_recipes_model(tmp_path: Path) -> None:
     out, model = runs["1"]
     assert "the preset's model streams with peer_norm=0.0, relu_grad=zero" in out, out
     assert (model.peer_norm, model.relu_grad) == (0.0, "zero")
+    assert "its lda readout is solved when the pass is complete, from the last 10000 samples, kept in memory" in out
+    assert int(checkpoint.load(tmp_path / "b1.pt")[0].predictor.window_seen) == 30  # type: ignore[attr-defined]
     assert (runs["10"][1].peer_norm, runs["10"][1].relu_grad) == (0.06, "pass")
     assert "streams with" not in runs["10"][0]
     res = runner.invoke(app, ["train", "--preset", "ff-mlp", "--samples", "30", "--epochs", "2", "--batch-size", "1",

@@ -142,7 +142,8 @@ CONDITION = {"greedy_steps": {"schedule": "greedy"}, "head_lr": {"predictor": "h
 # tested in test_trainer.py / test_memory.py) or that only the training loop reads
 NOT_OBSERVABLE_IN_TWO_STEPS = {"frugal", "chunk", "device", "batch_size", "epochs", "lr_final", "lr_hold",
                                "window",  # window: the loop's (test_window.py)
-                               "readout_memory"}  # forgets a block of 64 samples at a time (test_readout.py)
+                               "readout_memory",  # forgets a block of 64 samples at a time (test_readout.py)
+                               "readout_window"}  # read when the plan is complete (test_readout.py)
 
 
 def _observed(learner: LearnerBase, x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

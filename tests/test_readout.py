@@ -16,7 +16,7 @@ from edgeff.analytic import AnalyticLearner
 from edgeff.config import LayerSpec
 from edgeff.data import ImageData
 from edgeff.errors import InputError, UnsupportedError
-from edgeff.loop import train_epochs
+from edgeff.loop import planned_batches, train_epochs
 from edgeff.presets import PRESETS
 from edgeff.readout import BLOCK, ForgettingStats, LdaPredictor
 from edgeff.trainer import Learner
@@ -135,6 +135,44 @@ def test_a_stream_window_is_not_counted_again(mnist_small: ImageData) -> None:
                        torch.bincount(torch.as_tensor(y), minlength=10).double())
 
 
+def test_a_readout_window_solves_from_the_streams_latest_samples(mnist_small: ImageData, tmp_path: Path) -> None:
+    """A one-pass stream at batch 1 with a window of 150 samples, checkpointed and resumed halfway: at the end
+    of the plan its readout is the one ``solve_readout`` gives a learner without a window, trained on the same
+    stream, from the stream's last 150 samples (the window wraps: 300 samples went through it). No second pass
+    over the data is taken: ``end_of_plan``'s batches are never iterated."""
+    cfg = {"batch_size": 1, "window": 4, "lr": 1e-4, "lr_final": None, "epochs": 1, "readout_memory": 0}
+    n = 300
+    stream = list(mnist_small.train_batches(1, seed=0, epoch=0, limit=n))
+    steps = list(planned_batches(_lda_learner(**cfg).train_cfg, 0, mnist_small, epochs=1, batch_size=1, limit=n))
+    windowed = _lda_learner(readout_window=150, **cfg)
+    for x, y, _, _ in steps[: n // 2]:
+        windowed.learn_many(x, y)
+    checkpoint.save(windowed, tmp_path / "ck.pt")
+    windowed, _ = checkpoint.load(tmp_path / "ck.pt", device="cpu")
+    assert isinstance(windowed, Learner) and int(windowed.predictor.window_seen) == n // 2  # type: ignore[union-attr]
+    for x, y, _, _ in steps[n // 2 :]:
+        windowed.learn_many(x, y)
+    taken = []
+
+    def never() -> list[tuple[torch.Tensor, torch.Tensor]]:
+        taken.append(1)
+        return []
+
+    windowed.end_of_plan(never)
+    assert not taken
+    plain = _lda_learner(**cfg)
+    train_epochs(plain, mnist_small, epochs=1, batch_size=1, limit=n)  # solved from all 300 samples
+    for k, v in plain.net.state_dict().items():
+        assert torch.equal(v, windowed.net.state_dict()[k]), k
+    plain.solve_readout([(torch.cat([torch.as_tensor(x) for x, _ in stream[n - 150 :]]),
+                          torch.cat([torch.as_tensor(y) for _, y in stream[n - 150 :]]))])
+    xt = mnist_small.normalise(mnist_small.x_test[:300])
+    sa, sb = windowed.scores(xt), plain.scores(xt)
+    torch.testing.assert_close(sa, sb, rtol=1e-4, atol=1e-5 * float(sb.abs().max()))
+    windowed.solve_readout()  # on demand, from the same window: the same readout
+    torch.testing.assert_close(windowed.scores(xt), sb, rtol=1e-4, atol=1e-5 * float(sb.abs().max()))
+
+
 def test_the_lda_predictor_reads_the_trained_features(mnist_small: ImageData) -> None:
     """One epoch on 2,000 shipped digits: the readout beats goodness on the same network (one forward
     pass instead of ten); a new class from 20 examples is predicted for most of them and the old classes'
@@ -165,6 +203,10 @@ def test_where_the_lda_predictor_is_refused() -> None:
         make_learner(p, train=replace(p.train, device="cpu", predictor="lda"))
     with pytest.raises(InputError, match="readout_memory"):
         replace(SYMBA.train, readout_memory=-1)
+    with pytest.raises(InputError, match="readout_window"):
+        make_learner(SYMBA, train=replace(SYMBA.train, device="cpu", readout_window=100))
+    with pytest.raises(InputError, match="readout_window is 0"):  # nothing kept to solve from
+        _lda_learner().solve_readout()
     from edgeff.edge.learner import make_edge_learner
 
     with pytest.raises(UnsupportedError, match="lda"):
