@@ -210,12 +210,13 @@ def test_the_twin_takes_only_the_fields_it_reads() -> None:
 def test_every_preset_and_its_twin_build_with_the_stream_recipe() -> None:
     """At batch 1 each learner gets the part of the stream recipe its family reads (none of it refused), its
     model the recipe's changes."""
-    from edgeff.presets import stream_preset, stream_train
+    from edgeff.presets import STREAM_RECIPE, stream_preset, stream_train
 
     for name, p in PRESETS.items():
         at_one = replace(p.train, batch_size=1, device="cpu")
         if p.algorithm == "local":
             build(stream_preset(p, 1).model, stream_train(p, at_one))
-        twin = stream_train(p, at_one, backprop=True)
-        assert (twin.lr, twin.window) == (1e-4, 8), name
+        twin = stream_train(p, at_one, backprop=True)  # the same stream: the preset's recipe, lr and window
+        recipe = {**STREAM_RECIPE, **p.stream}
+        assert (twin.lr, twin.window) == (recipe["lr"], recipe["window"]) == (1e-4, 0 if name == "trifecta-cnn" else 8), name
         build(p.model, twin, backprop=True)
