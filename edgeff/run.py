@@ -163,10 +163,11 @@ class Run:
         model = f"; the preset's model streams with {changes}" if changes else ""
         readout = ""
         if tc.predictor == "lda":
-            readout = ("; its lda readout follows the stream" if tc.readout_memory else
-                       "; its lda readout is solved when the pass is complete, from "
-                       + (f"the last {tc.readout_window} samples, kept in memory" if tc.readout_window else
-                          "one more pass over the data"))
+            solved = ("is solved when the pass is complete, from "
+                      + (f"the last {tc.readout_window} samples, kept in memory" if tc.readout_window else
+                         "one more pass over the data"))
+            readout = ("; its lda readout follows the stream" + (f" and {solved}" if tc.readout_window else "")
+                       if tc.readout_memory else f"; its lda readout {solved}")
         return f"streaming at batch 1: lr {tc.lr:g} {lr}, {window}{model}{readout}"
 
     def resume_note(self) -> str:

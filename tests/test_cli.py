@@ -123,6 +123,25 @@ def test_batch_one_streams_with_the_recipe_unless_told_otherwise(tmp_path: Path)
     assert res.exit_code != 0 and "--window must be 0" in res.output
 
 
+def test_stream_line_names_every_way_the_readout_is_solved(tmp_path: Path) -> None:
+    """An lda readout that follows the stream and also keeps a window is re-solved from the window when the pass
+    is complete: the stream line says both (learner API settings the CLI has no flags for)."""
+    from dataclasses import replace
+
+    from edgeff.run import Run, RunOptions
+
+    run = Run(RunOptions(preset="ff-mlp", samples=10, epochs=1, batch_size=1, device="cpu", out=tmp_path / "r.pt"))
+    tc = run.learner.train_cfg
+    run.learner.train_cfg = replace(tc, readout_memory=500, readout_window=0)
+    assert (run.stream_note() or "").endswith("; its lda readout follows the stream")
+    run.learner.train_cfg = replace(tc, readout_memory=500, readout_window=300)
+    assert (run.stream_note() or "").endswith("; its lda readout follows the stream and is solved when the pass "
+                                              "is complete, from the last 300 samples, kept in memory")
+    run.learner.train_cfg = replace(tc, readout_memory=0, readout_window=0)
+    assert (run.stream_note() or "").endswith("; its lda readout is solved when the pass is complete, from one "
+                                              "more pass over the data")
+
+
 def test_batch_one_streams_with_the_recipes_model(tmp_path: Path) -> None:
     """ff-mlp's stream recipe changes its model (no peer normalisation, a plain ReLU): a new model at batch 1
     takes it and says so, a batch of 10 keeps the preset's, and a resumed stream keeps the model it has."""
