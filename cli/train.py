@@ -149,6 +149,8 @@ def train(
     with progress_bar(disable=not progress) as bar:
         task = bar.add_task("test", total=len(run.data.y_test))
         res = run.finish(on_batch=lambda n: bar.update(task, advance=n))
+    if run.readied:
+        out.print(run.readied, highlight=False, style="dim")
     if memory_report:
         _memory_report(run)
     out.print(f"trained in {run.seconds:.1f}s; test accuracy {res.accuracy:.2%} on {res.n} images", highlight=False)
@@ -184,6 +186,9 @@ def eval_cmd(
              f"{ds.input_shape}; evaluate it on the data set it was trained on ({meta.get('dataset')})")
     if layers is not None:
         learner.select_eval_layers(layers)
+    readied = learner.ready_to_predict()
+    if readied and not as_json:
+        out.print(readied, highlight=False, style="dim")
     with progress_bar(err, disable=not progress or as_json) as bar:
         task = bar.add_task("test", total=min(limit or len(ds.y_test), len(ds.y_test)))
         res = evaluate(learner, ds.test_batches(500, limit=limit), per_layer=True,
@@ -238,6 +243,9 @@ def export(
     from edgeff.data import load_data
 
     learner, meta = checkpoint.load(checkpoint_path, device="cpu")
+    readied = learner.ready_to_predict()
+    if readied:
+        out.print(readied, highlight=False, style="dim")
     if per_layer:
         manifest = export_layers(learner, out_path, meta=meta)
         total = sum(p.stat().st_size for p in out_path.iterdir())

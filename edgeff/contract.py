@@ -101,6 +101,12 @@ class LearnerBase(ABC):
         the stream (``readout_memory=0``) solves its readout here, from one pass through the trained layers (or
         from the samples its ``readout_window`` holds, without that pass)."""
 
+    def ready_to_predict(self) -> str | None:
+        """Ready a model saved partway through its plan to predict, where that needs no data; a line saying
+        what was done, or None when nothing was needed (every family but a goodness learner whose lda readout
+        keeps a window: solved from the samples the window holds, as the end of the plan would)."""
+        return None
+
     def learn_one(self, x: torch.Tensor | np.ndarray, y: int) -> list[LayerMetrics]:
         """``learn_many`` on a single sample of shape (C, H, W)."""
         return self.learn_many(as_batch(x, self.model_cfg.input_shape, single=True), [int(y)])

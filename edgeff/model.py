@@ -122,6 +122,10 @@ class GoodnessPredictor:
     def end_of_plan(self, net: LocalNet, batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]) -> None:
         """Nothing to solve."""
 
+    def ready(self, net: LocalNet) -> str | None:
+        """Always ready to predict."""
+        return None
+
     def state_dict(self) -> dict[str, object]:
         return {}
 
@@ -186,6 +190,10 @@ class HeadPredictor(nn.Module):
 
     def end_of_plan(self, net: LocalNet, batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]) -> None:
         """Nothing to solve: the head learned every step."""
+
+    def ready(self, net: LocalNet) -> str | None:
+        """Always ready to predict: the head learned every step."""
+        return None
 
     def ensure_optimizer(self) -> LeanOptimizer:
         if self.opt is None:

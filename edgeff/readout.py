@@ -221,6 +221,17 @@ class LdaPredictor(nn.Module):
         elif not self.follows:
             self.solve(net, batches())
 
+    def ready(self, net: LocalNet) -> str | None:
+        """A readout solved at the end of the plan, asked to predict before it (a checkpoint saved mid-stream):
+        solved from the samples its window holds, if it keeps one; a line saying so, or None."""
+        unsolved = not self.follows and float(self.stats.count.sum()) + int(self.stats.n_pending) == 0
+        held = min(int(self.window_seen), self.window)
+        if not (unsolved and held):
+            return None
+        self.solve(net)
+        return f"the lda readout was not solved yet (saved before its planned run was complete): solved it from " \
+               f"the {held} samples its window holds"
+
     def window_batches(self, size: int = 500) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The samples the window holds, oldest first, in batches of ``size``."""
         n = min(int(self.window_seen), self.window)

@@ -134,6 +134,7 @@ class Run:
                                      "mean": list(self.data.mean), "std": list(self.data.std), "preset": o.preset,
                                      "samples_per_epoch": self.per_epoch}
         self.seconds = 0.0
+        self.readied: str | None = None
 
     def _resume(self, p: Preset) -> LearnerBase:
         o = self.options
@@ -207,8 +208,11 @@ class Run:
         self.seconds += time.perf_counter() - t0
 
     def finish(self, on_batch: Callable[[int], None] | None = None) -> EvalResult:
-        """Save the checkpoint and evaluate on the full test set (``on_batch(n)`` after each test batch)."""
+        """Save the checkpoint and evaluate on the full test set (``on_batch(n)`` after each test batch). A run
+        that stops before its plan is complete is saved as it is (to resume), then readied to predict where that
+        needs no data (``readied`` says how, or is None)."""
         checkpoint.save(self.learner, self.path, meta=self.meta)
+        self.readied = self.learner.ready_to_predict()
         return evaluate(self.learner, self.data.test_batches(500), per_layer=True, on_batch=on_batch)
 
 

@@ -224,6 +224,9 @@ class Learner(LearnerBase):
         follow the stream takes one pass over ``batches()`` through the trained layers)."""
         self.predictor.end_of_plan(self.net, lambda: self._as_tensors(batches()))
 
+    def ready_to_predict(self) -> str | None:
+        return self.predictor.ready(self.net)
+
     def solve_readout(self, batches: Iterable[tuple[Any, Any]] | None = None) -> None:
         """Solve an lda predictor's readout from ``batches`` (labelled samples) through the layers as they
         are now, e.g. after training with ``learn_many``; its statistics restart from these samples. Without

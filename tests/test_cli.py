@@ -142,6 +142,30 @@ def test_stream_line_names_every_way_the_readout_is_solved(tmp_path: Path) -> No
                                               "more pass over the data")
 
 
+def test_a_stream_saved_before_its_plan_is_complete_evaluates_from_its_window(tmp_path: Path) -> None:
+    """ff-mlp streams at batch 1 with an lda readout solved from a window when its plan is complete; a checkpoint
+    saved before that (one of two planned epochs) is evaluated by `edgeff eval` from the samples its window holds,
+    which it says, at the accuracy `solve_readout()` gives the same checkpoint through the library."""
+    from edgeff import evaluate
+    from edgeff.data import load_data
+    from edgeff.errors import UnsupportedError
+
+    path = tmp_path / "s.pt"
+    res = runner.invoke(app, ["train", "--preset", "ff-mlp", "--samples", "120", "--epochs", "1", "--lr-epochs", "2",
+                              "--batch-size", "1", "--device", "cpu", "--out", str(path), "--no-progress"])
+    assert res.exit_code == 0 and "solved it from the 120 samples its window holds" in res.output, res.output
+    res = runner.invoke(app, ["eval", str(path), "--device", "cpu", "--no-progress", "--limit", "300", "--json"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.output)["accuracy"]
+    res = runner.invoke(app, ["eval", str(path), "--device", "cpu", "--no-progress", "--limit", "300"])
+    assert "solved it from the 120 samples its window holds" in res.output, res.output
+    learner, _ = checkpoint.load(path)
+    with pytest.raises(UnsupportedError, match="has not been solved yet"):  # saved unsolved, to resume
+        learner.predict_many(torch.zeros(1, 1, 28, 28))
+    learner.solve_readout()
+    assert got == evaluate(learner, load_data("builtin").test_batches(500, limit=300)).accuracy
+
+
 def test_batch_one_streams_with_the_recipes_model(tmp_path: Path) -> None:
     """ff-mlp's stream recipe changes its model (no peer normalisation, a plain ReLU): a new model at batch 1
     takes it and says so, a batch of 10 keeps the preset's, and a resumed stream keeps the model it has."""
