@@ -70,6 +70,8 @@ def train(
                             on_step=on_step, on_start=on_start)
     except _user_errors() as e:
         _fail(str(e))
+    if res.readied:
+        out.print(res.readied, highlight=False, style="dim")
     layers = " ".join(f"L{i + 1} {a:.2%}" for i, a in enumerate(res.test["layer_accuracy"]))
     out.print(f"test accuracy {res.test['accuracy']:.2%} on {res.test['samples']} images (per layer: {layers})")
     out.print(f"wrote {res.path} ({res.learner.samples_seen} samples seen)")
@@ -98,6 +100,7 @@ def eval_cmd(
             from edgeff.edge import evaluate, load
 
             learner, _ = load(model)
+            learner.ready_to_predict()
             res = {**evaluate(learner, ds.test_batches(200, limit=limit), per_layer=True), "backend": "numpy"}
     except _user_errors() as e:
         _fail(str(e))

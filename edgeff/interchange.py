@@ -20,6 +20,7 @@ import torch
 from edgeff.checkpoint import load as load_checkpoint
 from edgeff.checkpoint import save as save_checkpoint
 from edgeff.contract import LearnerBase, learner_class
+from edgeff.edge.analytic import PENDING
 from edgeff.edge.learner import EdgeLearner, UnsupportedError
 from edgeff.edge.optim import Optimizer
 from edgeff.edge.store import load as load_edge
@@ -36,8 +37,11 @@ def to_edge(learner: LearnerBase) -> EdgeLearner:
         raise UnsupportedError(f"a {type(learner).__name__} cannot run on the edge runtime; it trains goodness, "
                                "CFL and streaming-LDA models")
     edge = EdgeLearner(learner.model_cfg, learner.train_cfg)
-    edge.load_arrays({k: v.detach().cpu().numpy() if v.dtype in (torch.float64, torch.int64) else
-                      v.detach().cpu().float().numpy() for k, v in learner.net.state_dict().items()})
+    arrays = {k: v.detach().cpu().numpy() if v.dtype in (torch.float64, torch.int64) else
+              v.detach().cpu().float().numpy() for k, v in learner.net.state_dict().items()}
+    if edge.predictor is not None:
+        arrays.update(_lda_to_edge(learner.predictor.state_dict()))  # type: ignore[attr-defined]
+    edge.load_arrays(arrays)
     edge.step, edge.samples_seen = learner.step, learner.samples_seen
     for i, (tl, el) in enumerate(zip(learner.net.local_layers, edge.layers, strict=True)):
         el.set_lr(tl.lr)
@@ -55,13 +59,49 @@ def to_edge(learner: LearnerBase) -> EdgeLearner:
     return edge
 
 
+def _lda_to_edge(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """A torch lda predictor's state as the edge's arrays. Both keep the same sums; they differ in what waits
+    in the pending block (torch: features and labels; numpy: features for the Gram matrix only), so the block
+    is folded in: the same statistics, nothing pending."""
+    n = int(state["stats.n_pending"])
+    tail = state["stats.pending"][:n].double()
+    ty = state["stats.pending_y"][:n]
+    gram = state["stats.gram"].clone().addmm_(tail.T, tail)
+    class_sum = state["stats.class_sum"].clone().index_add_(0, ty, tail)
+    count = state["stats.count"] + torch.bincount(ty, minlength=state["stats.count"].shape[0]).double()
+    dim = gram.shape[0]
+    return {"predictor.stats.class_sum": class_sum.numpy(), "predictor.stats.count": count.numpy(),
+            "predictor.stats.gram": gram.numpy(), "predictor.stats.pending": np.zeros((PENDING, dim), np.float32),
+            "predictor.stats.n_pending": np.zeros((), np.int64),
+            "predictor.stats.imprint": state["stats.imprint"].float().numpy(),
+            **{f"predictor.{n}": state[n].numpy() for n in ("window_x", "window_y", "window_seen")}}
+
+
+def _lda_from_edge(arrays: dict[str, np.ndarray], template: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The edge's lda arrays as a torch predictor's state (``template``: its shapes and dtypes); the edge's
+    pending features are folded into the Gram matrix (its sums and counts already hold them)."""
+    n = int(arrays["predictor.stats.n_pending"])
+    tail = np.asarray(arrays["predictor.stats.pending"][:n], np.float64)
+    state = {k: v.clone().zero_() for k, v in template.items()}
+    state["stats.gram"] = torch.from_numpy(np.asarray(arrays["predictor.stats.gram"], np.float64) + tail.T @ tail)
+    for name in ("class_sum", "count", "imprint"):
+        state[f"stats.{name}"] = torch.from_numpy(np.array(arrays[f"predictor.stats.{name}"])).to(template[f"stats.{name}"].dtype)
+    for name in ("window_x", "window_y", "window_seen"):
+        state[name] = torch.from_numpy(np.array(arrays[f"predictor.{name}"])).to(template[name].dtype)
+    return state
+
+
 def from_edge(edge: EdgeLearner) -> LearnerBase:
     """The torch learner in the same state as an ``EdgeLearner`` (for ONNX export, or more training)."""
     learner = learner_class(edge.kind)(edge.model_cfg, edge.train_cfg)
     sd = learner.net.state_dict()
     for name, a in edge.arrays().items():
+        if name.startswith("predictor."):  # the lda predictor's, below
+            continue
         sd[name] = torch.from_numpy(np.array(a)).to(sd[name].dtype) if name in sd else torch.from_numpy(np.array(a))
     learner.net.load_state_dict(sd)  # into the parameters the layers' optimizers were built on
+    if edge.predictor is not None:
+        learner.predictor.load_state_dict(_lda_from_edge(edge.arrays(), learner.predictor.state_dict()))  # type: ignore[attr-defined]
     learner.step, learner.samples_seen = edge.step, edge.samples_seen
     for i, (tl, el) in enumerate(zip(learner.net.local_layers, edge.layers, strict=True)):
         tl.set_lr(el.lr)

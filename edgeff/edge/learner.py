@@ -15,7 +15,9 @@ The same presets (``edgeff.presets``), the same updates and the same verbs (``le
 Layers: linear and conv (+ max-pool) with no/length/layer/running-statistics batch normalisation in
 any of the three orders; optimizers Adam, AdamW, SGD (``edgeff.edge.optim``). What needs torch is
 refused with ``UnsupportedError`` naming it: the ``olu`` schedule, ``hard`` negatives, the softmax
-``head`` predictor, CFF/ViT/mirror/backprop models and CFL's L_batch term.
+``head`` predictor, an lda readout that follows the stream, CFF/ViT/mirror/backprop models and CFL's L_batch
+term. The goodness family's ``lda`` predictor is ``edgeff.edge.readout``: solved at the end of the plan from a
+pass over the data or from a window of the stream's last samples.
 
 Random draws (wrong labels, embedding noise, crops) come from a ``numpy.random.Generator`` seeded by
 ``train.seed``; they differ from torch's draws, so the two runtimes agree step for step only when given
@@ -34,6 +36,7 @@ from edgeff.config import MAX_INPUT, ModelConfig, TrainConfig, select_layers
 from edgeff.edge.analytic import LdaStats
 from edgeff.edge.ops import F32, Op, make_block, out_shape
 from edgeff.edge.optim import Optimizer
+from edgeff.edge.readout import LdaReadout
 from edgeff.errors import InputError, UnsupportedError
 from edgeff.loop import LayerMetrics
 
@@ -217,8 +220,13 @@ def check_supported(model: ModelConfig, train: TrainConfig) -> str:
             raise UnsupportedError(f"unknown schedule {train.schedule!r}; the edge runtime trains all or greedy")
         if train.negatives != "uniform":
             raise UnsupportedError(f"{train.negatives!r} negatives need torch; the edge runtime draws uniform ones")
-        if train.predictor != "goodness":
-            raise UnsupportedError(f"the {train.predictor!r} predictor needs torch; the edge runtime predicts by goodness")
+        if train.predictor not in ("goodness", "lda"):
+            raise UnsupportedError(f"the {train.predictor!r} predictor needs torch; the edge runtime predicts by goodness "
+                                   "or an lda readout")
+        if train.predictor == "lda" and train.readout_memory:
+            raise UnsupportedError("an lda readout that follows the stream (readout_memory > 0) needs torch; the edge "
+                                   "runtime solves it when the planned run is complete (readout_memory 0), from a "
+                                   "pass over the data or its readout_window")
         if model.label not in ("overlay", "icp", "channel"):
             raise UnsupportedError(f"unknown label encoder {model.label!r}")
         if train.views != 1 or train.crop_padding or train.hflip:
@@ -305,6 +313,10 @@ class EdgeLearner:
             self._pool = {wd: pool_matrix(self.extra["embed"].shape[1], wd) for wd in set(self.widths)}
         self.eval_layers = select_layers(train.eval_layers, len(self.layers))
         self.lda = LdaStats(k, int(np.prod(shape))) if self.family == "analytic" else None
+        self.predictor: LdaReadout | None = None  # the goodness family's lda predictor (None: goodness)
+        if self.family == "goodness" and train.predictor == "lda":
+            self.predictor = LdaReadout(sum(int(np.prod(self.shapes[i])) for i in self.eval_layers), k,
+                                        model.shrinkage, train.readout_window, model.input_shape)
         self._readout: tuple[np.ndarray, np.ndarray] | None = None  # the LDA readout, until the next step
 
     # ----------------------------------------------------------------- state
@@ -327,6 +339,8 @@ class EdgeLearner:
         out.update(self.extra)
         if self.lda is not None:
             out.update(self.lda.arrays())
+        if self.predictor is not None:
+            out.update(self.predictor.arrays())
         return out
 
     def param_order(self, i: int) -> list[str]:
@@ -353,10 +367,28 @@ class EdgeLearner:
         if self.lda is not None:
             self.lda.load(arrays)
             self._readout = None
+        if self.predictor is not None:
+            self.predictor.load(arrays)
 
     def end_of_plan(self, batches: Any) -> None:
-        """Nothing to solve at the end of a run (``LearnerBase.end_of_plan``: the edge runtime predicts by
-        goodness or, for the analytic family, from statistics kept up to date)."""
+        """The planned run is complete (``LearnerBase.end_of_plan``): an lda predictor is solved, from the
+        samples its window holds or from one pass over ``batches()``; nothing for goodness, and the analytic
+        family keeps its statistics up to date."""
+        if self.predictor is not None:
+            self.predictor.solve(self._readout_features, None if self.predictor.window else batches())
+
+    def ready_to_predict(self) -> str | None:
+        """``LearnerBase.ready_to_predict``: an lda readout saved before its plan was complete is solved from
+        its window."""
+        return None if self.predictor is None else self.predictor.ready(self._readout_features)
+
+    def solve_readout(self, batches: Any = None) -> None:
+        """Solve the lda predictor's readout from labelled ``batches`` through the layers as they are now (None:
+        from the samples its window holds)."""
+        if self.predictor is None:
+            raise InputError("solve_readout needs the lda predictor; this learner predicts by "
+                             f"{'goodness' if self.family == 'goodness' else 'its family rule'}")
+        self.predictor.solve(self._readout_features, batches)
 
     def set_lr(self, lr: float) -> None:
         """Every layer's learning rate (live optimizers and those created later)."""
@@ -377,6 +409,35 @@ class EdgeLearner:
         chan = self.extra["encoder.matrix"][y].reshape(b, 1, h, w)  # one-hot @ matrix
         return np.concatenate([x, chan], axis=1)
 
+    def _neutral(self, x: np.ndarray) -> np.ndarray:
+        """The neutral label written into the input: every class's code averaged (as the torch encoders)."""
+        k = self.num_classes
+        if self.model_cfg.label == "overlay":
+            flat = x.reshape(x.shape[0], -1).copy()
+            flat[:, :k] = F32(1.0 / k)
+            return flat.reshape(x.shape)
+        codes = self.extra["encoder.patterns" if self.model_cfg.label == "icp" else "encoder.matrix"]
+        mean = codes.reshape(k, -1).mean(0).reshape(1, 1, *x.shape[2:])
+        return np.concatenate([x, np.broadcast_to(mean, (x.shape[0], 1, *x.shape[2:]))], axis=1).astype(F32)
+
+    def _readout_features(self, x: np.ndarray) -> np.ndarray:
+        """What the lda predictor reads: each chosen layer's output on the neutral-label input, flattened,
+        scaled to length √D (``edgeff.readout.LdaPredictor._features``), side by side; in chunks."""
+        out = []
+        for s in range(0, x.shape[0], 128):
+            h, feats = self._neutral(x[s : s + 128]), []
+            for i, layer in enumerate(self.layers[: max(self.eval_layers) + 1]):
+                h = layer.forward(h, train=False)
+                if i in self.eval_layers:
+                    f = h.reshape(h.shape[0], -1)
+                    norm = np.maximum(np.sqrt((f * f).sum(1, keepdims=True)), F32(1e-12))
+                    feats.append(f / norm * F32(np.sqrt(f.shape[1])))
+            out.append(np.concatenate(feats, axis=1))
+        if not out:
+            dim = sum(int(np.prod(self.shapes[i])) for i in self.eval_layers)
+            return np.zeros((0, dim), F32)
+        return np.concatenate(out).astype(F32, copy=False)
+
     # ----------------------------------------------------------------- learning
     def learn_many(self, x: Any, y: Any, *, fresh: int | None = None) -> list[LayerMetrics]:
         """One local step of every scheduled layer on a batch of any size (including 1).
@@ -392,6 +453,9 @@ class EdgeLearner:
             out = self._learn_analytic(xb, yb)
         elif self.family == "goodness":
             out = self._learn_goodness(xb, yb, fresh)
+            if self.predictor is not None:  # as the torch learner: the new samples, not a stream window's repeats
+                new = min(xb.shape[0], self.train_cfg.batch_size) if self.train_cfg.window else xb.shape[0]
+                self.predictor.learn(xb[:new], yb[:new])
         else:
             out = self._learn_cfl(xb, yb, fresh)
         self.step += 1
@@ -632,7 +696,11 @@ class EdgeLearner:
         return np.concatenate(out).astype(F32, copy=False)
 
     def scores(self, x: Any, layers: list[int] | None = None) -> np.ndarray:
-        """Class scores (B, K) summed over ``layers`` (default: the train config's ``eval_layers``)."""
+        """Class scores (B, K): the lda predictor's readout, or (goodness, CFL, and any ``layers`` given) the
+        layers' scores summed over ``layers`` (default: the train config's ``eval_layers``)."""
+        if self.predictor is not None and layers is None:
+            p, c = self.predictor.readout()
+            return (self._readout_features(as_batch(x, self.model_cfg.input_shape)) @ p + c).astype(F32, copy=False)
         sel = self.eval_layers if layers is None else layers
         return self.layer_scores(x)[..., sel].sum(-1)
 
@@ -659,6 +727,9 @@ class EdgeLearner:
             self.lda.grow(self._body(xb).mean(0) if xb is not None else np.zeros(self.lda.dim, F32))
             self._readout = None
         elif self.family == "goodness":
+            if self.predictor is not None:  # its mean is the examples' features until it has samples
+                dim = self.predictor.stats.dim
+                self.predictor.grow(self._readout_features(xb).mean(0) if xb is not None else np.zeros(dim, F32))
             if self.model_cfg.label == "overlay" and cfg.num_classes > c * h * w:
                 raise InputError("no input value left to overlay another class on; use an icp or channel model")
             if self.model_cfg.label == "icp":
@@ -717,7 +788,8 @@ def evaluate(learner: EdgeLearner, batches: Iterable[tuple[np.ndarray, np.ndarra
     for x, y in batches:
         s = learner.layer_scores(x)
         yy = np.asarray(y)
-        correct += int((s[..., learner.eval_layers].sum(-1).argmax(1) == yy).sum())
+        overall = learner.scores(x) if learner.predictor is not None else s[..., learner.eval_layers].sum(-1)
+        correct += int((overall.argmax(1) == yy).sum())
         if per_layer:
             layer_correct += (s.argmax(1) == yy[:, None]).sum(0)
         total += len(yy)

@@ -22,6 +22,7 @@ class RunResult:
     path: Path
     test: dict[str, Any]  # accuracy, samples, layer_accuracy
     resumed_from: int  # samples the learner had seen before this run
+    readied: str | None = None  # how a model stopped before its plan was complete was readied to predict
 
 
 def train_run(
@@ -77,7 +78,10 @@ def train_run(
         on_start(learner, max(0, per_epoch * n_epochs - before))
     train_epochs(learner, ds, epochs=n_epochs, batch_size=bs, seed=learner.train_cfg.seed, limit=samples,
                  on_step=on_step)
+    # a plan not complete yet: an lda readout is solved from its window to test (the end of the plan solves
+    # it again, from scratch, from the window it has then)
+    readied = learner.ready_to_predict()
     test = evaluate(learner, ds.test_batches(200), per_layer=True)
     save(learner, path, meta={"preset": preset, "data": data, "test_accuracy": test["accuracy"],
                               "mean": list(ds.mean), "std": list(ds.std), "classes": list(ds.classes)})
-    return RunResult(learner, ds, path, test, before)
+    return RunResult(learner, ds, path, test, before, readied)
