@@ -170,7 +170,7 @@ PRESETS: dict[str, Preset] = {
             "loss, so it steps whole batches (batch 256: 1.56x backprop's step memory); --schedule all or greedy "
             "takes the frugal step, the same update in chunks (0.70x). --predictor lda --eval-layers last:3: one "
             "forward pass per prediction instead of ten, a closed-form readout on the last three layers' "
-            "neutral-label features, solved when the run is complete (a ModelConfig with shrinkage=0.003): MNIST, the same network "
+            "neutral-label features, solved when the run is complete (--shrinkage 0.003): MNIST, the same network "
             "after 6 epochs, 98.35% vs 96.75% by goodness (last:2 97.99%, at shrinkage 0.003 98.16%). At batch 1 "
             "(its stream recipe) it predicts so, the readout solved from the stream's last 10,000 samples, kept "
             "in memory (31 MB of MNIST inputs), and it streams without the recipe's window of 8: a conv layer's "

@@ -57,6 +57,7 @@ class RunOptions:
     window: int | None = None  # stream window (TrainConfig.window) [default: the preset's, its stream recipe's at batch 1]
     predictor: str | None = None  # goodness family: goodness, head or lda (TrainConfig.predictor)
     eval_layers: str | None = None  # the layers the predictor reads (TrainConfig.eval_layers)
+    shrinkage: float | None = None  # an lda readout's ridge (ModelConfig.shrinkage) [default: the preset's]
     checkpoint_every: int | None = None  # samples; None: every CHECKPOINT_SECONDS; 0: only at the end
 
 
@@ -74,6 +75,10 @@ def check_options(o: RunOptions, path: Path) -> None:
         raise InputError(f"--window must be 0 (off) or a number of samples, got {o.window}")
     if o.chunk is not None and o.chunk < 0:
         raise InputError(f"--chunk must be 0 (the whole batch) or a number of pairs, got {o.chunk}")
+    if o.shrinkage is not None and not (math.isfinite(o.shrinkage) and o.shrinkage >= 0):
+        raise InputError(f"--shrinkage must be a finite number >= 0, got {o.shrinkage}")
+    if o.shrinkage is not None and o.resume and path.is_file():
+        raise InputError("--shrinkage sets a new model's readout; a resumed run keeps the one it was saved with")
     if o.optim_state not in STATE_DTYPES:
         raise InputError(f"--optim-state must be {', '.join(STATE_DTYPES)}, got {o.optim_state!r}")
     resolve_device(o.device)  # unknown or unavailable device
@@ -124,8 +129,9 @@ class Run:
             streaming = stream_preset(p, tc.batch_size)  # batch 1: the stream recipe's model
             self.model_changes = {} if streaming is p else dict(p.stream_model)
             p = streaming
+            shrinkage = p.model.shrinkage if o.shrinkage is None else o.shrinkage  # refused where nothing reads it
             p = replace(p, model=replace(p.model, input_shape=self.data.input_shape, num_classes=len(classes),
-                                         class_names=classes))
+                                         class_names=classes, shrinkage=shrinkage))
             self.learner = make_learner(p, train=tc, backprop=o.backprop)
         n = len(self.data.y_train)
         self.per_epoch = min(o.samples, n) if o.samples else n

@@ -166,6 +166,26 @@ def test_a_stream_saved_before_its_plan_is_complete_evaluates_from_its_window(tm
     assert got == evaluate(learner, load_data("builtin").test_batches(500, limit=300)).accuracy
 
 
+def test_shrinkage_sets_a_new_models_lda_readout(tmp_path: Path) -> None:
+    """--shrinkage reaches the lda readout a new model solves, is refused where nothing reads it and on a resumed
+    run, and changes the readout it solves."""
+    base = ["train", "--preset", "symba-mlp", "--samples", "200", "--epochs", "1", "--device", "cpu", "--no-progress"]
+    scores = {}
+    for shr in ("0.5", None):
+        path = tmp_path / f"m{shr}.pt"
+        res = runner.invoke(app, [*base, "--predictor", "lda", "--out", str(path), *(["--shrinkage", shr] if shr else [])])
+        assert res.exit_code == 0, res.output
+        learner, _ = checkpoint.load(path)
+        assert learner.model_cfg.shrinkage == (0.5 if shr else 0.01) == learner.predictor.shrinkage  # type: ignore[attr-defined]
+        scores[shr] = learner.scores(torch.zeros(2, 1, 28, 28))
+    assert not torch.allclose(scores["0.5"], scores[None])
+    res = runner.invoke(app, [*base, "--shrinkage", "0.5", "--out", str(tmp_path / "g.pt")])
+    assert res.exit_code != 0 and "does not use shrinkage=0.5" in res.output, res.output
+    res = runner.invoke(app, [*base, "--predictor", "lda", "--shrinkage", "0.1", "--out", str(tmp_path / "m0.5.pt"),
+                              "--resume"])
+    assert res.exit_code != 0 and "a resumed run keeps" in res.output, res.output
+
+
 def test_batch_one_streams_with_the_recipes_model(tmp_path: Path) -> None:
     """ff-mlp's stream recipe changes its model (no peer normalisation, a plain ReLU): a new model at batch 1
     takes it and says so, a batch of 10 keeps the preset's, and a resumed stream keeps the model it has."""
