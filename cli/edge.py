@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from edgeff.cli.common import Dataset, err, out  # the main CLI's choices and consoles (no torch at load)
 from edgeff.cli.common import fail as _fail
 from edgeff.cli.device import device_sim
+
+if TYPE_CHECKING:
+    from edgeff.edge.learner import EdgeLearner
 
 app = typer.Typer(help="edgeff's edge runtime: train and run layer-local models with numpy alone (no torch).",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -55,8 +58,14 @@ def train(
                    console=err, disable=not progress)
     task = None
 
-    def on_start(learner: object, total: int) -> None:
+    def on_start(learner: EdgeLearner, total: int) -> None:
         nonlocal task
+        if learner.train_cfg.batch_size == 1 and learner.samples_seen == 0:  # a new stream: its recipe, said
+            from edgeff.presets import get_preset, stream_line
+
+            out.print(stream_line(learner.train_cfg, dict(get_preset(preset).stream_model),
+                                  closed_form=learner.family == "analytic", window_hint=""),
+                      highlight=False, style="dim")
         task = bar.add_task("train", total=total, m="")
 
     def on_step(metrics: object, n: int) -> None:

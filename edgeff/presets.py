@@ -47,6 +47,26 @@ def stream_train(p: Preset, train: TrainConfig, chosen: Iterable[str] = (), *, b
     return replace(train, **{k: v for k, v in {**STREAM_RECIPE, **p.stream}.items() if k not in skip})
 
 
+def stream_line(tc: TrainConfig, model_changes: dict[str, Any], *, closed_form: bool = False,
+                window_hint: str = "; --window 0 turns it off") -> str:
+    """How a batch-1 run streams (the recipe's or the user's settings), in one line for people (both CLIs)."""
+    if closed_form:
+        return "streaming at batch 1: closed form (no lr, no window); the model does not depend on the batch size"
+    lr = "constant" if tc.lr_final is None else f"decaying to {tc.lr_final:g}"
+    window = (f"window {tc.window} (each new sample is learned with the {tc.window} before it{window_hint})"
+              if tc.window else "no window")
+    changes = ", ".join(f"{k}={v}" for k, v in model_changes.items())
+    model = f"; the preset's model streams with {changes}" if changes else ""
+    readout = ""
+    if tc.predictor == "lda":
+        solved = ("is solved when the pass is complete, from "
+                  + (f"the last {tc.readout_window} samples, kept in memory" if tc.readout_window else
+                     "one more pass over the data"))
+        readout = ("; its lda readout follows the stream" + (f" and {solved}" if tc.readout_window else "")
+                   if tc.readout_memory else f"; its lda readout {solved}")
+    return f"streaming at batch 1: lr {tc.lr:g} {lr}, {window}{model}{readout}"
+
+
 def stream_preset(p: Preset, batch_size: int) -> Preset:
     """``p`` as a new model learns from a stream: at batch 1 its model takes ``p.stream_model`` (the changes
     its stream recipe makes to the architecture or loss, e.g. ff-mlp's features without peer normalisation);

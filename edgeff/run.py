@@ -24,7 +24,7 @@ from edgeff.evaluation import EvalResult, evaluate
 from edgeff.inputs import resolve_device
 from edgeff.loop import train_epochs
 from edgeff.optim import STATE_DTYPES
-from edgeff.presets import Preset, get_preset, make_learner, stream_preset, stream_train
+from edgeff.presets import Preset, get_preset, make_learner, stream_line, stream_preset, stream_train
 
 CHECKPOINT_SECONDS = 300.0  # a run saves its checkpoint this often by default
 
@@ -161,21 +161,7 @@ class Run:
         tc = self.learner.train_cfg
         if tc.batch_size != 1 or self.resumed:
             return None
-        if "lr" in type(self.learner).core_unused:
-            return "streaming at batch 1: closed form (no lr, no window); the model does not depend on the batch size"
-        lr = "constant" if tc.lr_final is None else f"decaying to {tc.lr_final:g}"
-        window = (f"window {tc.window} (each new sample is learned with the {tc.window} before it; --window 0 turns "
-                  f"it off)" if tc.window else "no window")
-        changes = ", ".join(f"{k}={v}" for k, v in self.model_changes.items())
-        model = f"; the preset's model streams with {changes}" if changes else ""
-        readout = ""
-        if tc.predictor == "lda":
-            solved = ("is solved when the pass is complete, from "
-                      + (f"the last {tc.readout_window} samples, kept in memory" if tc.readout_window else
-                         "one more pass over the data"))
-            readout = ("; its lda readout follows the stream" + (f" and {solved}" if tc.readout_window else "")
-                       if tc.readout_memory else f"; its lda readout {solved}")
-        return f"streaming at batch 1: lr {tc.lr:g} {lr}, {window}{model}{readout}"
+        return stream_line(tc, self.model_changes, closed_form="lr" in type(self.learner).core_unused)
 
     def resume_note(self) -> str:
         """What resuming means for this run, for people."""

@@ -422,6 +422,11 @@ def test_pi_commands_run_where_torch_cannot_be_imported(tmp_path):
     assert json.loads(r.stdout)["backend"] == "onnxruntime"
     r = _edge_cli(env, "convert", str(model), str(tmp_path / "m.pt"), check=False)
     assert r.returncode == 2 and "needs torch" in r.stderr
+    # ff-mlp's stream recipe, its lda readout included, without torch; the stream line says how it streams
+    r = _edge_cli(env, "train", "--preset", "ff-mlp", "--samples", "60", "--epochs", "1", "--batch-size", "1",
+                  "--no-progress", "--out", str(tmp_path / "ff.npz"))
+    assert "its lda readout is solved when the pass is complete, from the last 10000 samples" in r.stdout, r.stdout
+    assert "test accuracy" in r.stdout and "--window" not in r.stdout
     r = _edge_cli(env, "train", "--preset", "cff-mlp", "--no-progress", check=False)
     assert r.returncode == 2 and "need torch" in r.stderr and "Traceback" not in r.stderr
     sim = subprocess.Popen([sys.executable, "-m", "edgeff.cli.edge", "device-sim", "--socket", "0"], env=env,
