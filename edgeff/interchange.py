@@ -40,7 +40,7 @@ def to_edge(learner: LearnerBase) -> EdgeLearner:
     arrays = {k: v.detach().cpu().numpy() if v.dtype in (torch.float64, torch.int64) else
               v.detach().cpu().float().numpy() for k, v in learner.net.state_dict().items()}
     if edge.predictor is not None:
-        arrays.update(_lda_to_edge(learner.predictor.state_dict()))  # type: ignore[attr-defined]
+        arrays.update(_lda_to_edge(learner.predictor))  # type: ignore[attr-defined]
     edge.load_arrays(arrays)
     edge.step, edge.samples_seen = learner.step, learner.samples_seen
     for i, (tl, el) in enumerate(zip(learner.net.local_layers, edge.layers, strict=True)):
@@ -59,16 +59,12 @@ def to_edge(learner: LearnerBase) -> EdgeLearner:
     return edge
 
 
-def _lda_to_edge(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """A torch lda predictor's state as the edge's arrays. Both keep the same sums; they differ in what waits
+def _lda_to_edge(predictor: Any) -> dict[str, np.ndarray]:
+    """A torch ``LdaPredictor``'s state as the edge's arrays. Both keep the same sums; they differ in what waits
     in the pending block (torch: features and labels; numpy: features for the Gram matrix only), so the block
     is folded in: the same statistics, nothing pending."""
-    n = int(state["stats.n_pending"])
-    tail = state["stats.pending"][:n].double()
-    ty = state["stats.pending_y"][:n]
-    gram = state["stats.gram"].clone().addmm_(tail.T, tail)
-    class_sum = state["stats.class_sum"].clone().index_add_(0, ty, tail)
-    count = state["stats.count"] + torch.bincount(ty, minlength=state["stats.count"].shape[0]).double()
+    gram, class_sum, count = predictor.stats.folded()
+    state = predictor.state_dict()
     dim = gram.shape[0]
     return {"predictor.stats.class_sum": class_sum.numpy(), "predictor.stats.count": count.numpy(),
             "predictor.stats.gram": gram.numpy(), "predictor.stats.pending": np.zeros((PENDING, dim), np.float32),

@@ -122,13 +122,16 @@ class ForgettingStats(nn.Module):
                 self.count.mul_(keep).add_(torch.bincount(self.pending_y, minlength=self.count.shape[0]).double())
                 self.n_pending.zero_()
 
-    def readout(self, shrinkage: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """``solve_lda`` over the statistics and the pending block (which counts, without changing the state)."""
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(gram, class_sum, count)`` with the pending block counted in (new tensors; the state unchanged)."""
         n = int(self.n_pending)
         tail, ty = self.pending[:n].double(), self.pending_y[:n]
-        cov = self.gram.clone().addmm_(tail.T, tail)
-        class_sum = self.class_sum.clone().index_add_(0, ty, tail)
-        count = self.count + torch.bincount(ty, minlength=self.count.shape[0]).double()
+        return (self.gram.clone().addmm_(tail.T, tail), self.class_sum.clone().index_add_(0, ty, tail),
+                self.count + torch.bincount(ty, minlength=self.count.shape[0]).double())
+
+    def readout(self, shrinkage: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``solve_lda`` over the statistics and the pending block (which counts, without changing the state)."""
+        cov, class_sum, count = self.folded()
         return solve_lda(cov, class_sum, count, self.imprint, shrinkage)
 
     def grow(self, proto: torch.Tensor) -> None:

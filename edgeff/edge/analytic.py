@@ -51,6 +51,14 @@ class LdaStats:
                 self.pending[:] = 0
                 self.n_pending = np.zeros((), np.int64)
 
+    def clear(self) -> None:
+        """No samples counted (imprinted class means kept)."""
+        self.class_sum[:] = 0
+        self.count[:] = 0
+        self.gram[:] = 0
+        self.pending[:] = 0
+        self.n_pending = np.zeros((), np.int64)
+
     def grow(self, proto: np.ndarray) -> None:
         """One more class with no samples; ``proto`` (D,) stands for its mean until it has some."""
         self.class_sum = np.concatenate([self.class_sum, np.zeros((1, self.dim))])

@@ -67,15 +67,10 @@ class LdaReadout:
                 raise InputError("this lda readout keeps no window of samples (readout_window is 0): pass the "
                                  "labelled batches to solve it from")
             batches = self.window_batches()
-        s = self.stats
-        s.class_sum[:] = 0
-        s.count[:] = 0
-        s.gram[:] = 0
-        s.pending[:] = 0
-        s.n_pending = np.zeros((), np.int64)
+        self.stats.clear()
         self._solved = None
         for x, y in batches:
-            s.accumulate(features(np.asarray(x, F32)), np.asarray(y, np.int64))
+            self.stats.accumulate(features(np.asarray(x, F32)), np.asarray(y, np.int64))
 
     def ready(self, features: Features) -> str | None:
         """Unsolved with samples in the window (a model saved before its plan was complete): solve from them."""
