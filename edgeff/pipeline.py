@@ -18,7 +18,7 @@ presets share a label dictionary across layers and backprop sends gradients back
 **Checkpoints.** Every ``checkpoint_every`` steps all ranks meet at a barrier, each writes its own file
 (``OUT.rankK.{0,1}.pt``, alternating slots, atomic), meets the others again and commits the save in its
 ``OUT.rankK.json``; a restarted run (``torchrun --max-restarts``) resumes every rank from the newest save all
-ranks committed. At the end the ranks send their blocks to rank 0, which writes one ordinary checkpoint
+ranks committed, split as it was saved (a rank's save holds only its own block's training). At the end the ranks send their blocks to rank 0, which writes one ordinary checkpoint
 ``OUT`` (``edgeff eval`` reads it). Each rank builds the whole net from the preset's seed and trains (and
 keeps optimizer state for) its block only.
 
@@ -99,6 +99,11 @@ def balanced_split(costs: list[float], ranks: int) -> list[tuple[int, int]]:
             best = (worst, blocks)
     assert best is not None
     return best[1]
+
+
+def _spell(blocks: list[tuple[int, int]]) -> str:
+    """A split as ``--pipeline-split`` takes it: each rank's layer count, comma-separated."""
+    return ",".join(str(b - a) for a, b in blocks)
 
 
 def parse_split(text: str, n_layers: int, ranks: int) -> list[tuple[int, int]]:
@@ -235,16 +240,28 @@ def run(preset: str, data_name: str = "builtin", data_dir: Path | None = None, *
     if target > 0 and slot is None:
         raise InputError(f"rank {rank} has no save of step {target} beside {out}; delete the rank files to start over")
     learner: Any  # a goodness Learner (``_check``): its block step and layer-1 encoding are used below
+    saved_blocks: list[tuple[int, int]] | None = None
     if target > 0:
-        learner, _ = checkpoint.load(rank_file(out, rank, slot), device="cpu")  # type: ignore[arg-type]
+        learner, saved = checkpoint.load(rank_file(out, rank, slot), device="cpu")  # type: ignore[arg-type]
         committed = [e for e in committed if e[0] <= target]
+        saved_blocks = [(int(a), int(b)) for a, b in saved["pipeline"]["blocks"]]
+        if len(saved_blocks) != world:
+            raise InputError(f"the saved run at {out} was split over {len(saved_blocks)} ranks, not {world}; resume it "
+                             "with as many ranks, or delete the rank files to start over")
     else:
         learner = make_learner(p, input_shape=ds.input_shape, num_classes=len(ds.classes), train=tc)
         committed = []
     _check(learner)
     n_layers = len(learner.net.layers)
-    # the split: given, or balanced by the layers' measured cost (rank 0 measures, everyone receives it)
-    if split is not None:
+    # the split: a resumed run keeps its saved split (each rank's save holds only its own block's training;
+    # a fresh measurement may split differently); else given, or balanced by the layers' measured cost (rank 0
+    # measures, everyone receives it)
+    if saved_blocks is not None:
+        if split is not None and parse_split(split, n_layers, world) != saved_blocks:
+            raise InputError(f"the saved run at {out} was split {_spell(saved_blocks)}, not {split!r}: a resumed "
+                             "run keeps its split (leave --pipeline-split out)")
+        blocks = saved_blocks
+    elif split is not None:
         blocks = parse_split(split, n_layers, world)
     else:
         costs = torch.zeros(n_layers, dtype=torch.float64)
@@ -317,7 +334,8 @@ def run(preset: str, data_name: str = "builtin", data_dir: Path | None = None, *
             sync_save()
     link.flush()
     seconds = time.perf_counter() - t0
-    sync_save()
+    if not committed or committed[0][0] != learner.step:  # the last step may just have been saved
+        sync_save()
     merged = gather_merge(learner, blocks, out, meta)
     acc = evaluate(learner, ds, blocks) if evaluate_after else None
     dist.barrier()

@@ -97,6 +97,32 @@ def test_a_killed_rank_resumes_and_finishes_as_if_uninterrupted(tmp_path: Path, 
     assert all(torch.equal(v, merged.net.state_dict()[k]) for k, v in state.items())
 
 
+def test_a_resumed_run_keeps_its_saved_split(tmp_path: Path, reference) -> None:
+    """What a crash leaves behind, made deterministic: a run split 3,1 whose last committed save is rolled back
+    one save (step 35 of 40), resumed without a split. Each rank's save holds only its own block's training,
+    so the resumed run must keep 3,1 rather than measure a new balance (which split 2,2 or 1,3 under load)."""
+    import json
+
+    out = tmp_path / "m.pt"
+    proc = _torchrun(out, "--checkpoint-every", "5", "--pipeline-split", "3,1")
+    stdout, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "layers 1-3 | 4" in stdout, stdout
+    for rank in (0, 1):
+        marker = tmp_path / f"m.rank{rank}.json"
+        committed = json.loads(marker.read_text())["committed"]
+        assert [e[0] for e in committed] == [40, 35]
+        marker.write_text(json.dumps({"committed": committed[1:]}))
+    proc = _torchrun(out, "--resume", "--pipeline-split", "2,2")
+    stdout, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "was split 3,1, not '2,2'" in stdout
+    proc = _torchrun(out, "--resume")
+    stdout, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "100 samples" in stdout and "layers 1-3 | 4" in stdout, stdout
+    merged, _ = checkpoint.load(out, device="cpu")
+    state, _ = reference
+    assert all(torch.equal(v, merged.net.state_dict()[k]) for k, v in state.items())
+
+
 def test_what_the_pipeline_refuses(tmp_path: Path) -> None:
     assert balanced_split([3.0, 1.0, 1.0, 1.0], 2) == [(0, 1), (1, 4)]
     assert balanced_split([1.0, 1.0, 1.0, 1.0], 2) == [(0, 2), (2, 4)]
