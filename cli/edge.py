@@ -42,6 +42,10 @@ def train(
     schedule: Annotated[str | None, typer.Option(help="all or greedy [default: the preset's]")] = None,
     views: Annotated[int | None, typer.Option(help="CFL: 1 or 2 augmented views per batch [default: the preset's]")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed (weights, negatives, data order)")] = None,
+    window: Annotated[int | None, typer.Option(help="each step also learns the N samples just before it (0 = off) [default: the preset's; at --batch-size 1 its stream recipe's]")] = None,
+    predictor: Annotated[str | None, typer.Option(help="goodness presets: goodness (one pass per label) or lda (a closed-form readout on neutral-label features) [default: the preset's]")] = None,
+    eval_layers: Annotated[str | None, typer.Option(help="the layers the predictor reads: all, all-but-first, last or last:K [default: the preset's]")] = None,
+    shrinkage: Annotated[float | None, typer.Option(help="lda predictor: the covariance's ridge, a share of its mean variance [default: the preset's, 0.01]")] = None,
     out_path: Annotated[Path | None, typer.Option("--out", help="model file to write [default: runs/PRESET.npz]")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from --out if it exists")] = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
@@ -51,7 +55,8 @@ def train(
 
     from edgeff.edge.run import train_run
 
-    overrides = {k: v for k, v in {"lr": lr, "schedule": schedule, "views": views, "seed": seed}.items() if v is not None}
+    overrides = {k: v for k, v in {"lr": lr, "schedule": schedule, "views": views, "seed": seed, "window": window,
+                                   "predictor": predictor, "eval_layers": eval_layers}.items() if v is not None}
     if views is not None and views == 1:
         overrides["crop_padding"] = 0
     bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[m]}"),
@@ -64,7 +69,7 @@ def train(
             from edgeff.presets import get_preset, stream_line
 
             out.print(stream_line(learner.train_cfg, dict(get_preset(preset).stream_model),
-                                  closed_form=learner.family == "analytic", window_hint=""),
+                                  closed_form=learner.family == "analytic"),
                       highlight=False, style="dim")
         task = bar.add_task("train", total=total, m="")
 
@@ -76,7 +81,7 @@ def train(
         with bar:
             res = train_run(preset=preset, data=data.value, data_dir=data_dir, cache_dir=cache_dir, out=out_path,
                             resume=resume, epochs=epochs, batch_size=batch_size, samples=samples, overrides=overrides,
-                            on_step=on_step, on_start=on_start)
+                            shrinkage=shrinkage, on_step=on_step, on_start=on_start)
     except _user_errors() as e:
         _fail(str(e))
     if res.readied:

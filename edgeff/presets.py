@@ -47,13 +47,12 @@ def stream_train(p: Preset, train: TrainConfig, chosen: Iterable[str] = (), *, b
     return replace(train, **{k: v for k, v in {**STREAM_RECIPE, **p.stream}.items() if k not in skip})
 
 
-def stream_line(tc: TrainConfig, model_changes: dict[str, Any], *, closed_form: bool = False,
-                window_hint: str = "; --window 0 turns it off") -> str:
+def stream_line(tc: TrainConfig, model_changes: dict[str, Any], *, closed_form: bool = False) -> str:
     """How a batch-1 run streams (the recipe's or the user's settings), in one line for people (both CLIs)."""
     if closed_form:
         return "streaming at batch 1: closed form (no lr, no window); the model does not depend on the batch size"
     lr = "constant" if tc.lr_final is None else f"decaying to {tc.lr_final:g}"
-    window = (f"window {tc.window} (each new sample is learned with the {tc.window} before it{window_hint})"
+    window = (f"window {tc.window} (each new sample is learned with the {tc.window} before it; --window 0 turns it off)"
               if tc.window else "no window")
     changes = ", ".join(f"{k}={v}" for k, v in model_changes.items())
     model = f"; the preset's model streams with {changes}" if changes else ""

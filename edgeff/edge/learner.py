@@ -245,6 +245,9 @@ def check_supported(model: ModelConfig, train: TrainConfig) -> str:
     else:
         raise UnsupportedError(f"{model.loss!r} models (CFF, mirror FFCL, backprop) need torch; the edge runtime "
                                "trains the goodness family (ff, symba), CFL and streaming LDA")
+    if family != "goodness" and train.predictor != "goodness":
+        raise InputError(f"a {family} model does not use predictor={train.predictor!r}; it predicts by its own scores "
+                         "(the predictor is the goodness family's choice)")
     if train.optim_state_dtype != "float32":
         raise UnsupportedError("the edge runtime keeps optimizer state in float32")
     for spec in model.layers:

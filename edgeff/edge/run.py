@@ -3,6 +3,7 @@ learner, stream a data set through it, evaluate, save atomically."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,20 +38,26 @@ def train_run(
     batch_size: int | None = None,
     samples: int | None = None,
     overrides: dict[str, Any] | None = None,
+    shrinkage: float | None = None,
     on_step: Callable[[object, int], None] | None = None,
     on_start: Callable[[EdgeLearner, int], None] | None = None,
 ) -> RunResult:
     """Train ``preset`` on ``data`` with the numpy runtime and save it to ``out`` (``runs/PRESET.npz``).
 
     With ``resume`` and an existing ``out`` the run continues from it (same preset required) up to
-    ``epochs`` passes in all. ``overrides`` replaces train-config fields (lr, schedule, seed, views, ...).
+    ``epochs`` passes in all. ``overrides`` replaces a new model's train-config fields (lr, schedule, seed,
+    views, window, predictor, ...); ``shrinkage`` its lda readout's ridge (refused on a resumed run).
     ``on_start(learner, total_samples)`` is called before the first step (progress bars).
     """
     ds = load_edge_data(data, data_dir, cache_dir=cache_dir)
     path = Path(out) if out is not None else Path("runs") / f"{preset}.npz"
     if path.exists() and path.is_dir():
         raise InputError(f"--out {path} is a folder; give a file name such as {path / (preset + '.npz')}")
+    if shrinkage is not None and not (math.isfinite(shrinkage) and shrinkage >= 0):
+        raise InputError(f"--shrinkage must be a finite number >= 0, got {shrinkage}")
     if resume and path.is_file():
+        if shrinkage is not None:
+            raise InputError("--shrinkage sets a new model's readout; a resumed run keeps the one it was saved with")
         learner, meta = load(path)
         if meta.get("preset") not in (None, preset):
             raise CheckpointError(f"{path} holds a {meta.get('preset')} model, not {preset}; pass --preset "
@@ -66,6 +73,11 @@ def train_run(
         if epochs is not None and "epochs" not in (overrides or {}):
             train = replace(train, epochs=epochs)  # the planned run: the lr schedule's horizon
         p = stream_preset(p, train.batch_size)  # batch 1: the stream recipe's model
+        if shrinkage is not None:
+            if train.predictor != "lda":
+                raise InputError(f"--shrinkage is the lda readout's ridge; the {train.predictor} predictor does not "
+                                 "use it (add --predictor lda)")
+            p = replace(p, model=replace(p.model, shrinkage=shrinkage))
         learner = make_edge_learner(p, input_shape=ds.input_shape, num_classes=len(ds.classes), train=train)
         learner.model_cfg = replace(learner.model_cfg, class_names=tuple(ds.classes))
     n_epochs = epochs if epochs is not None else learner.train_cfg.epochs
