@@ -28,7 +28,7 @@ from edgeff import evaluate, get_preset, make_learner
 from edgeff.checkpoint import save
 from edgeff.data import load_data
 from edgeff.explain import attention_maps, save_attention
-from edgeff.presets import stream_preset, stream_train
+from edgeff.presets import stream_preset, stream_train, twin_train
 from edgeff.trainer import train_epochs
 
 # job name -> (preset, dataset, mode, epochs, batch size, budget in seconds for the local learner).
@@ -84,7 +84,7 @@ JOBS: dict[str, tuple[str, str, str, int, int, float]] = {
 # per-job changes to the preset's TrainConfig: flips for clothes and photos (never for digits), the one-forward
 # mode (one un-augmented view) of presets that default to two views, and another predictor
 AUGMENT: dict[str, dict[str, Any]] = {
-    "trifecta-cnn:mnist:lda": {"predictor": "lda", "eval_layers": "last:3"},
+    "trifecta-cnn:mnist:lda": {"predictor": "lda", "eval_layers": "last:4", "readout_size": 7},
     "cff-mlp:fashion-mnist": {"hflip": True},
     "cfl-mlp:fashion-mnist": {"hflip": True},
     "cff-vit:mnist": {"views": 1, "crop_padding": 0},  # one-forward: 10 epochs of 60k images fit the budget
@@ -139,7 +139,7 @@ def run_job(name: str, data_dir: Path, threads: int, budget_scale: float, keep: 
     p = replace(p, model=replace(p.model, **MODEL.get(name, {})))
     data = load_data(dataset, data_dir)
     tc = replace(p.train, device="cpu", batch_size=batch, epochs=epochs, seed=0, **AUGMENT.get(name, {}))
-    bp_tc = tc
+    bp_tc = twin_train(p, tc)  # the twin's own recipe where the preset has one (trifecta-cnn: lr 1e-3)
     if mode == "stream":  # the recipe a user streaming at batch 1 gets, each learner the part its family reads
         p, tc, bp_tc = stream_preset(p, 1), stream_train(p, tc), stream_train(p, tc, backprop=True)
 
@@ -194,7 +194,7 @@ def run_job(name: str, data_dir: Path, threads: int, budget_scale: float, keep: 
         "layer_acc": ",".join(f"{a:.4f}" for a in res.layer_accuracy), "threads": threads,
         "schedule": tc.schedule, "lr": tc.lr, "lr_final": tc.lr_final, "lr_hold": tc.lr_hold, "window": tc.window,
         "bp_lr": bp_tc.lr, "bp_window": bp_tc.window, "predictor": tc.predictor, "readout_memory": tc.readout_memory,
-        "readout_window": tc.readout_window, "shrinkage": p.model.shrinkage if tc.predictor == "lda" else None,
+        "readout_window": tc.readout_window, "readout_size": tc.readout_size, "shrinkage": p.model.shrinkage if tc.predictor == "lda" else None,
         "stream_model": ",".join(f"{k}={v}" for k, v in p.stream_model.items()) if mode == "stream" else "",
         "samples_per_s": round(len(data.y_train) * done / seconds, 1),
         "bp_samples_per_s": round(len(data.y_train) * done / bp_seconds, 1),

@@ -45,6 +45,7 @@ def train(
     window: Annotated[int | None, typer.Option(help="each step also learns the N samples just before it (0 = off) [default: the preset's; at --batch-size 1 its stream recipe's]")] = None,
     predictor: Annotated[str | None, typer.Option(help="goodness presets: goodness (one pass per label) or lda (a closed-form readout on neutral-label features) [default: the preset's]")] = None,
     eval_layers: Annotated[str | None, typer.Option(help="the layers the predictor reads: all, all-but-first, last or last:K [default: the preset's]")] = None,
+    readout_size: Annotated[int | None, typer.Option(help="lda predictor: conv maps larger than N×N are average-pooled to about N×N (0 = as they are) [default: the preset's]")] = None,
     shrinkage: Annotated[float | None, typer.Option(help="lda predictor: the covariance's ridge, a share of its mean variance [default: the preset's, 0.01]")] = None,
     out_path: Annotated[Path | None, typer.Option("--out", help="model file to write [default: runs/PRESET.npz]")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from --out if it exists")] = False,
@@ -56,7 +57,8 @@ def train(
     from edgeff.edge.run import train_run
 
     overrides = {k: v for k, v in {"lr": lr, "schedule": schedule, "views": views, "seed": seed, "window": window,
-                                   "predictor": predictor, "eval_layers": eval_layers}.items() if v is not None}
+                                   "predictor": predictor, "eval_layers": eval_layers,
+                                   "readout_size": readout_size}.items() if v is not None}
     if views is not None and views == 1:
         overrides["crop_padding"] = 0
     bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[m]}"),

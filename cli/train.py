@@ -108,6 +108,7 @@ def train(
     predictor: Annotated[str | None, typer.Option(help="goodness presets: goodness (one pass per label), head (a softmax on neutral-label features) or lda (a closed-form readout on them) [default: the preset's]")] = None,
     eval_layers: Annotated[str | None, typer.Option(help="the layers the predictor reads: all, all-but-first, last or last:K [default: the preset's]")] = None,
     shrinkage: Annotated[float | None, typer.Option(help="lda predictor (and slda-conv): the covariance's ridge, a share of its mean variance [default: the preset's, 0.01]")] = None,
+    readout_size: Annotated[int | None, typer.Option(help="lda predictor: conv maps larger than N×N are average-pooled to about N×N before the readout (0 = as they are) [default: the preset's]")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="also save the checkpoint every N samples [default: about every 5 minutes of training; 0 = only at the end]")] = None,
     pipeline: Annotated[bool, typer.Option("--pipeline", help="a layer pipeline across the ranks of `torchrun --nproc-per-node N -m edgeff.cli.app train ...`")] = False,
     pipeline_mode: Annotated[str, typer.Option(help="pipeline: overlap (rank 0 runs a step ahead) or lockstep")] = "overlap",
@@ -121,7 +122,7 @@ def train(
                    backprop=backprop, out=out_path, resume=resume, optim_state=optim_state, lazy=lazy, frugal=frugal,
                    chunk=chunk, views=views, crop_padding=crop_padding, hflip=hflip, lr_epochs=lr_epochs,
                    checkpoint_every=checkpoint_every, window=window, predictor=predictor,
-                   eval_layers=eval_layers, shrinkage=shrinkage)
+                   eval_layers=eval_layers, shrinkage=shrinkage, readout_size=readout_size)
     if pipeline:
         return _pipeline(o, pipeline_mode, pipeline_split)
     run = Run(o)

@@ -144,6 +144,7 @@ class TrainConfig:
     head_lr: float = 1e-3  # softmax head learning rate
     readout_memory: int = 0  # lda predictor: 0 = solved once the planned run is complete; N = follows the stream, remembering ~N samples
     readout_window: int = 0  # lda predictor: keep the last N samples learned and solve the readout from them at the end of the plan (no second pass over the data)
+    readout_size: int = 0  # lda predictor: conv maps larger than N×N are average-pooled to about N×N before the readout (0: read as they are)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     batch_size: int = 128
@@ -177,7 +178,7 @@ class TrainConfig:
         if self.weight_decay is not None and not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise InputError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         for name, least in (("batch_size", 1), ("epochs", 1), ("greedy_steps", 1), ("chunk", 0), ("crop_padding", 0),
-                            ("window", 0), ("readout_memory", 0), ("readout_window", 0)):
+                            ("window", 0), ("readout_memory", 0), ("readout_window", 0), ("readout_size", 0)):
             if getattr(self, name) < least:
                 raise InputError(f"{name} must be at least {least}, got {getattr(self, name)}")
 
@@ -187,6 +188,21 @@ class TrainConfig:
     @staticmethod
     def from_dict(d: dict[str, Any]) -> TrainConfig:
         return TrainConfig(**d)
+
+
+def readout_pool(shape: tuple[int, ...], size: int) -> tuple[int, int]:
+    """The lda readout's average-pooling kernel (= stride, remainder rows and columns dropped) for a layer's
+    output ``shape`` under ``TrainConfig.readout_size``: (1, 1) for flat features, maps of at most size×size
+    and size 0."""
+    if size <= 0 or len(shape) != 3:
+        return 1, 1
+    return -(-shape[1] // size), -(-shape[2] // size)
+
+
+def readout_shape(shape: tuple[int, ...], size: int) -> tuple[int, ...]:
+    """A layer's output shape as the lda readout reads it (``readout_pool``)."""
+    kh, kw = readout_pool(shape, size)
+    return shape if (kh, kw) == (1, 1) else (shape[0], shape[1] // kh, shape[2] // kw)
 
 
 def select_layers(spec: str, n_layers: int | None) -> list[int]:

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgeff.config import readout_pool, readout_shape
 from edgeff.errors import InputError, UnsupportedError
 
 if TYPE_CHECKING:  # edgeff.model builds this predictor
@@ -152,11 +153,14 @@ class LdaPredictor(nn.Module):
     window_y: torch.Tensor
     window_seen: torch.Tensor
 
-    def __init__(self, net: LocalNet, idx: list[int], memory: int, shrinkage: float, window: int = 0) -> None:
+    def __init__(self, net: LocalNet, idx: list[int], memory: int, shrinkage: float, window: int = 0,
+                 size: int = 0) -> None:
         super().__init__()
         self.idx = idx
-        self.scales = [math.sqrt(math.prod(net.shapes[i])) for i in idx]
-        dim = sum(math.prod(net.shapes[i]) for i in idx)
+        self.pools = [readout_pool(net.shapes[i], size) for i in idx]  # conv maps pooled to about size×size
+        shapes = [readout_shape(net.shapes[i], size) for i in idx]
+        self.scales = [math.sqrt(math.prod(s)) for s in shapes]
+        dim = sum(math.prod(s) for s in shapes)
         self.stats = ForgettingStats(dim, net.num_classes, memory)
         self.shrinkage = shrinkage
         self._solved: nn.Linear | None = None
@@ -167,8 +171,8 @@ class LdaPredictor(nn.Module):
 
     def _features(self, net: LocalNet, x: torch.Tensor) -> torch.Tensor:
         outs = net.features(net.encoder.neutral(x))
-        return torch.cat([F.normalize(outs[i].flatten(1), dim=1) * s for i, s in zip(self.idx, self.scales,
-                                                                                      strict=True)], dim=1)
+        maps = [outs[i] if k == (1, 1) else F.avg_pool2d(outs[i], k) for i, k in zip(self.idx, self.pools, strict=True)]
+        return torch.cat([F.normalize(m.flatten(1), dim=1) * s for m, s in zip(maps, self.scales, strict=True)], dim=1)
 
     @property
     def linear(self) -> nn.Linear:

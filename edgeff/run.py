@@ -24,7 +24,15 @@ from edgeff.evaluation import EvalResult, evaluate
 from edgeff.inputs import resolve_device
 from edgeff.loop import train_epochs
 from edgeff.optim import STATE_DTYPES
-from edgeff.presets import Preset, get_preset, make_learner, stream_line, stream_preset, stream_train
+from edgeff.presets import (
+    Preset,
+    get_preset,
+    make_learner,
+    stream_line,
+    stream_preset,
+    stream_train,
+    twin_train,
+)
 
 CHECKPOINT_SECONDS = 300.0  # a run saves its checkpoint this often by default
 
@@ -58,6 +66,7 @@ class RunOptions:
     predictor: str | None = None  # goodness family: goodness, head or lda (TrainConfig.predictor)
     eval_layers: str | None = None  # the layers the predictor reads (TrainConfig.eval_layers)
     shrinkage: float | None = None  # an lda readout's ridge (ModelConfig.shrinkage) [default: the preset's]
+    readout_size: int | None = None  # an lda readout's conv maps pooled to about N×N (TrainConfig.readout_size)
     checkpoint_every: int | None = None  # samples; None: every CHECKPOINT_SECONDS; 0: only at the end
 
 
@@ -96,12 +105,14 @@ def train_config(p: Preset, o: RunOptions) -> TrainConfig:
     """The preset's train config with the user's choices; ``epochs`` is the planned run (the lr horizon)."""
     chosen: dict[str, Any] = {"batch_size": o.batch_size, "lr": o.lr, "schedule": o.schedule, "views": o.views,
                               "crop_padding": o.crop_padding, "hflip": o.hflip, "window": o.window,
-                              "predictor": o.predictor, "eval_layers": o.eval_layers}
+                              "predictor": o.predictor, "eval_layers": o.eval_layers, "readout_size": o.readout_size}
     chosen = {k: v for k, v in chosen.items() if v is not None}
     if o.chunk is not None:
         chosen["chunk"] = o.chunk
     tc = replace(p.train, seed=o.seed, device=o.device, optim_state_dtype=o.optim_state, frugal=o.frugal, **chosen)
     tc = stream_train(p, tc, chosen)  # batch 1: the stream recipe where the user chose nothing
+    if o.backprop:
+        tc = twin_train(p, tc, chosen)  # the backprop twin's own recipe where the preset has one
     return replace(tc, epochs=o.lr_epochs or (o.epochs or tc.epochs))
 
 

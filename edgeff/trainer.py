@@ -62,7 +62,7 @@ class Learner(LearnerBase):
     capabilities = frozenset({"layer_predictions", "per_layer_export", "device_export", "edge_runtime", "pipeline"})
     train_fields = frozenset({"schedule", "greedy_steps", "negatives", "predictor", "eval_layers", "head_lr", "frugal",
                               "chunk", "weight_decay", "readout_memory",
-                              "readout_window"})
+                              "readout_window", "readout_size"})
     model_fields = frozenset({"label", "label_learned", "icp_rate", "threshold", "alpha", "sharpness", "peer_norm",
                               "relu_grad", "init", "shrinkage"})
 
@@ -74,6 +74,7 @@ class Learner(LearnerBase):
         if train.predictor != "lda":
             t.discard("readout_memory")
             t.discard("readout_window")
+            t.discard("readout_size")
             m.discard("shrinkage")
         if train.schedule != "greedy":
             t.discard("greedy_steps")

@@ -207,6 +207,29 @@ def test_the_twin_takes_only_the_fields_it_reads() -> None:
     copy.deepcopy(twin)  # plain objects: copyable
 
 
+def test_a_presets_backprop_twin_keeps_its_own_recipe(tmp_path) -> None:
+    """trifecta-cnn's local layers learn at lr 1e-2; its backprop twin at the 1e-3 it was measured with, through
+    the CLI too, unless the user sets --lr; other presets' twins share the preset's lr; a stream's twin the
+    stream recipe's."""
+    from edgeff.cli.app import app
+    from typer.testing import CliRunner
+
+    from edgeff.checkpoint import load
+    from edgeff.presets import twin_train
+
+    p = PRESETS["trifecta-cnn"]
+    assert p.train.lr == 1e-2 and twin_train(p, p.train).lr == 1e-3 and twin_train(p, p.train, {"lr"}).lr == 1e-2
+    assert twin_train(p, replace(p.train, batch_size=1)).lr == 1e-2  # batch 1: stream_train's business
+    assert all(twin_train(q, q.train) == q.train for q in PRESETS.values() if not q.backprop)
+    base = ["train", "--preset", "trifecta-cnn", "--backprop", "--samples", "40", "--batch-size", "20", "--epochs", "1",
+            "--device", "cpu", "--no-progress"]
+    for extra, lr in (([], 1e-3), (["--lr", "0.005"], 5e-3)):
+        res = CliRunner().invoke(app, [*base, *extra, "--out", str(tmp_path / f"{lr}.pt")])
+        assert res.exit_code == 0, res.output
+        learner, _ = load(tmp_path / f"{lr}.pt", device="cpu")
+        assert learner.kind == "bp" and learner.train_cfg.lr == lr
+
+
 def test_every_preset_and_its_twin_build_with_the_stream_recipe() -> None:
     """At batch 1 each learner gets the part of the stream recipe its family reads (none of it refused), its
     model the recipe's changes."""

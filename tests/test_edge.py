@@ -237,6 +237,20 @@ def test_trifecta_cnn_matches_torch_after_50_steps():
     _assert_same_state(t, e, 1e-4)
 
 
+def test_trifecta_cnn_lda_readout_on_pooled_maps_matches_torch():
+    """trifecta-cnn's lda readout on its last 4 layers with the 14x14 map of layer 3 average-pooled to 7x7
+    (readout_size 7): the same 6,848 features, a readout solved on the same samples that scores as torch's."""
+    t, e = _run_both("trifecta-cnn", steps=10, batch=4, schedule="all", optimizer="sgd", lr=3e-3, predictor="lda",
+                     eval_layers="last:4", readout_size=7)
+    assert t.predictor.stats.dim == e.predictor.stats.dim == 1568 + 1568 + 3136 + 576
+    x, y = next(load_data("builtin").test_batches(200))
+    t.solve_readout([(x, y)])
+    e.solve_readout([(x.numpy(), y.numpy())])
+    st, se = t.scores(x).numpy(), e.scores(x.numpy())
+    assert _rel(se, st) < 1e-3, _rel(se, st)
+    assert (t.predict_many(x).numpy() == e.predict_many(x.numpy())).mean() > 0.99
+
+
 def test_cfl_conv_matches_torch_after_50_steps():
     """cfl-conv as it is (AdamW, conv with post-order BN, global-pool features) at batch 4, where its
     BatchNorm normalises with running statistics."""

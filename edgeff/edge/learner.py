@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeff.config import MAX_INPUT, ModelConfig, TrainConfig, select_layers
+from edgeff.config import MAX_INPUT, ModelConfig, TrainConfig, readout_pool, readout_shape, select_layers
 from edgeff.edge.analytic import LdaStats
 from edgeff.edge.ops import F32, Op, make_block, out_shape
 from edgeff.edge.optim import Optimizer
@@ -318,8 +318,8 @@ class EdgeLearner:
         self.lda = LdaStats(k, int(np.prod(shape))) if self.family == "analytic" else None
         self.predictor: LdaReadout | None = None  # the goodness family's lda predictor (None: goodness)
         if self.family == "goodness" and train.predictor == "lda":
-            self.predictor = LdaReadout(sum(int(np.prod(self.shapes[i])) for i in self.eval_layers), k,
-                                        model.shrinkage, train.readout_window, model.input_shape)
+            self.predictor = LdaReadout(self._readout_dim(), k, model.shrinkage, train.readout_window,
+                                        model.input_shape)
         self._readout: tuple[np.ndarray, np.ndarray] | None = None  # the LDA readout, until the next step
 
     # ----------------------------------------------------------------- state
@@ -423,22 +423,31 @@ class EdgeLearner:
         mean = codes.reshape(k, -1).mean(0).reshape(1, 1, *x.shape[2:])
         return np.concatenate([x, np.broadcast_to(mean, (x.shape[0], 1, *x.shape[2:]))], axis=1).astype(F32)
 
+    def _readout_dim(self) -> int:
+        return sum(int(np.prod(readout_shape(self.shapes[i], self.train_cfg.readout_size))) for i in self.eval_layers)
+
     def _readout_features(self, x: np.ndarray) -> np.ndarray:
-        """What the lda predictor reads: each chosen layer's output on the neutral-label input, flattened,
-        scaled to length √D (``edgeff.readout.LdaPredictor._features``), side by side; in chunks."""
+        """What the lda predictor reads: each chosen layer's output on the neutral-label input (a conv map
+        average-pooled to about readout_size×readout_size), flattened, scaled to length √D
+        (``edgeff.readout.LdaPredictor._features``), side by side; in chunks."""
         out = []
         for s in range(0, x.shape[0], 128):
             h, feats = self._neutral(x[s : s + 128]), []
             for i, layer in enumerate(self.layers[: max(self.eval_layers) + 1]):
                 h = layer.forward(h, train=False)
                 if i in self.eval_layers:
-                    f = h.reshape(h.shape[0], -1)
+                    kh, kw = readout_pool(self.shapes[i], self.train_cfg.readout_size)
+                    m = h
+                    if (kh, kw) != (1, 1):
+                        b, c, hh, ww = h.shape
+                        m = h[:, :, : hh // kh * kh, : ww // kw * kw].reshape(b, c, hh // kh, kh, ww // kw, kw)
+                        m = m.mean((3, 5), dtype=F32)
+                    f = m.reshape(m.shape[0], -1)
                     norm = np.maximum(np.sqrt((f * f).sum(1, keepdims=True)), F32(1e-12))
                     feats.append(f / norm * F32(np.sqrt(f.shape[1])))
             out.append(np.concatenate(feats, axis=1))
         if not out:
-            dim = sum(int(np.prod(self.shapes[i])) for i in self.eval_layers)
-            return np.zeros((0, dim), F32)
+            return np.zeros((0, self._readout_dim()), F32)
         return np.concatenate(out).astype(F32, copy=False)
 
     # ----------------------------------------------------------------- learning
