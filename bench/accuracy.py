@@ -193,7 +193,7 @@ def run_job(name: str, data_dir: Path, threads: int, budget_scale: float, keep: 
         "test_acc": res.accuracy, "bp_test_acc": bp_acc, "ratio": round(res.accuracy / bp_acc, 4),
         "layer_acc": ",".join(f"{a:.4f}" for a in res.layer_accuracy), "threads": threads,
         "schedule": tc.schedule, "lr": tc.lr, "lr_final": tc.lr_final, "lr_hold": tc.lr_hold, "window": tc.window,
-        "bp_lr": bp_tc.lr, "bp_window": bp_tc.window, "predictor": tc.predictor, "readout_memory": tc.readout_memory,
+        "bp_lr": bp_tc.lr, "bp_window": bp_tc.window, "predictor": tc.predictor, "eval_layers": tc.eval_layers, "readout_memory": tc.readout_memory,
         "readout_window": tc.readout_window, "readout_size": tc.readout_size, "shrinkage": p.model.shrinkage if tc.predictor == "lda" else None,
         "stream_model": ",".join(f"{k}={v}" for k, v in p.stream_model.items()) if mode == "stream" else "",
         "samples_per_s": round(len(data.y_train) * done / seconds, 1),

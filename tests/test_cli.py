@@ -186,6 +186,21 @@ def test_shrinkage_sets_a_new_models_lda_readout(tmp_path: Path) -> None:
     assert res.exit_code != 0 and "a resumed run keeps" in res.output, res.output
 
 
+def test_readout_size_pools_the_lda_readouts_conv_maps(tmp_path: Path) -> None:
+    """--readout-size reaches a conv model's lda readout (layer 3's 14x14 maps read as 7x7) and is refused, in one
+    line, where nothing reads it."""
+    base = ["train", "--preset", "trifecta-cnn", "--schedule", "all", "--samples", "40", "--batch-size", "20",
+            "--epochs", "1", "--device", "cpu", "--no-progress", "--eval-layers", "last:4"]
+    for size, dim in (("7", 1568 + 1568 + 3136 + 576), ("0", 6272 + 1568 + 3136 + 576)):
+        path = tmp_path / f"s{size}.pt"
+        res = runner.invoke(app, [*base, "--predictor", "lda", "--readout-size", size, "--out", str(path)])
+        assert res.exit_code == 0, res.output
+        learner, _ = checkpoint.load(path)
+        assert learner.train_cfg.readout_size == int(size) and learner.predictor.stats.dim == dim  # type: ignore[attr-defined]
+    res = runner.invoke(app, [*base, "--readout-size", "7", "--out", str(tmp_path / "g.pt")])
+    assert res.exit_code != 0 and "does not use readout_size=7" in res.output, res.output
+
+
 def test_batch_one_streams_with_the_recipes_model(tmp_path: Path) -> None:
     """ff-mlp's stream recipe changes its model (no peer normalisation, a plain ReLU): a new model at batch 1
     takes it and says so, a batch of 10 keeps the preset's, and a resumed stream keeps the model it has."""
