@@ -133,6 +133,7 @@ ALTERNATIVE_TRAIN: dict[str, dict[str, Any]] = {
     "lr": {"lr": 0.05}, "optimizer": {"optimizer": "sgd"}, "optim_state_dtype": {"optim_state_dtype": "bfloat16"},
     "seed": {"seed": 7}, "schedule": {"schedule": "greedy"}, "greedy_steps": {"greedy_steps": 1},
     "negatives": {"negatives": "hard"}, "predictor": {"predictor": "head"}, "eval_layers": {"eval_layers": "all"},
+    "readout_size": {"readout_size": 7},
     "head_lr": {"head_lr": 0.5}, "views": {"views": 2}, "crop_padding": {"crop_padding": 2}, "hflip": {"hflip": True},
     "weight_decay": {"weight_decay": 0.5},
 }

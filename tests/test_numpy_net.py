@@ -204,12 +204,16 @@ def test_exported_symba_mlp_scores_like_torch(mnist_small: ImageData) -> None:
 
 
 def test_export_refuses_what_the_device_cannot_run() -> None:
+    from dataclasses import replace
+
     from edgeff.exporters.device import to_device_model
 
     from edgeff.errors import InputError
-    from edgeff.presets import make_learner
+    from edgeff.presets import PRESETS, TRIFECTA_CNN_BASE, make_learner
 
-    with pytest.raises(InputError, match="label channel|Linear"):
+    with pytest.raises(InputError, match="peer normalisation"):
         to_device_model(make_learner("trifecta-cnn"))  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="label channel|Linear"):
+        to_device_model(make_learner(replace(PRESETS["trifecta-cnn"], model=TRIFECTA_CNN_BASE)))  # type: ignore[arg-type]
     with pytest.raises(InputError, match="backprop"):
         to_device_model(make_learner("bp-mlp"))  # type: ignore[arg-type]
