@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeff.config import readout_pool, readout_shape
+from edgeff.edge.analytic import ridge_floor
 from edgeff.errors import InputError, UnsupportedError
 
 if TYPE_CHECKING:  # edgeff.model builds this predictor
@@ -48,7 +49,14 @@ def solve_lda(cov: torch.Tensor, class_sum: torch.Tensor, count: torch.Tensor, i
     """The LDA readout ``(P, c)`` (scores = h @ P + c; P (D, K), c (K,), float32) from ``cov``, the Gram
     matrix ``Σ h hᵀ`` of every counted sample (float64, D×D; it is overwritten: the covariance and its factor
     are built in place), ``class_sum`` (K, D) and ``count`` (K,) of the same samples, and ``imprint`` (K, D):
-    the mean of a class that has no samples yet."""
+    the mean of a class that has no samples yet.
+
+    Correct for every count and rank (one sample, identical samples, all-zero features, D > n): the ridge is
+    ``shrinkage`` × the mean variance but never below ``RIDGE_FLOOR`` × the features' mean square (the
+    covariance is a difference of two large sums, so its rounding error scales with the second moment, not
+    with the variance: with a handful of near-identical samples the variance is ~1e-18 and a relative ridge
+    alone leaves the matrix indefinite); and where the Cholesky factor still fails, the symmetric
+    eigendecomposition (which cannot fail) solves it with the eigenvalues clamped at that floor."""
     k, d = count.shape[0], cov.shape[0]
     dev = cov.device
     if k == 0:
@@ -56,25 +64,29 @@ def solve_lda(cov: torch.Tensor, class_sum: torch.Tensor, count: torch.Tensor, i
     n = count.sum()
     seen = count > 0
     mu = torch.where(seen[:, None], class_sum / count.clamp(min=1e-12)[:, None], imprint.double())
-    shrink = 0.0
+    shrink = floor = 0.0
     if float(n) < 2:  # nothing to estimate a covariance from: nearest class mean
         cov.zero_().diagonal().fill_(1.0)
     else:
+        floor = ridge_floor(float(cov.diagonal().sum()) / (float(n) * d))
         m_seen = mu[seen] * count[seen, None].sqrt()  # (K', D)
         cov.addmm_(m_seen.T, m_seen, alpha=-1.0).div_(n)  # pooled within-class covariance
-        scale = float(cov.diagonal().mean())
-        shrink = shrinkage * (scale if scale > 0 else 1.0)
+        shrink = max(shrinkage * max(float(cov.diagonal().mean()), 0.0), floor)
         cov.diagonal().add_(shrink)
     chol, info = torch.linalg.cholesky_ex(cov)
-    if int(info) != 0:  # rank-deficient at shrinkage 0: a small ridge makes it positive definite
-        cov.diagonal().add_(1e-6 * max(float(cov.diagonal().mean()), 1e-12))
-        chol = torch.linalg.cholesky(cov)
-    p = torch.cholesky_solve(mu.T.contiguous(), chol)  # (D, K)
-    del chol
+    if int(info) == 0:
+        p = torch.cholesky_solve(mu.T.contiguous(), chol)  # (D, K)
+        del chol
+        lam = torch.linalg.eigvalsh(cov) if float(n) >= 2 else None
+    else:  # rounding left it indefinite: Σ' = V Λ Vᵀ with Λ clamped at the floor
+        del chol
+        lam, vec = torch.linalg.eigh(cov)
+        lam = lam.clamp(min=max(floor, 1e-300))
+        p = vec @ ((vec.T @ mu.T) / lam[:, None])  # (D, K)
+        del vec
     c = -0.5 * (mu * p.T).sum(1)  # (K,)
-    if float(n) >= 2:  # Σ' = Σ + s·I: d_eff = tr(Σ'⁻¹ Σ) = Σ (λ − s) / λ
-        lam = torch.linalg.eigvalsh(cov)
-        d_eff = float(((lam - shrink) / lam).sum())
+    if lam is not None:  # Σ' = Σ + s·I: d_eff = tr(Σ'⁻¹ Σ) = Σ (λ − s) / λ
+        d_eff = float(((lam - shrink) / lam).clamp(min=0.0).sum())
         c += torch.where(seen, 0.5 * d_eff / count.clamp(min=1.0), torch.zeros_like(c))
     return p.float(), c.float()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -211,3 +212,53 @@ def test_where_the_lda_predictor_is_refused() -> None:
 
     with pytest.raises(UnsupportedError, match="follows the stream"):  # the edge runtime solves it at the end
         make_edge_learner(SYMBA, train=replace(SYMBA.train, predictor="lda", readout_memory=500))
+
+
+def _degenerate(case: str) -> tuple[np.ndarray, np.ndarray]:
+    """Features (n, D) float32 and labels for the counts and ranks an LDA solve must survive."""
+    rng = np.random.default_rng(0)
+    if case == "one sample":
+        return rng.random((1, 8), dtype=np.float32), np.array([1])
+    if case == "identical samples":  # within-class covariance exactly zero
+        base = rng.random((2, 12), dtype=np.float32)
+        return np.repeat(base, 4, axis=0), np.repeat(np.arange(2), 4)
+    if case == "near-identical samples":  # variance ~1e-18 under features of size ~1 (the contract's failure)
+        base = (rng.random(64) + 0.5).astype(np.float32)
+        x = np.repeat(base[None], 7, axis=0)
+        x[:, :3] += np.float32(3e-7) * rng.standard_normal((7, 3)).astype(np.float32)
+        x[np.arange(7) % 2 == 1, 0] += np.float32(0.1)
+        return x, np.arange(7) % 2
+    if case == "all-zero features":
+        return np.zeros((6, 10), np.float32), np.arange(6) % 3
+    if case == "D > n":
+        mean = rng.standard_normal((3, 200)).astype(np.float32)
+        y = np.arange(15) % 3
+        return mean[y] + np.float32(0.1) * rng.standard_normal((15, 200)).astype(np.float32), y
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["one sample", "identical samples", "near-identical samples",
+                                  "all-zero features", "D > n"])
+@pytest.mark.parametrize("shrinkage", [0.0, 1e-2])
+def test_the_lda_solve_holds_for_every_count_and_rank(case: str, shrinkage: float) -> None:
+    """Regression (the contract test's Cholesky failure on a CPU with other kernels, "input is not positive-
+    definite"): built directly, so it fails on any CPU without the ridge floor and the eigen fallback. Both
+    runtimes' solves: finite, the same predictions, and each class's own samples scored as that class."""
+    from edgeff.edge.analytic import LdaStats
+    from edgeff.readout import solve_lda
+
+    x, y = _degenerate(case)
+    k = 3
+    stats = LdaStats(k, x.shape[1])
+    stats.accumulate(x, y)
+    pe, ce = stats.readout(shrinkage)
+    h = torch.from_numpy(x).double()
+    class_sum = torch.zeros(k, x.shape[1], dtype=torch.float64).index_add_(0, torch.from_numpy(y), h)
+    count = torch.bincount(torch.from_numpy(y), minlength=k).double()
+    pt, ct = solve_lda(h.T @ h, class_sum, count, torch.zeros(k, x.shape[1]), shrinkage)
+    for p, c in ((pe, ce), (pt.numpy(), ct.numpy())):
+        assert np.isfinite(p).all() and np.isfinite(c).all()
+    st, se = x @ pt.numpy() + ct.numpy(), x @ pe + ce
+    assert (st.argmax(1) == se.argmax(1)).all()
+    if case not in ("one sample", "all-zero features"):  # the classes differ: each sample is its own class's
+        assert (st.argmax(1) == y).all()

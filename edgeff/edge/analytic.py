@@ -9,6 +9,15 @@ import numpy as np
 F32 = np.float32
 PENDING = 64  # samples whose features wait before one Gram-matrix update (as edgeff.analytic.PENDING)
 NAMES = ("class_sum", "count", "gram", "pending", "n_pending", "imprint")
+RIDGE_FLOOR = 1e-9  # the least ridge, a share of the features' mean square (see ``ridge_floor``)
+
+
+def ridge_floor(mean_square: float) -> float:
+    """The least ridge an LDA solve adds to its pooled covariance, whatever its shrinkage: ``RIDGE_FLOOR`` ×
+    the features' mean square (``tr(Σ h hᵀ) / (N·D)``), or 1 when every feature is zero. The covariance is a
+    difference of two sums of that size, so its rounding error scales with it; above it, the matrix is
+    positive definite for any count and rank. Both runtimes' solves use it."""
+    return RIDGE_FLOOR * mean_square if mean_square > 0 else 1.0
 
 
 class LdaStats:
@@ -78,27 +87,31 @@ class LdaStats:
         mu = self.means()
         if k == 0:
             return np.zeros((d, 0), F32), np.zeros(0, F32)
-        shrink = 0.0
+        shrink = floor = 0.0
         if n < 2:
             cov = np.eye(d)
         else:
             cov = self.gram.copy()
             tail = self.pending[: int(self.n_pending)].astype(np.float64)
             cov += tail.T @ tail
+            floor = ridge_floor(float(np.trace(cov)) / (n * d))
             m_seen = mu[seen] * np.sqrt(self.count[seen])[:, None]
             cov -= m_seen.T @ m_seen
             cov /= n
-            scale = float(np.diagonal(cov).mean())
-            shrink = shrinkage * (scale if scale > 0 else 1.0)
+            shrink = max(shrinkage * max(float(np.diagonal(cov).mean()), 0.0), floor)
             cov[np.diag_indices(d)] += shrink
+        lam: np.ndarray | None
         try:
+            np.linalg.cholesky(cov)  # positive definite: the solve below is well posed
             p = np.linalg.solve(cov, mu.T)  # (D, K): Σ'⁻¹ μᵀ
-        except np.linalg.LinAlgError:  # singular at shrinkage 0
-            cov[np.diag_indices(d)] += 1e-6 * max(float(np.diagonal(cov).mean()), 1e-12)
-            p = np.linalg.solve(cov, mu.T)
+            lam = np.linalg.eigvalsh(cov) if n >= 2 else None
+        except np.linalg.LinAlgError:  # rounding left it indefinite: Σ' = V Λ Vᵀ with Λ clamped at the floor
+            lam, vec = np.linalg.eigh(cov)
+            lam = np.maximum(lam, max(floor, 1e-300))
+            p = vec @ ((vec.T @ mu.T) / lam[:, None])
+            del vec
         c = -0.5 * (mu * p.T).sum(1)
-        if n >= 2:
-            lam = np.linalg.eigvalsh(cov)  # Σ' = Σ + s·I: tr(Σ'⁻¹ Σ) = Σ (λ − s) / λ
-            d_eff = float(((lam - shrink) / lam).sum())
+        if lam is not None:  # Σ' = Σ + s·I: tr(Σ'⁻¹ Σ) = Σ (λ − s) / λ
+            d_eff = float(np.maximum((lam - shrink) / lam, 0.0).sum())
             c += np.where(seen, 0.5 * d_eff / np.maximum(self.count, 1), 0.0)
         return p.astype(F32), c.astype(F32)
