@@ -174,7 +174,7 @@ def _split(ds: Any, o: dict[str, Any], who: str, quiet: bool) -> None:
 @guarded(RuntimeError)
 def continual(
     scenario: Annotated[Scenario, typer.Argument(help="split (5 experiences x 2 classes, online) or add-one-class")],
-    data: Annotated[Dataset, typer.Option(help="builtin, mnist or fashion-mnist")] = Dataset.builtin,
+    data: Annotated[Dataset, typer.Option(help="builtin, mnist, fashion-mnist, cifar10 or cifar10-exact (natural images: --preset kmeans-conv)")] = Dataset.builtin,
     data_dir: DataDirOpt = None,
     preset: Annotated[str, typer.Option(help="architecture and local rule")] = "cfl-mlp-stream",
     backprop: Annotated[bool, typer.Option("--backprop", help="the end-to-end backprop baseline (growing head) instead")] = False,
@@ -196,8 +196,6 @@ def continual(
     from edgeff.data import load_data
 
     torch.manual_seed(seed)
-    if data not in (Dataset.builtin, Dataset.mnist, Dataset.fashion_mnist):
-        fail("continual scenarios run on builtin, mnist or fashion-mnist")
     if buffer < 0 or batch_size < 1:
         fail("--buffer must be >= 0 and --batch-size >= 1")
     ds = load_data(data.value, data_dir)

@@ -34,10 +34,14 @@ from torch import nn
 
 from edgeff.config import UNUSED_CORE, ModelConfig, TrainConfig
 from edgeff.contract import LearnerBase, register
+from edgeff.errors import UnsupportedError
 from edgeff.inputs import as_batch, as_labels
+from edgeff.kmeans import KMeansPatches
 from edgeff.layers import make_block, out_shape
 from edgeff.loop import LayerMetrics
 from edgeff.readout import PENDING, solve_lda
+
+FEATURE_BLOCK_BYTES = 256 << 20  # the features of a batch are computed in blocks of rows whose maps stay below this
 
 
 class FrozenLayer(nn.Module):
@@ -58,7 +62,11 @@ class FrozenLayer(nn.Module):
 
 
 class AnalyticNet(nn.Module):
-    """The frozen body and the readout's statistics (all buffers, so the state dict is the checkpoint)."""
+    """The frozen body and the readout's statistics (all buffers, so the state dict is the checkpoint).
+
+    A body with ``kmeans`` layers (``edgeff.kmeans``) first holds the stream's first ``fit_samples`` samples
+    (``fit_x``/``fit_y``), fits those layers from them (no labels used), then counts them; from then on the
+    body is fixed, so the statistics stay exact sums over every sample, each counted once."""
 
     class_sum: torch.Tensor
     count: torch.Tensor
@@ -76,6 +84,12 @@ class AnalyticNet(nn.Module):
             shape = out_shape(spec, shape)
         self.layers = nn.ModuleList(layers)
         self.dim = math.prod(shape)
+        self.unsupervised = [m for m in self.modules() if isinstance(m, KMeansPatches)]
+        self.row_bytes = max((m.map_bytes for m in self.unsupervised), default=0)  # the largest map per sample
+        if self.unsupervised:
+            self.register_buffer("fit_x", torch.zeros(cfg.fit_samples, *cfg.input_shape))  # held until fitted
+            self.register_buffer("fit_y", torch.zeros(cfg.fit_samples, dtype=torch.long))
+            self.register_buffer("n_fit", torch.zeros((), dtype=torch.long))
         k, d = cfg.num_classes, self.dim
         self.register_buffer("class_sum", torch.zeros(k, d, dtype=torch.float64))  # Σ h per class
         self.register_buffer("count", torch.zeros(k, dtype=torch.float64))  # samples per class
@@ -94,8 +108,54 @@ class AnalyticNet(nn.Module):
         return x.flatten(1)  # (B, D)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The body's features (B, D), a bounded block of rows at a time (a kmeans layer's activation map is
+        K × H' × W' values per sample: 9 MB at 3,200 centroids on 32x32 inputs)."""
+        rows = max(1, FEATURE_BLOCK_BYTES // max(1, self.row_bytes))
         with torch.no_grad():
-            return self.body(x)
+            if x.shape[0] <= rows:
+                return self.body(x)
+            return torch.cat([self.body(x[i : i + rows]) for i in range(0, x.shape[0], rows)])
+
+    @property
+    def unfitted(self) -> bool:
+        """Some kmeans layer still waits for its samples."""
+        return any(not bool(m.fitted) for m in self.unsupervised)
+
+    def hold(self, x: torch.Tensor, y: torch.Tensor) -> int:
+        """Keep as many of ``x`` (B, ...) as the fitting buffer takes; how many it took."""
+        n = int(self.n_fit)
+        take = min(self.fit_x.shape[0] - n, x.shape[0])
+        self.fit_x[n : n + take] = x[:take]
+        self.fit_y[n : n + take] = y[:take]
+        self.n_fit += take
+        return take
+
+    def fit_layers(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Fit the unfitted kmeans layers from samples ``x`` (each layer from the previous layers' outputs; no
+        labels); the body's outputs for ``x``."""
+        n, chunk = x.shape[0], max(1, FEATURE_BLOCK_BYTES // max(1, self.row_bytes))
+        with torch.no_grad():
+            for layer in self.layers:
+                for m in layer.modules():
+                    if isinstance(m, KMeansPatches) and not bool(m.fitted):
+                        m.fit(x, generator)
+                x = torch.cat([layer(x[i : i + chunk]) for i in range(0, n, chunk)])
+        return x.flatten(1)
+
+    def fit_body(self, generator: torch.Generator, mirror: bool, chunk: int = 100) -> None:
+        """Fit the kmeans layers from the held samples, then count those samples (and with ``mirror`` their
+        mirror images) in the statistics and empty the buffer."""
+        n = int(self.n_fit)
+        if n == 0:
+            raise UnsupportedError("this model's kmeans layers learn their filters from the first samples it "
+                                   "learns, and it has learned none yet")
+        h, y = self.fit_layers(self.fit_x[:n], generator), self.fit_y[:n]
+        for i in range(0, n, chunk):
+            self.accumulate(h[i : i + chunk], y[i : i + chunk])
+            if mirror:
+                self.accumulate(self.features(self.fit_x[i : min(n, i + chunk)].flip(3)), y[i : i + chunk])
+        self.fit_x.zero_()
+        self.n_fit.zero_()
 
     def accumulate(self, h: torch.Tensor, y: torch.Tensor) -> None:
         """Add features ``h`` (B, D) of classes ``y`` (B,) to the statistics."""
@@ -149,7 +209,8 @@ class AnalyticLearner(LearnerBase):
     kind = "analytic"
     family = "streaming-LDA (closed-form)"
     losses = frozenset({"lda"})
-    model_fields = frozenset({"shrinkage", "init"})
+    model_fields = frozenset({"shrinkage", "init", "fit_samples"})
+    train_fields = frozenset({"hflip"})  # each sample learned with its mirror image (a second sample, both counted)
     capabilities = frozenset({"edge_runtime"})
     exact_once = True
     metrics = "spread"  # no loss: the batch's mean squared distance to its classes' means
@@ -159,6 +220,19 @@ class AnalyticLearner(LearnerBase):
         super().__init__(model, train)
         self.net = AnalyticNet(model, self.generator).to(self.device)
         self._solved: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def reads(cls, model: ModelConfig, train: TrainConfig) -> tuple[frozenset[str], frozenset[str]]:
+        """``fit_samples`` only with kmeans layers; ``init`` only with layers that have random weights."""
+        kinds = {spec.kind for spec in model.layers}
+        drop = (set() if "kmeans" in kinds else {"fit_samples"}) | (set() if kinds - {"kmeans"} else {"init"})
+        return cls.train_fields, cls.model_fields - drop
+
+    def supports(self, capability: str) -> bool:
+        """The numpy runtime has no kmeans op: such a body needs torch."""
+        if capability == "edge_runtime" and self.net.unsupervised:
+            return False
+        return super().supports(capability)
 
     def set_lr(self, lr: float) -> None:
         """Nothing to set: the readout is solved in closed form."""
@@ -172,17 +246,44 @@ class AnalyticLearner(LearnerBase):
         yb = as_labels(y, xb.shape[0], self.model_cfg.num_classes).to(self.device)
         if fresh is not None:
             xb, yb = xb[:fresh], yb[:fresh]
-        h = self.net.features(xb)  # (B, D)
-        self.net.accumulate(h, yb)
-        mu = self.net.class_sum[yb] / self.net.count[yb, None]
-        spread = float(((h.double() - mu) ** 2).mean())
-        self._solved = None
         self.step += 1
         self.samples_seen += int(xb.shape[0])
+        self._solved = None
+        if self.net.unfitted:  # the stream's first samples: held until the kmeans layers are fitted
+            took = self.net.hold(xb, yb)
+            xb, yb = xb[took:], yb[took:]
+            if int(self.net.n_fit) < self.net.fit_x.shape[0]:
+                return [LayerMetrics(0.0, 0.0, 0.0, True)]
+            self.net.fit_body(self.generator, self.train_cfg.hflip)
+            if xb.shape[0] == 0:
+                return [LayerMetrics(0.0, 0.0, 0.0, True)]
+        h = self.net.features(xb)  # (B, D)
+        self.net.accumulate(h, yb)
+        if self.train_cfg.hflip:  # the mirror images count as samples too
+            self.net.accumulate(self.net.features(xb.flip(3)), yb)
+        mu = self.net.class_sum[yb] / self.net.count[yb, None]
+        spread = float(((h.double() - mu) ** 2).mean())
         return [LayerMetrics(spread, 0.0, 0.0, True)]
+
+    def _fit_held(self) -> str | None:
+        """Fit the kmeans layers from the samples held so far, if they are still waiting for more."""
+        if not self.net.unfitted:
+            return None
+        held = int(self.net.n_fit)
+        self.net.fit_body(self.generator, self.train_cfg.hflip)
+        self._solved = None
+        return f"fitted the kmeans layers from the {held} samples held (fewer than fit_samples)"
+
+    def end_of_plan(self, batches: Any) -> None:
+        """A run shorter than ``fit_samples``: the kmeans layers are fitted from what it held."""
+        self._fit_held()
+
+    def ready_to_predict(self) -> str | None:
+        return self._fit_held()
 
     def readout(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The solved readout ``(P, c)`` (cached until the next step)."""
+        self._fit_held()
         if self._solved is None:
             self._solved = self.net.readout(self.model_cfg.shrinkage)
         return self._solved
@@ -198,8 +299,8 @@ class AnalyticLearner(LearnerBase):
         any ReLU feature, so the class is rarely predicted). The old classes' statistics do not change."""
         cfg = self.model_cfg.with_class(name)
         proto = torch.zeros(1, self.net.dim, device=self.device)
-        if examples is not None:
-            xb = as_batch(examples, self.model_cfg.input_shape).to(self.device)
+        if examples is not None and not self.net.unfitted:  # (a body still waiting for its samples has no
+            xb = as_batch(examples, self.model_cfg.input_shape).to(self.device)  # features to imprint yet)
             proto = self.net.features(xb).mean(0, keepdim=True)
         net = self.net
         net.class_sum = torch.cat([net.class_sum, torch.zeros(1, net.dim, dtype=torch.float64, device=self.device)])

@@ -5,6 +5,7 @@ head, cross-entropy through every layer and one optimizer. The learner contract 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -28,8 +29,14 @@ class BPNet(nn.Module):
         shape: tuple[int, ...] = cfg.input_shape
         blocks = []
         for spec in cfg.layers:
-            blocks.append(make_block(spec, shape, generator, bn_momentum=cfg.bn_momentum,
-                                     bn_min_batch=cfg.bn_min_batch, bn_always_running=cfg.bn_always_running))
+            # a kmeans layer (fitted, not trained: edgeff.kmeans) is, under backprop, its trainable
+            # counterpart: a conv of as many kernel×kernel filters, ReLU, average-pooled to the same grid
+            trainable = replace(spec, kind="conv", padding=0, pool=1) if spec.kind == "kmeans" else spec
+            block = make_block(trainable, shape, generator, bn_momentum=cfg.bn_momentum,
+                               bn_min_batch=cfg.bn_min_batch, bn_always_running=cfg.bn_always_running)
+            if spec.kind == "kmeans":
+                block.append(nn.AdaptiveAvgPool2d(spec.pool))
+            blocks.append(block)
             shape = out_shape(spec, shape)
         self.blocks = nn.Sequential(*blocks)
         self.global_pool = cfg.global_pool and len(shape) in (2, 3)  # conv maps or ViT tokens

@@ -26,7 +26,9 @@ UNUSED_CORE: dict[str, frozenset[str]] = {
 class LayerSpec:
     """One local layer. ``kind`` is ``linear`` (inputs are flattened) or ``conv``."""
 
-    kind: str  # "linear" | "conv" | "vit" (a pre-LN transformer encoder layer; the first also embeds patches)
+    # "linear" | "conv" | "vit" (a pre-LN transformer encoder layer; the first also embeds patches) | "kmeans"
+    # (unsupervised k-means patch features, edgeff.kmeans: ``out`` centroids, ``kernel`` patches, ``pool`` the grid)
+    kind: str
     out: int  # output features (linear) or channels (conv)
     norm: str = "none"  # applied to the layer's input: none | length | layer | batch
     kernel: int = 3  # conv only
@@ -69,6 +71,7 @@ class ModelConfig:
     embed_noise: bool = True  # CFL: N(0, 1/C_l²) noise on the pooled embeddings while training
     mirror_negatives: bool = False  # mirror FFCL: also same-class (+1) and other-class (−1) pairs
     shrinkage: float = 1e-2  # lda (analytic family, lda predictor): the covariance's ridge, a share of its mean variance
+    fit_samples: int = 500  # analytic family with kmeans layers: the stream's first samples they are fitted from
     class_names: tuple[str, ...] = ()  # one name per class (empty: "0".."K-1"); grows with add_class
 
     def __post_init__(self) -> None:
@@ -88,6 +91,8 @@ class ModelConfig:
             raise InputError(f"unknown loss {self.loss!r}; choose one of {', '.join(losses)}")
         if not self.layers:
             raise InputError("a model needs at least one layer")
+        if self.fit_samples < 1:
+            raise InputError(f"fit_samples must be >= 1, got {self.fit_samples}")
         if self.num_classes < 0 or len(self.input_shape) != 3 or min(self.input_shape) < 1:
             raise InputError(f"bad model shape: {self.num_classes} classes, input {self.input_shape} (want C, H, W)")
         if self.class_names and len(self.class_names) != self.num_classes:

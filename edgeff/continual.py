@@ -322,8 +322,9 @@ def run_stream(
     for i, e in enumerate(experiences):
         batches = ((x, cmap.learn_labels(x, y)) for x, y in e.batches(batch_size))
         fit(learner, batches, replay=replay, on_step=step)  # type: ignore[arg-type]
-        for j, ej in enumerate(experiences):
-            r[i, j] = accuracy(learner, cmap, ej.x_test, ej.y_test)
+        for j, ej in enumerate(experiences):  # an experience none of whose classes the learner has scores 0
+            met = any(int(c) in cmap.index for c in ej.classes)  # (nothing to evaluate: each answer is wrong)
+            r[i, j] = accuracy(learner, cmap, ej.x_test, ej.y_test) if met else 0.0
     if eval_every:
         record()
     return StreamResult(r, curve, [e.classes for e in experiences])

@@ -33,6 +33,10 @@ def to_edge(learner: LearnerBase) -> EdgeLearner:
     Raises:
         UnsupportedError: the learner uses something only torch implements (see ``edgeff.edge.learner``).
     """
+    torch_only = sorted({spec.kind for spec in learner.model_cfg.layers} - {"linear", "conv"})
+    if torch_only:
+        raise UnsupportedError(f"{', '.join(torch_only)} layers need torch; the edge runtime runs linear and conv "
+                               "layers")
     if not learner.supports("edge_runtime"):
         raise UnsupportedError(f"a {type(learner).__name__} cannot run on the edge runtime; it trains goodness, "
                                "CFL and streaming-LDA models")

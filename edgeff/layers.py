@@ -181,6 +181,10 @@ def out_shape(spec: LayerSpec, in_shape: tuple[int, ...]) -> tuple[int, ...]:
     """Shape of one sample after the layer (without the batch axis); vit layers give (tokens, E)."""
     if spec.kind == "linear":
         return (spec.out,)
+    if spec.kind == "kmeans":
+        if len(in_shape) != 3:
+            raise ValueError(f"a kmeans layer needs (C, H, W) inputs, got {in_shape}")
+        return (spec.out, spec.pool, spec.pool)
     if spec.kind == "vit":
         if len(in_shape) == 3:
             return ((in_shape[1] // spec.patch) * (in_shape[2] // spec.patch), spec.out)
@@ -272,6 +276,10 @@ def make_block(
     (Kaiming-uniform weights, uniform biases) or ``init="normal"`` (N(0, 1/√out) weights, zero biases);
     ``relu_grad="pass"`` lets the ReLU's gradient through below zero (``PassReLU``)."""
     bn = {"bn_momentum": bn_momentum, "bn_min_batch": bn_min_batch, "bn_always_running": bn_always_running}
+    if spec.kind == "kmeans":  # no weights to initialise: fitted from samples (edgeff.kmeans)
+        from edgeff.kmeans import KMeansPatches
+
+        return nn.Sequential(KMeansPatches(in_shape, spec.out, spec.kernel, spec.pool))
     if spec.kind == "vit":
         mods: list[nn.Module] = []
         if len(in_shape) == 3:
@@ -296,7 +304,7 @@ def make_block(
             mods.append(make_norm(spec.norm, in_shape[0], spatial=True, **bn))  # type: ignore[arg-type]
         weight = Conv2d(in_shape[0], spec.out, spec.kernel, spec.stride, spec.padding)
     else:
-        raise ValueError(f"unknown layer kind {spec.kind!r}; choose linear, conv or vit")
+        raise ValueError(f"unknown layer kind {spec.kind!r}; choose linear, conv, vit or kmeans")
     assert weight.bias is not None
     if init == "normal":
         nn.init.normal_(weight.weight, 0.0, 1 / math.sqrt(spec.out), generator=generator)

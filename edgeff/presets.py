@@ -129,6 +129,10 @@ FFCL_MIRROR = replace(FFCL_PAPER, layers=(LayerSpec("linear", 256, norm="layer",
 # CFL's value; on MNIST with two views the CFF reference code's 0.15 gives 97.7%, 0.07 98.2%)
 # 64 random 5x5 filters, ReLU, 4x4 max-pool: 2304 features, frozen at their seeded initialisation
 SLDA_CONV = ModelConfig(layers=(LayerSpec("conv", 64, kernel=5, padding=0, pool=4),), label="none", loss="lda")
+# Coates, Lee & Ng 2011: k-means centroids over whitened 6x6 patches, triangle activation, quadrant pooling
+KMEANS_CONV = ModelConfig(layers=(LayerSpec("kmeans", 1600, kernel=6, pool=2),), label="none", loss="lda",
+                          fit_samples=500)
+KMEANS_CONV3200 = replace(KMEANS_CONV, layers=(LayerSpec("kmeans", 3200, kernel=6, pool=2),))
 CFF_MLP = ModelConfig(layers=_mlp(500, 3, "none"), label="none", loss="supcon", temperature=0.07,
                       margin_first=0.4, margin_last=0.1)
 
@@ -327,6 +331,24 @@ PRESETS: dict[str, Preset] = {
             "size of the stream, so it learns class-incrementally without a replay buffer and streams at batch 1 "
             "at full accuracy. The statistics are 2304x2304 float64 (42 MB). The paper's body is a pretrained "
             "ResNet-18; here nothing is pretrained: the features are random, only the readout learns.",
+        ),
+        Preset(
+            "kmeans-conv", "local", KMEANS_CONV, TrainConfig(batch_size=100, epochs=1),
+            "Coates, Lee & Ng 2011, single-layer k-means features; Hayes & Kanan 2020, Deep Streaming LDA",
+            "No gradient and no label in the features: the stream's first 500 samples fit 1,600 k-means centroids "
+            "on whitened, contrast-normalised 6x6 patches (unsupervised, once), then the layer is fixed: the "
+            "triangle activation at every position, averaged over the four quadrants (6,400 features), and "
+            "slda-conv's streaming LDA readout over them, solved in closed form. Each sample counts once, so it "
+            "learns class-incrementally with no replay buffer (the first 500 samples are held only until the "
+            "fit). The statistics are 6400x6400 float64 (328 MB): a laptop's model, not a board's (the numpy "
+            "runtime has no kmeans op). Add --hflip for photos (each sample is also learned mirrored). Its "
+            "backprop twin trains the same shape: a conv of 1,600 6x6 filters, ReLU, quadrant pooling, a head.",
+        ),
+        Preset(
+            "kmeans-conv3200", "local", KMEANS_CONV3200, TrainConfig(batch_size=100, epochs=1, hflip=True),
+            "Coates, Lee & Ng 2011 (4,000 features: 79.6% on full CIFAR-10); Hayes & Kanan 2020",
+            "kmeans-conv with 3,200 centroids (12,800 features; statistics 12800x12800 float64, 1.3 GB; the solve "
+            "holds ~4 such matrices) and mirrored samples by default (--no-hflip for digits): built for photos.",
         ),
         Preset(
             "bp-mlp", "bp", SYMBA_BASE, TrainConfig(lr=1e-3, lr_final=1e-4, batch_size=100, epochs=20),

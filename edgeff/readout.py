@@ -76,18 +76,19 @@ def solve_lda(cov: torch.Tensor, class_sum: torch.Tensor, count: torch.Tensor, i
     chol, info = torch.linalg.cholesky_ex(cov)
     if int(info) == 0:
         p = torch.cholesky_solve(mu.T.contiguous(), chol)  # (D, K)
+        # Σ' = Σ + s·I: d_eff = tr(Σ'⁻¹ Σ) = D − s·tr(Σ'⁻¹), the inverse from the factor (cheaper than Σ's spectrum)
+        d_eff = d - shrink * float(torch.cholesky_inverse(chol).diagonal().sum()) if float(n) >= 2 else None
         del chol
-        lam = torch.linalg.eigvalsh(cov) if float(n) >= 2 else None
     else:  # rounding left it indefinite: Σ' = V Λ Vᵀ with Λ clamped at the floor
         del chol
         lam, vec = torch.linalg.eigh(cov)
         lam = lam.clamp(min=max(floor, 1e-300))
         p = vec @ ((vec.T @ mu.T) / lam[:, None])  # (D, K)
         del vec
+        d_eff = float(((lam - shrink) / lam).clamp(min=0.0).sum()) if float(n) >= 2 else None
     c = -0.5 * (mu * p.T).sum(1)  # (K,)
-    if lam is not None:  # Σ' = Σ + s·I: d_eff = tr(Σ'⁻¹ Σ) = Σ (λ − s) / λ
-        d_eff = float(((lam - shrink) / lam).clamp(min=0.0).sum())
-        c += torch.where(seen, 0.5 * d_eff / count.clamp(min=1.0), torch.zeros_like(c))
+    if d_eff is not None:
+        c += torch.where(seen, 0.5 * max(d_eff, 0.0) / count.clamp(min=1.0), torch.zeros_like(c))
     return p.float(), c.float()
 
 
