@@ -4,7 +4,7 @@
 
 Jobs (writes bench/results/continual.json, prints tables):
 
-- ``split:DATA:LEARNER`` — online split-MNIST / split-Fashion-MNIST (5 experiences x 2 classes, one pass,
+- ``split:DATA:LEARNER`` — online split-MNIST / split-Fashion-MNIST / split-CIFAR-10 (5 experiences x 2 classes, one pass,
   batches of 10, learners start with no class and grow one per new label). LEARNER is ``edgeff``
   (the ``--preset`` local learner) or ``bp`` (end-to-end backprop on the same architecture, growing
   head), each ``-naive`` (no buffer), ``-ace`` (reservoir buffer of ``--buffer`` samples, ER-ACE's
@@ -38,6 +38,10 @@ from edgeff.data import load_data
 LEARNERS = ["edgeff-naive", "edgeff-ace", "edgeff-er", "bp-naive", "bp-ace", "bp-er"]
 JOBS = ([f"split:mnist:{lr}" for lr in LEARNERS] + [f"split:fashion-mnist:{lr}" for lr in LEARNERS]
         + ["add:mnist:edgeff-ace", "add:mnist:bp-ace"])
+# natural images (not in the default list: each takes 15-20 CPU minutes per seed):
+#   --jobs split:cifar10:edgeff-naive --preset kmeans-conv --seeds 0,1,2     (k-means features + streaming LDA)
+#   --jobs split:cifar10:edgeff-naive --preset slda-conv --seeds 0,1,2       (random features + streaming LDA)
+#   --jobs split:cifar10:bp-ace --preset kmeans-conv --policies balanced     (backprop ER-ACE on the same network)
 
 
 def run_job(job: str, data_dir: Path, preset: str, buffer: int, pretrain_epochs: int, seed: int,

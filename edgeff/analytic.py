@@ -74,6 +74,9 @@ class AnalyticNet(nn.Module):
     pending: torch.Tensor
     n_pending: torch.Tensor
     imprint: torch.Tensor
+    fit_x: torch.Tensor  # with kmeans layers only
+    fit_y: torch.Tensor
+    n_fit: torch.Tensor
 
     def __init__(self, cfg: ModelConfig, generator: torch.Generator) -> None:
         super().__init__()

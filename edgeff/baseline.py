@@ -18,6 +18,7 @@ from edgeff.config import ModelConfig, TrainConfig
 from edgeff.contract import LearnerBase, register
 from edgeff.graphs import BPGraph
 from edgeff.inputs import as_batch, as_labels, check_loss
+from edgeff.kmeans import GridMean
 from edgeff.layers import HEAD_ROW_NORM, class_row, grow_linear, make_block, make_optimizer, out_shape
 from edgeff.loop import LayerMetrics
 from edgeff.losses import fresh_class_mask
@@ -35,7 +36,7 @@ class BPNet(nn.Module):
             block = make_block(trainable, shape, generator, bn_momentum=cfg.bn_momentum,
                                bn_min_batch=cfg.bn_min_batch, bn_always_running=cfg.bn_always_running)
             if spec.kind == "kmeans":
-                block.append(nn.AdaptiveAvgPool2d(spec.pool))
+                block.append(GridMean(spec.pool))
             blocks.append(block)
             shape = out_shape(spec, shape)
         self.blocks = nn.Sequential(*blocks)

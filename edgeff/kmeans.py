@@ -89,8 +89,9 @@ class KMeansPatches(nn.Module):
         sq = (e * e).sum(1, keepdim=True)  # ‖w‖²
         del e
         z.mul_(-2.0).add_(sq).add_(1.0).clamp_(min=0.0).sqrt_()  # ‖w − c_j‖ (unit centroids)
-        f = torch.sub(z.mean(1, keepdim=True), z, out=z).clamp_(min=0.0)  # triangle activation
-        return F.adaptive_avg_pool2d(f, self.pool)  # (B, K, pool, pool)
+        mean_z = z.mean(1, keepdim=True)
+        f = z.neg_().add_(mean_z).clamp_(min=0.0)  # triangle activation: max(0, mean_i z_i − z_j)
+        return grid_mean(f, self.pool)  # (B, K, pool, pool)
 
     @torch.no_grad()
     def fit(self, x: torch.Tensor, generator: torch.Generator) -> None:
@@ -138,3 +139,23 @@ class KMeansPatches(nn.Module):
         self.var_eps.fill_(var_eps)
         self.fitted.fill_(True)
 
+
+def grid_mean(f: torch.Tensor, g: int) -> torch.Tensor:
+    """``adaptive_avg_pool2d(f, g)`` as g² slices (the regions [⌊i·n/g⌋, ⌈(i+1)·n/g⌉)), which ONNX exports for
+    any map size (its adaptive pooling needs sizes that divide)."""
+    h, w = int(f.shape[-2]), int(f.shape[-1])  # plain ints: an exported graph keeps the bounds as constants
+    rows = [(i * h // g, ((i + 1) * h + g - 1) // g) for i in range(g)]
+    cols = [(j * w // g, ((j + 1) * w + g - 1) // g) for j in range(g)]
+    cells = [f[:, :, a:b, c:d].mean((2, 3)) for a, b in rows for c, d in cols]  # g² × (B, K)
+    return torch.stack(cells, 2).reshape(f.shape[0], f.shape[1], g, g)
+
+
+class GridMean(nn.Module):
+    """``grid_mean`` as a module (the backprop twin's pooling of a kmeans layer's shape)."""
+
+    def __init__(self, g: int) -> None:
+        super().__init__()
+        self.g = g
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return grid_mean(f, self.g)

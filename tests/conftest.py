@@ -21,3 +21,16 @@ def mnist_small() -> ImageData:
 def real_batch(mnist_small: ImageData) -> tuple[torch.Tensor, torch.Tensor]:
     """64 real MNIST training images and labels."""
     return next(mnist_small.train_batches(64, seed=0))
+
+
+# presets whose readout statistics take gigabytes (kmeans-conv3200: 12800x12800 float64, ~4 such matrices in a
+# solve): the tests parametrized over every preset run them only with `pytest -m slow`
+HEAVY_PRESETS = frozenset({"kmeans-conv3200"})
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if any(isinstance(v, str) and v in HEAVY_PRESETS for v in params.values()):
+            item.add_marker(pytest.mark.slow)
