@@ -85,6 +85,8 @@ JOBS: dict[str, tuple[str, str, str, int, int, float]] = {
 # jobs whose backprop twin trains for the local learner's CPU seconds (as many epochs as fit, at least one) instead
 # of its number of epochs: a one-pass closed-form learner against backprop at equal budget, not at one epoch
 EQUAL_CPU = {"kmeans-conv3200:cifar10": 40}  # job -> the twin's epoch cap
+# test batches smaller than 1000 where the twin's activations are large (3,200 maps of 27x27: 9.3 GB per 1,000 images)
+TEST_BATCH = {"kmeans-conv3200:cifar10": 100}
 # per-job changes to the preset's TrainConfig: flips for clothes and photos (never for digits), the one-forward
 # mode (one un-augmented view) of presets that default to two views, and another predictor
 AUGMENT: dict[str, dict[str, Any]] = {
@@ -168,7 +170,8 @@ def run_job(name: str, data_dir: Path, threads: int, budget_scale: float, keep: 
         t1, c1 = time.perf_counter(), time.process_time()
         local.readout()
         seconds, cpu_seconds = seconds + time.perf_counter() - t1, cpu_seconds + time.process_time() - c1
-    res = evaluate(local, data.test_batches(1000), per_layer=True)
+    test_batch = TEST_BATCH.get(name, 1000)
+    res = evaluate(local, data.test_batches(test_batch), per_layer=True)
     extra: dict[str, Any] = {}
     if keep is not None:  # the trained local model (its readout as trained), for analyses after the run
         save(local, keep / f"{name.replace(':', '_')}.pt", meta={"job": name, "dataset": dataset})
@@ -187,7 +190,7 @@ def run_job(name: str, data_dir: Path, threads: int, budget_scale: float, keep: 
         extra["bp_epochs"] = bp_done
     else:
         bp, _, bp_seconds, bp_cpu_seconds = train(True, done, None)
-    bp_acc = evaluate(bp, data.test_batches(1000)).accuracy
+    bp_acc = evaluate(bp, data.test_batches(test_batch)).accuracy
     print(f"  bp test accuracy {bp_acc:.4f}", flush=True)
     if local.supports("zero_shot") and dataset in SUPER_CLASSES:
         extra.update(zero_shot(local, bp, data))

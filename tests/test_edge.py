@@ -163,13 +163,16 @@ def test_norms_and_pool_match_torch():
 
 
 # ----------------------------------------------------------------------------- learner parity
-@pytest.mark.parametrize(("preset", "steps"), [("symba-mlp", 25), ("cfl-mlp", 50)])
-def test_mlp_presets_match_torch_after_many_steps(preset, steps):
+@pytest.mark.parametrize(("preset", "steps", "tol"), [("symba-mlp", 20, 3e-4), ("cfl-mlp", 50, 1e-4)])
+def test_mlp_presets_match_torch_after_many_steps(preset, steps, tol):
     """The presets as they are (cfl-mlp: AdamW on two cropped views), every tensor and optimizer moment.
-    symba-mlp for 25 steps: with peer normalisation through a gradient-passing ReLU (as ff-mlp, below) float32
-    rounding grows faster (its second layer 1.5x and peer means 3.6x the tolerance after 50 steps)."""
+    symba-mlp: with peer normalisation through a gradient-passing ReLU (as ff-mlp, below) float32 rounding
+    grows faster, and its level depends on the CPU's kernels: the two runtimes part by 6.4e-5 after 10 steps,
+    8.2e-5 after 20 and 1.0e-4 after 25 on an AMD EPYC with AVX-512 (1 or 2 threads, MKL_CBWR=AVX2 the
+    same), where 25 steps at 1e-4 failed by 2% (it passed on the machine it was written on); 20 steps at
+    3e-4 keeps a 3.7x margin over that, far below what a wrong update gives (>1e-2)."""
     t, e = _run_both(preset, steps=steps, batch=32)
-    _assert_same_state(t, e, 1e-4)
+    _assert_same_state(t, e, tol)
     x, _ = next(load_data("builtin").test_batches(300))
     assert (t.predict_many(x).numpy() == e.predict_many(x.numpy())).all()
 
