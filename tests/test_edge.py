@@ -284,10 +284,12 @@ def _torch_self_drift(preset: str, batch: int, steps: int) -> tuple[float, objec
 def test_chaotic_presets_match_torch_to_float32_reproducibility(preset, batch):
     """These presets amplify rounding: torch itself, its weights perturbed by 1e-7 before the same 50
     steps, drifts 1.6% (cfl-mlp-stream, batch 10), 0.25% (cfl-mlp3072) and 3.8% (cfl-conv512) from its
-    own run. The edge runtime must agree with torch to 1e-4 after one step, and after 50 stay within 15x
-    torch's own drift (measured: 1.0x, 12x, 1.0x)."""
+    own run. The edge runtime must agree with torch to 3e-4 after one step, and after 50 stay within 15x
+    torch's own drift (measured: 1.0x, 12x, 1.0x). One step of cfl-mlp-stream already parts the runtimes by
+    9.3e-5 to 1.02e-4 on an AMD EPYC with AVX-512 (1 or 2 threads, MKL_CBWR=AVX2), where the former 1e-4
+    failed by 2%: the step's level depends on the CPU's kernels, so the bound keeps a 3x margin over it."""
     t, e = _run_both(preset, steps=1, batch=batch)
-    _assert_same_state(t, e, 1e-4, 1e-3)
+    _assert_same_state(t, e, 3e-4, 1e-3)
     t, e = _run_both(preset, steps=50, batch=batch, check_loss=False)
     floor, _ = _torch_self_drift(preset, batch, 50)
     sd = t.net.state_dict()
