@@ -145,18 +145,17 @@ class AnalyticNet(nn.Module):
                 x = torch.cat([layer(x[i : i + chunk]) for i in range(0, n, chunk)])
         return x.flatten(1)
 
-    def fit_body(self, generator: torch.Generator, mirror: bool, chunk: int = 100) -> None:
+    def fit_body(self, generator: torch.Generator, mirror: bool) -> None:
         """Fit the kmeans layers from the held samples, then count those samples (and with ``mirror`` their
         mirror images) in the statistics and empty the buffer."""
         n = int(self.n_fit)
         if n == 0:
             raise UnsupportedError("this model's kmeans layers learn their filters from the first samples it "
                                    "learns, and it has learned none yet")
-        h, y = self.fit_layers(self.fit_x[:n], generator), self.fit_y[:n]
-        for i in range(0, n, chunk):
-            self.accumulate(h[i : i + chunk], y[i : i + chunk])
-            if mirror:
-                self.accumulate(self.features(self.fit_x[i : min(n, i + chunk)].flip(3)), y[i : i + chunk])
+        y = self.fit_y[:n]
+        self.accumulate(self.fit_layers(self.fit_x[:n], generator), y)  # features come back in row blocks
+        if mirror:
+            self.accumulate(self.features(self.fit_x[:n].flip(3)), y)
         self.fit_x.zero_()
         self.n_fit.zero_()
 
