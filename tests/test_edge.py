@@ -163,9 +163,9 @@ def test_norms_and_pool_match_torch():
 
 
 # ----------------------------------------------------------------------------- learner parity
-@pytest.mark.parametrize(("preset", "steps", "tol"), [("symba-mlp", 20, 3e-4), ("cfl-mlp", 50, 1e-4)])
+@pytest.mark.parametrize(("preset", "steps", "tol"), [("symba-mlp", 20, 3e-4)])
 def test_mlp_presets_match_torch_after_many_steps(preset, steps, tol):
-    """The presets as they are (cfl-mlp: AdamW on two cropped views), every tensor and optimizer moment.
+    """The preset as it is, every tensor and optimizer moment (cfl-mlp moved to the chaotic test below).
     symba-mlp: with peer normalisation through a gradient-passing ReLU (as ff-mlp, below) float32 rounding
     grows faster, and its level depends on the CPU's kernels: the two runtimes part by 6.4e-5 after 10 steps,
     8.2e-5 after 20 and 1.0e-4 after 25 on an AMD EPYC with AVX-512 (1 or 2 threads, MKL_CBWR=AVX2 the
@@ -278,14 +278,18 @@ def _torch_self_drift(preset: str, batch: int, steps: int) -> tuple[float, objec
     return max(_rel(runs[1][n].numpy(), v.numpy()) for n, v in runs[0].items() if v.is_floating_point()), runs[0]
 
 
-@pytest.mark.parametrize(("preset", "batch"), [("cfl-mlp-stream", 10),
+@pytest.mark.parametrize(("preset", "batch"), [("cfl-mlp-stream", 10), ("cfl-mlp", 32),
                                                pytest.param("cfl-mlp3072", 32, marks=pytest.mark.slow),  # wide: minutes
                                                ("cfl-conv512", 4)])
 def test_chaotic_presets_match_torch_to_float32_reproducibility(preset, batch):
     """These presets amplify rounding: torch itself, its weights perturbed by 1e-7 before the same 50
     steps, drifts 1.6% (cfl-mlp-stream, batch 10), 0.25% (cfl-mlp3072) and 3.8% (cfl-conv512) from its
     own run. The edge runtime must agree with torch to 3e-4 after one step, and after 50 stay within 15x
-    torch's own drift (measured: 1.0x, 12x, 1.0x). One step of cfl-mlp-stream already parts the runtimes by
+    torch's own drift (measured: 1.0x, 12x, 1.0x). cfl-mlp at batch 32 (AdamW on two cropped views) drifts
+    0.72% from itself: where a pre-activation of its second layer lands within rounding of the ReLU's
+    kink, the runtimes take different branches. Under MKL_CBWR=COMPATIBLE that happened at step 11 and the
+    runtimes ended 7.2e-3 apart (1.0x torch's own drift; 1.6e-6 with the AVX2/AVX-512 kernels), where the
+    former 50-step bound of 1e-4 failed. One step of cfl-mlp-stream already parts the runtimes by
     9.3e-5 to 1.02e-4 on an AMD EPYC with AVX-512 (1 or 2 threads, MKL_CBWR=AVX2), where the former 1e-4
     failed by 2%: the step's level depends on the CPU's kernels, so the bound keeps a 3x margin over it."""
     t, e = _run_both(preset, steps=1, batch=batch)
