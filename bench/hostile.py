@@ -9,7 +9,9 @@ an accepted invalid frame is an ACK to a frame a correct device must refuse. The
 is read from /proc every 500 frames; ``max_rss`` is its VmHWM at the end, against its runtime baseline (its
 peak over ``--normal-frames`` legitimate frames of every kind and size sent first: the runtime's own buffers
 and heap under normal traffic) plus the RAM budget. Writes
-``{"kind": "hostile", "frames", "crashes", "accepted_invalid", "max_rss", ...}`` to results/device.json.
+``{"kind": "hostile", "frames", "crashes", "accepted_invalid", "max_rss", ...}`` to results/device.json, with the
+seconds a second client waited for an answer behind a trickling and behind a chatty client (``wait_behind_*_s``,
+the device at its default ``--idle`` of 30 s).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -92,6 +95,40 @@ class Live:
         self.proc.wait()
 
 
+def wait_behind(addr: tuple[str, int], hog: str) -> float:
+    """Seconds a second client waits for its HELLO's answer while another holds the device: a trickler (one
+    byte of a frame every second) or a chatty client (a whole HELLO every 0.3 s). Before the per-frame deadline
+    a trickler held the device forever."""
+    stop = threading.Event()
+
+    def run() -> None:
+        frame = encode_frame(Message(MsgType.HELLO, 7))
+        with socket.create_connection(addr) as s:
+            i = 0
+            while not stop.is_set():
+                try:
+                    s.sendall(frame if hog == "chatty" else frame[i % (len(frame) - 1):i % (len(frame) - 1) + 1])
+                except OSError:
+                    return
+                i += 1
+                time.sleep(0.3 if hog == "chatty" else 1.0)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    time.sleep(1.5)
+    t0 = time.perf_counter()
+    try:
+        with socket.create_connection(addr, timeout=120) as s:
+            s.sendall(encode_frame(Message(MsgType.HELLO, 8)))
+            decoder = FrameDecoder()
+            while not decoder.feed(s.recv(65536)):
+                pass
+        return time.perf_counter() - t0
+    finally:
+        stop.set()
+        t.join(5)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--frames", type=int, default=100_000)
@@ -154,6 +191,8 @@ def main() -> None:
                   f"{status(dev.proc.pid, 'VmRSS:') / 2**20:.1f} MiB", flush=True)
     max_rss = max(max_rss, status(dev.proc.pid, "VmHWM:"))
     seconds = time.perf_counter() - t0
+    dev.sock.close()
+    waits = {f"wait_behind_{name}_s": round(wait_behind(dev.addr, name), 2) for name in ("trickler", "chatty")}
     dev.close()
     budget = parse_size(args.budget)
     rec: dict[str, Any] = {
@@ -162,12 +201,12 @@ def main() -> None:
         "normal_frames": args.normal_frames,
         "budget": budget,
         "max_rss_over_baseline_plus_budget": round(max_rss / (baseline + budget), 4), "seconds": round(seconds, 1),
-        "seed": args.seed, **{f"frames_{k}": v for k, v in sorted(counts.items())},
+        "seed": args.seed, "idle_s": 30.0, **waits, **{f"frames_{k}": v for k, v in sorted(counts.items())},
         **{f"refused_{k}": v for k, v in sorted(refused.items())},
     }
     merge_records("device", [rec], ("kind",))
     print(table([rec], ["frames", "crashes", "accepted_invalid", "hello_failures", "max_rss", "baseline_rss", "budget",
-                        "max_rss_over_baseline_plus_budget", "seconds"]))
+                        "max_rss_over_baseline_plus_budget", "seconds", *waits]))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ DataDirOpt = Annotated[Path | None, typer.Option(help="folder holding MNIST/raw,
 CheckpointArg = Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="a file written by `edgeff train`")]
 LayersOpt = Annotated[str | None, typer.Option(help="layers that predict: all, all-but-first, last, last:K")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
+MaxPixelsOpt = Annotated[int, typer.Option(help="image files: the largest width x height read (a larger image is refused before it is decoded)")]
 
 
 def fail(msg: str) -> None:
@@ -66,6 +67,8 @@ def guarded(*also: type[Exception]) -> Callable[[F], F]:
             caught: tuple[type[Exception], ...] = (EdgeFFError, ValueError, *also)
             try:
                 return fn(*args, **kwargs)
+            except typer.Exit:
+                raise  # `fail` itself (an Exit is a RuntimeError, which some commands also catch)
             except caught as e:
                 fail(str(e))
 

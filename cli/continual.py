@@ -15,6 +15,7 @@ from edgeff.cli.common import (
     DataDirOpt,
     Dataset,
     JsonOpt,
+    MaxPixelsOpt,
     err,
     fail,
     guarded,
@@ -22,6 +23,8 @@ from edgeff.cli.common import (
     progress_bar,
 )
 from rich.table import Table
+
+from edgeff.images import DEFAULT_MAX_PIXELS, set_max_pixels
 
 
 class Scenario(str, Enum):
@@ -47,15 +50,21 @@ def add_class(
     buffer: Annotated[int, typer.Option(help="replay buffer samples when it is built from --replay-data")] = 500,
     out_path: Annotated[Path | None, typer.Option("--out", help="checkpoint to write [default: CHECKPOINT's name + -NAME, beside it]")] = None,
     in_place: Annotated[bool, typer.Option("--in-place", help="overwrite CHECKPOINT instead of writing a new file")] = False,
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Add a class to a trained model: a new label embedding (or pattern / head row) from the examples' mean
     feature, then learned from them with replay of the old classes, whose accuracy is printed before and after."""
     from edgeff import checkpoint
     from edgeff.data import load_examples
+    from edgeff.files import check_output
     from edgeff.learn import add_class as add_fn
+    from edgeff.names import checked_name
 
+    name = checked_name(name)  # before its name becomes a file name
+    set_max_pixels(max_pixels)
     if in_place and out_path is not None:
         fail("--in-place overwrites CHECKPOINT; drop --out, or drop --in-place to write --out")
+    target = check_output(checkpoint_path if in_place else out_path or added_path(checkpoint_path, name))
     if data_path is None and passes:
         passes = 0  # nothing to learn from: the class is added from a random row
     learner, meta = checkpoint.load(checkpoint_path, device="cpu")
@@ -65,7 +74,6 @@ def add_class(
                   "(save it with `edgeff train`, or pass normalised float arrays)", highlight=False)
     x = None if data_path is None else load_examples(data_path, shape, *norm)
     xh = None if held_out is None else load_examples(held_out, shape, *norm)
-    target = checkpoint_path if in_place else out_path or added_path(checkpoint_path, name)
     if x is None:  # no examples: a random row, nothing to learn from or measure
         names = list(meta.get("classes", []))
         if not learner.model_cfg.class_names and len(names) == learner.model_cfg.num_classes:
@@ -194,10 +202,13 @@ def continual(
     import torch
 
     from edgeff.data import load_data
+    from edgeff.files import check_output
 
     torch.manual_seed(seed)
     if buffer < 0 or batch_size < 1:
         fail("--buffer must be >= 0 and --batch-size >= 1")
+    if plot is not None:
+        check_output(plot, (".png",), what="--plot")
     ds = load_data(data.value, data_dir)
     if scenario == Scenario.add_one_class and not 0 <= new_class < len(ds.classes):
         fail(f"--new-class must be a class of {ds.name}: 0..{len(ds.classes) - 1}, got {new_class}")

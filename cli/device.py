@@ -33,12 +33,16 @@ def device_sim(
     state_dir: Annotated[Path | None, typer.Option(help="where SAVE writes state and a restart restores it")] = None,
     socket_port: Annotated[int | None, typer.Option("--socket", help="serve socket://127.0.0.1:PORT instead of a pty (0 = any)")] = None,
     link: Annotated[Path | None, typer.Option(help="keep a symlink to the pty at this path (stable across restarts)")] = None,
+    idle: Annotated[float, typer.Option(help="socket mode: seconds a client has to complete each frame (and to take "
+                                             "each reply); a client that trickles or stalls is dropped")] = 30.0,
     seed: Annotated[int, typer.Option(help="device RNG seed")] = 0,
 ) -> None:
     """Run a simulated device (numpy only, no torch) on a new pty or a TCP port; prints the port to use."""
     from edgeff.firmware_sim.device import main as sim_main
 
-    argv = ["--budget", budget, "--seed", str(seed)]
+    if not idle > 0:
+        fail(f"--idle must be a positive number of seconds, got {idle}")
+    argv = ["--budget", budget, "--seed", str(seed), "--idle", str(idle)]
     if state_dir is not None:
         argv += ["--state-dir", str(state_dir)]
     if socket_port is not None:
@@ -198,7 +202,9 @@ def device_add_class(
     """Add a class on the device (a new label embedding initialised from the examples, or a new pattern).
     Images go as uint8 pixels (the device model normalises them), float arrays as they are."""
     from edgeff.data import load_pixels
+    from edgeff.names import checked_name
 
+    name = checked_name(name)
     shape = (3, 32, 32) if data in (Dataset.cifar10, Dataset.cifar10_exact) else (1, 28, 28)
     x = None
     if data_path is not None:

@@ -160,8 +160,6 @@ def convert(
         from edgeff.interchange import convert_file
     except ImportError:
         _fail("convert needs torch (pip install torch); the edge runtime itself never does")
-    if dst.suffix not in (".npz", ".pt"):
-        _fail(f"{dst} must end in .npz (edge model) or .pt (torch checkpoint)")
     try:
         path = convert_file(src, dst)
     except _user_errors() as e:

@@ -99,7 +99,9 @@ def explain(
     from edgeff import checkpoint
     from edgeff.data import load_data
     from edgeff.explain import attention_maps, save_attention
+    from edgeff.files import check_output
 
+    check_output(out_path, (".png",))
     learner, meta = checkpoint.load(checkpoint_path, device="cpu")
     if not learner.supports("attention_maps"):
         fail("attention maps need a label-embedding model (cfl-conv, cfl-conv512)")

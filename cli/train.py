@@ -18,6 +18,7 @@ from edgeff.cli.common import (
     DataDirOpt,
     JsonOpt,
     LayersOpt,
+    MaxPixelsOpt,
     Schedule,
     err,
     fail,
@@ -26,6 +27,8 @@ from edgeff.cli.common import (
     out,
     progress_bar,
 )
+
+from edgeff.images import DEFAULT_MAX_PIXELS, set_max_pixels
 
 
 class Backend(str, Enum):
@@ -113,10 +116,12 @@ def train(
     pipeline: Annotated[bool, typer.Option("--pipeline", help="a layer pipeline across the ranks of `torchrun --nproc-per-node N -m edgeff.cli.app train ...`")] = False,
     pipeline_mode: Annotated[str, typer.Option(help="pipeline: overlap (rank 0 runs a step ahead) or lockstep")] = "overlap",
     pipeline_split: Annotated[str | None, typer.Option(help="pipeline: layers per rank, e.g. 2,2 [default: balanced by measured cost]")] = None,
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Train a preset on a data set, streaming batches, then report test accuracy."""
     from edgeff.run import Run, RunOptions
 
+    set_max_pixels(max_pixels)
     o = RunOptions(preset=preset, data=data, data_dir=data_dir, epochs=epochs, samples=samples,
                    batch_size=batch_size, lr=lr, schedule=schedule.value if schedule else None, seed=seed, device=device,
                    backprop=backprop, out=out_path, resume=resume, optim_state=optim_state, lazy=lazy, frugal=frugal,
@@ -243,7 +248,12 @@ def export(
 
     from edgeff import checkpoint
     from edgeff.data import load_data
+    from edgeff.files import check_output
 
+    if not per_layer:
+        check_output(out_path, (".onnx",))
+    elif out_path.exists() and not out_path.is_dir():
+        fail(f"--out {out_path} is a file; --per-layer writes a folder of layer files")
     learner, meta = checkpoint.load(checkpoint_path, device="cpu")
     readied = learner.ready_to_predict()
     if readied:
@@ -273,10 +283,12 @@ def predict(
     images: Annotated[Path, typer.Argument(metavar="IMAGES", help="an image file, a folder of images, or a .npy/.npz array")],
     top: Annotated[int, typer.Option(help="how many classes to show per image")] = 3,
     as_json: JsonOpt = False,
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Predict the class of each image with a trained model, with its best scores."""
     from edgeff.predict import predict_images
 
+    set_max_pixels(max_pixels)
     if top < 1:
         fail(f"--top must be at least 1, got {top}")
     preds = predict_images(model, images, top=top)

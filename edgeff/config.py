@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from edgeff.errors import InputError
+from edgeff.names import checked_name, names_problem
 
 # the largest |value| a learner accepts in a batch after the float32 cast (normalised pixels are O(1); a larger
 # value overflows goodness and losses to inf/NaN and would poison every parameter)
@@ -97,6 +98,8 @@ class ModelConfig:
             raise InputError(f"bad model shape: {self.num_classes} classes, input {self.input_shape} (want C, H, W)")
         if self.class_names and len(self.class_names) != self.num_classes:
             raise InputError(f"{len(self.class_names)} class names for {self.num_classes} classes")
+        if (why := names_problem(self.class_names)) is not None:
+            raise InputError(why)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -107,11 +110,9 @@ class ModelConfig:
         """This config with one more class called ``name`` (online class addition).
 
         Raises:
-            InputError: the name is empty or already taken.
+            InputError: the name breaks the one rule for names (``edgeff.names``) or is taken.
         """
-        name = str(name).strip()
-        if not name:
-            raise InputError("a new class needs a non-empty name")
+        name = checked_name(name)
         if name in self.names:
             raise InputError(f"class {name!r} already exists (index {self.names.index(name)}); pick another name")
         return replace(self, num_classes=self.num_classes + 1, class_names=(*self.names, name))

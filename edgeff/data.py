@@ -34,6 +34,8 @@ from edgeff.edge.data import (  # noqa: F401 - the class names and set names are
     load_edge_data,
 )
 from edgeff.errors import DataNotFoundError, InputError
+from edgeff.images import IMAGE_SUFFIXES, image_files, read_image
+from edgeff.names import names_problem
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,8 @@ def load_folder(path: str | Path, input_shape: tuple[int, int, int], *, test_eve
     mean and std per channel.
 
     Raises:
-        DataNotFoundError: no class folders or no images in one; InputError: an unreadable image.
+        DataNotFoundError: no class folders or no images in one; InputError: fewer than 2 classes, a folder name
+        that is not a class name (``edgeff.names``), or an image ``edgeff.images.read_image`` refuses.
     """
     root = Path(path).expanduser()
 
@@ -129,6 +132,11 @@ def load_folder(path: str | Path, input_shape: tuple[int, int, int], *, test_eve
         if not subs:
             raise DataNotFoundError(f"{folder} has no class folders; put each class's images in a sub-folder "
                                     f"named after it ({folder}/cat/*.png, {folder}/dog/*.png, ...)")
+        if len(subs) < 2:
+            raise InputError(f"{folder} has one class folder ({subs[0].name}); a classifier needs at least 2 classes, "
+                             f"each in its own sub-folder")
+        if (why := names_problem([d.name for d in subs])) is not None:
+            raise InputError(f"{folder}: the class folders name the classes, and {why}")
         return subs
 
     def read(folders: list[Path]) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -238,18 +246,6 @@ def lazy_train_batches(
     return stream_idx(pick[0], pick[1], batch_size, mean=mean, std=std, limit=limit)
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".tif", ".tiff", ".webp")
-
-
-def image_files(path: str | Path) -> list[Path]:
-    """The image files ``load_pixels`` reads from ``path``, in its order: the file itself, or a folder's
-    image files sorted by name."""
-    p = Path(path).expanduser()
-    if p.is_file():
-        return [p]
-    return sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-
-
 def load_pixels(path: str | Path, input_shape: tuple[int, int, int]) -> np.ndarray:
     """Examples of one class as an array (N, C, H, W): uint8 pixels, or floats taken as already normalised.
 
@@ -263,21 +259,11 @@ def load_pixels(path: str | Path, input_shape: tuple[int, int, int]) -> np.ndarr
 
     p = Path(path).expanduser()
     c, h, w = input_shape
-    if p.is_dir() or (p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+    if p.is_dir() or p.suffix.lower() in IMAGE_SUFFIXES:
         files = image_files(p)
         if not files:
             raise DataNotFoundError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {p}")
-        from PIL import Image
-
-        imgs = []
-        for f in files:
-            try:
-                with Image.open(f) as im:
-                    a = np.asarray(im.convert("L" if c == 1 else "RGB").resize((w, h)), dtype=np.uint8)
-            except (OSError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
-                raise InputError(f"cannot read the image {f} ({type(e).__name__}); remove or replace it") from None
-            imgs.append(a[None] if c == 1 else a.transpose(2, 0, 1))
-        arr: np.ndarray = np.stack(imgs)
+        arr: np.ndarray = np.stack([read_image(f, input_shape) for f in files])  # regular files, bounded pixels
     elif p.is_file() and p.suffix in (".npy", ".npz"):
         try:
             z = np.load(p, allow_pickle=False)

@@ -25,6 +25,7 @@ from edgeff.edge.learner import EdgeLearner, UnsupportedError
 from edgeff.edge.optim import Optimizer
 from edgeff.edge.store import load as load_edge
 from edgeff.edge.store import save as save_edge
+from edgeff.files import check_output
 
 
 def to_edge(learner: LearnerBase) -> EdgeLearner:
@@ -126,7 +127,7 @@ def from_edge(edge: EdgeLearner) -> LearnerBase:
 
 def convert_file(src: str | Path, dst: str | Path) -> Path:
     """Convert a torch checkpoint (``.pt``) to an edge model (``.npz``) or back, by the suffix of ``dst``."""
-    src, dst = Path(src), Path(dst)
+    src, dst = Path(src), check_output(dst, (".npz", ".pt"), what="the output")
     if dst.suffix == ".npz":
         learner, meta = load_checkpoint(src, device="cpu")
         return save_edge(to_edge(learner), dst, meta=meta)

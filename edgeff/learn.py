@@ -22,6 +22,7 @@ from edgeff import checkpoint
 from edgeff.continual import ReplayBuffer
 from edgeff.data import ImageData, load_data
 from edgeff.errors import DataNotFoundError, InputError
+from edgeff.files import check_output
 from edgeff.trainer import fit
 
 SEED_EXAMPLES = 20  # a new class's first examples, its initial row
@@ -60,6 +61,7 @@ def learn(model: str | Path, data: str, *, data_dir: str | Path | None = None, b
     if buffer is not None and buffer < 0:
         raise InputError(f"--buffer must be 0 or more samples, got {buffer}")
     model = Path(model)
+    target = check_output(Path(out) if out is not None else model.with_name(f"{model.stem}-learned{model.suffix or '.pt'}"))
     learner, meta = checkpoint.load(model, device="cpu")
     shape = learner.model_cfg.input_shape
     new = load_data(data, data_dir, input_shape=shape)
@@ -85,7 +87,7 @@ def learn(model: str | Path, data: str, *, data_dir: str | Path | None = None, b
     fit(learner, batches, on_step=on_step, replay=replay if replay.capacity else None)
     after = None if ref is None else _accuracy(learner, ref, index, old_names)
     new_acc = _accuracy(learner, new, index, set(grown)) if grown else None
-    path = Path(out) if out is not None else model.with_name(f"{model.stem}-learned{model.suffix or '.pt'}")
+    path = target
     meta = {**meta, "classes": list(learner.class_names), "replay": replay.state() if replay.capacity else None}
     checkpoint.save(learner, path, meta=meta)
     return LearnResult(path, len(new.y_train), tuple(grown), before, after, new_acc, len(replay), replay.nbytes())

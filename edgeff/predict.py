@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeff.data import image_files, load_pixels
+from edgeff.data import load_pixels
+from edgeff.images import image_files
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ checkpointed along the way, evaluated at the end. The CLI only parses options an
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -21,6 +20,7 @@ from edgeff.config import TrainConfig
 from edgeff.contract import LearnerBase
 from edgeff.errors import InputError
 from edgeff.evaluation import EvalResult, evaluate
+from edgeff.files import check_output
 from edgeff.inputs import resolve_device
 from edgeff.loop import train_epochs
 from edgeff.optim import STATE_DTYPES
@@ -91,14 +91,7 @@ def check_options(o: RunOptions, path: Path) -> None:
     if o.optim_state not in STATE_DTYPES:
         raise InputError(f"--optim-state must be {', '.join(STATE_DTYPES)}, got {o.optim_state!r}")
     resolve_device(o.device)  # unknown or unavailable device
-    if path.is_dir():
-        raise InputError(f"--out {path} is a folder; give a file name such as {path / 'model.pt'}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"cannot create the folder for --out {path}: {e.strerror or e}") from None
-    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise InputError(f"cannot write --out {path}: no write permission; choose another path")
+    check_output(path, (".pt", ".pth", ".ckpt"))
 
 
 def train_config(p: Preset, o: RunOptions) -> TrainConfig:
@@ -144,6 +137,7 @@ class Run:
             p = replace(p, model=replace(p.model, input_shape=self.data.input_shape, num_classes=len(classes),
                                          class_names=classes, shrinkage=shrinkage))
             self.learner = make_learner(p, train=tc, backprop=o.backprop)
+        o = self.options
         n = len(self.data.y_train)
         self.per_epoch = min(o.samples, n) if o.samples else n
         self.total = self.per_epoch * self.epochs
@@ -165,6 +159,9 @@ class Run:
                              f"{old.get('dataset')} or another --out")
         if o.lr_epochs is not None:
             learner.train_cfg = replace(learner.train_cfg, epochs=o.lr_epochs)
+        saved = old.get("samples_per_epoch")
+        if o.samples is None and isinstance(saved, int) and 0 < saved < len(self.data.y_train):
+            self.options = replace(o, samples=saved)  # the saved run's passes, not a full one, unless --samples says
         return learner
 
     def stream_note(self) -> str | None:

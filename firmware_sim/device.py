@@ -25,7 +25,6 @@ State survives resets: SAVE writes the model, optimizer state, RNG and sample co
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import re
 import select
@@ -54,11 +53,14 @@ from edgeff.firmware_sim.protocol import (
     encode_frame,
 )
 
+from edgeff.files import BytesReader
+from edgeff.names import name_problem, names_problem
+
 STATE_FILE = "state.npz"
 ONNX_FILE = "model.onnx"
 MAX_TEXT = 300  # characters of an error text in a reply
 MAX_CLASSES = 1024
-MAX_CLASS_NAME = 64  # characters
+MAX_MEMBERS = 1024  # arrays in an uploaded .npz model (a 12-layer edge model with Adam state holds ~150)
 MAX_BATCH = 4096  # samples in one TRAIN or INFER request
 MAX_INPUT = 1e6  # largest |value| of a float input after the float32 cast (normalised pixels are O(1))
 
@@ -88,9 +90,19 @@ def _samples(arrays: dict[str, np.ndarray], key: str = "x") -> np.ndarray:
     return x
 
 
+def _zip_members(blob: bytes | bytearray) -> int | None:
+    """The entry count a zip archive's end-of-central-directory record declares (0xFFFF: a zip64 archive,
+    which no model needs), or None without one; read before the archive is parsed."""
+    tail = memoryview(blob)[-(22 + 65535):]
+    at = bytes(tail).rfind(b"PK\x05\x06")
+    if at < 0 or at + 22 > len(tail):
+        return None
+    return int.from_bytes(tail[at + 10:at + 12], "little")
+
+
 def _class_name(v: Any) -> str:
-    if not isinstance(v, str) or not 0 < len(v.strip()) <= MAX_CLASS_NAME or not v.isprintable():
-        raise DeviceError("bad_request", f"a class name is 1..{MAX_CLASS_NAME} printable characters")
+    if (why := name_problem(v)) is not None:
+        raise DeviceError("bad_request", why)
     return v
 
 
@@ -142,7 +154,7 @@ class OnnxModel:
             c = self.shape[0]
             self.mean = np.asarray(json.loads(props.get("mean", "[]")) or [0.0] * c, np.float32).reshape(1, -1, 1, 1)
             self.std = np.asarray(json.loads(props.get("std", "[]")) or [1.0] * c, np.float32).reshape(1, -1, 1, 1)
-            self.classes = [str(v) for v in json.loads(props.get("classes", "[]"))]
+            self.classes = json.loads(props.get("classes", "[]"))  # checked by Device._representable
         except ImportError:
             raise DeviceError("unsupported", "this device has no onnxruntime; load a device model instead") from None
         except Exception as e:  # noqa: BLE001 - any parse failure is the same user-facing error
@@ -150,7 +162,12 @@ class OnnxModel:
                                            f"({type(e).__name__}: {e})") from None
         self.blob = blob
         self.input_dim = int(np.prod(self.shape))
-        self.plan_bytes = 2 * len(blob)
+        self.plan_bytes = self.plan(len(blob))
+
+    @staticmethod
+    def plan(size: int) -> int:
+        """Planned RAM of an ONNX file of ``size`` bytes: the file and onnxruntime's copy of its initializers."""
+        return 2 * size
 
     def scores(self, x: np.ndarray) -> np.ndarray:
         if x.ndim != 2 or x.shape[1] != self.input_dim:
@@ -353,9 +370,10 @@ class Device:
         """Refuse a model whose class list would make later replies (HELLO) unsendable: checked before
         the model is installed or stored, so no state can brick the device."""
         classes = onnx.classes if onnx is not None else net.spec["classes"] if net is not None else []
-        if len(classes) > MAX_CLASSES or any(len(str(c)) > MAX_CLASS_NAME for c in classes):
-            raise DeviceError("bad_model", f"a model holds at most {MAX_CLASSES} classes with names of at most "
-                                           f"{MAX_CLASS_NAME} characters")
+        if not isinstance(classes, list) or len(classes) > MAX_CLASSES:
+            raise DeviceError("bad_model", f"a model holds a list of at most {MAX_CLASSES} class names")
+        if (why := names_problem(classes)) is not None:  # the product's one rule for names (edgeff.names)
+            raise DeviceError("bad_model", f"the model's classes: {why}")
         old = self.net, self.onnx
         self.net, self.onnx = (net, onnx) if net is not None or onnx is not None else old
         try:
@@ -390,31 +408,36 @@ class Device:
             if resident + total > self.budget:  # no room to stage beside the loaded model: unload it
                 self.net = self.onnx = None
                 unloaded = resident > 0
-            self.staging = {"total": total, "crc32": crc, "parts": [], "have": 0, "unloaded": unloaded}
+            # staged in one buffer of the declared size (counted against the budget above): no joined copy
+            self.staging = {"total": total, "crc32": crc, "buf": bytearray(total), "have": 0, "crc": 0,
+                            "unloaded": unloaded}
         st = self.staging
         if st is None or st["total"] != total or st["crc32"] != crc:
             raise DeviceError("bad_request", "model chunk out of order; restart the upload at offset 0")
         if offset != st["have"]:
             raise DeviceError("bad_request", f"model chunk at offset {offset}, expected {st['have']}")
-        chunk = chunk_arr.tobytes()
-        if st["have"] + len(chunk) > total:
+        n = chunk_arr.size
+        if st["have"] + n > total:
             self.staging = None
             raise DeviceError("bad_request", "model chunks run past the declared size; restart the upload")
-        st["parts"].append(chunk)
-        st["have"] += len(chunk)
+        st["buf"][st["have"]:st["have"] + n] = chunk_arr.data
+        st["crc"] = zlib.crc32(chunk_arr.data, st["crc"])
+        st["have"] += n
         have = st["have"]
         if have < total:
             return {"received": have, "unloaded": st["unloaded"]}, {}
         self.staging = None
-        blob = b"".join(st["parts"])
+        blob, blob_crc = st["buf"], st["crc"]
         del st
-        if zlib.crc32(blob) != crc:
+        if blob_crc != crc:
             raise DeviceError("bad_model", "model checksum mismatch after upload; send it again")
         if not blob.startswith(b"PK"):  # not an .npz (zip): an ONNX graph, for inference only
+            need = OnnxModel.plan(len(blob))
+            if need > self.budget:  # before onnxruntime (which takes bytes: one copy, inside the plan) sees it
+                raise DeviceError("too_big", f"this ONNX model needs about {kib(need)} but the RAM "
+                                             f"budget is {kib(self.budget)}: over by {kib(need - self.budget)}")
+            blob = bytes(blob)
             model = OnnxModel(blob)
-            if model.plan_bytes > self.budget:
-                raise DeviceError("too_big", f"this ONNX model needs about {kib(model.plan_bytes)} but the RAM "
-                                             f"budget is {kib(self.budget)}: over by {kib(model.plan_bytes - self.budget)}")
             self._representable(onnx=model)
             self.onnx, self.net = model, None
             self.samples_seen = self.applied_crc = 0
@@ -433,16 +456,28 @@ class Device:
             return self.onnx.plan_bytes
         return int(self.net.memory_plan(1)["resident"]) if self.net is not None else 0
 
-    def _unpack(self, blob: bytes) -> NumpyNet | EdgeModel:
-        """An .npz model, its unpacked size bounded by the budget before anything is decompressed."""
+    def _unpack(self, blob: bytearray) -> NumpyNet | EdgeModel:
+        """An .npz model. Its member count is read from the archive's end record and bounded before the
+        archive is parsed (each member costs a parsed entry), and the file plus what it unpacks to — both held
+        while it is read — must fit in the budget before anything is decompressed."""
+        members = _zip_members(blob)
+        if members is None:
+            raise DeviceError("bad_model", "not a readable model file (no zip end record)")
+        if members > MAX_MEMBERS:
+            raise DeviceError("bad_model", f"the model file holds {members} arrays; a model has at most {MAX_MEMBERS}")
         try:
-            with zipfile.ZipFile(io.BytesIO(blob)) as zf:
-                unpacked = sum(i.file_size for i in zf.infolist())
-        except (zipfile.BadZipFile, OSError, ValueError) as e:
+            with zipfile.ZipFile(BytesReader(blob)) as zf:
+                infos = zf.infolist()
+                unpacked = sum(i.file_size for i in infos)
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
             raise DeviceError("bad_model", f"not a readable model file ({e})") from None
-        if unpacked > self.budget:
-            raise DeviceError("too_big", f"the model file unpacks to {kib(unpacked)}, more than the RAM budget of "
-                                         f"{kib(self.budget)}")
+        if len(infos) > MAX_MEMBERS:  # the end record lied
+            raise DeviceError("bad_model", f"the model file holds {len(infos)} arrays; a model has at most {MAX_MEMBERS}")
+        if len(blob) + unpacked > self.budget:
+            need = len(blob) + unpacked
+            raise DeviceError("too_big", f"the model file ({kib(len(blob))}) and its {kib(unpacked)} of arrays, held "
+                                         f"together while it is read, need {kib(need)} but the RAM budget is "
+                                         f"{kib(self.budget)}: over by {kib(need - self.budget)}")
         try:
             net, _ = model_from_bytes(blob)
         except ModelError as e:
@@ -572,11 +607,14 @@ def open_pty(link: str | Path | None = None) -> tuple[int, int, str]:
 
 
 def serve_socket(dev: Device, port: int, *, host: str = "127.0.0.1", announce: bool = True, idle: float = 30.0,
-                 backlog: int = 1) -> None:
-    """Serve one TCP client at a time (pyserial URL ``socket://HOST:PORT``), forever. A client idle for
-    ``idle`` seconds is dropped so it cannot hold the device; at most ``backlog`` more wait to be served
-    (the kernel refuses the rest); a client that resets or vanishes mid-reply is dropped, the device keeps
-    serving."""
+                 backlog: int = 1, share: float = 1.0, turn: float = 5.0) -> None:
+    """Serve TCP clients one at a time (pyserial URL ``socket://HOST:PORT``), forever, each in a bounded session:
+    a client must complete each frame within ``idle`` seconds of its previous reply (a deadline per frame, not
+    per read: one byte every few seconds does not hold the device), and while another client waits it is let go
+    once it has sent no complete frame for ``share`` seconds, or at the latest ``turn`` seconds later (a host
+    that is let go reconnects and waits its turn). A reply not taken within ``idle`` seconds drops the
+    client. At most ``backlog`` more wait to be served (the kernel refuses the rest); a client that resets or
+    vanishes mid-reply is dropped, the device keeps serving."""
     srv = socket.create_server((host, port), backlog=backlog)
     if announce:
         print(f"port: socket://{host}:{srv.getsockname()[1]}", flush=True)
@@ -586,16 +624,38 @@ def serve_socket(dev: Device, port: int, *, host: str = "127.0.0.1", announce: b
         except OSError:
             continue
         with conn:
-            conn.settimeout(idle)
-            try:
-                while True:
-                    data = conn.recv(65536)
-                    if not data:
-                        break
-                    conn.sendall(dev.receive(data))
-            except (TimeoutError, ConnectionError, OSError):
-                dev.decoder = FrameDecoder()  # a half frame from a dropped client must not prefix the next one
-                continue
+            _serve_client(dev, conn, srv, idle, share, turn)
+        dev.decoder = FrameDecoder()  # a half frame from a dropped client must not prefix the next one
+
+
+def _serve_client(dev: Device, conn: socket.socket, srv: socket.socket, idle: float, share: float,
+                  turn: float) -> None:
+    """One client's session (see ``serve_socket``); returns when it ends, for any reason."""
+    last = time.monotonic()  # the session's start, then each completed frame's reply
+    waited: float | None = None  # since when another client has been waiting
+    try:
+        while True:
+            now = time.monotonic()
+            if now >= last + idle:
+                return  # no complete frame within the deadline: idle or trickling
+            ready, _, _ = select.select([conn, srv], [], [], min(last + idle - now, share))
+            if conn in ready:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                reply = dev.receive(data)
+                if reply:
+                    conn.settimeout(idle)  # the whole reply within the deadline (sendall's total since 3.5)
+                    conn.sendall(reply)
+                    conn.setblocking(True)
+                    last = time.monotonic()
+            if srv in ready:
+                now = time.monotonic()
+                waited = now if waited is None else waited
+                if now >= last + share or now >= waited + turn:
+                    return  # another client waits: this one paused for `share` s, or has had `turn` s more
+    except (TimeoutError, ConnectionError, OSError):
+        return
 
 
 def warm_up() -> None:
@@ -631,7 +691,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--socket", type=int, default=None, metavar="PORT",
                     help="serve socket://127.0.0.1:PORT instead of a pty (0 = any free port)")
     ap.add_argument("--link", default=None, help="keep a symlink at this path pointing to the pty")
-    ap.add_argument("--idle", type=float, default=30.0, help="socket mode: drop a client silent this many seconds")
+    ap.add_argument("--idle", type=float, default=30.0,
+                    help="socket mode: seconds a client has to complete each frame and take each reply")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     try:

@@ -22,6 +22,7 @@ from edgeff.edge.learner import EdgeLearner
 from edgeff.edge.optim import BLOCK
 from edgeff.edge.store import FORMAT, from_arrays, to_arrays
 from edgeff.errors import EdgeFFError
+from edgeff.files import BytesReader
 
 F32 = np.float32
 
@@ -29,7 +30,7 @@ F32 = np.float32
 def is_edge_file(blob: bytes) -> bool:
     """Whether an ``.npz`` blob is an edge-runtime file (its header names the edge format)."""
     try:
-        with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+        with np.load(BytesReader(blob), allow_pickle=False) as z:
             if "header" not in z.files:
                 return False
             return json.loads(z["header"].tobytes().decode()).get("format") == FORMAT
@@ -160,7 +161,7 @@ class EdgeModel:
     @classmethod
     def from_bytes(cls, data: bytes) -> tuple[EdgeModel, dict[str, Any]]:
         try:
-            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            with np.load(BytesReader(data), allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
             learner, meta = from_arrays(arrays)
         except (EdgeFFError, KeyError, ValueError, TypeError, OSError) as e:

@@ -3,7 +3,8 @@
 ``hostile_frames(rng, context)`` yields ``(kind, frame_bytes, must_refuse)``: every message type with
 mutated fields, extreme numbers (1e999, 2**64, -1, floats, booleans, strings), hostile array tables
 (shapes of 10**30, zero dims, too many dims, 1.5 MB names), deep JSON nesting, huge class names, uploads
-that lie about their size, zip bombs, ONNX files pointing at external data, non-finite or out-of-range
+that lie about their size, zip bombs, archives of many members, models whose class names nest or break the
+names rule, ONNX files pointing at external data, non-finite or out-of-range
 inputs and labels. ``must_refuse`` marks the frames a correct device answers with an ERROR or NACK (never
 an ACK); the rest (e.g. a duplicate sequence number) may be answered either way. The frames are built
 here by hand where ``encode_frame`` would refuse to build them.
@@ -75,6 +76,32 @@ def _external_onnx() -> bytes:
     return _varint(1 << 3) + _varint(8) + field(7, graph)
 
 
+@functools.cache
+def _many_members(count: int = 10_000) -> bytes:
+    """An .npz of ``count`` empty members (~0.9 MB, one frame): cheap to send, costly to parse."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for i in range(count):
+            zf.writestr(f"{i}.npy", b"")
+    return buf.getvalue()
+
+
+def _nested(depth: int) -> Any:
+    v: Any = "a"
+    for _ in range(depth):
+        v = [v]
+    return v
+
+
+def _model_named(classes: list[Any]) -> bytes:
+    """A small, valid device model whose class list starts with ``classes`` (names no device may install)."""
+    from edgeff.firmware_sim.numpy_net import init_model
+
+    net = init_model("embed", [4], input_dim=4, classes=["a", "b"])
+    net.spec["classes"] = [*classes, "b"]
+    return net.to_bytes()
+
+
 def _varint(v: int) -> bytes:
     out = bytearray()
     while True:
@@ -128,7 +155,8 @@ def hostile_frame(kind: str, rng: np.random.Generator, seq: int, d: int, k: int)
         name = pick(["c" * 1_048_276, "c" * 1_200_000, "", " ", "a\x00b", "\n", 12, None, ["a"], "ok" * 40])
         return raw_frame(int(MsgType.ADD_CLASS), seq, _json({"name": name})), True
     if kind == "upload":  # uploads that lie, bombs and external data
-        which = pick(["huge_total", "past_total", "bomb", "onnx_external", "junk", "zero_total", "wrong_crc"])
+        which = pick(["huge_total", "past_total", "bomb", "onnx_external", "junk", "zero_total", "wrong_crc",
+                      "nested_names", "bad_names", "many_members"])
         if which == "huge_total":
             meta = {"offset": 0, "total": 10**12, "crc32": 0}
             return encode_frame(Message(MsgType.LOAD_MODEL, seq, meta, {"chunk": np.zeros(64, np.uint8)})), True
@@ -139,7 +167,9 @@ def hostile_frame(kind: str, rng: np.random.Generator, seq: int, d: int, k: int)
             meta = {"offset": 0, "total": 0, "crc32": 0}
             return encode_frame(Message(MsgType.LOAD_MODEL, seq, meta, {"chunk": np.zeros(0, np.uint8)})), True
         blob = {"bomb": _zip_bomb, "onnx_external": _external_onnx, "wrong_crc": _zip_bomb,
-                "junk": lambda: rng.bytes(int(rng.integers(1, 4096)))}[which]()
+                "junk": lambda: rng.bytes(int(rng.integers(1, 4096))), "many_members": _many_members,
+                "nested_names": lambda: _model_named([_nested(int(rng.integers(9, 200)))]),
+                "bad_names": lambda: _model_named([pick(["a\nb", "x" * 65, "", 7, None, {"a": 1}])])}[which]()
         crc = zlib.crc32(blob) ^ (1 if which == "wrong_crc" else 0)
         meta = {"offset": 0, "total": len(blob), "crc32": crc}
         return encode_frame(Message(MsgType.LOAD_MODEL, seq, meta, {"chunk": np.frombuffer(blob, np.uint8)})), True

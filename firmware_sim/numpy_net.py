@@ -34,6 +34,7 @@ import numpy as np
 
 from edgeff.edge.data import MNIST_MEAN, MNIST_STD
 from edgeff.edge.learner import pool_matrix  # the edge runtime's CFL pooling (one definition)
+from edgeff.files import BytesReader
 
 RULES = ("goodness", "embed")
 F32 = np.float32
@@ -126,7 +127,7 @@ class NumpyNet:
     def from_bytes(cls, data: bytes) -> tuple[NumpyNet, dict[str, Any]]:
         """Read ``to_bytes`` output; returns the net and its saved ``state``. Raises ``ModelError``."""
         try:
-            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            with np.load(BytesReader(data), allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
             head = json.loads(arrays.pop("header").tobytes().decode())
             spec = head["spec"]

@@ -135,6 +135,9 @@ def encode_body(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
         table.append([name, a.dtype.name, list(a.shape)])
         blobs.append(np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).tobytes())
     head = json.dumps({"meta": meta, "arrays": table}, separators=(",", ":")).encode()
+    if len(head) > MAX_HEAD or _depth(meta) > MAX_DEPTH:  # what decode_body refuses is never sent
+        raise ValueError(f"message head of {len(head)} bytes, nested {_depth(meta)} deep, exceeds the protocol's "
+                         f"{MAX_HEAD} bytes / depth {MAX_DEPTH}")
     return struct.pack("<I", len(head)) + head + b"".join(blobs)
 
 

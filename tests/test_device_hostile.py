@@ -7,7 +7,9 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -254,3 +256,122 @@ def test_refused_large_frames_are_freed_at_once() -> None:
         tracemalloc.stop()
         gc.enable()
     assert held < 1 << 20, f"{held / 2**20:.1f} MiB still held after 10 refused frames"
+
+
+def _upload_frames(blob: bytes | bytearray, chunk: int = 256 << 10, seq: int = 100) -> list[bytes]:
+    """A whole upload's frames, built before anything on the device is measured."""
+    crc = zlib.crc32(blob)
+    return [encode_frame(Message(MsgType.LOAD_MODEL, seq + i, {"offset": at, "total": len(blob), "crc32": crc},
+                                 {"chunk": np.frombuffer(bytes(blob[at:at + chunk]), np.uint8)}))
+            for i, at in enumerate(range(0, len(blob), chunk))]
+
+
+def _upload(dev: Device, frames: list[bytes]) -> Message:
+    """Send an upload's frames until one is refused; the last reply."""
+    for frame in frames:
+        reply = _reply(dev, frame)
+        if reply.type != MsgType.ACK:
+            break
+    return reply
+
+
+@pytest.mark.parametrize("classes", [[[[[[[[[[["a"]]]]]]]]]], ["two\nlines"], ["x" * 65], [7], ["a", "a"]])
+def test_a_model_whose_class_names_break_the_rule_is_refused_and_ignored_at_boot(tmp_path: Path, classes) -> None:
+    """Before: class "names" of nested JSON deeper than 8 levels passed `len(str(c)) <= 64`, were installed and
+    SAVEd, and every HELLO after it — across restarts — exceeded the host's nesting limit."""
+    dev = _loaded(tmp_path)
+    net = init_model("embed", [8], classes=["a", "b"])
+    net.spec["classes"] = classes + ["b"] * (2 - len(classes))
+    reply = _upload(dev, _upload_frames(net.to_bytes()))
+    assert reply.type == MsgType.ERROR and reply.meta["code"] == "bad_model", reply.meta
+    _hello_ok(dev)
+    dev.net = net  # a state an older firmware saved
+    dev.save()
+    fresh = Device(parse_size("4MiB"), tmp_path)
+    assert fresh.net is None
+    _hello_ok(fresh)
+
+
+def test_the_protocol_never_sends_what_it_would_refuse_to_read() -> None:
+    from edgeff.firmware_sim.protocol import MAX_DEPTH
+
+    nested: list = []
+    for _ in range(MAX_DEPTH + 1):
+        nested = [nested]
+    with pytest.raises(ValueError, match="depth"):
+        encode_frame(Message(MsgType.ACK, 1, {"classes": nested}))
+
+
+def test_an_archive_of_many_members_is_refused_before_it_is_parsed() -> None:
+    """Before: a 3.8 MiB .npz of 43,000 empty members reached a traced 50 MiB (12.5x a 4 MiB budget) while its
+    directory was parsed. The member count is read from the archive's end record first."""
+    import io
+    import tracemalloc
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for i in range(43_000):
+            z.writestr(f"{i}.npy", b"")
+    blob = buf.getvalue()
+    assert 3 << 20 < len(blob) < 4 << 20
+    dev, frames = Device(4 << 20), _upload_frames(blob)
+    tracemalloc.start()
+    try:
+        reply = _upload(dev, frames)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert reply.type == MsgType.ERROR and "43000 arrays" in reply.meta["text"], reply.meta
+    # the staged file plus one 256 KiB frame's decoding (~2 MiB measured), not the parsed directory
+    assert peak < len(blob) + (3 << 20), f"{peak / 2**20:.1f} MiB traced"
+
+
+def test_a_budget_sized_upload_is_staged_within_the_budget() -> None:
+    """Before: the chunks were kept and then joined, 2.05x the budget at the end of any budget-sized upload."""
+    import tracemalloc
+
+    budget = 16 << 20
+    blob = np.random.default_rng(0).bytes(int(budget * 0.95))  # not a model: refused once it is whole
+    dev, frames = Device(budget), _upload_frames(blob)
+    tracemalloc.start()
+    try:
+        reply = _upload(dev, frames)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert reply.type == MsgType.ERROR
+    assert peak < budget * 1.15, f"{peak / budget:.2f}x the budget traced"
+
+
+def _trickle(addr: tuple[str, int], stop: threading.Event, frames: bool) -> None:
+    """A client that holds its connection: one byte of a frame every 0.3 s, or a whole HELLO every 0.3 s."""
+    frame = encode_frame(Message(MsgType.HELLO, 7))
+    with socket.create_connection(addr) as s:
+        i = 0
+        while not stop.is_set():
+            try:
+                s.sendall(frame if frames else frame[i % (len(frame) - 1):i % (len(frame) - 1) + 1])
+            except OSError:
+                return  # dropped by the device
+            i += 1
+            time.sleep(0.3)
+
+
+@pytest.mark.parametrize("frames", [False, True], ids=["byte-by-byte", "whole-frames"])
+def test_a_slow_or_chatty_client_does_not_hold_the_socket_device(tmp_path: Path, frames: bool) -> None:
+    """Before: the idle timeout was per read, so one byte every 29 s kept every other client out. Now each
+    frame has a deadline (--idle, 1 s here), and while another client waits a session is let go after a pause
+    of `share` (1 s) or a `turn` (5 s)."""
+    proc, addr = _socket_device(tmp_path)
+    stop = threading.Event()
+    hog = threading.Thread(target=_trickle, args=(addr, stop, frames), daemon=True)
+    try:
+        hog.start()
+        time.sleep(0.5)  # the hog is being served
+        t0 = time.monotonic()
+        assert _hello_over(addr, timeout=10)
+        assert time.monotonic() - t0 < (8 if frames else 4)  # a turn of 5 s; a frame deadline of 1 s
+    finally:
+        stop.set()
+        proc.kill()
+        proc.wait(10)

@@ -13,6 +13,7 @@ from edgeff.edge.data import EdgeData, load_edge_data
 from edgeff.edge.learner import EdgeLearner, evaluate, make_edge_learner
 from edgeff.edge.store import load, save
 from edgeff.errors import CheckpointError, InputError
+from edgeff.files import check_output
 from edgeff.loop import train_epochs
 
 
@@ -49,10 +50,8 @@ def train_run(
     views, window, predictor, ...); ``shrinkage`` its lda readout's ridge (refused on a resumed run).
     ``on_start(learner, total_samples)`` is called before the first step (progress bars).
     """
+    path = check_output(Path(out) if out is not None else Path("runs") / f"{preset}.npz", (".npz",))
     ds = load_edge_data(data, data_dir, cache_dir=cache_dir)
-    path = Path(out) if out is not None else Path("runs") / f"{preset}.npz"
-    if path.exists() and path.is_dir():
-        raise InputError(f"--out {path} is a folder; give a file name such as {path / (preset + '.npz')}")
     if shrinkage is not None and not (math.isfinite(shrinkage) and shrinkage >= 0):
         raise InputError(f"--shrinkage must be a finite number >= 0, got {shrinkage}")
     if resume and path.is_file():
@@ -64,6 +63,9 @@ def train_run(
                                   f"{meta.get('preset')} or another --out")
         if meta.get("data") not in (None, data):
             raise CheckpointError(f"{path} was trained on {meta.get('data')}, not {data}")
+        saved = meta.get("samples_per_epoch")
+        if samples is None and isinstance(saved, int) and 0 < saved < len(ds.y_train):
+            samples = saved  # the saved run's passes, not a full one, unless --samples says
     else:
         from edgeff.presets import get_preset, stream_preset, stream_train
 
@@ -94,6 +96,6 @@ def train_run(
     # it again, from scratch, from the window it has then)
     readied = learner.ready_to_predict()
     test = evaluate(learner, ds.test_batches(200), per_layer=True)
-    save(learner, path, meta={"preset": preset, "data": data, "test_accuracy": test["accuracy"],
+    save(learner, path, meta={"preset": preset, "data": data, "test_accuracy": test["accuracy"], "samples_per_epoch": per_epoch,
                               "mean": list(ds.mean), "std": list(ds.std), "classes": list(ds.classes)})
     return RunResult(learner, ds, path, test, before, readied)

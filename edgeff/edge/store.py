@@ -28,6 +28,7 @@ from edgeff.files import atomic_write
 FORMAT = "edgeff-edge"
 FORMAT_VERSION = 1
 MAX_HEADER = 1 << 20  # bytes: a header is a few KiB; refuse absurd ones before parsing
+MAX_MEMBERS = 4096  # arrays in a file (a 12-layer model with Adam state holds ~150)
 
 
 def to_arrays(learner: EdgeLearner, meta: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
@@ -56,7 +57,7 @@ def from_arrays(arrays: dict[str, np.ndarray]) -> tuple[EdgeLearner, dict[str, A
     """Rebuild a learner from ``to_arrays`` output; returns it and its ``meta``."""
     head = json.loads(bytes(arrays["header"]).decode())
     if head.get("format") != FORMAT:
-        raise CheckpointError("not an edgeff edge model (convert a torch checkpoint with `edgeff edge convert`)")
+        raise CheckpointError("not an edgeff edge model (convert a torch checkpoint with `edgeff-edge convert`)")
     if head.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"edge format {head.get('format_version')}; this edgeff reads {FORMAT_VERSION}")
     learner = EdgeLearner(ModelConfig.from_dict(head["model"]), TrainConfig.from_dict(head["train"]))
@@ -84,21 +85,71 @@ def save(learner: EdgeLearner, path: str | Path, *, meta: dict[str, Any] | None 
     return atomic_write(path, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
 
 
+def _declared(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple[tuple[int, ...], np.dtype, int]:
+    """A member's array shape, dtype and byte count, read from its ``.npy`` header alone (no data)."""
+    with zf.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f, max_header_size=10_000)
+        header_len = f.tell()
+    if dtype.hasobject or dtype.kind not in "biuf":
+        raise CheckpointError(f"array {info.filename} has dtype {dtype}; an edge model holds numbers only")
+    nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if nbytes != info.file_size - header_len:  # checked before anything is allocated
+        raise CheckpointError(f"array {info.filename} declares {shape} ({nbytes} bytes) but holds "
+                              f"{info.file_size - header_len} bytes")
+    return shape, dtype, nbytes
+
+
+def planned_tensor_bytes(model: ModelConfig) -> int:
+    """What a model config's weights take as float32 (linear and conv layers; torch-free, allocates nothing)."""
+    from edgeff.edge.ops import out_shape
+
+    shape: tuple[int, ...] = tuple(model.input_shape)
+    total = 0
+    for spec in model.layers:
+        fan_in = int(np.prod(shape)) if spec.kind == "linear" else shape[0] * spec.kernel * spec.kernel
+        total += (fan_in + 1) * spec.out * 4
+        shape = out_shape(spec, shape)
+    return total
+
+
 def read_arrays(path: str | Path) -> dict[str, np.ndarray]:
-    """The arrays of an edge model file. Raises ``CheckpointError`` for anything unreadable."""
+    """The arrays of an edge model file. Every member's declared shape is checked against its stored size,
+    and the model its header describes against the tensors the file holds, before anything is allocated.
+    Raises ``CheckpointError`` for anything unreadable or inconsistent."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"edge model {path} does not exist; train one with `edgeff-edge train --out {path}`")
     try:
         with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+            if len(infos) > MAX_MEMBERS:
+                raise CheckpointError(f"{path} holds {len(infos)} arrays; an edge model has at most {MAX_MEMBERS}")
+            names = {i.filename for i in infos}
+            if "header.npy" not in names:
+                if any(n.endswith("data.pkl") for n in names):
+                    raise CheckpointError(f"{path} is a torch checkpoint; convert it first: `edgeff-edge convert {path} "
+                                          f"{path.with_suffix('.npz')}` (on a machine with torch)")
+                raise CheckpointError(f"{path} is not an edgeff edge model (it has no header)")
             info = zf.getinfo("header.npy")
             if info.file_size > MAX_HEADER:
                 raise CheckpointError(f"{path}: header of {info.file_size} bytes is not an edge model's")
+            declared = {i.filename: _declared(zf, i) for i in infos}
+            with zf.open(info) as f:
+                head = json.loads(np.lib.format.read_array(f, allow_pickle=False).tobytes().decode())
+        tensors = sum(n for name, (_, _, n) in declared.items() if name.startswith("t:"))
+        if isinstance(head, dict) and isinstance(head.get("model"), dict):
+            planned = planned_tensor_bytes(ModelConfig.from_dict(head["model"]))
+            if planned > tensors + (1 << 20):
+                raise CheckpointError(f"{path}: its header describes a model of {planned / 2**20:.1f} MiB of weights "
+                                      f"but the file holds {tensors / 2**20:.1f} MiB of tensors; it is not a "
+                                      "consistent edge model")
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     except CheckpointError:
         raise
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path} is not a readable edge model ({type(e).__name__}); it may be truncated or "
                               "not an edgeff edge file") from None
 
