@@ -35,13 +35,11 @@ from torch import nn
 from edgeff.config import UNUSED_CORE, ModelConfig, TrainConfig
 from edgeff.contract import LearnerBase, register
 from edgeff.errors import UnsupportedError
-from edgeff.inputs import as_batch, as_labels
+from edgeff.inputs import BLOCK_BYTES, as_batch, as_labels, in_row_blocks
 from edgeff.kmeans import KMeansPatches
 from edgeff.layers import make_block, out_shape
 from edgeff.loop import LayerMetrics
 from edgeff.readout import PENDING, solve_lda
-
-FEATURE_BLOCK_BYTES = 256 << 20  # the features of a batch are computed in blocks of rows whose maps stay below this
 
 
 class FrozenLayer(nn.Module):
@@ -113,11 +111,8 @@ class AnalyticNet(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The body's features (B, D), a bounded block of rows at a time (a kmeans layer's activation map is
         K × H' × W' values per sample: 9 MB at 3,200 centroids on 32x32 inputs)."""
-        rows = max(1, FEATURE_BLOCK_BYTES // max(1, self.row_bytes))
         with torch.no_grad():
-            if x.shape[0] <= rows:
-                return self.body(x)
-            return torch.cat([self.body(x[i : i + rows]) for i in range(0, x.shape[0], rows)])
+            return in_row_blocks(self.body, x, self.row_bytes)
 
     @property
     def unfitted(self) -> bool:
@@ -136,7 +131,7 @@ class AnalyticNet(nn.Module):
     def fit_layers(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Fit the unfitted kmeans layers from samples ``x`` (each layer from the previous layers' outputs; no
         labels); the body's outputs for ``x``."""
-        n, chunk = x.shape[0], max(1, FEATURE_BLOCK_BYTES // max(1, self.row_bytes))
+        n, chunk = x.shape[0], max(1, BLOCK_BYTES // max(1, self.row_bytes))
         with torch.no_grad():
             for layer in self.layers:
                 for m in layer.modules():

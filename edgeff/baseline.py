@@ -17,7 +17,7 @@ from edgeff.augment import make_augment, make_views
 from edgeff.config import ModelConfig, TrainConfig
 from edgeff.contract import LearnerBase, register
 from edgeff.graphs import BPGraph
-from edgeff.inputs import as_batch, as_labels, check_loss
+from edgeff.inputs import as_batch, as_labels, check_loss, in_row_blocks, peak_row_bytes
 from edgeff.kmeans import GridMean
 from edgeff.layers import HEAD_ROW_NORM, class_row, grow_linear, make_block, make_optimizer, out_shape
 from edgeff.loop import LayerMetrics
@@ -75,6 +75,7 @@ class BPLearner(LearnerBase):
         self.opt = make_optimizer(list(self.net.parameters()), train.optimizer, train.lr, train.optim_state_dtype,
                                   train.weight_decay)
         self.augment = make_augment(train, self.generator)
+        self._row_bytes: int | None = None  # one sample's largest activation, measured at the first scores()
 
     def set_lr(self, lr: float) -> None:
         for group in self.opt.param_groups:
@@ -121,10 +122,15 @@ class BPLearner(LearnerBase):
         return cfg.num_classes - 1
 
     def scores(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Class scores (B, K), the batch in blocks of rows whose activations stay bounded (``BLOCK_BYTES``: a
+        wide conv's maps are megabytes per sample, and a test batch of 1,000 through kmeans-conv3200's twin
+        took 19 GB at once)."""
         xb = as_batch(x, self.model_cfg.input_shape).to(self.device)
         self.net.eval()
+        if self._row_bytes is None:
+            self._row_bytes = peak_row_bytes(self.net, xb[:1])
         with torch.no_grad():
-            return self.net(xb)
+            return in_row_blocks(self.net, xb, self._row_bytes)
 
     # ------------------------------------------------------------------------ checkpoint, export
     def _optim_state(self) -> dict[str, Any]:

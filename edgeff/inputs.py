@@ -76,3 +76,34 @@ def as_labels(y: torch.Tensor | np.ndarray | Iterable[int] | int, n: int, num_cl
 
 
 __all__ = ["as_batch", "as_labels", "check_loss", "resolve_device"]
+
+
+BLOCK_BYTES = 256 << 20  # a batch's forward pass goes in blocks of rows whose largest activation stays below this
+
+
+def peak_row_bytes(net: torch.nn.Module, sample: torch.Tensor) -> int:
+    """The largest activation one sample makes anywhere in ``net`` (bytes), from one forward pass of ``sample``
+    (1, C, H, W) with hooks; what bounds how many rows a forward pass may take at once."""
+    peak = [sample[:1].numel() * sample.element_size()]
+
+    def hook(_m: torch.nn.Module, _i: object, out: object) -> None:
+        if isinstance(out, torch.Tensor):
+            peak[0] = max(peak[0], out.numel() * out.element_size())
+
+    handles = [m.register_forward_hook(hook) for m in net.modules()]
+    try:
+        with torch.no_grad():
+            net(sample[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return peak[0]
+
+
+def in_row_blocks(fn, x: torch.Tensor, row_bytes: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """``fn(x)`` computed a block of rows at a time so that no activation exceeds ``BLOCK_BYTES`` (one
+    sample's peak activation is ``row_bytes``); the blocks' outputs concatenated."""
+    rows = max(1, BLOCK_BYTES // max(1, row_bytes))
+    if x.shape[0] <= rows:
+        return fn(x)
+    return torch.cat([fn(x[i : i + rows]) for i in range(0, x.shape[0], rows)])
