@@ -115,8 +115,9 @@ def eval_cmd(
         else:
             from edgeff.edge import evaluate, load
 
-            learner, _ = load(model)
-            learner.ready_to_predict()
+            learner, meta = load(model)
+            per_epoch = meta.get("samples_per_epoch")  # a readout not solved yet takes a pass over the training data
+            learner.ready_to_predict(lambda: ds.train_batches(500, seed=0, limit=per_epoch))
             res = {**evaluate(learner, ds.test_batches(200, limit=limit), per_layer=True), "backend": "numpy"}
     except _user_errors() as e:
         _fail(str(e))

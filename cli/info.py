@@ -79,10 +79,12 @@ def presets() -> None:
     from edgeff.presets import PRESETS
 
     table = Table(show_lines=True)
-    for col in ("preset", "family", "paper", "what it is"):
+    for col in ("preset", "family", "paper", "what it is", "recipe per data set"):
         table.add_column(col, overflow="fold")
     for p in PRESETS.values():
-        table.add_row(p.name, family_of(p.model, backprop=p.algorithm == "bp").family, p.paper, p.notes)
+        recipes = "\n".join(f"{d}: " + ", ".join(f"{k}={v}" for k, v in r.items()) for d, r in p.recipes.items())
+        table.add_row(p.name, family_of(p.model, backprop=p.algorithm == "bp").family, p.paper, p.notes,
+                      recipes or "the defaults")
     out.print(table)
 
 

@@ -193,7 +193,8 @@ def eval_cmd(
              f"{ds.input_shape}; evaluate it on the data set it was trained on ({meta.get('dataset')})")
     if layers is not None:
         learner.select_eval_layers(layers)
-    readied = learner.ready_to_predict()
+    per_epoch = meta.get("samples_per_epoch")  # a readout not solved yet takes a pass over the training data
+    readied = learner.ready_to_predict(lambda: ds.train_batches(500, seed=0, limit=per_epoch))
     if readied and not as_json:
         out.print(readied, highlight=False, style="dim")
     with progress_bar(err, disable=not progress or as_json) as bar:

@@ -26,6 +26,7 @@ next step.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -275,7 +276,7 @@ class AnalyticLearner(LearnerBase):
         """A run shorter than ``fit_samples``: the kmeans layers are fitted from what it held."""
         self._fit_held()
 
-    def ready_to_predict(self) -> str | None:
+    def ready_to_predict(self, batches: Callable[[], Iterable[tuple[Any, Any]]] | None = None) -> str | None:
         return self._fit_held()
 
     def readout(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -101,10 +101,11 @@ class LearnerBase(ABC):
         the stream (``readout_memory=0``) solves its readout here, from one pass through the trained layers (or
         from the samples its ``readout_window`` holds, without that pass)."""
 
-    def ready_to_predict(self) -> str | None:
-        """Ready a model saved partway through its plan to predict, where that needs no data; a line saying
-        what was done, or None when nothing was needed (every family but a goodness learner whose lda readout
-        keeps a window: solved from the samples the window holds, as the end of the plan would)."""
+    def ready_to_predict(self, batches: Callable[[], Iterable[tuple[Any, Any]]] | None = None) -> str | None:
+        """Ready a model saved partway through its plan to predict; a line saying what was done, or None when
+        nothing was needed (every family but a goodness learner with an lda readout: solved from the samples its
+        window holds, else from one pass over ``batches()`` when given, as the end of the plan would; the end of
+        the plan solves it again from scratch)."""
         return None
 
     def learn_one(self, x: torch.Tensor | np.ndarray, y: int) -> list[LayerMetrics]:

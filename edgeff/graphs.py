@@ -120,7 +120,11 @@ class HeadGraph(nn.Module):
         self.register_buffer("code", code.clone())
         self.blocks = nn.ModuleList(inference_block(layer.block) for layer in learner.net.local_layers)
         self.idx = head.idx
-        self.scales = {i: math.sqrt(math.prod(learner.net.shapes[i])) for i in head.idx}
+        # an lda readout pools large maps (readout_size) and scales by the pooled size, as its own features do
+        pools = getattr(head, "pools", [(1, 1)] * len(head.idx))
+        self.pools = {i: tuple(k) for i, k in zip(head.idx, pools, strict=True)}
+        self.scales = dict(zip(head.idx, head.scales, strict=True)) if hasattr(head, "scales") else \
+            {i: math.sqrt(math.prod(learner.net.shapes[i])) for i in head.idx}
         self.linear = head.linear
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,7 +138,8 @@ class HeadGraph(nn.Module):
         for i, block in enumerate(self.blocks):
             z = block(z)
             if i in self.idx:
-                feats.append(F.normalize(z.flatten(1), dim=1) * self.scales[i])
+                m = z if self.pools[i] == (1, 1) else F.avg_pool2d(z, self.pools[i])
+                feats.append(F.normalize(m.flatten(1), dim=1) * self.scales[i])
         logits = self.linear(torch.cat(feats, dim=1))
         return logits, logits.argmax(1)
 

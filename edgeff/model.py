@@ -122,7 +122,8 @@ class GoodnessPredictor:
     def end_of_plan(self, net: LocalNet, batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]) -> None:
         """Nothing to solve."""
 
-    def ready(self, net: LocalNet) -> str | None:
+    def ready(self, net: LocalNet, batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]] | None = None
+              ) -> str | None:
         """Always ready to predict."""
         return None
 
@@ -191,7 +192,8 @@ class HeadPredictor(nn.Module):
     def end_of_plan(self, net: LocalNet, batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]) -> None:
         """Nothing to solve: the head learned every step."""
 
-    def ready(self, net: LocalNet) -> str | None:
+    def ready(self, net: LocalNet, batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]] | None = None
+              ) -> str | None:
         """Always ready to predict: the head learned every step."""
         return None
 

@@ -214,14 +214,14 @@ def run(preset: str, data_name: str = "builtin", data_dir: Path | None = None, *
     rank; ``torchrun`` sets the group up). Returns the result on rank 0, None elsewhere."""
     from edgeff import checkpoint
     from edgeff.data import load_data
-    from edgeff.presets import get_preset, make_learner
+    from edgeff.presets import for_data, get_preset, make_learner
 
     if mode not in MODES:
         raise InputError(f"unknown pipeline mode {mode!r}; choose {' or '.join(MODES)}")
     if not dist.is_initialized():
         _init_group()
     rank, world = dist.get_rank(), dist.get_world_size()
-    p = get_preset(preset)
+    p = for_data(get_preset(preset), data_name)
     ds = load_data(data_name, data_dir)
     tc = replace(p.train, seed=seed, device="cpu", **(train_overrides or {}))
     if batch_size is not None:

@@ -241,11 +241,17 @@ class LdaPredictor(nn.Module):
         elif not self.follows:
             self.solve(net, batches())
 
-    def ready(self, net: LocalNet) -> str | None:
-        """A readout solved at the end of the plan, asked to predict before it (a checkpoint saved mid-stream):
-        solved from the samples its window holds, if it keeps one; a line saying so, or None."""
+    def ready(self, net: LocalNet, batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]] | None = None
+              ) -> str | None:
+        """A readout solved at the end of the plan, asked to predict before it (a checkpoint saved mid-plan):
+        solved from the samples its window holds, if it keeps one, else from one pass over ``batches()`` when
+        given; a line saying so, or None."""
         unsolved = not self.follows and float(self.stats.count.sum()) + int(self.stats.n_pending) == 0
         held = min(int(self.window_seen), self.window)
+        if unsolved and not held and batches is not None:
+            self.solve(net, batches())
+            return ("the lda readout was not solved yet (its planned run is not complete): solved it from one pass "
+                    "over the training data; the end of the plan solves it again")
         if not (unsolved and held):
             return None
         self.solve(net)

@@ -22,16 +22,18 @@ from edgeff.errors import InputError
 from edgeff.evaluation import EvalResult, evaluate
 from edgeff.files import check_output
 from edgeff.inputs import resolve_device
-from edgeff.loop import train_epochs
+from edgeff.loop import READOUT_BATCH, train_epochs
 from edgeff.optim import STATE_DTYPES
 from edgeff.presets import (
     Preset,
+    for_data,
     get_preset,
     make_learner,
     stream_line,
     stream_preset,
     stream_train,
     twin_train,
+    without_unread_lda,
 )
 
 CHECKPOINT_SECONDS = 300.0  # a run saves its checkpoint this often by default
@@ -104,6 +106,7 @@ def train_config(p: Preset, o: RunOptions) -> TrainConfig:
         chosen["chunk"] = o.chunk
     tc = replace(p.train, seed=o.seed, device=o.device, optim_state_dtype=o.optim_state, frugal=o.frugal, **chosen)
     tc = stream_train(p, tc, chosen)  # batch 1: the stream recipe where the user chose nothing
+    _, tc = without_unread_lda(p, tc, chosen)  # another predictor than the recipe's lda readout
     if o.backprop:
         tc = twin_train(p, tc, chosen)  # the backprop twin's own recipe where the preset has one
     return replace(tc, epochs=o.lr_epochs or (o.epochs or tc.epochs))
@@ -116,7 +119,7 @@ class Run:
         from edgeff.data import load_data
 
         self.options = o
-        p = get_preset(o.preset)
+        p = for_data(get_preset(o.preset), o.data)  # its measured recipe for a named data set
         self.name = f"{o.preset}{'-bp' if o.backprop and p.algorithm != 'bp' else ''}"
         self.path = o.out or Path("runs") / f"{self.name}.pt"
         check_options(o, self.path)
@@ -132,7 +135,7 @@ class Run:
             classes = tuple(self.data.classes)  # the data set's class names travel with the model
             streaming = stream_preset(p, tc.batch_size)  # batch 1: the stream recipe's model
             self.model_changes = {} if streaming is p else dict(p.stream_model)
-            p = streaming
+            p, _ = without_unread_lda(streaming, tc, ["shrinkage"] if o.shrinkage is not None else [])
             shrinkage = p.model.shrinkage if o.shrinkage is None else o.shrinkage  # refused where nothing reads it
             p = replace(p, model=replace(p.model, input_shape=self.data.input_shape, num_classes=len(classes),
                                          class_names=classes, shrinkage=shrinkage))
@@ -212,7 +215,9 @@ class Run:
         that stops before its plan is complete is saved as it is (to resume), then readied to predict where that
         needs no data (``readied`` says how, or is None)."""
         checkpoint.save(self.learner, self.path, meta=self.meta)
-        self.readied = self.learner.ready_to_predict()
+        o = self.options
+        self.readied = self.learner.ready_to_predict(
+            lambda: self.data.train_batches(READOUT_BATCH, seed=o.seed, limit=o.samples))
         return evaluate(self.learner, self.data.test_batches(500), per_layer=True, on_batch=on_batch)
 
 

@@ -225,8 +225,8 @@ class Learner(LearnerBase):
         follow the stream takes one pass over ``batches()`` through the trained layers)."""
         self.predictor.end_of_plan(self.net, lambda: self._as_tensors(batches()))
 
-    def ready_to_predict(self) -> str | None:
-        return self.predictor.ready(self.net)
+    def ready_to_predict(self, batches: Callable[[], Iterable[tuple[Any, Any]]] | None = None) -> str | None:
+        return self.predictor.ready(self.net, None if batches is None else lambda: self._as_tensors(batches()))
 
     def solve_readout(self, batches: Iterable[tuple[Any, Any]] | None = None) -> None:
         """Solve an lda predictor's readout from ``batches`` (labelled samples) through the layers as they

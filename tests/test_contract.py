@@ -72,8 +72,8 @@ def test_the_contract(name: str, backprop: bool, tmp_path: Path) -> None:
         assert isinstance(m, list) and m and all(isinstance(r, LayerMetrics) for r in m)
         assert all(isinstance(r, LayerMetrics) for r in learner.learn_one(x[0], int(y[0])))
     assert a.step == 2 and a.samples_seen == B + 1
-    for learner in (a, b):  # a family that waits for more samples (kmeans layers: fit_samples) gets ready now
-        learner.ready_to_predict()
+    for learner in (a, b):  # the plan ends: a family that waits for more samples (kmeans layers: fit_samples)
+        learner.end_of_plan(lambda: iter([(x, y)]))  # or solves a readout from a pass (trifecta-cnn's lda) does
     s = a.scores(x)
     assert s.shape == (B, k) and torch.isfinite(s).all()
     p = a.predict_many(x)

@@ -209,11 +209,16 @@ def test_export_refuses_what_the_device_cannot_run() -> None:
     from edgeff.exporters.device import to_device_model
 
     from edgeff.errors import InputError
-    from edgeff.presets import PRESETS, TRIFECTA_CNN_BASE, make_learner
+    from edgeff.presets import PRESETS, TRIFECTA_CNN_BASE, make_learner, without_unread_lda
 
+    with pytest.raises(InputError, match="predicts by goodness"):
+        to_device_model(make_learner("trifecta-cnn"))  # its lda readout  # type: ignore[arg-type]
+    p, by_goodness = without_unread_lda(PRESETS["trifecta-cnn"], replace(PRESETS["trifecta-cnn"].train,
+                                                                         predictor="goodness", eval_layers="last"))
     with pytest.raises(InputError, match="peer normalisation"):
-        to_device_model(make_learner("trifecta-cnn"))  # type: ignore[arg-type]
+        to_device_model(make_learner(p, train=by_goodness))  # type: ignore[arg-type]
     with pytest.raises(InputError, match="label channel|Linear"):
-        to_device_model(make_learner(replace(PRESETS["trifecta-cnn"], model=TRIFECTA_CNN_BASE)))  # type: ignore[arg-type]
+        to_device_model(make_learner(replace(p, model=replace(TRIFECTA_CNN_BASE, shrinkage=p.model.shrinkage)),  # type: ignore[arg-type]
+                                     train=by_goodness))
     with pytest.raises(InputError, match="backprop"):
         to_device_model(make_learner("bp-mlp"))  # type: ignore[arg-type]

@@ -112,6 +112,7 @@ def test_every_preset_learns_a_step_at_batch_one_and_batch_many(name: str, real_
         assert out and all(np.isfinite([m.loss, m.g_pos, m.g_neg]).all() for m in out)
     else:
         assert np.isfinite(out)
+    learner.ready_to_predict(lambda: [(x[:4], y[:4])])  # mid-plan: an lda readout solved from a pass
     s = learner.scores(x[:5])
     assert s.shape == (5, 10) and torch.isfinite(s).all()
     assert 0 <= learner.predict_one(x[0]) < 10

@@ -380,10 +380,10 @@ class EdgeLearner:
         if self.predictor is not None:
             self.predictor.solve(self._readout_features, None if self.predictor.window else batches())
 
-    def ready_to_predict(self) -> str | None:
+    def ready_to_predict(self, batches: Any = None) -> str | None:
         """``LearnerBase.ready_to_predict``: an lda readout saved before its plan was complete is solved from
-        its window."""
-        return None if self.predictor is None else self.predictor.ready(self._readout_features)
+        its window, else from one pass over ``batches()`` when given."""
+        return None if self.predictor is None else self.predictor.ready(self._readout_features, batches)
 
     def solve_readout(self, batches: Any = None) -> None:
         """Solve the lda predictor's readout from labelled ``batches`` through the layers as they are now (None:

@@ -11,6 +11,7 @@ family's); the names of every array (``predictor.*``) follow the torch predictor
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -72,9 +73,14 @@ class LdaReadout:
         for x, y in batches:
             self.stats.accumulate(features(np.asarray(x, F32)), np.asarray(y, np.int64))
 
-    def ready(self, features: Features) -> str | None:
-        """Unsolved with samples in the window (a model saved before its plan was complete): solve from them."""
+    def ready(self, features: Features, batches: Any = None) -> str | None:
+        """Unsolved (a model saved before its plan was complete): solve from the samples in the window, else
+        from one pass over ``batches()`` when given."""
         held = min(int(self.window_seen), self.window)
+        if self.unsolved and not held and batches is not None:
+            self.solve(features, batches())
+            return ("the lda readout was not solved yet (its planned run is not complete): solved it from one pass "
+                    "over the training data; the end of the plan solves it again")
         if not (self.unsolved and held):
             return None
         self.solve(features)

@@ -67,14 +67,15 @@ def train_run(
         if samples is None and isinstance(saved, int) and 0 < saved < len(ds.y_train):
             samples = saved  # the saved run's passes, not a full one, unless --samples says
     else:
-        from edgeff.presets import get_preset, stream_preset, stream_train
+        from edgeff.presets import for_data, get_preset, stream_preset, stream_train, without_unread_lda
 
-        p = get_preset(preset)
+        p = for_data(get_preset(preset), data)  # its measured recipe for a named data set
         train = replace(p.train, **{**(overrides or {}), **({"batch_size": batch_size} if batch_size else {})})
         train = stream_train(p, train, overrides or {})  # batch 1: the stream recipe where not overridden
         if epochs is not None and "epochs" not in (overrides or {}):
             train = replace(train, epochs=epochs)  # the planned run: the lr schedule's horizon
         p = stream_preset(p, train.batch_size)  # batch 1: the stream recipe's model
+        p, train = without_unread_lda(p, train, overrides or {})  # another predictor than the recipe's lda
         if shrinkage is not None:
             if train.predictor != "lda":
                 raise InputError(f"--shrinkage is the lda readout's ridge; the {train.predictor} predictor does not "
@@ -94,7 +95,7 @@ def train_run(
                  on_step=on_step)
     # a plan not complete yet: an lda readout is solved from its window to test (the end of the plan solves
     # it again, from scratch, from the window it has then)
-    readied = learner.ready_to_predict()
+    readied = learner.ready_to_predict(lambda: ds.train_batches(500, seed=learner.train_cfg.seed, limit=samples))
     test = evaluate(learner, ds.test_batches(200), per_layer=True)
     save(learner, path, meta={"preset": preset, "data": data, "test_accuracy": test["accuracy"], "samples_per_epoch": per_epoch,
                               "mean": list(ds.mean), "std": list(ds.std), "classes": list(ds.classes)})
