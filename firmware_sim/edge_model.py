@@ -94,6 +94,11 @@ class EdgeModel:
         extra, cfg, classes = dict(ln.extra), ln.model_cfg, list(self.spec["classes"])
         states = [(opt, {k: dict(v) for k, v in opt.state.items()}) for opt in (ln.layers[0].opt, ln.layers[-1].opt)
                   if opt is not None]
+        # the closed-form statistics (the analytic family's, an lda predictor's) grow by new arrays too
+        readout = ln.predictor
+        stats = [s for s in (ln.lda, None if readout is None else readout.stats) if s is not None]
+        grown = [(s, s.class_sum, s.count, s.imprint) for s in stats]
+        caches = (ln._readout, None if readout is None else readout._solved)
 
         def restore() -> None:
             ln.extra.clear()
@@ -102,6 +107,11 @@ class EdgeModel:
             self.spec["classes"] = classes
             for opt, st in states:
                 opt.state = st
+            for s, class_sum, count, imprint in grown:
+                s.class_sum, s.count, s.imprint = class_sum, count, imprint
+            ln._readout = caches[0]
+            if readout is not None:
+                readout._solved = caches[1]
 
         return restore
 

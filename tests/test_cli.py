@@ -197,7 +197,7 @@ def test_readout_size_pools_the_lda_readouts_conv_maps(tmp_path: Path) -> None:
         assert res.exit_code == 0, res.output
         learner, _ = checkpoint.load(path)
         assert learner.train_cfg.readout_size == int(size) and learner.predictor.stats.dim == dim  # type: ignore[attr-defined]
-    res = runner.invoke(app, [*base, "--readout-size", "7", "--out", str(tmp_path / "g.pt")])
+    res = runner.invoke(app, [*base, "--predictor", "goodness", "--readout-size", "7", "--out", str(tmp_path / "g.pt")])
     assert res.exit_code != 0 and "does not use readout_size=7" in res.output, res.output
 
 

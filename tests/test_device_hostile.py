@@ -211,7 +211,7 @@ def test_normal_use_stays_within_the_budget(mnist_small) -> None:
         tracemalloc.stop()
 
 
-@pytest.mark.parametrize("preset", ["symba-mlp", "cfl-mlp", "trifecta-cnn"])
+@pytest.mark.parametrize("preset", ["symba-mlp", "cfl-mlp", "trifecta-cnn", "slda-conv"])
 def test_a_refused_class_leaves_an_edge_model_as_it_was(preset: str) -> None:
     """add-class is undone by reference (no copy of the model): the restored model is byte-identical."""
     from dataclasses import replace
