@@ -266,6 +266,17 @@ def _upload_frames(blob: bytes | bytearray, chunk: int = 256 << 10, seq: int = 1
             for i, at in enumerate(range(0, len(blob), chunk))]
 
 
+def _traced_upload(dev: Device, frames: list[bytes]) -> tuple[Message, int]:
+    """``_upload`` with tracemalloc on: the last reply and the traced peak (the frames were built before)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        return _upload(dev, frames), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def _upload(dev: Device, frames: list[bytes]) -> Message:
     """Send an upload's frames until one is refused; the last reply."""
     for frame in frames:
@@ -306,7 +317,6 @@ def test_an_archive_of_many_members_is_refused_before_it_is_parsed() -> None:
     """Before: a 3.8 MiB .npz of 43,000 empty members reached a traced 50 MiB (12.5x a 4 MiB budget) while its
     directory was parsed. The member count is read from the archive's end record first."""
     import io
-    import tracemalloc
 
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
@@ -315,12 +325,7 @@ def test_an_archive_of_many_members_is_refused_before_it_is_parsed() -> None:
     blob = buf.getvalue()
     assert 3 << 20 < len(blob) < 4 << 20
     dev, frames = Device(4 << 20), _upload_frames(blob)
-    tracemalloc.start()
-    try:
-        reply = _upload(dev, frames)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    reply, peak = _traced_upload(dev, frames)
     assert reply.type == MsgType.ERROR and "43000 arrays" in reply.meta["text"], reply.meta
     # the staged file plus one 256 KiB frame's decoding (~2 MiB measured), not the parsed directory
     assert peak < len(blob) + (3 << 20), f"{peak / 2**20:.1f} MiB traced"
@@ -328,17 +333,11 @@ def test_an_archive_of_many_members_is_refused_before_it_is_parsed() -> None:
 
 def test_a_budget_sized_upload_is_staged_within_the_budget() -> None:
     """Before: the chunks were kept and then joined, 2.05x the budget at the end of any budget-sized upload."""
-    import tracemalloc
 
     budget = 16 << 20
     blob = np.random.default_rng(0).bytes(int(budget * 0.95))  # not a model: refused once it is whole
     dev, frames = Device(budget), _upload_frames(blob)
-    tracemalloc.start()
-    try:
-        reply = _upload(dev, frames)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    reply, peak = _traced_upload(dev, frames)
     assert reply.type == MsgType.ERROR
     assert peak < budget * 1.15, f"{peak / budget:.2f}x the budget traced"
 
