@@ -13,6 +13,15 @@ backprop, and a depth series (6, 12, 24 conv layers of 32 channels, batch 256) d
 results/memory_depth.png (records also in results/memory_depth.json). Records ``{"kind": "step", "model",
 "depth", "batch_size", "method", "schedule", "step_cost", "step_cost_accounted", ...}``.
 
+    python bench/memory.py --cli --data-dir ../shared/data [--presets symba-mlp,cfl-mlp] [--process-batches 1,32]
+
+CLI mode (``bench/_cli.py``): the commands users run, each a fresh 1-thread process under ``/usr/bin/time``:
+``edgeff-edge train`` (10,000 samples at batch 32, 2,000 at batch 1), ``eval`` (the full test set), ``train
+--resume`` (a second pass), ``convert`` (the torch checkpoint to an edge file), and ``edgeff train`` / ``eval``
+with the same arguments, each train pair run back to back. Records ``{"kind": "cli", "runtime", "command",
+"preset", "batch_size", "peak_rss", "floor", "samples_per_s", "test_acc", ...}``; the floor (a bare ``import
+numpy`` / ``import torch`` process + the model's uncompressed state) is measured in the same run.
+
     python bench/memory.py --process --data-dir ../shared/data [--presets symba-mlp,cfl-mlp] [--process-batches 1,32]
 
 Process mode (the edge-runtime issue): every row is a fresh process (``bench/_process.py``, 1 thread) that
@@ -179,44 +188,22 @@ def depth_figure(records: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def readme_table() -> str:
-    """The README's process table (markdown), regenerated from results/memory.json."""
-    from _common import RESULTS
+def cli_rows(args: argparse.Namespace) -> None:
+    from _cli import rows
 
-    recs = [r for r in json.loads((RESULTS / "memory.json").read_text()) if r.get("kind") == "process" and r["dataset"] == "mnist"]
-    order = {("numpy", "local"): 0, ("torch", "local"): 1, ("torch", "bp"): 2}
-    recs.sort(key=lambda r: (r["preset"], r["batch_size"], order[(r["runtime"], r["method"])]))
-    name = {("numpy", "local"): "numpy edge, local", ("torch", "local"): "torch, local", ("torch", "bp"): "torch, backprop"}
-    lines = ["| preset | batch | samples | runtime | peak RSS MiB | / torch BP | samples/s | / torch local | test acc |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in recs:
-        lines.append(f"| {r['preset']} | {r['batch_size']} | {r['samples']:,} | {name[(r['runtime'], r['method'])]} | "
-                     f"{r['peak_rss'] / 2**20:.1f} | {r.get('peak_over_bp', 0):.3f} | {r['samples_per_s']:.1f} | "
-                     f"{r.get('samples_per_s_over_torch_local', 0):.2f} | {100 * r['test_acc']:.2f}% |")
-    return "\n".join(lines)
-
-
-def step_table() -> str:
-    """The README's step-cost table (markdown), regenerated from results/memory.json."""
-    recs = [r for r in json.loads((RESULTS / "memory.json").read_text()) if r.get("kind") == "step"]
-    order = ["olu pairs", "whole batch"]
-    recs.sort(key=lambda r: (r["model"].startswith("conv32x"), r["depth"], r["model"], r["method"] == "bp",
-                             order.index(r["step"]) if r["step"] in order else 2, r["schedule"]))
-    lines = ["| model | batch | method | schedule | step | step cost MiB (accounted) | / backprop | process peak MiB | / backprop |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in recs:
-        method = "backprop" if r["method"] == "bp" else "local"
-        sched = "—" if r["method"] == "bp" else r["schedule"]
-        step = "—" if r["method"] == "bp" else r["step"]
-        lines.append(f"| {r['model']} | {r['batch_size']} | {method} | {sched} | {step} | {r['step_cost'] / 2**20:.1f} "
-                     f"({r['step_cost_accounted'] / 2**20:.1f}) | {r['step_cost_over_bp']:.3f} | {r['peak_rss'] / 2**20:.1f} | "
-                     f"{r['peak_rss_over_bp']:.3f} |")
-    return "\n".join(lines)
+    batches = [int(b) for b in args.process_batches.split(",")]
+    samples = {b: args.limit or (2000 if b == 1 else 10000) for b in batches}
+    records = rows(args.presets.split(","), batches, args.dataset, str(Path(args.data_dir).resolve()), samples)
+    merge_records("memory", records, key=("kind", "runtime", "command", "preset", "dataset", "batch_size"))
+    print(table(records, ["preset", "batch_size", "runtime", "command", "peak_rss", "floor", "peak_over_floor",
+                          "samples_per_s", "samples_per_s_over_torch", "test_acc"]))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--process", action="store_true", help="whole-process rows: numpy edge runtime vs torch")
+    ap.add_argument("--cli", action="store_true", help="the commands users run (edgeff-edge train/eval/resume/convert, "
+                    "edgeff train/eval), each a fresh process under /usr/bin/time, beside the runtime's floor")
     ap.add_argument("--presets", default="symba-mlp,cfl-mlp")
     ap.add_argument("--process-batches", default="1,32")
     ap.add_argument("--runtimes", default="numpy:local,torch:local,torch:bp")
@@ -227,10 +214,9 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2, help="processes at a time")
     ap.add_argument("--step", action="store_true", help="step-cost rows (the default)")
     ap.add_argument("--no-depth", action="store_true", help="step rows without the depth series (6/12/24 layers)")
-    ap.add_argument("--readme", action="store_true", help="print the README's process and step tables from memory.json")
     args = ap.parse_args()
-    if args.readme:
-        print(readme_table(), step_table(), sep="\n\n")
+    if args.cli:
+        cli_rows(args)
         return
     if args.process:
         process_rows(args)

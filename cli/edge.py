@@ -89,6 +89,8 @@ def train(
     if res.readied:
         out.print(res.readied, highlight=False, style="dim")
     layers = " ".join(f"L{i + 1} {a:.2%}" for i, a in enumerate(res.test["layer_accuracy"]))
+    rate = f" ({res.trained / res.seconds:.1f} samples/s)" if res.seconds > 0 and res.trained else ""
+    out.print(f"trained in {res.seconds:.1f}s{rate}", highlight=False)
     out.print(f"test accuracy {res.test['accuracy']:.2%} on {res.test['samples']} images (per layer: {layers})")
     out.print(f"wrote {res.path} ({res.learner.samples_seen} samples seen)")
 

@@ -160,7 +160,8 @@ def train(
         out.print(run.readied, highlight=False, style="dim")
     if memory_report:
         _memory_report(run)
-    out.print(f"trained in {run.seconds:.1f}s; test accuracy {res.accuracy:.2%} on {res.n} images", highlight=False)
+    rate = f" ({run.trained / run.seconds:.1f} samples/s)" if run.seconds > 0 and run.trained else ""
+    out.print(f"trained in {run.seconds:.1f}s{rate}; test accuracy {res.accuracy:.2%} on {res.n} images", highlight=False)
     if res.layer_accuracy:
         out.print("each layer alone: " + "  ".join(f"L{i + 1} {a:.1%}" for i, a in enumerate(res.layer_accuracy)),
                   highlight=False)

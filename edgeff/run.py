@@ -148,6 +148,7 @@ class Run:
                                      "mean": list(self.data.mean), "std": list(self.data.std), "preset": o.preset,
                                      "samples_per_epoch": self.per_epoch}
         self.seconds = 0.0
+        self.trained = 0  # samples learned by train()
         self.readied: str | None = None
 
     def _resume(self, p: Preset) -> LearnerBase:
@@ -185,7 +186,7 @@ class Run:
         """Train the planned epochs (from where a resumed run stopped), saving the checkpoint every
         ``checkpoint_every`` samples or every ``CHECKPOINT_SECONDS``; ``on_step(metrics, n)`` after each step."""
         o, learner = self.options, self.learner
-        t0 = time.perf_counter()
+        t0, before = time.perf_counter(), learner.samples_seen
         saved = [learner.samples_seen, t0]  # the last periodic checkpoint: samples and time
 
         def step(m: Any, n: int) -> None:
@@ -209,6 +210,7 @@ class Run:
             train_epochs(learner, self.data, epochs=self.epochs, batch_size=learner.train_cfg.batch_size, seed=o.seed,
                          limit=o.samples, on_step=step)
         self.seconds += time.perf_counter() - t0
+        self.trained += learner.samples_seen - before
 
     def finish(self, on_batch: Callable[[int], None] | None = None) -> EvalResult:
         """Save the checkpoint and evaluate on the full test set (``on_batch(n)`` after each test batch). A run

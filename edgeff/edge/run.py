@@ -4,6 +4,7 @@ learner, stream a data set through it, evaluate, save atomically."""
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,6 +26,8 @@ class RunResult:
     test: dict[str, Any]  # accuracy, samples, layer_accuracy
     resumed_from: int  # samples the learner had seen before this run
     readied: str | None = None  # how a model stopped before its plan was complete was readied to predict
+    seconds: float = 0.0  # wall seconds of the training steps (the plan's end included: a readout solve)
+    trained: int = 0  # samples learned in this run
 
 
 def train_run(
@@ -91,12 +94,14 @@ def train_run(
     before = learner.samples_seen
     if on_start is not None:
         on_start(learner, max(0, per_epoch * n_epochs - before))
+    t0 = time.perf_counter()
     train_epochs(learner, ds, epochs=n_epochs, batch_size=bs, seed=learner.train_cfg.seed, limit=samples,
                  on_step=on_step)
+    seconds = time.perf_counter() - t0
     # a plan not complete yet: an lda readout is solved from its window to test (the end of the plan solves
     # it again, from scratch, from the window it has then)
     readied = learner.ready_to_predict(lambda: ds.train_batches(500, seed=learner.train_cfg.seed, limit=samples))
     test = evaluate(learner, ds.test_batches(200), per_layer=True)
     save(learner, path, meta={"preset": preset, "data": data, "test_accuracy": test["accuracy"], "samples_per_epoch": per_epoch,
                               "mean": list(ds.mean), "std": list(ds.std), "classes": list(ds.classes)})
-    return RunResult(learner, ds, path, test, before, readied)
+    return RunResult(learner, ds, path, test, before, readied, seconds, learner.samples_seen - before)
