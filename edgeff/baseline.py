@@ -16,7 +16,7 @@ from torch import nn
 from edgeff.augment import make_augment, make_views
 from edgeff.config import ModelConfig, TrainConfig
 from edgeff.contract import LearnerBase, register
-from edgeff.graphs import BPGraph
+from edgeff.graphs import inference_block
 from edgeff.inputs import as_batch, as_labels, check_loss, in_row_blocks, peak_row_bytes
 from edgeff.kmeans import GridMean
 from edgeff.layers import HEAD_ROW_NORM, class_row, grow_linear, make_block, make_optimizer, out_shape
@@ -141,3 +141,18 @@ class BPLearner(LearnerBase):
 
     def inference_graph(self, layers: str | None = None) -> nn.Module:
         return BPGraph(self).eval()
+
+
+class BPGraph(nn.Module):
+    def __init__(self, learner: BPLearner) -> None:
+        super().__init__()
+        self.blocks = inference_block(learner.net.blocks)
+        self.head = learner.net.head
+        self.global_pool = learner.net.global_pool
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.blocks(x)
+        if self.global_pool:
+            h = h.mean((2, 3)) if h.dim() == 4 else h.mean(1)
+        logits = self.head(h.flatten(1))
+        return logits, logits.argmax(1)

@@ -35,6 +35,7 @@ from edgeff import factored
 from edgeff.augment import make_augment, make_views
 from edgeff.config import ModelConfig, TrainConfig
 from edgeff.contract import LearnerBase, register
+from edgeff.graphs import inference_block
 from edgeff.inputs import as_batch, as_labels, check_loss
 from edgeff.layers import (
     HEAD_ROW_NORM,
@@ -354,9 +355,49 @@ class ContrastiveLearner(LearnerBase):
         self.eval_layers = select_layers(layers, len(self.net.layers))
 
     def inference_graph(self, layers: str | None = None) -> nn.Module:
-        from edgeff.graphs import ContrastiveGraph  # the graphs module reads this one's pooling
 
         return ContrastiveGraph(self, layers).eval()
 
     def prediction_kind(self, layers: str | None = None) -> str:
         return f"label-embedding:{layers or self.train_cfg.eval_layers}" if self.net.embed is not None else "logits"
+
+
+class ContrastiveGraph(nn.Module):
+    """One pass: CFL scores (per-layer ⟨normalised mean feature, pooled embeddings⟩, summed over the
+    chosen layers, as ``ContrastiveLearner.scores``) or CFF's head logits on the last layer's mean feature."""
+
+    def __init__(self, learner: ContrastiveLearner, layers: str | None) -> None:
+        super().__init__()
+        net = learner.net
+        self.blocks = nn.ModuleList(inference_block(layer.block) for layer in net.local_layers)
+        self.groups = learner.model_cfg.groups
+        self.cfl = net.embed is not None
+        if self.cfl:
+            assert net.embed is not None
+            self.idx = select_layers(layers, len(self.blocks)) if layers else learner.eval_layers
+            for i in self.idx:
+                self.register_buffer(f"emb{i}", pool_embeddings(net.embed.detach(), net.widths[i]).T.clone())  # (C_l, Z)
+        else:
+            self.idx = [len(self.blocks) - 1]
+            self.head = net.head
+
+    def _mean(self, h: torch.Tensor) -> torch.Tensor:
+        if h.dim() == 4:
+            return h.mean((2, 3))  # (B, C): the mean over the H*W feature vectors
+        if h.dim() == 3:
+            return h.mean(1)  # (B, E): the mean over the tokens
+        return h.reshape(h.shape[0], self.groups, -1).mean(1)  # (B, C): the mean over the groups
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = x
+        per = []
+        for i, block in enumerate(self.blocks):
+            h = block(h)
+            if i in self.idx:
+                f = self._mean(h)
+                per.append(f / f.norm(dim=1, keepdim=True).clamp_min(1e-12) @ getattr(self, f"emb{i}") if self.cfl
+                           else self.head(f))
+            if i >= max(self.idx):
+                break
+        scores = per[0] if len(per) == 1 else torch.stack(per).sum(0)
+        return scores, scores.argmax(1)

@@ -23,7 +23,7 @@ from torch import nn
 
 from edgeff.config import ModelConfig, TrainConfig
 from edgeff.contract import LearnerBase, register
-from edgeff.graphs import MirrorGraph
+from edgeff.graphs import inference_block
 from edgeff.inputs import as_batch, as_labels, check_loss
 from edgeff.layers import (
     HEAD_ROW_NORM,
@@ -211,3 +211,18 @@ class MirrorLearner(LearnerBase):
 
     def inference_graph(self, layers: str | None = None) -> nn.Module:
         return MirrorGraph(self).eval()
+
+
+class MirrorGraph(nn.Module):
+    """Mirror FFCL: the mean of both models' sigmoid outputs."""
+
+    def __init__(self, learner: MirrorLearner) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(*[inference_block(la.block) for la in m.local_layers])
+                                    for m in learner.mirrors)
+        self.outs = nn.ModuleList(m.out for m in learner.mirrors)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = [torch.sigmoid(out(blocks(x).flatten(1))) for blocks, out in zip(self.blocks, self.outs, strict=True)]
+        scores = torch.stack(probs).mean(0)
+        return scores, scores.argmax(1)

@@ -27,18 +27,33 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeff.config import readout_pool, readout_shape
+from edgeff.config import ModelConfig, readout_pool, readout_shape
 from edgeff.edge.analytic import ridge_floor
 from edgeff.errors import InputError, UnsupportedError
 
-if TYPE_CHECKING:  # edgeff.model builds this predictor
-    from edgeff.model import LocalNet
+
+class LocalNet(Protocol):
+    """What a readout reads of the network it serves (``edgeff.model.LocalNet``, which builds this predictor)."""
+
+    cfg: ModelConfig
+    encoder: Any
+    shapes: list[tuple[int, ...]]
+    training: bool
+
+    @property
+    def num_classes(self) -> int: ...
+
+    def features(self, z: torch.Tensor) -> list[torch.Tensor]: ...
+
+    def eval(self) -> Any: ...
+
+    def train(self, mode: bool = True) -> Any: ...
 
 PENDING = 64  # analytic family: samples whose features wait before one Gram-matrix update (a (64, D) float32 block)
 BLOCK = 256  # lda predictor: the same, in larger blocks (its Gram update runs beside training; fewer passes over D×D)

@@ -10,20 +10,23 @@ output on *without* detaching, so the next layer's loss also updates it.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from edgeff import factored
 from edgeff.config import ModelConfig, TrainConfig
 from edgeff.contract import LearnerBase, register
 from edgeff.errors import InputError
-from edgeff.graphs import GoodnessGraph, HeadGraph
+from edgeff.graphs import AllLabels, inference_block
 from edgeff.inputs import as_batch, as_labels, check_loss, resolve_device  # noqa: F401 - re-exported
 from edgeff.labelled import LabelledPairs, PairSource, TensorPairs
+from edgeff.labels import OverlayEncoder
 from edgeff.layers import RunningBatchNorm
 from edgeff.loop import LayerMetrics, train_epochs  # noqa: F401 - re-exported: the runtime-free training loop
 from edgeff.losses import get_loss, goodness, peer_loss
@@ -475,3 +478,65 @@ def fit(
             replay.add(x, torch.as_tensor(y))
         if on_step is not None:
             on_step(m, int(x.shape[0]))
+
+
+class GoodnessGraph(nn.Module):
+    """scores[b, k] = sum over the chosen layers of the goodness of x_b encoded with label k."""
+
+    def __init__(self, learner: Learner, layers: str) -> None:
+        super().__init__()
+        self.k = learner.model_cfg.num_classes
+        self.encode = AllLabels(learner.net.encoder, self.k)
+        self.blocks = nn.ModuleList(inference_block(layer.block) for layer in learner.net.local_layers)
+        self.idx = select_layers(layers, len(self.blocks))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.encode(x)
+        total = torch.zeros_like(x[:, 0, 0, 0]).unsqueeze(1)  # (B, 1), broadcast below
+        for i, block in enumerate(self.blocks):
+            h = block(h)
+            if i in self.idx:
+                total = total + h.pow(2).flatten(1).mean(1).view(-1, self.k)  # (B, K)
+            if i >= max(self.idx):
+                break
+        return total, total.argmax(1)
+
+
+class HeadGraph(nn.Module):
+    """One neutral-label pass and the softmax head's logits."""
+
+    code: torch.Tensor
+
+    def __init__(self, learner: Learner, head: HeadPredictor | LdaPredictor) -> None:
+        super().__init__()
+        enc = learner.net.encoder
+        neutral = enc.neutral(torch.zeros(1, *learner.model_cfg.input_shape))  # (1, C', H, W)
+        c = learner.model_cfg.input_shape[0]
+        self.overlay = isinstance(enc, OverlayEncoder)
+        self.k = learner.model_cfg.num_classes
+        code = neutral.flatten(1)[:, : self.k] if self.overlay else neutral[:, c:]
+        self.register_buffer("code", code.clone())
+        self.blocks = nn.ModuleList(inference_block(layer.block) for layer in learner.net.local_layers)
+        self.idx = head.idx
+        # an lda readout pools large maps (readout_size) and scales by the pooled size, as its own features do
+        pools = getattr(head, "pools", [(1, 1)] * len(head.idx))
+        self.pools = {i: tuple(k) for i, k in zip(head.idx, pools, strict=True)}
+        self.scales = dict(zip(head.idx, head.scales, strict=True)) if hasattr(head, "scales") else \
+            {i: math.sqrt(math.prod(learner.net.shapes[i])) for i in head.idx}
+        self.linear = head.linear
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, c, h, w = x.shape
+        code = self.code.expand(b, *self.code.shape[1:])
+        if self.overlay:
+            z = torch.cat([code, x.reshape(b, -1)[:, self.k :]], dim=1).reshape(b, c, h, w)
+        else:
+            z = torch.cat([x, code], dim=1)
+        feats = []
+        for i, block in enumerate(self.blocks):
+            z = block(z)
+            if i in self.idx:
+                m = z if self.pools[i] == (1, 1) else F.avg_pool2d(z, self.pools[i])
+                feats.append(F.normalize(m.flatten(1), dim=1) * self.scales[i])
+        logits = self.linear(torch.cat(feats, dim=1))
+        return logits, logits.argmax(1)
