@@ -13,6 +13,12 @@ Measured in one run (writes bench/results/device.json, prints tables):
   same training run in this process (``weights_max_abs_diff``: any lost, doubled or reordered sample shows
   there), beside the device's own counters (sample count and a CRC over the applied sample ids).
 - ``throughput``: TRAIN and INFER frames/s and samples/s over the pty at batch 1, 10, 50.
+- ``edge_on_device``: edge-runtime models (``slda-conv``, ``cfl-mlp``, the conv preset ``cfl-conv``) uploaded as
+  edge files to a device at a budget they fit (load, stream 300 samples at batch 10, evaluate 300 at batch 50:
+  the device's traced peak against the largest plan of the requests it accepted, ``edgeff.edge.plan``) and at
+  one they do not (refused at load, in one line).
+
+    python bench/device.py --edge-only      # only the edge_on_device records
 """
 
 from __future__ import annotations
@@ -154,12 +160,69 @@ def throughput(url: str, x: np.ndarray, y: np.ndarray, batch: int, n: int) -> li
     return out
 
 
+EDGE_BUDGETS = {"slda-conv": ("160MiB", "64MiB"), "cfl-mlp": ("32MiB", "16MiB"), "cfl-conv": ("32MiB", "2MiB")}
+
+
+def edge_blob(preset: str) -> bytes:
+    from edgeff.edge import make_edge_learner, save
+
+    learner = make_edge_learner(preset, input_shape=(1, 28, 28), num_classes=10)
+    with tempfile.TemporaryDirectory() as tmp:
+        save(learner, Path(tmp) / "m.npz", meta={"preset": preset})
+        return (Path(tmp) / "m.npz").read_bytes()
+
+
+def edge_on_device(preset: str, budget: str, x: np.ndarray, y: np.ndarray, xt: np.ndarray, yt: np.ndarray
+                   ) -> dict[str, Any]:
+    from edgeff.host import DeviceRefusedError
+
+    rec: dict[str, Any] = {"kind": "edge_on_device", "preset": preset, "budget": parse_size(budget),
+                           "train_samples": len(x), "test_samples": len(xt), "batch_size": 10}
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, url = start_device(budget, tmp)
+        try:
+            with DeviceClient(url) as dev:
+                try:
+                    dev.load(edge_blob(preset))
+                except DeviceRefusedError as e:
+                    return {**rec, "accepted": False, "refusal": str(e), "planned": None, "peak": None, "test_acc": None}
+                phases = [dev.device_stats(reset_peak=True)]
+                dev.stream(x, y, batch_size=10, save_every=None)
+                phases.append(dev.device_stats(reset_peak=True))
+                acc, _ = dev.evaluate(xt, yt, batch_size=50)
+                phases.append(dev.device_stats(reset_peak=True))
+        finally:
+            proc.kill()
+            proc.wait()
+    peaks = [int(p["traced_peak"]) for p in phases]
+    plans = [int(p["planned_peak"]) for p in phases]
+    worst = max(range(3), key=lambda i: peaks[i] / max(plans[i], 1))
+    return {**rec, "accepted": True, "planned": max(plans), "peak": max(peaks), "test_acc": acc,
+            "peak_over_plan": round(max(p / max(q, 1) for p, q in zip(peaks, plans, strict=True)), 3),
+            "worst_phase": ("load", "train", "eval")[worst], "peak_over_budget": round(max(peaks) / parse_size(budget), 3),
+            **{f"{ph}_peak": p for ph, p in zip(("load", "train", "eval"), peaks, strict=True)},
+            **{f"{ph}_planned": q for ph, q in zip(("load", "train", "eval"), plans, strict=True)}}
+
+
+def edge_rows(x: np.ndarray, y: np.ndarray, xt: np.ndarray, yt: np.ndarray) -> list[dict[str, Any]]:
+    records = []
+    for preset, budgets in EDGE_BUDGETS.items():
+        for budget in budgets:
+            records.append(edge_on_device(preset, budget, x[:300], y[:300], xt[:300], yt[:300]))
+            r = records[-1]
+            print(f"edge_on_device {preset} @ {budget}: " + (f"peak {r['peak'] / 1024:.0f} KiB, plan {r['planned'] / 1024:.0f} "
+                  f"KiB ({r['peak_over_plan']:.2f} in its worst phase, {r['worst_phase']}), acc {r['test_acc']:.3f}"
+                  if r["accepted"] else f"refused: {r['refusal']}"), flush=True)
+    return records
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-dir", default=None, help="full MNIST (default: the builtin real MNIST subset)")
     ap.add_argument("--fault-frames", type=int, default=10_000)
     ap.add_argument("--fault-rate", type=float, default=0.05)
     ap.add_argument("--budget", default="4MiB")
+    ap.add_argument("--edge-only", action="store_true", help="only the edge_on_device records")
     args = ap.parse_args()
     ds = load_data("mnist" if args.data_dir else "builtin", args.data_dir)
     x = ds.x_train.reshape(len(ds.x_train), -1)[:2000]
@@ -167,7 +230,11 @@ def main() -> None:
     xt = ds.x_test.reshape(len(ds.x_test), -1)[:1000]
     yt = ds.y_test[:1000].astype(np.int64)
     budget = parse_size(args.budget)
-    records: list[dict[str, Any]] = []
+    if args.edge_only:
+        records = edge_rows(x, y, xt, yt)
+        merge_records("device", records, ("kind", "preset", "budget", "rule", "op", "batch_size", "fault_rate"))
+        return
+    records: list[dict[str, Any]] = edge_rows(x, y, xt, yt)
     with tempfile.TemporaryDirectory() as tmp:
         proc, url = start_device(args.budget, tmp)
         try:
@@ -180,7 +247,7 @@ def main() -> None:
         finally:
             proc.kill()
             proc.wait()
-    merge_records("device", records, ("kind", "rule", "op", "batch_size", "fault_rate"))
+    merge_records("device", records, ("kind", "preset", "budget", "rule", "op", "batch_size", "fault_rate"))
     print(table([r for r in records if r["kind"] == "e2e"],
                 ["rule", "widths", "train_samples", "device_test_acc", "inproc_test_acc", "agreement",
                  "device_train_s", "inproc_train_s", "train_time_ratio", "budget_kib", "plan_kib", "load_peak_kib",

@@ -81,9 +81,13 @@ def _planned_memory(model: NumpyNet | bytes, blob: bytes) -> int | None:
     if not blob.startswith(b"PK"):
         return None
     try:
-        from edgeff.firmware_sim.edge_model import model_from_bytes
+        from edgeff.edge.plan import learner_plan
+        from edgeff.firmware_sim.edge_model import EdgeModel, model_from_bytes
 
-        return int(model_from_bytes(blob)[0].memory_plan(1)["total"])
+        net = model_from_bytes(blob)[0]
+        if isinstance(net, EdgeModel):  # the device's plan: loading this file, training and predicting at batch 1
+            return int(learner_plan(net.learner, 1, file_bytes=len(blob))["total"])
+        return int(net.memory_plan(1)["total"])
     except Exception:  # noqa: BLE001 - the device checks it again and says what is wrong
         return None
 

@@ -25,6 +25,7 @@ State survives resets: SAVE writes the model, optimizer state, RNG and sample co
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import select
@@ -53,6 +54,9 @@ from edgeff.firmware_sim.protocol import (
     encode_frame,
 )
 
+from edgeff.config import ModelConfig, TrainConfig
+from edgeff.edge.plan import memory_plan
+from edgeff.edge.store import FORMAT as EDGE_FORMAT
 from edgeff.files import BytesReader
 from edgeff.names import name_problem, names_problem
 
@@ -60,6 +64,7 @@ STATE_FILE = "state.npz"
 ONNX_FILE = "model.onnx"
 MAX_TEXT = 300  # characters of an error text in a reply
 MAX_CLASSES = 1024
+MAX_HEADER = 1 << 20  # an edge header is a few KiB of JSON
 MAX_MEMBERS = 1024  # arrays in an uploaded .npz model (a 12-layer edge model with Adam state holds ~150)
 MAX_BATCH = 4096  # samples in one TRAIN or INFER request
 MAX_INPUT = 1e6  # largest |value| of a float input after the float32 cast (normalised pixels are O(1))
@@ -333,24 +338,32 @@ class Device:
 
     def _fit(self, net: NumpyNet | EdgeModel, batch: int, what: str) -> dict[str, Any]:
         plan = net.memory_plan(batch)
-        if plan["total"] > self.budget:
+        need = int(plan.get("train", plan["total"]))
+        if need > self.budget:
             raise DeviceError(
                 "too_big",
-                f"{what} needs {kib(plan['total'])} (resident {kib(plan['resident'])} + working set "
-                f"{kib(plan['working'])} at batch {batch}) but the RAM budget is {kib(self.budget)}: over by "
-                f"{kib(plan['total'] - self.budget)}. Use fewer or narrower layers, SGD instead of Adam, "
+                f"{what} needs {kib(need)} (resident {kib(plan['resident'])} + working set "
+                f"{kib(need - plan['resident'])} at batch {batch}) but the RAM budget is {kib(self.budget)}: over by "
+                f"{kib(need - self.budget)}. Use fewer or narrower layers, SGD instead of Adam, "
                 "or a smaller batch.",
             )
+        self._planned(need)
         return plan
 
     def _fit_inference(self, net: NumpyNet | EdgeModel, batch: int, what: str) -> None:
-        """A forward pass only: the resident model plus the largest inference working set."""
+        """A forward pass only: the resident model plus the largest inference working set (and, for a closed-form
+        readout, what solving it adds)."""
         plan = net.memory_plan(batch)
-        need = plan["resident"] + max(lay["infer_working"] for lay in plan["layers"])
+        need = int(plan.get("infer", plan["resident"] + max(lay["infer_working"] for lay in plan["layers"])))
         if need > self.budget:
             raise DeviceError("too_big", f"{what} needs {kib(need)} (resident {kib(plan['resident'])} + inference "
                                          f"working set at batch {batch}) but the RAM budget is {kib(self.budget)}: "
                                          f"over by {kib(need - self.budget)}. Send a smaller batch.")
+        self._planned(need)
+
+    def _planned(self, need: int) -> None:
+        """The largest plan of a request accepted since STATS last reset the peak (reported beside the peak)."""
+        self.planned_peak = max(getattr(self, "planned_peak", 0), need)
 
     def _hello(self, msg: Message) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         self.last_seq = None  # a new session: sequence numbers start over
@@ -478,11 +491,33 @@ class Device:
             raise DeviceError("too_big", f"the model file ({kib(len(blob))}) and its {kib(unpacked)} of arrays, held "
                                          f"together while it is read, need {kib(need)} but the RAM budget is "
                                          f"{kib(self.budget)}: over by {kib(need - self.budget)}")
+        self._fit_file(blob, {i.filename.removesuffix(".npy"): i.file_size for i in infos})
         try:
             net, _ = model_from_bytes(blob)
         except ModelError as e:
             raise DeviceError("bad_model", str(e)[:MAX_TEXT]) from None
         return net
+
+    def _fit_file(self, blob: bytearray, sizes: dict[str, int]) -> None:
+        """An edge file's plan (``edgeff.edge.plan``, from its header and its members' sizes), checked before the
+        model is built: loading (the file, its arrays and the model together), training and predicting at batch 1.
+        A device model of the older format has no header and is planned once built."""
+        if sizes.get("header", MAX_HEADER + 1) > MAX_HEADER:
+            return
+        try:
+            with zipfile.ZipFile(BytesReader(blob)) as zf, zf.open("header.npy") as f:
+                head = json.loads(np.load(f, allow_pickle=False).tobytes().decode())
+            if head.get("format") != EDGE_FORMAT:
+                return
+            model, train = ModelConfig.from_dict(head["model"]), TrainConfig.from_dict(head["train"])
+        except Exception as e:  # noqa: BLE001 - any unreadable header is a bad model, said in one line
+            raise DeviceError("bad_model", f"not a readable edge model header ({type(e).__name__}: {e})"[:MAX_TEXT]) from None
+        plan = memory_plan(model, train, {n: b for n, b in sizes.items() if n != "header"}, 1, file_bytes=len(blob))
+        if plan["total"] > self.budget:
+            raise DeviceError("too_big", f"this model needs {kib(plan['total'])} (loading {kib(plan['load'])}, training "
+                                         f"{kib(plan['train'])}, predicting {kib(plan['infer'])} at batch 1) but the RAM "
+                                         f"budget is {kib(self.budget)}: over by {kib(plan['total'] - self.budget)}")
+        self._planned(plan["load"])
 
     def _infer(self, msg: Message) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         x = _samples(msg.arrays)
@@ -547,18 +582,20 @@ class Device:
         meta: dict[str, Any] = {
             "ram_budget": self.budget, "traced_current": cur, "traced_peak": peak, "boot_id": self.boot_id,
             "samples_seen": self.samples_seen, "applied_crc": self.applied_crc, "counters": dict(self.counters),
-            "torch_loaded": "torch" in sys.modules,
+            "torch_loaded": "torch" in sys.modules, "planned_peak": getattr(self, "planned_peak", 0),
         }
         if self.onnx is not None:
             meta["memory"] = {"layers": [], "resident": self.onnx.plan_bytes, "working": 0,
                               "total": self.onnx.plan_bytes}
         if self.net is not None:
             plan = self.net.memory_plan(1)
-            for lay, used in zip(plan["layers"], self.net.last_working or [0] * self.net.n_layers, strict=False):
+            for lay, used in zip(plan["layers"], getattr(self.net, "last_working", None) or [0] * self.net.n_layers,
+                                 strict=False):
                 lay["last_working"] = used
             meta["memory"] = plan
         if msg.meta.get("reset_peak") and tracemalloc.is_tracing():
             tracemalloc.reset_peak()
+            self.planned_peak = 0
         return meta, {}
 
     def _save(self, msg: Message) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -19,7 +19,7 @@ from edgeff.firmware_sim.numpy_net import ModelError
 
 from edgeff.edge.data import MNIST_MEAN, MNIST_STD
 from edgeff.edge.learner import EdgeLearner
-from edgeff.edge.optim import BLOCK
+from edgeff.edge.plan import learner_plan
 from edgeff.edge.store import FORMAT, from_arrays, to_arrays
 from edgeff.errors import EdgeFFError
 from edgeff.files import BytesReader
@@ -84,7 +84,6 @@ class EdgeModel:
             metrics = self.learner.learn_many(self.normalise_input(x), np.asarray(y).reshape(-1))
         except EdgeFFError as e:
             raise ModelError(str(e)) from None
-        self.last_working = [lay["train_working"] for lay in self.memory_plan(len(x))["layers"]]
         return [m.loss for m in metrics]
 
     def class_snapshot(self) -> Callable[[], None]:
@@ -126,38 +125,8 @@ class EdgeModel:
 
     # ----------------------------------------------------------------- memory
     def memory_plan(self, batch: int) -> dict[str, Any]:
-        """Bytes the device needs: parameters, optimizer state and label tensors (resident) plus the
-        largest one-layer working set (activations kept for the layer's backward, their gradients, an
-        im2col buffer for conv layers, the optimizer's block scratch) at ``batch`` samples."""
-        ln = self.learner
-        per_state = 1 if ln.train_cfg.optimizer == "sgd" else 2
-        rows_train = (2 if ln.family == "goodness" else ln.train_cfg.views) * batch
-        rows_infer = min(batch * (ln.num_classes if ln.family == "goodness" else 1), 128 + ln.num_classes)
-        shape = ln.model_cfg.input_shape
-        in_shape: tuple[int, ...] = (shape[0] + (1 if ln.family == "goodness" and ln.model_cfg.label != "overlay" else 0),
-                                     *shape[1:])
-        layers = []
-        for i, layer in enumerate(ln.layers):
-            n_in, n_out = int(np.prod(in_shape)), self.layer_out(i)
-            params = sum(a.nbytes for _, a in layer.named("params"))
-            cols = 0
-            spec = ln.model_cfg.layers[i]
-            if spec.kind == "conv":  # im2col patches (and their gradient) at the conv's output resolution
-                pre_pool = n_out * spec.pool * spec.pool // spec.out
-                cols = 2 * pre_pool * in_shape[0] * spec.kernel * spec.kernel
-                n_out_pre = n_out * spec.pool * spec.pool
-            else:
-                n_out_pre = n_out
-            train = 4 * rows_train * (2 * n_in + 4 * n_out_pre + cols) + 8 * BLOCK
-            infer = 4 * rows_infer * (2 * n_in + 2 * n_out_pre + cols // 2)
-            layers.append({"layer": i, "params": params, "optimizer": per_state * params,
-                           "train_working": train, "infer_working": infer})
-            in_shape = ln.shapes[i]
-        labels = sum(a.nbytes for a in ln.extra.values())
-        labels += sum(a.nbytes for a in ln.extra.values()) * per_state if ln.family == "cfl" else 0
-        resident = sum(lay["params"] + lay["optimizer"] for lay in layers) + labels
-        working = max(max(lay["train_working"], lay["infer_working"]) for lay in layers)
-        return {"layers": layers, "labels": labels, "resident": resident, "working": working, "total": resident + working}
+        """The numpy runtime's plan of this model at ``batch`` samples (``edgeff.edge.plan``)."""
+        return learner_plan(self.learner, batch)
 
     # ----------------------------------------------------------------- files
     def write(self, f: Any, *, state: dict[str, Any] | None = None) -> None:
@@ -173,7 +142,7 @@ class EdgeModel:
         try:
             with np.load(BytesReader(data), allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
-            learner, meta = from_arrays(arrays)
+            learner, meta = from_arrays(arrays, adopt=True)
         except (EdgeFFError, KeyError, ValueError, TypeError, OSError) as e:
             raise ModelError(f"not a usable edge model ({type(e).__name__}: {e})") from None
         return cls(learner, meta), dict(meta.get("device_state", {}))

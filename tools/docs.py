@@ -226,6 +226,22 @@ def device_table() -> str:
                   f"max |diff| {faults['weights_max_abs_diff']}.\n")
 
 
+def edge_device_table() -> str:
+    recs = sorted((r for r in records("device") if r.get("kind") == "edge_on_device"),
+                  key=lambda r: (r["preset"], -r["budget"]))
+    rows = []
+    for r in recs:
+        if r["accepted"]:
+            rows.append([r["preset"], f"{r['budget'] / MiB:.0f} MiB", "yes", f"{r['planned'] / MiB:.1f}",
+                         f"{r['peak'] / MiB:.1f}", f"{r['peak_over_plan']:.2f} ({r['worst_phase']})",
+                         f"{r['peak_over_budget']:.2f}", pct(r["test_acc"])])
+        else:
+            rows.append([r["preset"], f"{r['budget'] / MiB:.0f} MiB", "refused at load", "—", "—", "—", "—", "—"])
+    return md(["preset", "budget", "accepted", "largest plan MiB", "peak MiB", "peak / plan (worst phase)",
+               "peak / budget", f"test acc ({recs[0]['test_samples'] if recs else 0} images)"], rows,
+              "python bench/device.py --edge-only --data-dir ../shared/data")
+
+
 def hostile_table() -> str:
     r = next(r for r in records("device") if r.get("kind") == "hostile")
     kinds = sorted(k[len("frames_"):] for k in r if k.startswith("frames_"))
@@ -317,6 +333,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "add": add_table,
     "device": device_table,
     "hostile": hostile_table,
+    "edge-device": edge_device_table,
     "latency": latency_table,
     "pipeline": pipeline_table,
     "presets": presets_page,

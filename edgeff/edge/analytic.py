@@ -4,10 +4,13 @@ the same state names, so ``edgeff.interchange`` moves a model between them and a
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 F32 = np.float32
 PENDING = 64  # samples whose features wait before one Gram-matrix update (as edgeff.analytic.PENDING)
+GRAM_ROWS = 256  # rows of the Gram matrix one update adds to at a time (edgeff.edge.plan plans the band)
 NAMES = ("class_sum", "count", "gram", "pending", "n_pending", "imprint")
 RIDGE_FLOOR = 1e-9  # the least ridge, a share of the features' mean square (see ``ridge_floor``)
 
@@ -18,6 +21,12 @@ def ridge_floor(mean_square: float) -> float:
     difference of two sums of that size, so its rounding error scales with it; above it, the matrix is
     positive definite for any count and rank. Both runtimes' solves use it."""
     return RIDGE_FLOOR * mean_square if mean_square > 0 else 1.0
+
+
+def own(a: np.ndarray, dtype: Any) -> np.ndarray:
+    """``a`` as a writeable array of ``dtype``: itself where it already is one (no copy), else a copy."""
+    a = np.asarray(a)
+    return a if a.dtype == dtype and a.flags.writeable and a.flags.c_contiguous else a.astype(dtype, copy=True)
 
 
 class LdaStats:
@@ -35,13 +44,14 @@ class LdaStats:
     def arrays(self) -> dict[str, np.ndarray]:
         return {n: getattr(self, n) for n in NAMES}
 
-    def load(self, arrays: dict[str, np.ndarray]) -> None:
+    def load(self, arrays: dict[str, np.ndarray], *, adopt: bool = False) -> None:
+        """Set the statistics from ``arrays``; ``adopt``: arrays of the right type are taken, not copied."""
         for n in NAMES:
             a = np.asarray(arrays[n])
             want = getattr(self, n)
             if n in ("gram", "pending") and a.shape != want.shape:
                 raise ValueError(f"{n}: shape {a.shape}, the model needs {want.shape}")
-            setattr(self, n, a.astype(want.dtype, copy=True))
+            setattr(self, n, own(a, want.dtype) if adopt else a.astype(want.dtype, copy=True))
 
     def accumulate(self, h: np.ndarray, y: np.ndarray) -> None:
         """Add features ``h`` (B, D) of classes ``y`` (B,)."""
@@ -56,7 +66,8 @@ class LdaStats:
             i += take
             if n + take == PENDING:
                 block = self.pending.astype(np.float64)
-                self.gram += block.T @ block
+                for r in range(0, self.dim, GRAM_ROWS):  # a band at a time: no D×D temporary beside the Gram matrix
+                    self.gram[r : r + GRAM_ROWS] += block[:, r : r + GRAM_ROWS].T @ block
                 self.pending[:] = 0
                 self.n_pending = np.zeros((), np.int64)
 

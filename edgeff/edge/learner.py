@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from edgeff.config import MAX_INPUT, ModelConfig, TrainConfig, readout_pool, readout_shape, select_layers
-from edgeff.edge.analytic import LdaStats
+from edgeff.edge.analytic import LdaStats, own
 from edgeff.edge.ops import F32, Op, make_block, out_shape
 from edgeff.edge.optim import Optimizer
 from edgeff.edge.readout import LdaReadout
@@ -350,28 +350,31 @@ class EdgeLearner:
         """Layer ``i``'s trained parameters in the order its torch optimizer holds them."""
         return [n for n, _ in self.layers[i].named("params")] + self.layers[i].extra
 
-    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+    def load_arrays(self, arrays: dict[str, np.ndarray], *, adopt: bool = False) -> None:
         """Set every tensor from ``arrays`` (names as ``arrays()``); shapes must match, except label
-        codes and dictionaries, which may hold more classes than the config (they set the class count)."""
+        codes and dictionaries, which may hold more classes than the config (they set the class count).
+        ``adopt``: arrays of the right type become the model's own, not copied (arrays read from a file, which
+        nothing else holds: loading then needs no second copy of the statistics)."""
+        take = own if adopt else (lambda a, dt: np.asarray(a, dt).copy())
         for layer in self.layers:
             for op_index, op in enumerate(layer.ops):
                 for kind in ("params", "buffers"):
                     store = getattr(op, kind)
                     for n in store:
                         name = f"layers.{layer.index}.block.{op_index}.{n}"
-                        a = np.asarray(arrays[name], F32)
+                        a = np.asarray(arrays[name])
                         if a.shape != store[n].shape:
                             raise ValueError(f"{name}: shape {a.shape}, the model needs {store[n].shape}")
-                        store[n] = a.copy()
+                        store[n] = take(a, F32)
             if layer.peer_mean is not None:
-                layer.peer_mean = np.asarray(arrays[f"layers.{layer.index}.peer_mean"], F32).copy()
+                layer.peer_mean = take(arrays[f"layers.{layer.index}.peer_mean"], F32)
         for name in self.extra:
-            self.extra[name] = np.asarray(arrays[name], F32).copy()
+            self.extra[name] = take(arrays[name], F32)
         if self.lda is not None:
-            self.lda.load(arrays)
+            self.lda.load(arrays, adopt=adopt)
             self._readout = None
         if self.predictor is not None:
-            self.predictor.load(arrays)
+            self.predictor.load(arrays, adopt=adopt)
 
     def end_of_plan(self, batches: Any) -> None:
         """The planned run is complete (``LearnerBase.end_of_plan``): an lda predictor is solved, from the

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeff.edge.analytic import NAMES, LdaStats
+from edgeff.edge.analytic import NAMES, LdaStats, own
 from edgeff.errors import InputError, UnsupportedError
 
 F32 = np.float32
@@ -107,11 +107,11 @@ class LdaReadout:
                     "predictor.window_seen": self.window_seen})
         return out
 
-    def load(self, arrays: dict[str, np.ndarray]) -> None:
-        self.stats.load({n: arrays[f"predictor.stats.{n}"] for n in NAMES})
+    def load(self, arrays: dict[str, np.ndarray], *, adopt: bool = False) -> None:
+        self.stats.load({n: arrays[f"predictor.stats.{n}"] for n in NAMES}, adopt=adopt)
         for n in ("window_x", "window_y", "window_seen"):
             a, want = np.asarray(arrays[f"predictor.{n}"]), getattr(self, n)
             if a.shape != want.shape:
                 raise ValueError(f"predictor.{n}: shape {a.shape}, the model needs {want.shape}")
-            setattr(self, n, a.astype(want.dtype, copy=True))
+            setattr(self, n, own(a, want.dtype) if adopt else a.astype(want.dtype, copy=True))
         self._solved = None

@@ -53,15 +53,16 @@ def to_arrays(learner: EdgeLearner, meta: dict[str, Any] | None = None) -> dict[
     return arrays
 
 
-def from_arrays(arrays: dict[str, np.ndarray]) -> tuple[EdgeLearner, dict[str, Any]]:
-    """Rebuild a learner from ``to_arrays`` output; returns it and its ``meta``."""
+def from_arrays(arrays: dict[str, np.ndarray], *, adopt: bool = False) -> tuple[EdgeLearner, dict[str, Any]]:
+    """Rebuild a learner from ``to_arrays`` output; returns it and its ``meta``. ``adopt``: the arrays become the
+    learner's own where they can (arrays read from a file, held by nothing else)."""
     head = json.loads(bytes(arrays["header"]).decode())
     if head.get("format") != FORMAT:
         raise CheckpointError("not an edgeff edge model (convert a torch checkpoint with `edgeff-edge convert`)")
     if head.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"edge format {head.get('format_version')}; this edgeff reads {FORMAT_VERSION}")
     learner = EdgeLearner(ModelConfig.from_dict(head["model"]), TrainConfig.from_dict(head["train"]))
-    learner.load_arrays({k[2:]: v for k, v in arrays.items() if k.startswith("t:")})
+    learner.load_arrays({k[2:]: v for k, v in arrays.items() if k.startswith("t:")}, adopt=adopt)
     learner.step, learner.samples_seen = int(head["step"]), int(head["samples_seen"])
     for layer, lr, opt in zip(learner.layers, head["lrs"], head["optim"], strict=True):
         layer.set_lr(float(lr))
@@ -157,7 +158,7 @@ def read_arrays(path: str | Path) -> dict[str, np.ndarray]:
 def load(path: str | Path) -> tuple[EdgeLearner, dict[str, Any]]:
     """Read an edge model file; returns the learner and its ``meta``."""
     try:
-        return from_arrays(read_arrays(path))
+        return from_arrays(read_arrays(path), adopt=True)
     except CheckpointError:
         raise
     except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:

@@ -1,0 +1,128 @@
+"""The numpy runtime's one memory model: what a model needs, in bytes, before anything is allocated.
+
+``memory_plan`` reads a model's configs and the sizes of its arrays (as a file holds them, or as a learner holds
+them: ``state_sizes``), so the device can check an upload against its budget from the file's table of contents
+before it builds the model, and ``edgeff-edge`` and the docs use the same figures. The terms:
+
+- ``resident``: every array the model keeps between steps: parameters, BatchNorm statistics, label codes and
+  dictionaries, the closed-form statistics (per-class sums and the float64 Gram matrix of the analytic family
+  or of an lda readout), the windows of recent samples, and the optimizer's moments (planned whether or not the
+  first step has created them yet);
+- per layer, ``train_working`` and ``infer_working``: what one layer's step (forward with its caches, backward,
+  the optimizer's block) or one layer's forward pass holds at a batch size (the largest layer is the working set);
+- ``solve``: what solving a closed-form readout adds (a copy of the Gram matrix as the covariance, LAPACK's
+  factor, the readout itself);
+- ``load``: reading a model file: the file, its unpacked arrays and the model built from them, together.
+
+A request needs ``resident`` + the working set it runs (+ ``solve`` for a prediction of a closed-form readout);
+``total`` is the largest need of training and predicting at ``batch`` and of loading the file.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from edgeff.config import ModelConfig, TrainConfig, readout_shape, select_layers
+from edgeff.edge.analytic import GRAM_ROWS, PENDING
+from edgeff.edge.ops import out_shape
+from edgeff.edge.optim import BLOCK
+
+F32, F64 = 4, 8
+INFER_CHUNK = 128  # rows a prediction pass runs at a time
+
+
+def family(model: ModelConfig) -> str:
+    """The edge runtime's family of a model config (``check_supported``'s answer, without its refusals)."""
+    if model.loss == "lda":
+        return "analytic"
+    return "cfl" if model.loss == "cfl" else "goodness"
+
+
+def state_sizes(arrays: dict[str, np.ndarray]) -> dict[str, int]:
+    """Bytes of each array, by name (``edgeff.edge.store.to_arrays`` names: ``t:…`` tensors, ``o:…`` moments)."""
+    return {name: int(a.nbytes) for name, a in arrays.items() if name != "header"}
+
+
+def _layer_working(model: ModelConfig, fam: str, views: int, i: int, in_shape: tuple[int, ...], shape: tuple[int, ...],
+                   batch: int) -> tuple[int, int]:
+    """(train, infer) working bytes of layer ``i`` at ``batch`` samples."""
+    spec = model.layers[i]
+    rows_train = (2 if fam == "goodness" else views if fam == "cfl" else 1) * batch
+    k = model.num_classes
+    rows_infer = min(batch * (k if fam == "goodness" else 1), INFER_CHUNK + k)
+    n_in, n_out = int(np.prod(in_shape)), int(np.prod(shape))
+    cols = 0
+    if spec.kind == "conv":  # im2col patches (and their gradient) at the conv's output resolution
+        pre_pool = n_out * spec.pool * spec.pool // spec.out
+        cols = 2 * pre_pool * in_shape[0] * spec.kernel * spec.kernel
+        n_out_pre = n_out * spec.pool * spec.pool
+    else:
+        n_out_pre = n_out
+    train = F32 * rows_train * (2 * n_in + 4 * n_out_pre + cols) + 8 * BLOCK
+    infer = F32 * rows_infer * (2 * n_in + 2 * n_out_pre + cols // 2)
+    if fam == "analytic":  # the frozen body only runs forward; its features go into the statistics
+        train = F32 * batch * (2 * n_in + 2 * n_out_pre + cols // 2)
+    return train, infer
+
+
+def memory_plan(model: ModelConfig, train: TrainConfig, sizes: dict[str, int], batch: int, *,
+                file_bytes: int = 0) -> dict[str, Any]:
+    """The plan of a model (configs and array sizes by name) at ``batch`` samples; ``file_bytes``: the size of the
+    file it is loaded from (0: not loading)."""
+    fam = family(model)
+    c, h, w = model.input_shape
+    shape: tuple[int, ...] = tuple(model.input_shape)
+    if fam == "goodness" and model.label != "overlay":
+        shape = (c + 1, h, w)
+    per_state = 0 if fam == "analytic" else 1 if train.optimizer == "sgd" else 2
+    tensors = {n[2:]: b for n, b in sizes.items() if n.startswith("t:")}
+    moments = sum(b for n, b in sizes.items() if n.startswith("o:"))
+    layers, shapes = [], []
+    for i, spec in enumerate(model.layers):
+        out = out_shape(spec, shape)
+        params = sum(b for n, b in tensors.items() if n.startswith(f"layers.{i}.") and n.endswith((".weight", ".bias")))
+        tw, iw = _layer_working(model, fam, train.views, i, shape, out, batch)
+        layers.append({"layer": i, "params": params, "optimizer": per_state * params, "train_working": tw,
+                       "infer_working": iw})
+        shape = out
+        shapes.append(out)
+    labels = sum(b for n, b in tensors.items() if n.startswith(("encoder.", "embed")))
+    learned = labels if fam == "cfl" or (fam == "goodness" and model.label_learned) else 0
+    planned_moments = sum(lay["optimizer"] for lay in layers) + per_state * learned
+    stats_dim = 0
+    if fam == "analytic":
+        stats_dim = int(np.prod(shape))
+    elif fam == "goodness" and train.predictor == "lda":
+        stats_dim = sum(int(np.prod(readout_shape(shapes[i], train.readout_size)))
+                        for i in select_layers(train.eval_layers, len(shapes)))
+    k = model.num_classes
+    # the closed-form statistics and the readout's window of samples, as the model holds them
+    stats = sum(b for n, b in tensors.items() if not n.startswith(("layers.", "encoder.", "embed")))
+    windows = train.window * c * h * w * F32 * (train.views if fam == "cfl" else 1)
+    resident = sum(lay["params"] for lay in layers) + labels + max(moments, planned_moments) + stats + windows
+    resident += sum(b for n, b in tensors.items() if n.startswith("layers.") and not n.endswith((".weight", ".bias")))
+    solve = (2 * stats_dim * stats_dim * F64 + stats_dim * k * (F32 + F64)) if stats_dim else 0
+    # adding features to the statistics: the pending block in float64 and a band of the Gram matrix's update
+    accumulate = (PENDING * stats_dim + GRAM_ROWS * stats_dim) * F64 if stats_dim else 0
+    working_train = max(lay["train_working"] for lay in layers) + accumulate
+    working_infer = max(lay["infer_working"] for lay in layers)
+    unpacked = sum(sizes.values())
+    # loading: the file, its arrays, the model built beside them (its arrays then taken over from the file's:
+    # ``adopt``), the optimizer's moments copied from the file's; moments not in the file yet come with a first step
+    built = resident - max(moments, planned_moments) + moments
+    load = file_bytes + unpacked + built if file_bytes else 0
+    need_train = resident + working_train
+    need_infer = resident + solve + working_infer
+    return {"layers": layers, "labels": labels, "statistics": stats, "windows": windows, "resident": resident,
+            "working": max(working_train, working_infer), "train": need_train, "infer": need_infer, "solve": solve,
+            "load": load, "total": max(need_train, need_infer, load)}
+
+
+def learner_plan(learner: Any, batch: int, *, file_bytes: int = 0) -> dict[str, Any]:
+    """``memory_plan`` of a live ``EdgeLearner`` (its arrays as ``edgeff.edge.store.to_arrays`` names them)."""
+    from edgeff.edge.store import to_arrays
+
+    return memory_plan(learner.model_cfg, learner.train_cfg, state_sizes(to_arrays(learner)), batch,
+                       file_bytes=file_bytes)
