@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 from _common import merge_records, table
 from edgeff.firmware_sim.device import parse_size
+from edgeff.firmware_sim.edge_model import EdgeModel, new_model
 from edgeff.firmware_sim.faults import FaultyPort
-from edgeff.firmware_sim.numpy_net import init_model
 
 from edgeff.data import load_data
 from edgeff.host import DeviceClient
@@ -57,12 +57,17 @@ def expected_crc(n: int) -> int:
     return crc
 
 
+def in_process(blob: bytes) -> tuple[EdgeModel, np.random.Generator]:
+    """The device's model in this process, with the generator the device seeds for it at LOAD."""
+    net, _ = EdgeModel.from_bytes(blob)
+    return net, np.random.default_rng(int(net.spec["seed"]))
+
+
 def e2e(url: str, budget: int, rule: str, widths: list[int], x: np.ndarray, y: np.ndarray, xt: np.ndarray,
         yt: np.ndarray, dataset: str) -> dict[str, Any]:
-    kw = {"groups": 4} if rule == "embed" else {}
-    net = init_model(rule, widths, seed=0, **kw)
+    blob = new_model(rule, widths)
     with DeviceClient(url) as dev:
-        dev.load(net)
+        dev.load(blob)
         load_peak = dev.device_stats(reset_peak=True)  # the upload's peak; then the training stream's
         res = dev.stream(x, y, batch_size=10, save_every=500)
         train_peak = dev.device_stats(reset_peak=True)
@@ -72,8 +77,8 @@ def e2e(url: str, budget: int, rule: str, widths: list[int], x: np.ndarray, y: n
         st = dev.device_stats(reset_peak=True)
         dev.add_class("extra", x[:50])
         add_peak = dev.device_stats()
+    net, rng = in_process(blob)
     t0 = time.perf_counter()
-    rng = np.random.default_rng(net.spec["seed"])
     for i in range(0, len(x), 10):
         net.train_step(x[i : i + 10], y[i : i + 10], rng)
     local_s = time.perf_counter() - t0
@@ -103,9 +108,9 @@ def weights(blob: bytes) -> dict[str, np.ndarray]:
 def faults(url: str, n: int, x: np.ndarray, y: np.ndarray, rate: float, state_dir: str) -> dict[str, Any]:
     """The stream through a faulty link, then the device's weights against the same training run in this
     process (content, not the device's own counters: a dropped, duplicated or reordered sample changes them)."""
-    net = init_model("embed", [32], seed=0)
+    blob = new_model("device-embed", [32])
     with DeviceClient(url) as dev:
-        dev.load(net)
+        dev.load(blob)
     ports: list[FaultyPort] = []
 
     def wrap(p: object) -> FaultyPort:
@@ -120,8 +125,7 @@ def faults(url: str, n: int, x: np.ndarray, y: np.ndarray, rate: float, state_di
         st = dev.device_stats()
         dev.save()
     device_w = weights((Path(state_dir) / "state.npz").read_bytes())
-    ref = init_model("embed", [32], seed=0)
-    rng = np.random.default_rng(int(ref.spec.get("seed", 0)))
+    ref, rng = in_process(blob)
     for i in idx:  # the same samples, one per step, in order, with the device's generator
         ref.train_step(x[i : i + 1], y[i : i + 1], rng)
     ref_w = weights(ref.to_bytes())
@@ -143,10 +147,9 @@ def faults(url: str, n: int, x: np.ndarray, y: np.ndarray, rate: float, state_di
 
 
 def throughput(url: str, x: np.ndarray, y: np.ndarray, batch: int, n: int) -> list[dict[str, Any]]:
-    net = init_model("embed", [128, 128], groups=4, seed=0)
     out = []
     with DeviceClient(url) as dev:
-        dev.load(net)
+        dev.load(new_model("device-embed", [128, 128]))
         res = dev.stream(x[:n], y[:n], batch_size=batch, save_every=None)
         frames = -(-n // batch)
         out.append({"kind": "throughput", "op": "train", "batch_size": batch, "frames": frames,
@@ -238,7 +241,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         proc, url = start_device(args.budget, tmp)
         try:
-            for rule, widths in [("embed", [128, 128]), ("goodness", [64, 64])]:
+            for rule, widths in [("device-embed", [128, 128]), ("device-goodness", [64, 64])]:
                 records.append(e2e(url, budget, rule, widths, x, y, xt, yt, ds.name))
                 print(f"e2e {rule}: {records[-1]['device_test_acc']:.4f}", flush=True)
             for batch in (1, 10, 50):

@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 from _common import merge_records, table
 from edgeff.firmware_sim.device import parse_size
+from edgeff.firmware_sim.edge_model import new_model
 from edgeff.firmware_sim.fuzz import hostile_frames
-from edgeff.firmware_sim.numpy_net import init_model
 from edgeff.firmware_sim.protocol import MAX_PAYLOAD, FrameDecoder, Message, MsgType, encode_frame
 
 from edgeff.host import DeviceClient
@@ -64,7 +64,7 @@ class Live:
         host, port = self.url.split("socket://", 1)[1].rsplit(":", 1)
         self.addr = (host, int(port))
         with DeviceClient(self.url) as dev:
-            dev.load(init_model("embed", [32], seed=0))
+            dev.load(new_model("device-embed", [32]))
         self.sock = socket.create_connection(self.addr, timeout=60)
         self.decoder = FrameDecoder()
 

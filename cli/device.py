@@ -3,8 +3,8 @@ simulated, behind a serial port URL."""
 
 from __future__ import annotations
 
+import io
 import time
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -21,11 +21,6 @@ PortOpt = Annotated[str, typer.Option("--port", help="pyserial URL: /dev/ttyUSB0
 
 def _bkib(n: int) -> str:
     return f"{n / 1024:.1f} KiB"
-
-
-class Rule(str, Enum):
-    goodness = "goodness"
-    embed = "embed"
 
 
 def device_sim(
@@ -100,22 +95,19 @@ def device_info(port: PortOpt) -> None:
 @guarded()
 def device_load(
     port: PortOpt,
-    checkpoint_path: Annotated[Path | None, typer.Option("--checkpoint", help="a trained symba-mlp/ff-mlp checkpoint to upload")] = None,
+    checkpoint_path: Annotated[Path | None, typer.Option("--checkpoint", help="a trained checkpoint of a preset the edge runtime trains (converted on the way)")] = None,
     onnx_path: Annotated[Path | None, typer.Option("--onnx", help="an `edgeff export` ONNX file (inference only on the device)")] = None,
     edge_path: Annotated[Path | None, typer.Option("--edge", help="an edge-runtime model (`edgeff-edge train`, .npz): any preset it trains")] = None,
-    rule: Annotated[Rule, typer.Option(help="fresh model: goodness (SymBa + ICP) or embed (label embeddings)")] = Rule.embed,
-    layers: Annotated[str, typer.Option(help="fresh model: comma-separated layer widths")] = "128,128",
-    groups: Annotated[int, typer.Option(help="embed rule: feature groups per layer")] = 4,
-    optimizer: Annotated[str, typer.Option(help="adam or sgd (SGD keeps half the optimizer state)")] = "adam",
-    lr: Annotated[float, typer.Option(help="learning rate")] = 1e-3,
+    preset: Annotated[str, typer.Option(help="fresh model: a preset the edge runtime trains (device-embed: CFL's dictionary loss; device-goodness: SymBa + ICP)")] = "device-embed",
+    layers: Annotated[str | None, typer.Option(help="fresh MLP model: comma-separated layer widths [default: the preset's]")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="fresh model: adam, adamw or sgd (SGD keeps half the optimizer state) [default: the preset's]")] = None,
+    lr: Annotated[float | None, typer.Option(help="fresh model: learning rate [default: the preset's]")] = None,
     seed: Annotated[int, typer.Option(help="initialisation seed")] = 0,
     data: Annotated[Dataset, typer.Option(help="data set the model is for (input size, classes, normalisation)")] = Dataset.builtin,
     data_dir: Annotated[Path | None, typer.Option(help="folder holding the full data sets")] = None,
 ) -> None:
-    """Upload a model: a trained checkpoint, or a fresh one to train on the device."""
-    from edgeff.firmware_sim.numpy_net import init_model
-
-
+    """Upload a model: a fresh one of an edge preset to train on the device, a trained checkpoint, an edge file
+    or an ONNX file."""
     ds, _, _ = _device_data(data, data_dir)
     for path, what, hint in ((onnx_path, "ONNX model", "`edgeff export`"),
                              (edge_path, "edge model", "`edgeff-edge train`")):
@@ -132,25 +124,29 @@ def device_load(
                   f"the device's {_bkib(budget)}", highlight=False)
         return
     if checkpoint_path is not None:
-        from edgeff.exporters.device import to_device_model
-
         from edgeff import checkpoint
+        from edgeff.edge.store import to_arrays
+        from edgeff.interchange import to_edge
 
         learner, meta = checkpoint.load(checkpoint_path, device="cpu")
-        net = to_device_model(learner, classes=list(ds.classes), mean=float(np.mean(ds.mean)),  # type: ignore[arg-type]
-                              std=float(np.mean(ds.std)))
+        edge = to_edge(learner)
+        buf = io.BytesIO()
+        np.savez(buf, **to_arrays(edge, {"preset": meta.get("preset"), "classes": list(edge.class_names),
+                                         "mean": list(meta.get("mean", ds.mean)), "std": list(meta.get("std", ds.std))}))
+        blob, what = buf.getvalue(), f"{meta.get('preset') or 'trained'} checkpoint {checkpoint_path.name}"
     else:
-        widths = [int(w) for w in layers.split(",") if w.strip()]
-        net = init_model(rule.value, widths, input_dim=int(np.prod(ds.input_shape)), classes=list(ds.classes),
-                         seed=seed, groups=groups if rule == Rule.embed else 1, optimizer=optimizer, lr=lr,
-                         input_mean=float(np.mean(ds.mean)), input_std=float(np.mean(ds.std)))
-    blob = net.to_bytes()
+        from edgeff.firmware_sim.edge_model import new_model
+
+        widths = [int(w) for w in layers.split(",") if w.strip()] if layers is not None else None
+        blob = new_model(preset, widths, input_shape=tuple(ds.input_shape), classes=list(ds.classes), seed=seed,
+                         optimizer=optimizer, lr=lr, mean=list(ds.mean), std=list(ds.std))
+        what = f"fresh {preset} model" + (f" {widths}" if widths else "")
     with _client(port) as c, progress_bar() as bar:
         task = bar.add_task("upload", total=len(blob))
         meta = c.load(blob, progress=lambda done, total: bar.update(task, completed=done))
         budget = c.info["ram_budget"]
-    out.print(f"loaded {net.rule} model {[net.layer_out(i) for i in range(net.n_layers)]} ({len(blob)} bytes); "
-              f"needs {_bkib(meta['memory'])} of the device's {_bkib(budget)}", highlight=False)
+    out.print(f"loaded {what} ({len(blob)} bytes); needs {_bkib(meta['memory'])} of the device's {_bkib(budget)}",
+              highlight=False)
 
 
 @device_app.command("stream")

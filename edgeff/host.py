@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 
 from edgeff.errors import EdgeFFError
-from edgeff.firmware_sim.numpy_net import NumpyNet
 from edgeff.firmware_sim.protocol import FrameDecoder, FrameError, Message, MsgType, encode_frame
 
 CHUNK = 16 * 1024  # model upload chunk (bytes)
@@ -74,20 +73,16 @@ def open_port(url: str, timeout: float = 0.01) -> Any:
     return serial.serial_for_url(url, baudrate=115200, timeout=timeout, write_timeout=5.0)
 
 
-def _planned_memory(model: NumpyNet | bytes, blob: bytes) -> int | None:
+def _planned_memory(blob: bytes) -> int | None:
     """The RAM a device model will plan for at batch 1 (None for an ONNX graph or an unreadable file)."""
-    if isinstance(model, NumpyNet):
-        return int(model.memory_plan(1)["total"])
     if not blob.startswith(b"PK"):
         return None
     try:
         from edgeff.edge.plan import learner_plan
-        from edgeff.firmware_sim.edge_model import EdgeModel, model_from_bytes
+        from edgeff.firmware_sim.edge_model import model_from_bytes
 
-        net = model_from_bytes(blob)[0]
-        if isinstance(net, EdgeModel):  # the device's plan: loading this file, training and predicting at batch 1
-            return int(learner_plan(net.learner, 1, file_bytes=len(blob))["total"])
-        return int(net.memory_plan(1)["total"])
+        net = model_from_bytes(blob)[0]  # the device's plan: loading this file, training and predicting at batch 1
+        return int(learner_plan(net.learner, 1, file_bytes=len(blob))["total"])
     except Exception:  # noqa: BLE001 - the device checks it again and says what is wrong
         return None
 
@@ -230,13 +225,13 @@ class DeviceClient:
         self.info = self.request(MsgType.HELLO).meta
         return self.info
 
-    def load(self, model: NumpyNet | bytes, *, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    def load(self, model: bytes, *, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
         """Upload a device model in chunks; the device checks the whole-file CRC and its RAM budget."""
-        blob = model.to_bytes() if isinstance(model, NumpyNet) else bytes(model)
+        blob = bytes(model)
         crc = zlib.crc32(blob)
         meta: dict[str, Any] = {}
         first: dict[str, Any] = {}
-        planned = _planned_memory(model, blob)
+        planned = _planned_memory(blob)
         if planned is not None:  # declared up front: a model that cannot fit is refused before the upload
             first["memory"] = planned
         for off in range(0, max(len(blob), 1), CHUNK):

@@ -174,6 +174,10 @@ SLDA_CONV = ModelConfig(layers=(LayerSpec("conv", 64, kernel=5, padding=0, pool=
 KMEANS_CONV = ModelConfig(layers=(LayerSpec("kmeans", 1600, kernel=6, pool=2),), label="none", loss="lda",
                           fit_samples=500)
 KMEANS_CONV3200 = replace(KMEANS_CONV, layers=(LayerSpec("kmeans", 3200, kernel=6, pool=2),))
+# the small MLPs a microcontroller-sized device trains (the retired device network's two rules, as edge models)
+DEVICE_GOODNESS = replace(SYMBA_BASE, layers=_mlp(64, 2, "length"))
+DEVICE_EMBED = ModelConfig(layers=_mlp(128, 2, "length"), label="none", loss="cfl", groups=4, temperature=0.07,
+                           cfl_weights=(0.0, 1.0, 0.0))
 CFF_MLP = ModelConfig(layers=_mlp(500, 3, "none"), label="none", loss="supcon", temperature=0.07,
                       margin_first=0.4, margin_last=0.1)
 
@@ -368,6 +372,24 @@ PRESETS: dict[str, Preset] = {
             "Coates, Lee & Ng 2011 (4,000 features: 79.6% on full CIFAR-10); Hayes & Kanan 2020",
             "kmeans-conv with 3,200 centroids (12,800 features; statistics 12800x12800 float64, 1.3 GB; the solve "
             "holds ~4 such matrices) and mirrored samples by default (--no-hflip for digits): built for photos.",
+        ),
+        Preset(
+            "device-goodness", "local", DEVICE_GOODNESS,
+            TrainConfig(lr=1e-3, batch_size=10, epochs=1, eval_layers="all"),
+            "Lee & Song 2023, SymBa (arXiv:2303.08418)",
+            "symba-mlp at a microcontroller's size (2x64): length normalisation, Intrinsic Class Patterns, SymBa "
+            "α=4, Adam 1e-3, prediction by goodness summed over both layers (at this width and one short pass the "
+            "first layer carries most of it). For `edgeff device load --preset device-goodness` (--layers sets "
+            "the widths).",
+        ),
+        Preset(
+            "device-embed", "local", DEVICE_EMBED,
+            TrainConfig(lr=1e-3, optimizer="adam", batch_size=10, epochs=1, eval_layers="all"),
+            "Lee et al. 2023, CFL: the dictionary loss alone",
+            "A CFL MLP at a microcontroller's size (2x128, length normalisation before each layer, 4 feature groups "
+            "per layer): a learned label-embedding dictionary trained by CFL's dictionary loss only (L_dict: no batch "
+            "or feature-contrastive term, so a step needs no other sample), prediction in one pass at any layer. "
+            "The default model of `edgeff device load` (--layers sets the widths).",
         ),
         Preset(
             "bp-mlp", "bp", SYMBA_BASE, TrainConfig(lr=1e-3, lr_final=1e-4, batch_size=100, epochs=20),

@@ -6,8 +6,8 @@ answers every request with an ACK or an ERROR. ``serve_pty`` / ``serve_socket`` 
 real pty pair or a TCP socket; ``main`` is ``edgeff device-sim``. No torch is imported here.
 
 RAM budget: a model or a batch is refused (ERROR ``too_big``, saying by how much) when
-``NumpyNet.memory_plan`` — weights, optimizer state, label codes and one layer's working set — exceeds
-the budget. Measured memory (``tracemalloc``, which sees numpy's buffers) is reported by STATS. A model
+the numpy runtime's plan (``edgeff.edge.plan``: weights, optimizer state, label codes, closed-form statistics,
+one layer's working set) exceeds the budget; an upload is planned from its header before the model is built. Measured memory (``tracemalloc``, which sees numpy's buffers) is reported by STATS. A model
 upload is staged in RAM and counts against the budget: its declared size (and the host's declared plan)
 is checked at the first chunk, an abandoned upload is freed by the next request of another kind, and an
 ``.npz`` is refused if its members unpack to more than the budget.
@@ -41,8 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edgeff.firmware_sim.edge_model import EdgeModel, model_from_bytes
-from edgeff.firmware_sim.numpy_net import RULES, ModelError, NumpyNet
+from edgeff.firmware_sim.edge_model import RULES, EdgeModel, ModelError, model_from_bytes, new_model
 from edgeff.firmware_sim.onnx_check import OnnxFormatError, uses_external_data
 from edgeff.firmware_sim.protocol import (
     MAX_PAYLOAD,
@@ -54,9 +53,7 @@ from edgeff.firmware_sim.protocol import (
     encode_frame,
 )
 
-from edgeff.config import ModelConfig, TrainConfig
-from edgeff.edge.plan import memory_plan
-from edgeff.edge.store import FORMAT as EDGE_FORMAT
+from edgeff.edge.plan import file_plan
 from edgeff.files import BytesReader
 from edgeff.names import name_problem, names_problem
 
@@ -64,7 +61,6 @@ STATE_FILE = "state.npz"
 ONNX_FILE = "model.onnx"
 MAX_TEXT = 300  # characters of an error text in a reply
 MAX_CLASSES = 1024
-MAX_HEADER = 1 << 20  # an edge header is a few KiB of JSON
 MAX_MEMBERS = 1024  # arrays in an uploaded .npz model (a 12-layer edge model with Adam state holds ~150)
 MAX_BATCH = 4096  # samples in one TRAIN or INFER request
 MAX_INPUT = 1e6  # largest |value| of a float input after the float32 cast (normalised pixels are O(1))
@@ -139,7 +135,6 @@ class OnnxModel:
     the initializers next to the parsed graph) — onnxruntime's own allocations are outside tracemalloc."""
 
     def __init__(self, blob: bytes) -> None:
-        import json
 
         try:
             external = uses_external_data(blob)
@@ -209,7 +204,7 @@ class Device:
         """Start from the saved state (or empty): what a power cycle does."""
         self.boots += 1
         self.boot_id = int.from_bytes(os.urandom(4), "little")
-        self.net: NumpyNet | EdgeModel | None = None  # its own Linear rules, or an edge-runtime file
+        self.net: EdgeModel | None = None  # an edge-runtime model (edgeff.edge's learners)
         self.onnx: OnnxModel | None = None
         self.rng = np.random.default_rng(self.seed)
         self.samples_seen = 0
@@ -327,16 +322,16 @@ class Device:
         return Message(MsgType.ACK, msg.seq, {**meta, "boot": self.boot_id}, arrays)
 
     # ----------------------------------------------------------------- handlers
-    def _require_model(self) -> NumpyNet | EdgeModel:
+    def _require_model(self) -> EdgeModel:
         if self.onnx is not None:
             raise DeviceError("unsupported", "the loaded model is an ONNX graph, which this device runs for "
-                                             "inference only; load a device model (edgeff device load --rule or "
+                                             "inference only; load a device model (edgeff device load --preset or "
                                              "--checkpoint) to train or grow it")
         if self.net is None:
             raise DeviceError("no_model", "no model loaded; send LOAD_MODEL first (edgeff device load)")
         return self.net
 
-    def _fit(self, net: NumpyNet | EdgeModel, batch: int, what: str) -> dict[str, Any]:
+    def _fit(self, net: EdgeModel, batch: int, what: str) -> dict[str, Any]:
         plan = net.memory_plan(batch)
         need = int(plan.get("train", plan["total"]))
         if need > self.budget:
@@ -350,7 +345,7 @@ class Device:
         self._planned(need)
         return plan
 
-    def _fit_inference(self, net: NumpyNet | EdgeModel, batch: int, what: str) -> None:
+    def _fit_inference(self, net: EdgeModel, batch: int, what: str) -> None:
         """A forward pass only: the resident model plus the largest inference working set (and, for a closed-form
         readout, what solving it adds)."""
         plan = net.memory_plan(batch)
@@ -370,8 +365,8 @@ class Device:
         net = self.net
         return {
             "protocol": VERSION, "device": "edgeff-firmware-sim", "ram_budget": self.budget,
-            "max_payload": MAX_PAYLOAD, "layer_kinds": ["linear"], "norms": ["none", "length"],
-            "rules": list(RULES), "losses": ["symba", "ff", "embed"], "boot_id": self.boot_id, "boots": self.boots,
+            "max_payload": MAX_PAYLOAD, "layer_kinds": ["linear", "conv"], "norms": ["none", "length", "layer", "batch"],
+            "rules": list(RULES), "losses": ["symba", "ff", "cfl", "lda"], "boot_id": self.boot_id, "boots": self.boots,
             "samples_seen": self.samples_seen, "applied_crc": self.applied_crc, "storage": self.state_dir is not None,
             "model": {"rule": "onnx", "classes": self.onnx.classes, "widths": [], "input_dim": self.onnx.input_dim}
             if self.onnx is not None else None if net is None else {"rule": net.rule, "classes": net.spec["classes"],
@@ -379,7 +374,7 @@ class Device:
                                                "input_dim": net.spec["input_dim"]},
         }, {}
 
-    def _representable(self, net: NumpyNet | EdgeModel | None = None, onnx: OnnxModel | None = None) -> None:
+    def _representable(self, net: EdgeModel | None = None, onnx: OnnxModel | None = None) -> None:
         """Refuse a model whose class list would make later replies (HELLO) unsendable: checked before
         the model is installed or stored, so no state can brick the device."""
         classes = onnx.classes if onnx is not None else net.spec["classes"] if net is not None else []
@@ -469,7 +464,7 @@ class Device:
             return self.onnx.plan_bytes
         return int(self.net.memory_plan(1)["resident"]) if self.net is not None else 0
 
-    def _unpack(self, blob: bytearray) -> NumpyNet | EdgeModel:
+    def _unpack(self, blob: bytearray) -> EdgeModel:
         """An .npz model. Its member count is read from the archive's end record and bounded before the
         archive is parsed (each member costs a parsed entry), and the file plus what it unpacks to — both held
         while it is read — must fit in the budget before anything is decompressed."""
@@ -491,28 +486,23 @@ class Device:
             raise DeviceError("too_big", f"the model file ({kib(len(blob))}) and its {kib(unpacked)} of arrays, held "
                                          f"together while it is read, need {kib(need)} but the RAM budget is "
                                          f"{kib(self.budget)}: over by {kib(need - self.budget)}")
-        self._fit_file(blob, {i.filename.removesuffix(".npy"): i.file_size for i in infos})
+        self._fit_file(blob)
         try:
             net, _ = model_from_bytes(blob)
         except ModelError as e:
             raise DeviceError("bad_model", str(e)[:MAX_TEXT]) from None
         return net
 
-    def _fit_file(self, blob: bytearray, sizes: dict[str, int]) -> None:
-        """An edge file's plan (``edgeff.edge.plan``, from its header and its members' sizes), checked before the
-        model is built: loading (the file, its arrays and the model together), training and predicting at batch 1.
-        A device model of the older format has no header and is planned once built."""
-        if sizes.get("header", MAX_HEADER + 1) > MAX_HEADER:
-            return
+    def _fit_file(self, blob: bytearray) -> None:
+        """An edge file's plan (``edgeff.edge.plan.file_plan``, from its header and its members' sizes), checked
+        before the model is built: loading (the file, its arrays and the model together), training and predicting
+        at batch 1. A file without an edge header is refused when it is read."""
         try:
-            with zipfile.ZipFile(BytesReader(blob)) as zf, zf.open("header.npy") as f:
-                head = json.loads(np.load(f, allow_pickle=False).tobytes().decode())
-            if head.get("format") != EDGE_FORMAT:
-                return
-            model, train = ModelConfig.from_dict(head["model"]), TrainConfig.from_dict(head["train"])
+            plan = file_plan(blob, 1)
         except Exception as e:  # noqa: BLE001 - any unreadable header is a bad model, said in one line
             raise DeviceError("bad_model", f"not a readable edge model header ({type(e).__name__}: {e})"[:MAX_TEXT]) from None
-        plan = memory_plan(model, train, {n: b for n, b in sizes.items() if n != "header"}, 1, file_bytes=len(blob))
+        if plan is None:
+            return
         if plan["total"] > self.budget:
             raise DeviceError("too_big", f"this model needs {kib(plan['total'])} (loading {kib(plan['load'])}, training "
                                          f"{kib(plan['train'])}, predicting {kib(plan['infer'])} at batch 1) but the RAM "
@@ -699,17 +689,14 @@ def warm_up() -> None:
     """Run every code path once (model I/O, training, inference, frames, a state save) so the modules
     they import lazily are loaded before memory tracing starts: code lives in flash on a board, and the
     RAM figures should count data only."""
-    from edgeff.firmware_sim.numpy_net import init_model
-
     try:  # onnxruntime's library and environment (~20 MB) load on the first ONNX model: load them now
         OnnxModel(b"\x08\x07")
     except DeviceError:
         pass
     with tempfile.TemporaryDirectory() as tmp:
         dev = Device(1 << 30, tmp)
-        for rule in RULES:
-            net = init_model(rule, [4], input_dim=4, classes=["a", "b"])
-            blob = net.to_bytes()
+        for preset in ("device-embed", "device-goodness"):
+            blob = new_model(preset, [4], input_shape=(1, 2, 2), classes=["a", "b"])
             frames = [Message(MsgType.LOAD_MODEL, 1, {"offset": 0, "total": len(blob), "crc32": zlib.crc32(blob)},
                               {"chunk": np.frombuffer(blob, np.uint8)}),
                       Message(MsgType.TRAIN, 2, {"first": 0}, {"x": np.zeros((2, 4), np.uint8), "y": np.zeros(2, np.int64)}),

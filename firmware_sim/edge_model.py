@@ -1,7 +1,7 @@
-"""Edge-runtime models on the simulated device: an ``edgeff.edge`` file (``edgeff-edge train``, or a
-torch checkpoint converted with ``edgeff-edge convert``) behind the device model interface of
-``NumpyNet``, so the device trains and serves every preset the edge runtime trains (conv layers,
-LayerNorm, running-statistics BatchNorm, CFL's dictionary), not only its own Linear rules.
+"""The device's models: an ``edgeff.edge`` file (``edgeff-edge train``, ``edgeff device load --preset``, or a
+torch checkpoint converted with ``edgeff-edge convert``) behind the device's model interface, so the device
+trains and serves every preset the edge runtime trains with the edge runtime's own learners (one numpy
+runtime; the device holds no training math of its own). ``new_model`` builds a fresh one for a device.
 
 The device sends flattened pixels (B, C·H·W): uint8, normalised here with the mean/std stored in the
 file's meta (``edgeff-edge train`` writes them; MNIST's by default), or float32 already normalised.
@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from edgeff.firmware_sim.numpy_net import ModelError
 
 from edgeff.edge.data import MNIST_MEAN, MNIST_STD
 from edgeff.edge.learner import EdgeLearner
@@ -25,6 +24,12 @@ from edgeff.errors import EdgeFFError
 from edgeff.files import BytesReader
 
 F32 = np.float32
+RULES = ("goodness", "embed", "analytic")  # the families a device trains: goodness, CFL's dictionary, closed form
+OLD_FORMAT = "edgeff-device-model"  # the retired device network's files (NumpyNet), refused with a way forward
+
+
+class ModelError(ValueError):
+    """A model file or request the device cannot use."""
 
 
 def is_edge_file(blob: bytes) -> bool:
@@ -34,18 +39,18 @@ def is_edge_file(blob: bytes) -> bool:
             if "header" not in z.files:
                 return False
             return json.loads(z["header"].tobytes().decode()).get("format") == FORMAT
-    except Exception:  # noqa: BLE001 - anything unreadable is not an edge file; NumpyNet reports it
+    except Exception:  # noqa: BLE001 - anything unreadable is not an edge file; model_from_bytes says so
         return False
 
 
 class EdgeModel:
-    """``NumpyNet``'s device interface over an ``EdgeLearner``."""
+    """The device's model interface over an ``EdgeLearner``."""
 
     def __init__(self, learner: EdgeLearner, meta: dict[str, Any]) -> None:
         self.learner = learner
         self.meta = {k: v for k, v in meta.items() if k != "device_state"}
         c, h, w = learner.model_cfg.input_shape
-        self.rule = "goodness" if learner.family == "goodness" else "embed"
+        self.rule = {"goodness": "goodness", "cfl": "embed", "analytic": "analytic"}[learner.family]
         self.spec: dict[str, Any] = {
             "rule": self.rule, "classes": list(learner.class_names), "input_dim": c * h * w,
             "eval_layers": list(learner.eval_layers), "seed": learner.train_cfg.seed, "format": FORMAT,
@@ -77,6 +82,10 @@ class EdgeModel:
     # ----------------------------------------------------------------- verbs
     def layer_scores(self, x: np.ndarray) -> np.ndarray:
         return self.learner.layer_scores(self.normalise_input(x))
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        """Class scores (B, K): the model's predicting layers summed (what INFER answers)."""
+        return self.layer_scores(x)[..., self.spec["eval_layers"]].sum(-1)
 
     def train_step(self, x: np.ndarray, y: np.ndarray, rng: np.random.Generator, **_: Any) -> list[float]:
         self.learner.rng = self.learner.draws.rng = rng  # the device's generator, saved with its state
@@ -148,10 +157,49 @@ class EdgeModel:
         return cls(learner, meta), dict(meta.get("device_state", {}))
 
 
-def model_from_bytes(data: bytes) -> tuple[Any, dict[str, Any]]:
-    """A device model from an uploaded or saved ``.npz``: an edge-runtime file or a ``NumpyNet``."""
-    from edgeff.firmware_sim.numpy_net import NumpyNet
-
+def model_from_bytes(data: bytes | bytearray) -> tuple[EdgeModel, dict[str, Any]]:
+    """A device model from an uploaded or saved ``.npz`` edge file; a file of the retired device format is refused
+    with the way forward."""
     if is_edge_file(data):
         return EdgeModel.from_bytes(data)
-    return NumpyNet.from_bytes(data)
+    try:
+        with np.load(BytesReader(data), allow_pickle=False) as z:
+            old = "spec" in z.files and OLD_FORMAT in z["spec"].tobytes().decode(errors="replace")
+    except Exception:  # noqa: BLE001 - unreadable: said below
+        old = False
+    if old:
+        raise ModelError("this is a model of the retired device format; the device runs edge models now: load a "
+                         "fresh one (edgeff device load --preset device-embed) or a trained checkpoint "
+                         "(edgeff device load --checkpoint FILE.pt)")
+    raise ModelError("not an edge model (.npz written by edgeff-edge or edgeff device load)")
+
+
+def new_model(preset: str = "device-embed", widths: list[int] | None = None, *, input_shape: tuple[int, int, int] =
+              (1, 28, 28), classes: list[str] | None = None, seed: int = 0, optimizer: str | None = None,
+              lr: float | None = None, mean: list[float] | None = None, std: list[float] | None = None) -> bytes:
+    """A fresh edge model of ``preset`` for a device, as the bytes of its file: ``widths`` replaces an MLP
+    preset's layer widths, ``classes`` names its classes (10 digits by default), ``mean``/``std`` the
+    normalisation the device applies to raw pixels (MNIST's by default)."""
+    from dataclasses import replace
+
+    from edgeff.edge.learner import make_edge_learner
+    from edgeff.errors import InputError
+    from edgeff.presets import get_preset
+
+    p = get_preset(preset)
+    classes = [str(c) for c in (classes or range(10))]
+    model = replace(p.model, input_shape=input_shape, num_classes=len(classes), class_names=tuple(classes))
+    if widths is not None:
+        if not widths or any(w < 1 for w in widths):
+            raise InputError("give at least one positive layer width")
+        if any(s.kind != "linear" for s in model.layers):
+            raise InputError(f"--layers sets an MLP's widths; {preset} has {model.layers[0].kind} layers")
+        model = replace(model, layers=tuple(replace(model.layers[0], out=w) for w in widths))
+    train = replace(p.train, seed=seed, **{k: v for k, v in (("optimizer", optimizer), ("lr", lr)) if v is not None})
+    learner = make_edge_learner(replace(p, model=model), train=train)
+    c = input_shape[0]
+    meta = {"preset": preset, "classes": classes, "mean": list(mean or list(MNIST_MEAN) * c),
+            "std": list(std or list(MNIST_STD) * c)}
+    buf = io.BytesIO()
+    np.savez(buf, **to_arrays(learner, meta))  # type: ignore[arg-type]
+    return buf.getvalue()

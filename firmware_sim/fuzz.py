@@ -95,11 +95,16 @@ def _nested(depth: int) -> Any:
 
 def _model_named(classes: list[Any]) -> bytes:
     """A small, valid device model whose class list starts with ``classes`` (names no device may install)."""
-    from edgeff.firmware_sim.numpy_net import init_model
+    from edgeff.firmware_sim.edge_model import new_model
 
-    net = init_model("embed", [4], input_dim=4, classes=["a", "b"])
-    net.spec["classes"] = [*classes, "b"]
-    return net.to_bytes()
+    with np.load(io.BytesIO(new_model("device-embed", [4], input_shape=(1, 2, 2), classes=["a", "b"]))) as z:
+        arrays = {k: z[k] for k in z.files}
+    head = json.loads(arrays["header"].tobytes().decode())
+    head["model"]["class_names"] = head["meta"]["classes"] = [*classes, "b"]
+    arrays["header"] = np.frombuffer(json.dumps(head).encode(), np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
+    return buf.getvalue()
 
 
 def _varint(v: int) -> bytes:

@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from edgeff.firmware_sim.device import Device, parse_size
+from edgeff.firmware_sim.edge_model import EdgeModel, new_model
 from edgeff.firmware_sim.faults import FaultyPort
-from edgeff.firmware_sim.numpy_net import NumpyNet, init_model
 from edgeff.firmware_sim.protocol import FrameDecoder, Message, MsgType, encode_frame
 
 from edgeff.data import ImageData
+from edgeff.edge.plan import file_plan, learner_plan
 from edgeff.host import CHUNK, DeviceClient, DeviceRefusedError
 
 
@@ -32,11 +33,16 @@ def _ask(dev: Device, msg: Message) -> Message:
     return reply
 
 
-def _load(dev: Device, net: NumpyNet, seq: int = 1, *, declare: bool = False) -> Message:
-    blob = net.to_bytes()
+def _local(blob: bytes) -> tuple[EdgeModel, np.random.Generator]:
+    """The same model in this process, with the generator a device seeds for it at LOAD."""
+    net, _ = EdgeModel.from_bytes(blob)
+    return net, np.random.default_rng(int(net.spec["seed"]))
+
+
+def _load(dev: Device, blob: bytes, seq: int = 1, *, declare: bool = False) -> Message:
     meta = {"total": len(blob), "crc32": zlib.crc32(blob)}
     if declare:  # what edgeff.host does: the planned memory rides on the first chunk
-        meta["memory"] = int(net.memory_plan(1)["total"])
+        meta["memory"] = int(learner_plan(EdgeModel.from_bytes(blob)[0].learner, 1, file_bytes=len(blob))["total"])
     for off in range(0, len(blob), CHUNK):
         reply = _ask(dev, Message(MsgType.LOAD_MODEL, seq, {**meta, "offset": off},
                                   {"chunk": np.frombuffer(blob[off : off + CHUNK], np.uint8)}))
@@ -57,16 +63,16 @@ def test_parse_size() -> None:
 
 def test_device_refuses_a_model_over_budget_and_says_by_how_much() -> None:
     dev = Device(parse_size("512KiB"))
-    reply = _load(dev, init_model("embed", [256, 256]))
+    reply = _load(dev, new_model("device-embed", [256, 256]))
     assert reply.type == MsgType.ERROR and reply.meta["code"] == "too_big"
     assert "cannot be staged" in reply.meta["text"] and "512.0 KiB" in reply.meta["text"]  # at the first chunk
     assert dev.net is None and dev.staging is None  # nothing installed, nothing staged
-    reply = _load(dev, init_model("embed", [100]), 10, declare=True)  # the file (312 KiB) fits, the model does not
+    reply = _load(dev, new_model("device-embed", [100]), 10, declare=True)  # the file (~0.3 MiB) fits, the model not
     assert reply.type == MsgType.ERROR and "over by" in reply.meta["text"] and "declared" in reply.meta["text"]
     assert dev.staging is None
-    reply = _load(dev, init_model("embed", [100]), 20)  # not declared: refused once it is whole
+    reply = _load(dev, new_model("device-embed", [100]), 20)  # not declared: refused from the file's plan
     assert reply.type == MsgType.ERROR and "over by" in reply.meta["text"]
-    ok = _load(dev, init_model("embed", [32], optimizer="sgd"), seq=30)
+    ok = _load(dev, new_model("device-embed", [32], optimizer="sgd"), seq=30)
     assert ok.type == MsgType.ACK
     big_batch = _ask(dev, Message(MsgType.TRAIN, 40, {"first": 0},
                                   {"x": np.zeros((1000, 784), np.uint8), "y": np.zeros(1000, np.int64)}))
@@ -76,7 +82,7 @@ def test_device_refuses_a_model_over_budget_and_says_by_how_much() -> None:
 
 def test_duplicate_frames_are_answered_but_never_applied_twice(mnist_small: ImageData) -> None:
     dev = Device(parse_size("4MiB"))
-    _load(dev, init_model("embed", [32]))
+    _load(dev, new_model("device-embed", [32]))
     x, y = _flat(mnist_small, 4)
     frame = encode_frame(Message(MsgType.TRAIN, 2, {"first": 0}, {"x": x, "y": y}))
     replies = FrameDecoder().feed(dev.receive(frame + frame + frame))
@@ -100,7 +106,7 @@ def test_corrupt_frame_gets_a_nack(mnist_small: ImageData) -> None:
 
 def test_save_reset_restores_the_saved_state(tmp_path: Path, mnist_small: ImageData) -> None:
     dev = Device(parse_size("4MiB"), tmp_path)
-    _load(dev, init_model("goodness", [32], label="icp"))
+    _load(dev, new_model("device-goodness", [32]))
     x, y = _flat(mnist_small, 10)
     _ask(dev, Message(MsgType.TRAIN, 2, {"first": 0}, {"x": x, "y": y}))
     assert _ask(dev, Message(MsgType.SAVE, 3)).type == MsgType.ACK
@@ -115,12 +121,12 @@ def test_save_reset_restores_the_saved_state(tmp_path: Path, mnist_small: ImageD
 
 
 def test_add_class_over_budget_leaves_the_model_untouched(mnist_small: ImageData) -> None:
-    net = init_model("goodness", [16], label="icp", optimizer="sgd")
-    dev = Device(net.memory_plan(1)["total"] + 100)  # no room for another pattern
-    _load(dev, net)
+    blob = new_model("device-goodness", [16], optimizer="sgd")
+    dev = Device(file_plan(blob)["total"] + 100)
+    _load(dev, blob)  # no room for another pattern
     reply = _ask(dev, Message(MsgType.ADD_CLASS, 2, {"name": "ten"}))
     assert reply.type == MsgType.ERROR and reply.meta["code"] == "too_big"
-    assert dev.net is not None and dev.net.num_classes == 10
+    assert dev.net is not None and len(dev.net.spec["classes"]) == 10 and dev.net.learner.num_classes == 10
 
 
 # --------------------------------------------------------------------------- over a real pty
@@ -148,10 +154,10 @@ def device_pty(tmp_path: Path) -> Iterator[str]:
 def test_end_to_end_train_on_device_equals_numpy_in_process(device_pty: str, mnist_small: ImageData) -> None:
     x, y = _flat(mnist_small, 2000)
     xt, yt = _flat(mnist_small, 1000, test=True)
-    net = init_model("embed", [128, 128], groups=4, seed=0)
+    blob = new_model("device-embed", [128, 128])
     with DeviceClient(device_pty) as dev:
         assert dev.info["model"] is None and dev.info["ram_budget"] == 16 * 1024 * 1024
-        dev.load(net)
+        dev.load(blob)
         res = dev.stream(x, y, batch_size=10, save_every=500)
         assert res.samples == 2000 and res.reconnects == 0
         acc, pred = dev.evaluate(xt, yt)
@@ -159,7 +165,7 @@ def test_end_to_end_train_on_device_equals_numpy_in_process(device_pty: str, mni
     assert stats["torch_loaded"] is False  # the device learns with numpy only
     assert stats["samples_seen"] == 2000 and stats["counters"]["duplicates"] == 0
     assert 0 < stats["traced_peak"]
-    rng = np.random.default_rng(net.spec["seed"])
+    net, rng = _local(blob)  # the same edge learner in this process
     for i in range(0, 2000, 10):
         net.train_step(x[i : i + 10], y[i : i + 10], rng)
     local = net.scores(xt).argmax(1)
@@ -171,9 +177,9 @@ def test_end_to_end_train_on_device_equals_numpy_in_process(device_pty: str, mni
 def test_faults_lose_nothing_and_apply_nothing_twice(device_pty: str, mnist_small: ImageData) -> None:
     n = 1500
     x, y = _flat(mnist_small, n)
-    net = init_model("embed", [32], seed=0)
+    blob = new_model("device-embed", [32])
     with DeviceClient(device_pty) as clean:
-        clean.load(net)
+        clean.load(blob)
     port = None
 
     def wrap(p: object) -> FaultyPort:
@@ -191,7 +197,7 @@ def test_faults_lose_nothing_and_apply_nothing_twice(device_pty: str, mnist_smal
     for i in range(n):
         expected = zlib.crc32(i.to_bytes(8, "little"), expected)
     assert stats["applied_crc"] == expected  # every sample exactly once, in order
-    rng = np.random.default_rng(0)
+    net, rng = _local(blob)
     for i in range(n):
         net.train_step(x[i : i + 1], y[i : i + 1], rng)
     with DeviceClient(device_pty) as dev:
@@ -203,10 +209,10 @@ def test_stream_resumes_after_the_device_process_dies(tmp_path: Path, mnist_smal
     proc, url = _start("16MiB", state, link)
     n = 1200
     x, y = _flat(mnist_small, n)
-    net = init_model("goodness", [64], seed=0, label="icp")
+    blob = new_model("device-goodness", [64])
     client = DeviceClient(url, timeout=0.1, reconnect_s=30)
     client.open()
-    client.load(net)
+    client.load(blob)
     seen: list[int] = []
     result = {}
 
@@ -231,7 +237,7 @@ def test_stream_resumes_after_the_device_process_dies(tmp_path: Path, mnist_smal
         for i in range(n):
             expected = zlib.crc32(i.to_bytes(8, "little"), expected)
         assert stats["samples_seen"] == n and stats["applied_crc"] == expected
-        rng = np.random.default_rng(0)
+        net, rng = _local(blob)
         for i in range(0, n, 10):
             net.train_step(x[i : i + 10], y[i : i + 10], rng)
         np.testing.assert_allclose(client.infer(x[:50])["scores"], net.scores(x[:50]), atol=1e-5)
@@ -247,6 +253,17 @@ def test_host_reports_device_errors_clearly(device_pty: str) -> None:
             dev.infer(np.zeros((1, 784), np.uint8))
         with pytest.raises(DeviceRefusedError, match="neither an edgeff device model nor"):
             dev.load(b"nope" * 10)
+
+
+def test_a_file_of_the_retired_device_format_is_refused_with_the_way_forward() -> None:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, spec=np.frombuffer(b'{"format": "edgeff-device-model", "rule": "embed"}', np.uint8),
+             w0=np.zeros((4, 4), np.float32))
+    reply = _load(Device(parse_size("4MiB")), buf.getvalue())
+    assert reply.type == MsgType.ERROR and "retired device format" in reply.meta["text"]
+    assert "edgeff device load --preset" in reply.meta["text"]
 
 
 def test_onnx_model_runs_on_the_device_for_inference_only(device_pty: str, mnist_small: ImageData,
@@ -284,7 +301,7 @@ def test_socket_transport(tmp_path: Path, mnist_small: ImageData) -> None:
         assert url.startswith("socket://")
         x, y = _flat(mnist_small, 100)
         with DeviceClient(url) as dev:
-            dev.load(init_model("embed", [16]))
+            dev.load(new_model("device-embed", [16]))
             assert dev.stream(x, y, batch_size=10).samples == 100
             assert dev.device_stats()["samples_seen"] == 100
     finally:

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from edgeff.firmware_sim.device import Device, parse_size
-from edgeff.firmware_sim.fuzz import KINDS, _external_onnx, _zip_bomb, hostile_frame, raw_frame
-from edgeff.firmware_sim.numpy_net import init_model
+from edgeff.firmware_sim.edge_model import new_model
+from edgeff.firmware_sim.fuzz import KINDS, _external_onnx, _model_named, _zip_bomb, hostile_frame, raw_frame
 from edgeff.firmware_sim.protocol import FrameDecoder, Message, MsgType, encode_frame
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -37,7 +37,7 @@ def _hello_ok(dev: Device) -> Message:
 
 def _loaded(tmp: Path | None = None, budget: str = "4MiB") -> Device:
     dev = Device(parse_size(budget), tmp)
-    blob = init_model("embed", [32]).to_bytes()
+    blob = new_model("device-embed", [32])
     reply = _reply(dev, encode_frame(Message(MsgType.LOAD_MODEL, 1, {"offset": 0, "total": len(blob),
                                                                     "crc32": zlib.crc32(blob)},
                                              {"chunk": np.frombuffer(blob, np.uint8)})))
@@ -69,11 +69,8 @@ def test_a_class_name_that_would_brick_the_device_is_refused(tmp_path: Path) -> 
     assert _reply(dev, encode_frame(Message(MsgType.SAVE, 6))).type == MsgType.ACK
     _hello_ok(Device(parse_size("4MiB"), tmp_path))  # a restart boots and answers
     # a saved state bricked by an older version is ignored at boot instead of breaking every HELLO
-    dev2 = Device(parse_size("4MiB"), tmp_path)
-    net = dev2.net
-    assert net is not None
-    net.spec["classes"] = [*net.spec["classes"], "c" * 1_048_276]
-    dev2.save()
+    assert Device(parse_size("4MiB"), tmp_path).net is not None
+    (tmp_path / "state.npz").write_bytes(_model_named(["c" * 1_048_276]))
     assert Device(parse_size("4MiB"), tmp_path).net is None
     _hello_ok(Device(parse_size("4MiB"), tmp_path))
 
@@ -88,7 +85,7 @@ def test_uploads_are_refused_before_they_exceed_the_budget() -> None:
                                              {"chunk": np.zeros(1_000_000, np.uint8)})))
     assert reply.type == MsgType.ERROR and dev.staging is None
     # an abandoned upload is freed by the next request of another kind
-    blob = init_model("embed", [32]).to_bytes()
+    blob = new_model("device-embed", [32])
     reply = _reply(dev, encode_frame(Message(MsgType.LOAD_MODEL, 7, {"offset": 0, "total": len(blob),
                                                                     "crc32": zlib.crc32(blob)},
                                              {"chunk": np.frombuffer(blob[:1000], np.uint8)})))
@@ -188,13 +185,12 @@ def test_normal_use_stays_within_the_budget(mnist_small) -> None:
     warm_up()
     tracemalloc.start()
     try:
-        for rule, widths, kw in (("embed", [128, 128], {"groups": 4}), ("goodness", [64, 64], {})):
+        for rule, widths in (("device-embed", [128, 128]), ("device-goodness", [64, 64])):
             gc.collect()
             base = tracemalloc.get_traced_memory()[0]
             tracemalloc.reset_peak()
             dev = Device(budget)
-            net = init_model(rule, widths, seed=0, **kw)
-            blob = net.to_bytes()
+            blob = new_model(rule, widths)
             frames = [Message(MsgType.LOAD_MODEL, 1 + off // CHUNK, {"offset": off, "total": len(blob),
                                                                     "crc32": zlib.crc32(blob)},
                               {"chunk": np.frombuffer(blob[off:off + CHUNK], np.uint8)})
@@ -291,13 +287,11 @@ def test_a_model_whose_class_names_break_the_rule_is_refused_and_ignored_at_boot
     """Before: class "names" of nested JSON deeper than 8 levels passed `len(str(c)) <= 64`, were installed and
     SAVEd, and every HELLO after it — across restarts — exceeded the host's nesting limit."""
     dev = _loaded(tmp_path)
-    net = init_model("embed", [8], classes=["a", "b"])
-    net.spec["classes"] = classes + ["b"] * (2 - len(classes))
-    reply = _upload(dev, _upload_frames(net.to_bytes()))
+    blob = _model_named(classes)
+    reply = _upload(dev, _upload_frames(blob))
     assert reply.type == MsgType.ERROR and reply.meta["code"] == "bad_model", reply.meta
     _hello_ok(dev)
-    dev.net = net  # a state an older firmware saved
-    dev.save()
+    (tmp_path / "state.npz").write_bytes(blob)  # a state an older firmware saved
     fresh = Device(parse_size("4MiB"), tmp_path)
     assert fresh.net is None
     _hello_ok(fresh)

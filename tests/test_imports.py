@@ -56,10 +56,10 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     stack: list[str] = []
     found: list[list[str]] = []
     counter = 0
-    for root in graph:
+    for root, targets in graph.items():
         if root in index:
             continue
-        work = [(root, iter(sorted(graph[root])))]
+        work = [(root, iter(sorted(targets)))]
         index[root] = low[root] = counter
         counter += 1
         stack.append(root)
@@ -103,3 +103,14 @@ def test_the_cycle_finder_finds_a_planted_cycle() -> None:
 
 def test_no_import_cycles() -> None:
     assert cycles(import_graph()) == []
+
+
+def test_no_training_math_outside_the_runtimes() -> None:
+    """The device and the exporters hold no optimizer step, loss or backward pass of their own: they call the
+    edge runtime's learners (one numpy runtime)."""
+    banned = ("backward", "loss", "softplus", "sigmoid", "adam", "sgd", "_update", "grad")
+    for folder in ("firmware_sim", "exporters"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                    assert not any(b in node.name.lower() for b in banned), f"{path.name}: {node.name}"

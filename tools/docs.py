@@ -67,7 +67,7 @@ def accuracy_table(dataset: str) -> str:
     rows = []
     for r in recs:
         what = r["preset"]
-        if r.get("variant"):
+        if r["job"].count(":") == 2:
             what += f" (screen {r['job'].split(':', 2)[2]})"
         elif r.get("superseded"):
             what += " (superseded)"

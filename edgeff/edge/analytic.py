@@ -129,13 +129,17 @@ class LdaStats:
             cov[np.diag_indices(d)] += shrink
         d_eff: float | None = None
         try:
-            linv = lower_inverse(np.linalg.cholesky(cov))  # Σ' = L Lᵀ: Σ'⁻¹ = L⁻ᵀ L⁻¹
+            low: np.ndarray | None = np.linalg.cholesky(cov)  # Σ' = L Lᵀ: Σ'⁻¹ = L⁻ᵀ L⁻¹
+        except np.linalg.LinAlgError:
+            low = None
+        if low is not None:
             del cov
+            linv = lower_inverse(low)
             p = linv.T @ (linv @ mu.T)  # (D, K): Σ'⁻¹ μᵀ
             if n >= 2:  # Σ' = Σ + s·I: d_eff = tr(Σ'⁻¹ Σ) = D − s·tr(Σ'⁻¹), as edgeff.readout.solve_lda
                 d_eff = d - shrink * float(np.einsum("ij,ij->", linv, linv))
-            del linv
-        except np.linalg.LinAlgError:  # rounding left it indefinite: Σ' = V Λ Vᵀ with Λ clamped at the floor
+            del linv, low
+        else:  # rounding left it indefinite: Σ' = V Λ Vᵀ with Λ clamped at the floor
             lam, vec = np.linalg.eigh(cov)
             lam = np.maximum(lam, max(floor, 1e-300))
             p = vec @ ((vec.T @ mu.T) / lam[:, None])

@@ -46,8 +46,8 @@ def state_sizes(arrays: dict[str, np.ndarray]) -> dict[str, int]:
 
 
 def _layer_working(model: ModelConfig, fam: str, views: int, i: int, in_shape: tuple[int, ...], shape: tuple[int, ...],
-                   batch: int) -> tuple[int, int]:
-    """(train, infer) working bytes of layer ``i`` at ``batch`` samples."""
+                   batch: int, params: int) -> tuple[int, int]:
+    """(train, infer) working bytes of layer ``i`` (``params`` bytes of weights) at ``batch`` samples."""
     spec = model.layers[i]
     rows_train = (2 if fam == "goodness" else views if fam == "cfl" else 1) * batch
     k = model.num_classes
@@ -60,7 +60,8 @@ def _layer_working(model: ModelConfig, fam: str, views: int, i: int, in_shape: t
         n_out_pre = n_out * spec.pool * spec.pool
     else:
         n_out_pre = n_out
-    train = F32 * rows_train * (2 * n_in + 4 * n_out_pre + cols) + 8 * BLOCK
+    # the optimizer's scratch: a block of the gradient and one of its temporaries (edgeff.edge.optim)
+    train = F32 * rows_train * (2 * n_in + 4 * n_out_pre + cols) + 2 * F32 * min(BLOCK, params // F32)
     infer = F32 * rows_infer * (2 * n_in + 2 * n_out_pre + cols // 2)
     if fam == "analytic":  # the frozen body only runs forward; its features go into the statistics
         train = F32 * batch * (2 * n_in + 2 * n_out_pre + cols // 2)
@@ -83,7 +84,7 @@ def memory_plan(model: ModelConfig, train: TrainConfig, sizes: dict[str, int], b
     for i, spec in enumerate(model.layers):
         out = out_shape(spec, shape)
         params = sum(b for n, b in tensors.items() if n.startswith(f"layers.{i}.") and n.endswith((".weight", ".bias")))
-        tw, iw = _layer_working(model, fam, train.views, i, shape, out, batch)
+        tw, iw = _layer_working(model, fam, train.views, i, shape, out, batch, params)
         layers.append({"layer": i, "params": params, "optimizer": per_state * params, "train_working": tw,
                        "infer_working": iw})
         shape = out
@@ -118,6 +119,28 @@ def memory_plan(model: ModelConfig, train: TrainConfig, sizes: dict[str, int], b
     return {"layers": layers, "labels": labels, "statistics": stats, "windows": windows, "resident": resident,
             "working": max(working_train, working_infer), "train": need_train, "infer": need_infer, "solve": solve,
             "load": load, "total": max(need_train, need_infer, load)}
+
+
+def file_plan(blob: bytes | bytearray, batch: int = 1) -> dict[str, Any] | None:
+    """``memory_plan`` of an edge file from its header and its table of contents (nothing else is read or built);
+    None where the file has no edge header. Raises ``ValueError`` for a header that cannot be read."""
+    import io
+    import json
+    import zipfile
+
+    from edgeff.edge.store import FORMAT
+    from edgeff.files import BytesReader
+
+    with zipfile.ZipFile(BytesReader(blob) if isinstance(blob, bytearray) else io.BytesIO(blob)) as zf:
+        sizes = {i.filename.removesuffix(".npy"): i.file_size for i in zf.infolist()}
+        if "header" not in sizes or sizes["header"] > 1 << 20:
+            return None
+        with zf.open("header.npy") as f:
+            head = json.loads(np.load(f, allow_pickle=False).tobytes().decode())
+    if not isinstance(head, dict) or head.get("format") != FORMAT:
+        return None
+    model, train = ModelConfig.from_dict(head["model"]), TrainConfig.from_dict(head["train"])
+    return memory_plan(model, train, {n: b for n, b in sizes.items() if n != "header"}, batch, file_bytes=len(blob))
 
 
 def learner_plan(learner: Any, batch: int, *, file_bytes: int = 0) -> dict[str, Any]:
