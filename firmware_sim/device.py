@@ -247,6 +247,8 @@ class Device:
         state = {"samples_seen": self.samples_seen, "applied_crc": self.applied_crc,
                  "rng": self.rng.bit_generator.state}
         net = self.net
+        plan = net.memory_plan(1)
+        self._planned(plan["resident"] + plan["save"])
         size = self._write_atomic(STATE_FILE, lambda f: net.write(f, state=state))  # array by array
         (self.state_dir / ONNX_FILE).unlink(missing_ok=True)
         return size

@@ -218,7 +218,8 @@ def device_table() -> str:
              pct(r["inproc_test_acc"]), f"{100 * r['agreement']:.0f}%", f"{r['peak_over_plan']:.2f}",
              f"{r['max_peak_over_budget']:.2f}"] for r in recs]
     faults = next(r for r in records("device") if r.get("kind") == "faults")
-    out = md(["rule", "layers", "train / test samples", "device acc", "in-process acc", "agreement", "train peak / plan",
+    out = md(["preset", "layers", "train / test samples", "device acc", "in-process acc", "agreement",
+              "stream peak / plan (above idle)",
               "peak / budget"], rows, "python bench/device.py --data-dir ../shared/data")
     return out + (f"\nFaults at {100 * faults['fault_rate']:.0f}% in both directions: {faults['samples_sent']:,} samples "
                   f"sent, {faults['device_samples']:,} applied, {faults['lost']} lost, {faults['double_applied']} applied "

@@ -72,6 +72,7 @@ class Optimizer:
             sl = slice(r0 * row, r1 * row) if p.ndim > 1 else slice(0, pf.size)
             gb = g.rows(r0, r1) if isinstance(g, Outer) else gflat[sl]  # type: ignore[index]
             self._update(t, fresh, pf[sl], gb, {k: b[sl] for k, b in bufs.items()}, tmp[: gb.size], lr)
+            del gb  # the next block is built without this one alive (a step holds two blocks: gradient, scratch)
 
     def _update(self, t: int, fresh: bool, pb: np.ndarray, gb: np.ndarray, st: dict[str, np.ndarray], tmp: np.ndarray,
                 lr: float) -> None:

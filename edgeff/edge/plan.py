@@ -12,7 +12,8 @@ before it builds the model, and ``edgeff-edge`` and the docs use the same figure
   the optimizer's block) or one layer's forward pass holds at a batch size (the largest layer is the working set);
 - ``solve``: what solving a closed-form readout adds (a copy of the Gram matrix as the covariance, LAPACK's
   factor, the readout itself);
-- ``load``: reading a model file: the file, its unpacked arrays and the model built from them, together.
+- ``load``: reading a model file: the file, its unpacked arrays and the model built from them, together;
+- ``save``: writing one (numpy copies an array into a buffer of at most 16 MiB as it writes it).
 
 A request needs ``resident`` + the working set it runs (+ ``solve`` for a prediction of a closed-form readout);
 ``total`` is the largest need of training and predicting at ``batch`` and of loading the file.
@@ -30,6 +31,7 @@ from edgeff.edge.ops import out_shape
 from edgeff.edge.optim import BLOCK
 
 F32, F64 = 4, 8
+SAVE_BUFFER = 16 << 20  # numpy.lib.format.write_array's buffer (bytes of one array copied at a time)
 INFER_CHUNK = 128  # rows a prediction pass runs at a time
 
 
@@ -116,9 +118,10 @@ def memory_plan(model: ModelConfig, train: TrainConfig, sizes: dict[str, int], b
     load = file_bytes + unpacked + built if file_bytes else 0
     need_train = resident + working_train
     need_infer = resident + solve + working_infer
+    save = min(max(sizes.values(), default=0), SAVE_BUFFER)  # a moment array is as large as its weight
     return {"layers": layers, "labels": labels, "statistics": stats, "windows": windows, "resident": resident,
             "working": max(working_train, working_infer), "train": need_train, "infer": need_infer, "solve": solve,
-            "load": load, "total": max(need_train, need_infer, load)}
+            "load": load, "save": save, "total": max(need_train, need_infer, load, resident + save)}
 
 
 def file_plan(blob: bytes | bytearray, batch: int = 1) -> dict[str, Any] | None:
