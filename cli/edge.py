@@ -117,7 +117,7 @@ def eval_cmd(
         else:
             from edgeff.edge import evaluate, load
 
-            learner, meta = load(model)
+            learner, meta = load(model, optimizer=False)  # predicting: the optimizer's moments stay on disk
             per_epoch = meta.get("samples_per_epoch")  # a readout not solved yet takes a pass over the training data
             learner.ready_to_predict(lambda: ds.train_batches(500, seed=0, limit=per_epoch))
             res = {**evaluate(learner, ds.test_batches(200, limit=limit), per_layer=True), "backend": "numpy"}

@@ -269,7 +269,9 @@ class EdgeLearner:
 
     runtime = "numpy"
 
-    def __init__(self, model: ModelConfig, train: TrainConfig) -> None:
+    def __init__(self, model: ModelConfig, train: TrainConfig, *, fill: bool = True) -> None:
+        """``fill=False``: the weights are left unwritten (zero pages the kernel has not handed out yet), for a
+        learner whose every tensor is about to be loaded from a file."""
         if not model.layers:
             raise ValueError("a model needs at least one layer")
         self.family = check_supported(model, train)
@@ -299,7 +301,7 @@ class EdgeLearner:
         self.shapes: list[tuple[int, ...]] = []
         for i, spec in enumerate(model.layers):
             self.layers.append(EdgeLayer(i, make_block(spec, shape, self.rng, bn=bn, relu_grad=model.relu_grad,
-                                                       init=model.init), train.optimizer, train.lr, train.weight_decay))
+                                                       init=model.init, fill=fill), train.optimizer, train.lr, train.weight_decay))
             shape = out_shape(spec, shape)
             if self.family == "goodness" and model.peer_norm:
                 self.layers[-1].peer_mean = np.full(shape[0], 0.5, F32)

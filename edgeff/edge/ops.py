@@ -289,7 +289,7 @@ def out_shape(spec: LayerSpec, in_shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def make_block(spec: LayerSpec, in_shape: tuple[int, ...], rng: np.random.Generator, *, bn: dict[str, Any],
-               relu_grad: str = "zero", init: str = "torch") -> list[Op]:
+               relu_grad: str = "zero", init: str = "torch", fill: bool = True) -> list[Op]:
     """The ops of one local layer, in ``edgeff.layers.make_block``'s order, initialised like torch's
     defaults (weights and biases U(±1/√fan_in)) or ``init="normal"`` (N(0, 1/√out) weights, zero biases)
     from ``rng`` (the values differ from torch's draws)."""
@@ -313,7 +313,7 @@ def make_block(spec: LayerSpec, in_shape: tuple[int, ...], rng: np.random.Genera
             ops.append(make_norm(spec.norm, in_shape[0], spatial=True, bn=bn))
         weight = Conv2d(in_shape[0], spec.out, spec.kernel, spec.stride, spec.padding)
     bound = 1.0 / np.sqrt(fan_in)
-    for name, arr in weight.params.items():  # drawn in float32 (no float64 copy of a big layer)
+    for name, arr in weight.params.items() if fill else ():  # drawn in float32 (no float64 copy of a big layer)
         if init == "normal":
             if name == "weight":
                 rng.standard_normal(arr.shape, dtype=F32, out=arr)

@@ -20,6 +20,7 @@ import numpy as np
 
 from edgeff import __version__
 from edgeff.config import ModelConfig, TrainConfig
+from edgeff.edge.analytic import own
 from edgeff.edge.learner import EdgeLearner
 from edgeff.edge.optim import Optimizer
 from edgeff.errors import CheckpointError
@@ -61,12 +62,13 @@ def from_arrays(arrays: dict[str, np.ndarray], *, adopt: bool = False) -> tuple[
         raise CheckpointError("not an edgeff edge model (convert a torch checkpoint with `edgeff-edge convert`)")
     if head.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"edge format {head.get('format_version')}; this edgeff reads {FORMAT_VERSION}")
-    learner = EdgeLearner(ModelConfig.from_dict(head["model"]), TrainConfig.from_dict(head["train"]))
+    learner = EdgeLearner(ModelConfig.from_dict(head["model"]), TrainConfig.from_dict(head["train"]), fill=False)
     learner.load_arrays({k[2:]: v for k, v in arrays.items() if k.startswith("t:")}, adopt=adopt)
     learner.step, learner.samples_seen = int(head["step"]), int(head["samples_seen"])
+    moments = any(k.startswith("o:") for k in arrays)  # none: read to predict only (``load(optimizer=False)``)
     for layer, lr, opt in zip(learner.layers, head["lrs"], head["optim"], strict=True):
         layer.set_lr(float(lr))
-        if opt is None:
+        if opt is None or not moments:
             continue
         o = Optimizer(opt["kind"], float(lr), learner.train_cfg.weight_decay)
         o.steps = {k: int(v) for k, v in opt["steps"].items()}
@@ -74,7 +76,7 @@ def from_arrays(arrays: dict[str, np.ndarray], *, adopt: bool = False) -> tuple[
         for k, a in arrays.items():
             if k.startswith(prefix):
                 name, key = k[len(prefix):].rsplit(":", 1)
-                o.state.setdefault(name, {})[key] = np.asarray(a, np.float32).copy()
+                o.state.setdefault(name, {})[key] = own(a, np.float32) if adopt else np.asarray(a, np.float32).copy()
         layer.opt = o
     learner.rng.bit_generator.state = head["rng"]
     return learner, dict(head.get("meta", {}))
@@ -115,10 +117,11 @@ def planned_tensor_bytes(model: ModelConfig) -> int:
     return total
 
 
-def read_arrays(path: str | Path) -> dict[str, np.ndarray]:
-    """The arrays of an edge model file. Every member's declared shape is checked against its stored size,
-    and the model its header describes against the tensors the file holds, before anything is allocated.
-    Raises ``CheckpointError`` for anything unreadable or inconsistent."""
+def read_arrays(path: str | Path, *, optimizer: bool = True) -> dict[str, np.ndarray]:
+    """The arrays of an edge model file (without the optimizer's moments when ``optimizer`` is False: they are
+    never read). Every member's declared shape is checked against its stored size, and the model its header
+    describes against the tensors the file holds, before anything is allocated. Raises ``CheckpointError`` for
+    anything unreadable or inconsistent."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"edge model {path} does not exist; train one with `edgeff-edge train --out {path}`")
@@ -147,7 +150,7 @@ def read_arrays(path: str | Path) -> dict[str, np.ndarray]:
                                       f"but the file holds {tensors / 2**20:.1f} MiB of tensors; it is not a "
                                       "consistent edge model")
         with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+            return {k: z[k] for k in z.files if optimizer or not k.startswith("o:")}
     except CheckpointError:
         raise
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError, json.JSONDecodeError) as e:
@@ -155,10 +158,11 @@ def read_arrays(path: str | Path) -> dict[str, np.ndarray]:
                               "not an edgeff edge file") from None
 
 
-def load(path: str | Path) -> tuple[EdgeLearner, dict[str, Any]]:
-    """Read an edge model file; returns the learner and its ``meta``."""
+def load(path: str | Path, *, optimizer: bool = True) -> tuple[EdgeLearner, dict[str, Any]]:
+    """Read an edge model file; returns the learner and its ``meta``. ``optimizer=False``: to predict only, the
+    optimizer's moments stay on disk (the learner has none; saving it would drop them)."""
     try:
-        return from_arrays(read_arrays(path), adopt=True)
+        return from_arrays(read_arrays(path, optimizer=optimizer), adopt=True)
     except CheckpointError:
         raise
     except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
