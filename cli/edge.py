@@ -116,8 +116,11 @@ def eval_cmd(
                    "samples": min(limit or len(ds.y_test), len(ds.y_test)), "backend": "onnxruntime"}
         else:
             from edgeff.edge import evaluate, load
+            from edgeff.edge.limits import check_fits
+            from edgeff.edge.plan import still_needed
 
             learner, meta = load(model, optimizer=False)  # predicting: the optimizer's moments stay on disk
+            check_fits(still_needed(learner, 200, predict_only=True), f"evaluating {model.name}")
             per_epoch = meta.get("samples_per_epoch")  # a readout not solved yet takes a pass over the training data
             learner.ready_to_predict(lambda: ds.train_batches(500, seed=0, limit=per_epoch))
             res = {**evaluate(learner, ds.test_batches(200, limit=limit), per_layer=True), "backend": "numpy"}

@@ -146,6 +146,20 @@ def file_plan(blob: bytes | bytearray, batch: int = 1) -> dict[str, Any] | None:
     return memory_plan(model, train, {n: b for n, b in sizes.items() if n != "header"}, batch, file_bytes=len(blob))
 
 
+def still_needed(learner: Any, batch: int, *, predict_only: bool = False) -> int:
+    """Bytes a live learner still needs beyond the arrays it holds now, to train (and save, and predict) at
+    ``batch`` samples, or only to predict (``predict_only``)."""
+    from edgeff.edge.store import to_arrays
+
+    arrays = to_arrays(learner)
+    plan = memory_plan(learner.model_cfg, learner.train_cfg, state_sizes(arrays), batch)
+    held = sum(a.nbytes for a in arrays.values())
+    if predict_only:
+        moments = plan["resident"] - held if not any(n.startswith("o:") for n in arrays) else 0
+        return max(plan["infer"] - held - max(moments, 0), 0)
+    return max(plan["total"] - held, 0)
+
+
 def learner_plan(learner: Any, batch: int, *, file_bytes: int = 0) -> dict[str, Any]:
     """``memory_plan`` of a live ``EdgeLearner`` (its arrays as ``edgeff.edge.store.to_arrays`` names them)."""
     from edgeff.edge.store import to_arrays

@@ -12,6 +12,8 @@ from typing import Any
 
 from edgeff.edge.data import EdgeData, load_edge_data
 from edgeff.edge.learner import EdgeLearner, evaluate, make_edge_learner
+from edgeff.edge.limits import check_fits
+from edgeff.edge.plan import still_needed
 from edgeff.edge.store import load, save
 from edgeff.errors import CheckpointError, InputError
 from edgeff.files import check_output
@@ -92,6 +94,7 @@ def train_run(
         raise InputError("batch size and epochs must be at least 1")
     per_epoch = min(samples, len(ds.y_train)) if samples is not None else len(ds.y_train)
     before = learner.samples_seen
+    check_fits(still_needed(learner, bs), f"training {preset} at batch {bs}")  # before any work
     if on_start is not None:
         on_start(learner, max(0, per_epoch * n_epochs - before))
     t0 = time.perf_counter()
