@@ -3,7 +3,6 @@ simulated, behind a serial port URL."""
 
 from __future__ import annotations
 
-import io
 import time
 from pathlib import Path
 from typing import Annotated
@@ -125,15 +124,14 @@ def device_load(
         return
     if checkpoint_path is not None:
         from edgeff import checkpoint
-        from edgeff.edge.store import to_arrays
+        from edgeff.edge.store import to_bytes
         from edgeff.interchange import to_edge
 
         learner, meta = checkpoint.load(checkpoint_path, device="cpu")
         edge = to_edge(learner)
-        buf = io.BytesIO()
-        np.savez(buf, **to_arrays(edge, {"preset": meta.get("preset"), "classes": list(edge.class_names),
-                                         "mean": list(meta.get("mean", ds.mean)), "std": list(meta.get("std", ds.std))}))
-        blob, what = buf.getvalue(), f"{meta.get('preset') or 'trained'} checkpoint {checkpoint_path.name}"
+        blob = to_bytes(edge, {"preset": meta.get("preset"), "classes": list(edge.class_names),
+                               "mean": list(meta.get("mean", ds.mean)), "std": list(meta.get("std", ds.std))})
+        what = f"{meta.get('preset') or 'trained'} checkpoint {checkpoint_path.name}"
     else:
         from edgeff.firmware_sim.edge_model import new_model
 

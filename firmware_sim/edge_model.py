@@ -19,7 +19,7 @@ import numpy as np
 from edgeff.edge.data import MNIST_MEAN, MNIST_STD
 from edgeff.edge.learner import EdgeLearner
 from edgeff.edge.plan import learner_plan
-from edgeff.edge.store import FORMAT, from_arrays, to_arrays
+from edgeff.edge.store import FORMAT, from_arrays, to_arrays, to_bytes
 from edgeff.errors import EdgeFFError
 from edgeff.files import BytesReader
 
@@ -200,6 +200,4 @@ def new_model(preset: str = "device-embed", widths: list[int] | None = None, *, 
     c = input_shape[0]
     meta = {"preset": preset, "classes": classes, "mean": list(mean or list(MNIST_MEAN) * c),
             "std": list(std or list(MNIST_STD) * c)}
-    buf = io.BytesIO()
-    np.savez(buf, **to_arrays(learner, meta))  # type: ignore[arg-type]
-    return buf.getvalue()
+    return to_bytes(learner, meta)
