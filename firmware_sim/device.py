@@ -195,6 +195,7 @@ class Device:
         self.seed = seed
         self.boots = 0
         self.decoder = FrameDecoder()
+        self.planned_peak = 0  # the largest plan of a request accepted since STATS last reset the peak
         self.counters = {"frames_rx": 0, "frames_tx": 0, "frame_errors": 0, "nacks": 0, "duplicates": 0,
                          "stale_train": 0}
         self.boot()
@@ -360,7 +361,7 @@ class Device:
 
     def _planned(self, need: int) -> None:
         """The largest plan of a request accepted since STATS last reset the peak (reported beside the peak)."""
-        self.planned_peak = max(getattr(self, "planned_peak", 0), need)
+        self.planned_peak = max(self.planned_peak, need)
 
     def _hello(self, msg: Message) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         self.last_seq = None  # a new session: sequence numbers start over
@@ -574,7 +575,7 @@ class Device:
         meta: dict[str, Any] = {
             "ram_budget": self.budget, "traced_current": cur, "traced_peak": peak, "boot_id": self.boot_id,
             "samples_seen": self.samples_seen, "applied_crc": self.applied_crc, "counters": dict(self.counters),
-            "torch_loaded": "torch" in sys.modules, "planned_peak": getattr(self, "planned_peak", 0),
+            "torch_loaded": "torch" in sys.modules, "planned_peak": self.planned_peak,
         }
         if self.onnx is not None:
             meta["memory"] = {"layers": [], "resident": self.onnx.plan_bytes, "working": 0,

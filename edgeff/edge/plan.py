@@ -27,19 +27,13 @@ import numpy as np
 
 from edgeff.config import ModelConfig, TrainConfig, readout_shape, select_layers
 from edgeff.edge.analytic import GRAM_ROWS, PENDING
+from edgeff.edge.learner import check_supported
 from edgeff.edge.ops import out_shape
 from edgeff.edge.optim import BLOCK
 
 F32, F64 = 4, 8
 SAVE_BUFFER = 16 << 20  # numpy.lib.format.write_array's buffer (bytes of one array copied at a time)
 INFER_CHUNK = 128  # rows a prediction pass runs at a time
-
-
-def family(model: ModelConfig) -> str:
-    """The edge runtime's family of a model config (``check_supported``'s answer, without its refusals)."""
-    if model.loss == "lda":
-        return "analytic"
-    return "cfl" if model.loss == "cfl" else "goodness"
 
 
 def state_sizes(arrays: dict[str, np.ndarray]) -> dict[str, int]:
@@ -74,7 +68,7 @@ def memory_plan(model: ModelConfig, train: TrainConfig, sizes: dict[str, int], b
                 file_bytes: int = 0) -> dict[str, Any]:
     """The plan of a model (configs and array sizes by name) at ``batch`` samples; ``file_bytes``: the size of the
     file it is loaded from (0: not loading)."""
-    fam = family(model)
+    fam = check_supported(model, train)  # the family the edge runtime trains it with (or its one-line refusal)
     c, h, w = model.input_shape
     shape: tuple[int, ...] = tuple(model.input_shape)
     if fam == "goodness" and model.label != "overlay":
