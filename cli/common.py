@@ -4,6 +4,7 @@ and how live metrics are shown."""
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
@@ -53,6 +54,32 @@ def fail(msg: str) -> None:
 
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def declared(table: tuple[Any, ...]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A typer command whose options are ``table``'s (``edgeff.options.Opt``: the declarations ``edgeff-edge``
+    builds its argparse options from), passed to the function as keyword arguments."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        params = []
+        for o in table:
+            if o.type is bool:
+                decl = (f"{o.spelling}/{o.off_spelling}",) if o.negatable else (o.spelling,)
+            else:
+                decl = (o.flag,) if o.flag else ()
+            kind = o.type | None if o.optional else o.type
+            params.append(inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=o.default,
+                                            annotation=Annotated[kind, typer.Option(*decl, help=o.help)]))
+
+        @functools.wraps(fn)
+        def command(**kwargs: Any) -> Any:
+            return fn(**kwargs)
+
+        command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return wrap
 
 
 def guarded(*also: type[Exception]) -> Callable[[F], F]:
@@ -126,6 +153,7 @@ __all__ = [
     "CheckpointArg",
     "DataDirOpt",
     "Dataset",
+    "declared",
     "JsonOpt",
     "LayersOpt",
     "Schedule",

@@ -19,7 +19,7 @@ from edgeff.cli.common import (
     JsonOpt,
     LayersOpt,
     MaxPixelsOpt,
-    Schedule,
+    declared,
     err,
     fail,
     guarded,
@@ -29,6 +29,7 @@ from edgeff.cli.common import (
 )
 
 from edgeff.images import DEFAULT_MAX_PIXELS, set_max_pixels
+from edgeff.options import check_choices, options
 
 
 class Backend(str, Enum):
@@ -48,7 +49,7 @@ def _pipeline(o: Any, mode: str, split: str | None) -> None:
     if "WORLD_SIZE" not in os.environ:
         fail("--pipeline runs under torchrun: torchrun --nproc-per-node 2 -m edgeff.cli.app train --pipeline ...")
     res = pipeline.run(o.preset, o.data, o.data_dir, epochs=o.epochs, batch_size=o.batch_size, samples=o.samples,
-                       out=o.out, seed=o.seed, mode=mode, split=split, resume=o.resume,
+                       out=o.out, seed=o.seed or 0, mode=mode, split=split, resume=o.resume,
                        checkpoint_every=200 if o.checkpoint_every is None else o.checkpoint_every,
                        train_overrides={k: v for k, v in (("schedule", o.schedule), ("window", o.window))
                                         if v is not None} or None)  # --window: refused by the pipeline
@@ -68,7 +69,7 @@ def _memory_report(run: Any) -> None:
 
     o, learner, b = run.options, run.learner, run.learner.train_cfg.batch_size
     methods = ("bp",) if learner.kind == "bp" else ("local", "bp")
-    measured = measure_checkpoint(str(run.path), o.data, str(o.data_dir) if o.data_dir else None, b, seed=o.seed + 1,
+    measured = measure_checkpoint(str(run.path), o.data, str(o.data_dir) if o.data_dir else None, b, seed=run.seed + 1,
                                   methods=methods)
     try:
         report = account(learner.model_cfg, learner.train_cfg, b)
@@ -83,54 +84,20 @@ def _memory_report(run: Any) -> None:
 
 
 @guarded()
-def train(
-    preset: Annotated[str, typer.Option(help="named configuration; see `edgeff presets`")] = "symba-mlp",
-    data: Annotated[str, typer.Option(help="builtin, mnist, fashion-mnist, cifar10, cifar10-exact, or a folder of your own images (one sub-folder per class)")] = "builtin",
-    data_dir: DataDirOpt = None,
-    epochs: Annotated[int | None, typer.Option(help="passes over the training set [default: the preset's]")] = None,
-    samples: Annotated[int | None, typer.Option(help="use only this many (shuffled) training samples per pass")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="samples per step, 1 for pure streaming [default: the preset's]")] = None,
-    lr: Annotated[float | None, typer.Option(help="learning rate [default: the preset's]")] = None,
-    schedule: Annotated[Schedule | None, typer.Option(help="layer schedule [default: the preset's]")] = None,
-    seed: Annotated[int, typer.Option(help="random seed (weights, negatives, data order)")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
-    backprop: Annotated[bool, typer.Option("--backprop", help="train the end-to-end backprop baseline on the same architecture")] = False,
-    out_path: Annotated[Path | None, typer.Option("--out", help="checkpoint to write [default: runs/PRESET.pt]")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="continue from --out if it exists")] = False,
-    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
-    optim_state: Annotated[str, typer.Option(help="optimizer state dtype between steps: float32, bfloat16 or float16")] = "float32",
-    lazy: Annotated[bool, typer.Option("--lazy", help="read the IDX training files batch by batch, in file order (no data set in RAM)")] = False,
-    frugal: Annotated[bool, typer.Option("--frugal/--whole-batch", help="goodness presets, all/greedy: one layer at a time in chunks of --chunk pairs (the whole-batch update, a fraction of its memory)")] = True,
-    chunk: Annotated[int | None, typer.Option(help="frugal step: positive/negative pairs per chunk (0: the whole batch) [default: the preset's, 64 for most]")] = None,
-    memory_report: Annotated[bool, typer.Option("--memory-report", help="measure per-layer memory on real batches after training")] = False,
-    views: Annotated[int | None, typer.Option(help="contrastive/backprop: 1 (one-forward) or 2 augmented views per batch [default: the preset's]")] = None,
-    crop_padding: Annotated[int | None, typer.Option(help="random-crop augmentation: border pixels to pad and crop back, 0 = off [default: the preset's]")] = None,
-    hflip: Annotated[bool | None, typer.Option("--hflip/--no-hflip", help="random horizontal flips (not for digits) [default: the preset's]")] = None,
-    lr_epochs: Annotated[int | None, typer.Option(help="epochs the lr decay is planned over [default: --epochs]; plan longer to resume a run further later")] = None,
-    window: Annotated[int | None, typer.Option(help="each step also learns the N samples just before it (a sliding window over the stream; 0 = off) [default: the preset's; at --batch-size 1 its stream recipe's]")] = None,
-    predictor: Annotated[str | None, typer.Option(help="goodness presets: goodness (one pass per label), head (a softmax on neutral-label features) or lda (a closed-form readout on them) [default: the preset's]")] = None,
-    eval_layers: Annotated[str | None, typer.Option(help="the layers the predictor reads: all, all-but-first, last or last:K [default: the preset's]")] = None,
-    shrinkage: Annotated[float | None, typer.Option(help="lda predictor (and slda-conv): the covariance's ridge, a share of its mean variance [default: the preset's, 0.01]")] = None,
-    readout_size: Annotated[int | None, typer.Option(help="lda predictor: conv maps larger than N×N are average-pooled to about N×N before the readout (0 = as they are) [default: the preset's]")] = None,
-    checkpoint_every: Annotated[int | None, typer.Option(help="also save the checkpoint every N samples [default: about every 5 minutes of training; 0 = only at the end]")] = None,
-    pipeline: Annotated[bool, typer.Option("--pipeline", help="a layer pipeline across the ranks of `torchrun --nproc-per-node N -m edgeff.cli.app train ...`")] = False,
-    pipeline_mode: Annotated[str, typer.Option(help="pipeline: overlap (rank 0 runs a step ahead) or lockstep")] = "overlap",
-    pipeline_split: Annotated[str | None, typer.Option(help="pipeline: layers per rank, e.g. 2,2 [default: balanced by measured cost]")] = None,
-    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
-) -> None:
+@declared(options("torch"))
+def train(**o: Any) -> None:
     """Train a preset on a data set, streaming batches, then report test accuracy."""
     from edgeff.run import Run, RunOptions
 
-    set_max_pixels(max_pixels)
-    o = RunOptions(preset=preset, data=data, data_dir=data_dir, epochs=epochs, samples=samples,
-                   batch_size=batch_size, lr=lr, schedule=schedule.value if schedule else None, seed=seed, device=device,
-                   backprop=backprop, out=out_path, resume=resume, optim_state=optim_state, lazy=lazy, frugal=frugal,
-                   chunk=chunk, views=views, crop_padding=crop_padding, hflip=hflip, lr_epochs=lr_epochs,
-                   checkpoint_every=checkpoint_every, window=window, predictor=predictor,
-                   eval_layers=eval_layers, shrinkage=shrinkage, readout_size=readout_size)
+    check_choices(o, "torch")
+    set_max_pixels(o.pop("max_pixels"))
+    progress, memory_report = o.pop("progress"), o.pop("memory_report")
+    pipeline, pipeline_mode, pipeline_split = o.pop("pipeline"), o.pop("pipeline_mode"), o.pop("pipeline_split")
+    out_path = o.pop("out_path")
+    opts = RunOptions(**o, out=out_path)
     if pipeline:
-        return _pipeline(o, pipeline_mode, pipeline_split)
-    run = Run(o)
+        return _pipeline(opts, pipeline_mode, pipeline_split)
+    run = Run(opts)
     if run.resumed:
         out.print(run.resume_note(), highlight=False)
     learner = run.learner

@@ -51,7 +51,7 @@ class RunOptions:
     batch_size: int | None = None
     lr: float | None = None
     schedule: str | None = None
-    seed: int = 0
+    seed: int | None = None  # the preset's (0 for every preset)
     device: str = "auto"
     backprop: bool = False
     out: Path | None = None  # default runs/PRESET.pt
@@ -104,7 +104,8 @@ def train_config(p: Preset, o: RunOptions) -> TrainConfig:
     chosen = {k: v for k, v in chosen.items() if v is not None}
     if o.chunk is not None:
         chosen["chunk"] = o.chunk
-    tc = replace(p.train, seed=o.seed, device=o.device, optim_state_dtype=o.optim_state, frugal=o.frugal, **chosen)
+    seed = p.train.seed if o.seed is None else o.seed
+    tc = replace(p.train, seed=seed, device=o.device, optim_state_dtype=o.optim_state, frugal=o.frugal, **chosen)
     tc = stream_train(p, tc, chosen)  # batch 1: the stream recipe where the user chose nothing
     _, tc = without_unread_lda(p, tc, chosen)  # another predictor than the recipe's lda readout
     if o.backprop:
@@ -168,6 +169,11 @@ class Run:
             self.options = replace(o, samples=saved)  # the saved run's passes, not a full one, unless --samples says
         return learner
 
+    @property
+    def seed(self) -> int:
+        """The data order's seed: the user's, else the model's (a resumed run keeps its own)."""
+        return self.learner.train_cfg.seed if self.options.seed is None else self.options.seed
+
     def stream_note(self) -> str | None:
         """How a batch-1 run streams (the recipe's or the user's settings), for the user; None otherwise."""
         tc = self.learner.train_cfg
@@ -207,7 +213,7 @@ class Run:
                 fit(learner, lazy_train_batches(self.data.name, o.data_dir or Path("."), learner.train_cfg.batch_size,
                                                 limit=o.samples), on_step=step)
         else:
-            train_epochs(learner, self.data, epochs=self.epochs, batch_size=learner.train_cfg.batch_size, seed=o.seed,
+            train_epochs(learner, self.data, epochs=self.epochs, batch_size=learner.train_cfg.batch_size, seed=self.seed,
                          limit=o.samples, on_step=step)
         self.seconds += time.perf_counter() - t0
         self.trained += learner.samples_seen - before
@@ -219,7 +225,7 @@ class Run:
         checkpoint.save(self.learner, self.path, meta=self.meta)
         o = self.options
         self.readied = self.learner.ready_to_predict(
-            lambda: self.data.train_batches(READOUT_BATCH, seed=o.seed, limit=o.samples))
+            lambda: self.data.train_batches(READOUT_BATCH, seed=self.seed, limit=o.samples))
         return evaluate(self.learner, self.data.test_batches(500), per_layer=True, on_batch=on_batch)
 
 

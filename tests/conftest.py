@@ -34,3 +34,31 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         params = getattr(getattr(item, "callspec", None), "params", {})
         if any(isinstance(v, str) and v in HEAVY_PRESETS for v in params.values()):
             item.add_marker(pytest.mark.slow)
+
+
+class EdgeResult:
+    def __init__(self, exit_code: int, output: str) -> None:
+        self.exit_code, self.output = exit_code, output
+
+
+def _invoke_edge(args: list[str]) -> EdgeResult:
+    """``edgeff-edge ARGS`` in this process (its argparse ``main``), stdout and stderr together, as typer's
+    ``CliRunner.invoke`` gives them for the ``edgeff`` commands."""
+    import contextlib
+    import io
+
+    from edgeff.cli.edge import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        try:
+            code = main(args)
+        except SystemExit as e:  # --help
+            code = int(e.code or 0)
+    return EdgeResult(code, buf.getvalue())
+
+
+@pytest.fixture
+def edge_cli():  # type: ignore[no-untyped-def]
+    """Run ``edgeff-edge`` in-process: ``edge_cli(["train", ...])`` -> result with ``exit_code``, ``output``."""
+    return _invoke_edge

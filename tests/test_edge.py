@@ -366,29 +366,25 @@ def test_edge_learner_learns_builtin_mnist():
     assert correct / len(data.y_test) > 0.6  # 75% measured (chance 10%)
 
 
-def test_edge_train_takes_the_predictor_window_and_readout_options(tmp_path):
+def test_edge_train_takes_the_predictor_window_and_readout_options(tmp_path, edge_cli):
     """edgeff-edge train's --predictor/--eval-layers/--shrinkage/--window reach the model it writes, and are
     refused with one line where nothing reads them, as edgeff train refuses them."""
-    from edgeff.cli.edge import app
-    from typer.testing import CliRunner
-
-    runner = CliRunner()
     base = ["train", "--preset", "symba-mlp", "--samples", "120", "--epochs", "1", "--no-progress"]
     path = tmp_path / "lda.npz"
-    res = runner.invoke(app, [*base, "--batch-size", "40", "--predictor", "lda", "--eval-layers", "last",
+    res = edge_cli([*base, "--batch-size", "40", "--predictor", "lda", "--eval-layers", "last",
                               "--shrinkage", "0.5", "--out", str(path)])
     assert res.exit_code == 0, res.output
     learner, _ = load_edge(path)
     assert learner.train_cfg.predictor == "lda" and learner.train_cfg.eval_layers == "last"
     assert learner.model_cfg.shrinkage == 0.5 == learner.predictor.shrinkage
     assert learner.predictor.stats.dim == int(np.prod(learner.shapes[-1]))  # the last layer's features only
-    res = runner.invoke(app, [*base, "--batch-size", "1", "--window", "3", "--out", str(tmp_path / "w.npz")])
+    res = edge_cli([*base, "--batch-size", "1", "--window", "3", "--out", str(tmp_path / "w.npz")])
     assert res.exit_code == 0 and "window 3 (each new sample is learned with the 3 before it; --window 0" in res.output
     assert load_edge(tmp_path / "w.npz")[0].train_cfg.window == 3
     for args, msg in ((["--shrinkage", "0.5"], "goodness predictor does not use it"),
                       (["--predictor", "lda", "--shrinkage", "0.1", "--resume"], "a resumed run keeps"),
                       (["--preset", "cfl-mlp", "--predictor", "lda"], "does not use predictor='lda'")):
-        res = runner.invoke(app, [*base, "--batch-size", "40", "--out", str(path), *args])
+        res = edge_cli([*base, "--batch-size", "40", "--out", str(path), *args])
         assert res.exit_code == 2 and msg in res.output and "Traceback" not in res.output, res.output
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from edgeff.cli.app import app
-from edgeff.cli.edge import app as edge_app
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -246,7 +245,8 @@ def _header_with(path: Path, dst: Path, edit) -> Path:  # type: ignore[no-untype
     return _rewrite(path, dst, change)
 
 
-def test_an_edge_file_that_lies_is_refused_before_anything_is_allocated(edge_file: Path, tmp_path: Path) -> None:
+def test_an_edge_file_that_lies_is_refused_before_anything_is_allocated(edge_file: Path, tmp_path: Path,
+                                                                        edge_cli) -> None:  # type: ignore[no-untyped-def]
     """Before: a member declaring (10^6, 10^6) ended in `_ArrayMemoryError` (rc 1); a header with out=20000
     allocated 1.77 GB before its refusal."""
     huge = _rewrite(edge_file, tmp_path / "huge.npz", lambda n, raw: (n, _npy(np.zeros(4, np.float32), (10**6, 10**6)))
@@ -263,15 +263,15 @@ def test_an_edge_file_that_lies_is_refused_before_anything_is_allocated(edge_fil
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         assert peak < 64 << 20, peak
-        res = runner.invoke(edge_app, ["eval", str(bad)])
+        res = edge_cli(["eval", str(bad)])
         _one_line_refusal(res, why)
 
 
-def test_a_torch_checkpoint_given_to_the_edge_runtime_says_convert_it_first(tmp_path: Path) -> None:
+def test_a_torch_checkpoint_given_to_the_edge_runtime_says_convert_it_first(tmp_path: Path, edge_cli) -> None:  # type: ignore[no-untyped-def]
     import torch
 
     torch.save({"state": torch.zeros(3)}, tmp_path / "m.pt")
-    res = runner.invoke(edge_app, ["eval", str(tmp_path / "m.pt")])
+    res = edge_cli(["eval", str(tmp_path / "m.pt")])
     _one_line_refusal(res, "torch checkpoint", "edgeff-edge convert")
 
 
@@ -355,15 +355,15 @@ def test_add_class_refuses_a_bad_name_in_one_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("cli", ["edge", "torch"])
-def test_output_paths_are_checked_before_any_work(cli: str, tmp_path: Path) -> None:
+def test_output_paths_are_checked_before_any_work(cli: str, tmp_path: Path, edge_cli) -> None:  # type: ignore[no-untyped-def]
     """Before: `edgeff-edge train --out FILE/m.npz` trained and evaluated, then died with a FileExistsError
     traceback; `--out m.txt` wrote an npz silently."""
     (tmp_path / "FILE").write_text("a file")
-    target, suffix = (edge_app, ".npz") if cli == "edge" else (app, ".pt")
+    invoke, suffix = (edge_cli, ".npz") if cli == "edge" else ((lambda args: runner.invoke(app, args)), ".pt")
     base = ["train", "--preset", "symba-mlp", "--samples", "100000", "--epochs", "50"]  # hours, if it started
-    res = _within(60, lambda: runner.invoke(target, [*base, "--out", str(tmp_path / "FILE" / f"m{suffix}")]))
+    res = _within(60, lambda: invoke([*base, "--out", str(tmp_path / "FILE" / f"m{suffix}")]))
     _one_line_refusal(res, "is a file, not a folder")
-    res = runner.invoke(target, [*base, "--out", str(tmp_path / "m.txt")])
+    res = invoke([*base, "--out", str(tmp_path / "m.txt")])
     _one_line_refusal(res, f"name it m{suffix}")
-    res = runner.invoke(target, [*base, "--out", str(tmp_path)])
+    res = invoke([*base, "--out", str(tmp_path)])
     _one_line_refusal(res, "is a folder")
