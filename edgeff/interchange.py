@@ -26,6 +26,7 @@ from edgeff.edge.optim import Optimizer
 from edgeff.edge.store import load as load_edge
 from edgeff.edge.store import save as save_edge
 from edgeff.files import check_output
+from edgeff.kinds import numpy_kind
 
 
 def to_edge(learner: LearnerBase) -> EdgeLearner:
@@ -34,10 +35,8 @@ def to_edge(learner: LearnerBase) -> EdgeLearner:
     Raises:
         UnsupportedError: the learner uses something only torch implements (see ``edgeff.edge.learner``).
     """
-    torch_only = sorted({spec.kind for spec in learner.model_cfg.layers} - {"linear", "conv"})
-    if torch_only:
-        raise UnsupportedError(f"{', '.join(torch_only)} layers need torch; the edge runtime runs linear and conv "
-                               "layers")
+    for spec in learner.model_cfg.layers:
+        numpy_kind(spec.kind)  # a kind only torch runs: refused with its registered reason
     if not learner.supports("edge_runtime"):
         raise UnsupportedError(f"a {type(learner).__name__} cannot run on the edge runtime; it trains goodness, "
                                "CFL and streaming-LDA models")

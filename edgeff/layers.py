@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,6 +17,7 @@ from torch.nn import functional as F
 
 from edgeff.config import LayerSpec  # defined with the configs (torch-free), still importable from here
 from edgeff.factored import Factors
+from edgeff.kinds import builder, layer_kind
 from edgeff.optim import LeanOptimizer
 
 NORMS = ("none", "length", "layer", "batch")
@@ -178,25 +180,9 @@ def make_norm(
 
 
 def out_shape(spec: LayerSpec, in_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Shape of one sample after the layer (without the batch axis); vit layers give (tokens, E)."""
-    if spec.kind == "linear":
-        return (spec.out,)
-    if spec.kind == "kmeans":
-        if len(in_shape) != 3:
-            raise ValueError(f"a kmeans layer needs (C, H, W) inputs, got {in_shape}")
-        return (spec.out, spec.pool, spec.pool)
-    if spec.kind == "vit":
-        if len(in_shape) == 3:
-            return ((in_shape[1] // spec.patch) * (in_shape[2] // spec.patch), spec.out)
-        if len(in_shape) != 2 or in_shape[1] != spec.out:
-            raise ValueError(f"a vit layer of width {spec.out} cannot follow a layer with output {in_shape}")
-        return in_shape
-    if len(in_shape) != 3:
-        raise ValueError(f"a conv layer needs (C, H, W) inputs, got {in_shape}")
-    _, h, w = in_shape
-    h = (h + 2 * spec.padding - spec.kernel) // spec.stride + 1
-    w = (w + 2 * spec.padding - spec.kernel) // spec.stride + 1
-    return (spec.out, h // spec.pool, w // spec.pool)
+    """Shape of one sample after the layer (without the batch axis); vit layers give (tokens, E). The kind's
+    registered rule (``edgeff.kinds``), shared with the numpy runtime."""
+    return layer_kind(spec.kind).out_shape(spec, in_shape)
 
 
 class PatchEmbed(nn.Module):
@@ -272,56 +258,74 @@ def make_block(
     relu_grad: str = "zero",
     init: str = "torch",
 ) -> nn.Sequential:
-    """normalisation -> weights -> ReLU (-> max-pool), initialised from ``generator``: torch's default
+    """The torch block of one local layer: its kind's registered builder (``edgeff.kinds``). Weighted kinds are
+    normalisation -> weights -> ReLU (-> max-pool), initialised from ``generator``: torch's default
     (Kaiming-uniform weights, uniform biases) or ``init="normal"`` (N(0, 1/√out) weights, zero biases);
     ``relu_grad="pass"`` lets the ReLU's gradient through below zero (``PassReLU``)."""
-    bn = {"bn_momentum": bn_momentum, "bn_min_batch": bn_min_batch, "bn_always_running": bn_always_running}
-    if spec.kind == "kmeans":  # no weights to initialise: fitted from samples (edgeff.kmeans)
-        from edgeff.kmeans import KMeansPatches
+    return builder(layer_kind(spec.kind).torch_block)(spec, in_shape, generator, bn_momentum=bn_momentum,  # type: ignore[no-any-return]
+                                                      bn_min_batch=bn_min_batch, bn_always_running=bn_always_running,
+                                                      relu_grad=relu_grad, init=init)
 
-        return nn.Sequential(KMeansPatches(in_shape, spec.out, spec.kernel, spec.pool))
-    if spec.kind == "vit":
-        mods: list[nn.Module] = []
-        if len(in_shape) == 3:
-            mods.append(PatchEmbed(in_shape, spec.out, spec.patch, generator))
-        out_shape(spec, in_shape)  # validates the input
-        mods.append(EncoderLayer(spec.out, spec.heads, spec.mlp_ratio, generator))
-        return nn.Sequential(*mods)
+
+def kmeans_block(spec: LayerSpec, in_shape: tuple[int, ...], generator: torch.Generator, **_: Any) -> nn.Sequential:
+    """No weights to initialise: fitted from samples (``edgeff.kmeans``)."""
+    from edgeff.kmeans import KMeansPatches
+
+    return nn.Sequential(KMeansPatches(in_shape, spec.out, spec.kernel, spec.pool))
+
+
+def vit_block(spec: LayerSpec, in_shape: tuple[int, ...], generator: torch.Generator, **_: Any) -> nn.Sequential:
+    mods: list[nn.Module] = []
+    if len(in_shape) == 3:
+        mods.append(PatchEmbed(in_shape, spec.out, spec.patch, generator))
+    out_shape(spec, in_shape)  # validates the input
+    mods.append(EncoderLayer(spec.out, spec.heads, spec.mlp_ratio, generator))
+    return nn.Sequential(*mods)
+
+
+def linear_block(spec: LayerSpec, in_shape: tuple[int, ...], generator: torch.Generator, **opts: Any) -> nn.Sequential:
+    fan_in = math.prod(in_shape)
+    return weighted_block(spec, [nn.Flatten()], nn.Linear(fan_in, spec.out), fan_in, False, generator, **opts)
+
+
+def conv_block(spec: LayerSpec, in_shape: tuple[int, ...], generator: torch.Generator, **opts: Any) -> nn.Sequential:
+    if len(in_shape) != 3:
+        raise ValueError(f"a conv layer cannot follow a linear one (input shape {in_shape})")
+    weight = Conv2d(in_shape[0], spec.out, spec.kernel, spec.stride, spec.padding)
+    block = weighted_block(spec, [], weight, in_shape[0], True, generator, **opts)
+    if spec.pool > 1:
+        block.append(nn.MaxPool2d(spec.pool))
+    return block
+
+
+def weighted_block(spec: LayerSpec, head: list[nn.Module], weight: nn.Module, in_features: int, spatial: bool,
+                   generator: torch.Generator, *, bn_momentum: float = 0.1, bn_min_batch: int = 8,
+                   bn_always_running: bool = False, relu_grad: str = "zero", init: str = "torch") -> nn.Sequential:
+    """``head`` -> (norm) -> ``weight`` -> (norm) -> ReLU -> (norm) in ``spec.order``, the weight initialised from
+    ``generator`` (a kind with weights builds its block through this)."""
+    bn = {"bn_momentum": bn_momentum, "bn_min_batch": bn_min_batch, "bn_always_running": bn_always_running}
     if spec.order not in ("pre", "post", "post-act"):
         raise ValueError(f"unknown layer order {spec.order!r}; choose pre, post or post-act")
     post = spec.order != "pre"
-    mods = []
-    if spec.kind == "linear":
-        fan_in = math.prod(in_shape)
-        mods.append(nn.Flatten())
-        if not post:
-            mods.append(make_norm(spec.norm, fan_in, spatial=False, **bn))  # type: ignore[arg-type]
-        weight: nn.Linear | nn.Conv2d = nn.Linear(fan_in, spec.out)
-    elif spec.kind == "conv":
-        if len(in_shape) != 3:
-            raise ValueError(f"a conv layer cannot follow a linear one (input shape {in_shape})")
-        if not post:
-            mods.append(make_norm(spec.norm, in_shape[0], spatial=True, **bn))  # type: ignore[arg-type]
-        weight = Conv2d(in_shape[0], spec.out, spec.kernel, spec.stride, spec.padding)
-    else:
-        raise ValueError(f"unknown layer kind {spec.kind!r}; choose linear, conv, vit or kmeans")
-    assert weight.bias is not None
+    mods = list(head)
+    if not post:
+        mods.append(make_norm(spec.norm, in_features, spatial=spatial, **bn))  # type: ignore[arg-type]
+    w, b = weight.weight, weight.bias  # type: ignore[union-attr]
+    assert isinstance(w, torch.Tensor) and isinstance(b, torch.Tensor)
     if init == "normal":
-        nn.init.normal_(weight.weight, 0.0, 1 / math.sqrt(spec.out), generator=generator)
-        nn.init.zeros_(weight.bias)
+        nn.init.normal_(w, 0.0, 1 / math.sqrt(spec.out), generator=generator)
+        nn.init.zeros_(b)
     else:
-        nn.init.kaiming_uniform_(weight.weight, a=math.sqrt(5), generator=generator)
-        bound = 1 / math.sqrt(weight.weight[0].numel())
-        nn.init.uniform_(weight.bias, -bound, bound, generator=generator)
+        nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=generator)
+        bound = 1 / math.sqrt(w[0].numel())
+        nn.init.uniform_(b, -bound, bound, generator=generator)
     mods.append(weight)
-    out_norm = make_norm(spec.norm, spec.out, spatial=spec.kind == "conv", **bn) if post else None  # type: ignore[arg-type]
+    out_norm = make_norm(spec.norm, spec.out, spatial=spatial, **bn) if post else None  # type: ignore[arg-type]
     if spec.order == "post":
         mods.append(out_norm)  # type: ignore[arg-type]
     mods.append(PassReLU() if relu_grad == "pass" else nn.ReLU())
     if spec.order == "post-act":
         mods.append(out_norm)  # type: ignore[arg-type]
-    if spec.kind == "conv" and spec.pool > 1:
-        mods.append(nn.MaxPool2d(spec.pool))
     return nn.Sequential(*mods)
 
 

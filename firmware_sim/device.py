@@ -56,6 +56,7 @@ from edgeff.firmware_sim.protocol import (
 from edgeff.edge.plan import file_plan
 from edgeff.files import BytesReader
 from edgeff.names import name_problem, names_problem
+from edgeff.kinds import numpy_kinds
 
 STATE_FILE = "state.npz"
 ONNX_FILE = "model.onnx"
@@ -368,7 +369,7 @@ class Device:
         net = self.net
         return {
             "protocol": VERSION, "device": "edgeff-firmware-sim", "ram_budget": self.budget,
-            "max_payload": MAX_PAYLOAD, "layer_kinds": ["linear", "conv"], "norms": ["none", "length", "layer", "batch"],
+            "max_payload": MAX_PAYLOAD, "layer_kinds": numpy_kinds(), "norms": ["none", "length", "layer", "batch"],
             "rules": list(RULES), "losses": ["symba", "ff", "cfl", "lda"], "boot_id": self.boot_id, "boots": self.boots,
             "samples_seen": self.samples_seen, "applied_crc": self.applied_crc, "storage": self.state_dir is not None,
             "model": {"rule": "onnx", "classes": self.onnx.classes, "widths": [], "input_dim": self.onnx.input_dim}

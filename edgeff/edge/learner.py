@@ -38,6 +38,7 @@ from edgeff.edge.ops import F32, Op, make_block, out_shape
 from edgeff.edge.optim import Optimizer
 from edgeff.edge.readout import LdaReadout
 from edgeff.errors import InputError, UnsupportedError
+from edgeff.kinds import numpy_kind
 from edgeff.loop import LayerMetrics
 
 GOODNESS_LOSSES = ("ff", "symba")
@@ -251,8 +252,7 @@ def check_supported(model: ModelConfig, train: TrainConfig) -> str:
     if train.optim_state_dtype != "float32":
         raise UnsupportedError("the edge runtime keeps optimizer state in float32")
     for spec in model.layers:
-        if spec.kind not in ("linear", "conv"):
-            raise UnsupportedError(f"{spec.kind!r} layers need torch; the edge runtime trains linear and conv layers")
+        numpy_kind(spec.kind)  # a kind only torch runs: refused with its registered reason
     return family
 
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from edgeff.config import LayerSpec
 from edgeff.edge.optim import Outer
+from edgeff.kinds import builder, layer_kind, numpy_kind
 
 F32 = np.float32
 
@@ -279,39 +280,45 @@ def make_norm(norm: str, features: int, *, spatial: bool, bn: dict[str, Any]) ->
 
 
 def out_shape(spec: LayerSpec, in_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Shape of one sample after the layer (``edgeff.layers.out_shape`` for linear and conv layers)."""
-    if spec.kind == "linear":
-        return (spec.out,)
-    _, h, w = in_shape
-    h = (h + 2 * spec.padding - spec.kernel) // spec.stride + 1
-    w = (w + 2 * spec.padding - spec.kernel) // spec.stride + 1
-    return (spec.out, h // spec.pool, w // spec.pool)
+    """Shape of one sample after the layer: the kind's registered rule (``edgeff.kinds``), as torch's."""
+    return layer_kind(spec.kind).out_shape(spec, in_shape)
 
 
 def make_block(spec: LayerSpec, in_shape: tuple[int, ...], rng: np.random.Generator, *, bn: dict[str, Any],
                relu_grad: str = "zero", init: str = "torch", fill: bool = True) -> list[Op]:
-    """The ops of one local layer, in ``edgeff.layers.make_block``'s order, initialised like torch's
-    defaults (weights and biases U(±1/√fan_in)) or ``init="normal"`` (N(0, 1/√out) weights, zero biases)
-    from ``rng`` (the values differ from torch's draws)."""
-    if spec.kind not in ("linear", "conv"):
-        raise ValueError(f"the edge runtime trains linear and conv layers, not {spec.kind!r} (ViT layers need torch)")
+    """The ops of one local layer: its kind's registered numpy builder (``edgeff.kinds``), in the order and with
+    the parameter names of the torch block; ``UnsupportedError`` for a kind only torch runs."""
+    build = builder(numpy_kind(spec.kind).numpy_block)  # type: ignore[arg-type]
+    return build(spec, in_shape, rng, bn=bn, relu_grad=relu_grad, init=init, fill=fill)  # type: ignore[no-any-return]
+
+
+def linear_block(spec: LayerSpec, in_shape: tuple[int, ...], rng: np.random.Generator, **opts: Any) -> list[Op]:
+    fan_in = int(np.prod(in_shape))
+    return weighted_block(spec, [Flatten()], Linear(fan_in, spec.out), fan_in, fan_in, False, rng, **opts)
+
+
+def conv_block(spec: LayerSpec, in_shape: tuple[int, ...], rng: np.random.Generator, **opts: Any) -> list[Op]:
+    if len(in_shape) != 3:
+        raise ValueError(f"a conv layer cannot follow a linear one (input shape {in_shape})")
+    weight = Conv2d(in_shape[0], spec.out, spec.kernel, spec.stride, spec.padding)
+    ops = weighted_block(spec, [], weight, in_shape[0], in_shape[0] * spec.kernel * spec.kernel, True, rng, **opts)
+    if spec.pool > 1:
+        ops.append(MaxPool(spec.pool))
+    return ops
+
+
+def weighted_block(spec: LayerSpec, head: list[Op], weight: Op, in_features: int, fan_in: int, spatial: bool,
+                   rng: np.random.Generator, *, bn: dict[str, Any], relu_grad: str = "zero", init: str = "torch",
+                   fill: bool = True) -> list[Op]:
+    """``edgeff.layers.weighted_block``: ``head`` -> (norm) -> ``weight`` -> (norm) -> ReLU -> (norm), initialised
+    like torch's defaults (weights and biases U(±1/√fan_in)) or ``init="normal"`` (N(0, 1/√out) weights, zero
+    biases) from ``rng`` (the values differ from torch's draws); ``fill=False`` leaves them unwritten."""
     if spec.order not in ("pre", "post", "post-act"):
         raise ValueError(f"unknown layer order {spec.order!r}; choose pre, post or post-act")
     post = spec.order != "pre"
-    ops: list[Op] = []
-    if spec.kind == "linear":
-        fan_in = int(np.prod(in_shape))
-        ops.append(Flatten())
-        if not post:
-            ops.append(make_norm(spec.norm, fan_in, spatial=False, bn=bn))
-        weight: Op = Linear(fan_in, spec.out)
-    else:
-        if len(in_shape) != 3:
-            raise ValueError(f"a conv layer cannot follow a linear one (input shape {in_shape})")
-        fan_in = in_shape[0] * spec.kernel * spec.kernel
-        if not post:
-            ops.append(make_norm(spec.norm, in_shape[0], spatial=True, bn=bn))
-        weight = Conv2d(in_shape[0], spec.out, spec.kernel, spec.stride, spec.padding)
+    ops: list[Op] = list(head)
+    if not post:
+        ops.append(make_norm(spec.norm, in_features, spatial=spatial, bn=bn))
     bound = 1.0 / np.sqrt(fan_in)
     for name, arr in weight.params.items() if fill else ():  # drawn in float32 (no float64 copy of a big layer)
         if init == "normal":
@@ -325,12 +332,10 @@ def make_block(spec: LayerSpec, in_shape: tuple[int, ...], rng: np.random.Genera
         arr *= F32(2 * bound)
         arr -= F32(bound)
     ops.append(weight)
-    out_norm = make_norm(spec.norm, spec.out, spatial=spec.kind == "conv", bn=bn) if post else None
+    out_norm = make_norm(spec.norm, spec.out, spatial=spatial, bn=bn) if post else None
     if spec.order == "post":
         ops.append(out_norm)  # type: ignore[arg-type]
     ops.append(ReLU(passes=relu_grad == "pass"))
     if spec.order == "post-act":
         ops.append(out_norm)  # type: ignore[arg-type]
-    if spec.kind == "conv" and spec.pool > 1:
-        ops.append(MaxPool(spec.pool))
     return ops

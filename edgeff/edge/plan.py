@@ -30,6 +30,7 @@ from edgeff.edge.analytic import GRAM_ROWS, PENDING
 from edgeff.edge.learner import check_supported
 from edgeff.edge.ops import out_shape
 from edgeff.edge.optim import BLOCK
+from edgeff.kinds import numpy_kind
 
 F32, F64 = 4, 8
 SAVE_BUFFER = 16 << 20  # numpy.lib.format.write_array's buffer (bytes of one array copied at a time)
@@ -48,14 +49,10 @@ def _layer_working(model: ModelConfig, fam: str, views: int, i: int, in_shape: t
     rows_train = (2 if fam == "goodness" else views if fam == "cfl" else 1) * batch
     k = model.num_classes
     rows_infer = min(batch * (k if fam == "goodness" else 1), INFER_CHUNK + k)
-    n_in, n_out = int(np.prod(in_shape)), int(np.prod(shape))
-    cols = 0
-    if spec.kind == "conv":  # im2col patches (and their gradient) at the conv's output resolution
-        pre_pool = n_out * spec.pool * spec.pool // spec.out
-        cols = 2 * pre_pool * in_shape[0] * spec.kernel * spec.kernel
-        n_out_pre = n_out * spec.pool * spec.pool
-    else:
-        n_out_pre = n_out
+    n_in = int(np.prod(in_shape))
+    cost = numpy_kind(spec.kind).cost(spec, in_shape)  # type: ignore[misc]
+    cols = 2 * cost.patches  # unfolded patches (im2col) and their gradient, per sample
+    n_out_pre = cost.pre_pool
     # the optimizer's scratch: a block of the gradient and one of its temporaries (edgeff.edge.optim)
     train = F32 * rows_train * (2 * n_in + 4 * n_out_pre + cols) + 2 * F32 * min(BLOCK, params // F32)
     infer = F32 * rows_infer * (2 * n_in + 2 * n_out_pre + cols // 2)

@@ -105,15 +105,15 @@ def _declared(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple[tuple[int, ..
 
 
 def planned_tensor_bytes(model: ModelConfig) -> int:
-    """What a model config's weights take as float32 (linear and conv layers; torch-free, allocates nothing)."""
-    from edgeff.edge.ops import out_shape
+    """What a model config's weights take as float32 (the kinds' registered costs; torch-free, allocates nothing)."""
+    from edgeff.kinds import numpy_kind
 
     shape: tuple[int, ...] = tuple(model.input_shape)
     total = 0
     for spec in model.layers:
-        fan_in = int(np.prod(shape)) if spec.kind == "linear" else shape[0] * spec.kernel * spec.kernel
-        total += (fan_in + 1) * spec.out * 4
-        shape = out_shape(spec, shape)
+        kind = numpy_kind(spec.kind)
+        total += kind.cost(spec, shape).params * 4  # type: ignore[misc]
+        shape = kind.out_shape(spec, shape)
     return total
 
 
