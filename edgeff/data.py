@@ -43,9 +43,9 @@ class ImageData:
     """A labelled image data set held as uint8 (N, C, H, W) arrays, with its normalisation."""
 
     name: str
-    x_train: np.ndarray
+    x_train: Any  # (N, C, H, W) uint8 array, or edgeff.edge.data.IdxImages read from disk (lazy)
     y_train: np.ndarray
-    x_test: np.ndarray
+    x_test: Any
     y_test: np.ndarray
     classes: tuple[str, ...]
     mean: tuple[float, ...]
@@ -53,8 +53,13 @@ class ImageData:
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        c, h, w = self.x_train.shape[1:]
+        c, h, w = self.x_train.shape[1:] if isinstance(self.x_train, np.ndarray) else self.x_train.shape
         return (int(c), int(h), int(w))
+
+    @property
+    def in_memory(self) -> bool:
+        """False when the images are read from disk batch by batch (``load_data(..., lazy=True)``)."""
+        return isinstance(self.x_train, np.ndarray)
 
     def normalise(self, x_u8: np.ndarray) -> torch.Tensor:
         """uint8 (B, C, H, W) -> float32 normalised tensor."""
@@ -174,16 +179,25 @@ def load_folder(path: str | Path, input_shape: tuple[int, int, int], *, test_eve
 
 
 def load_data(name: str = "builtin", data_dir: str | Path | None = None, *,
-              input_shape: tuple[int, int, int] | None = None) -> ImageData:
+              input_shape: tuple[int, int, int] | None = None, lazy: bool = False,
+              cache_dir: str | Path | None = None) -> ImageData:
     """Load a data set by name, or a folder of one sub-folder of images per class (``load_folder``,
     converted to ``input_shape``). ``data_dir`` is needed for everything but ``builtin`` and folders. The
-    IDX sets are read into memory here; the others come from ``edgeff.edge.data`` (the same arrays)."""
+    IDX sets are read into memory here, or with ``lazy`` read from disk a batch at a time (``.gz`` files
+    unpacked once into ``cache_dir``, as the edge runtime reads them: the same batches in the same order); the
+    others come from ``edgeff.edge.data`` (the same arrays)."""
     if name not in DATASETS and Path(name).expanduser().is_dir():
+        if lazy:
+            raise InputError("--lazy reads the IDX sets (mnist, fashion-mnist) from disk; an image folder is decoded "
+                             "into memory (leave --lazy out)")
         return load_folder(name, input_shape or (1, 28, 28))
-    if name in IDX_SETS:
+    if lazy and name not in IDX_SETS:
+        raise InputError(f"--lazy reads the IDX sets (mnist, fashion-mnist) from disk; {name} is held in memory "
+                         "(leave --lazy out)")
+    if name in IDX_SETS and not lazy:
         folder, classes, mean, std = IDX_SETS[name]
         return _idx_set(name, folder, data_root(name, data_dir), classes, mean[0], std[0])
-    e = load_edge_data(name, data_dir)
+    e = load_edge_data(name, data_dir, cache_dir=cache_dir)
     return ImageData(e.name, e.x_train, e.y_train, e.x_test, e.y_test, e.classes, e.mean, e.std)
 
 
@@ -231,19 +245,6 @@ def stream_idx(
             xt = torch.from_numpy(x.copy()).float().div_(255.0)
             yield (xt - m) / s, torch.from_numpy(y)
             done += n
-
-
-def lazy_train_batches(
-    name: str, data_dir: str | Path, batch_size: int, *, limit: int | None = None
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``stream_idx`` over the training files of ``mnist`` or ``fashion-mnist`` under ``data_dir``."""
-    if name not in IDX_SETS:
-        raise DataNotFoundError(f"lazy reading works for the IDX sets (mnist, fashion-mnist), not {name!r}")
-    folder, _, mean, std = IDX_SETS[name]
-    raw = Path(data_dir).expanduser() / folder / "raw"
-    pick = [next((p for p in (raw / f"{stem}.gz", raw / stem) if p.is_file()), raw / f"{stem}.gz")
-            for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")]
-    return stream_idx(pick[0], pick[1], batch_size, mean=mean, std=std, limit=limit)
 
 
 def load_pixels(path: str | Path, input_shape: tuple[int, int, int]) -> np.ndarray:

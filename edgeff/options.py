@@ -57,7 +57,8 @@ TRAIN: tuple[Opt, ...] = (
     Opt("data", str, "builtin", "builtin, mnist, fashion-mnist, cifar10, cifar10-exact, or (torch) a folder of your "
         "own images with one sub-folder per class"),
     Opt("data_dir", Path, None, "folder holding MNIST/raw, FashionMNIST/raw or CIFAR10"),
-    Opt("cache_dir", Path, None, "where .gz data files are unpacked once [default: ~/.cache/edgeff]", where=EDGE),
+    Opt("cache_dir", Path, None, "where .gz data files are unpacked once, to be read from disk batch by batch "
+        "(edgeff-edge; edgeff train --lazy) [default: ~/.cache/edgeff]"),
     Opt("epochs", int, None, "passes over the training set [default: the preset's]"),
     Opt("samples", int, None, "use only this many (shuffled) training samples per pass"),
     Opt("batch_size", int, None, "samples per step, 1 for pure streaming [default: the preset's]"),
@@ -73,7 +74,8 @@ TRAIN: tuple[Opt, ...] = (
     Opt("progress", bool, True, "show a progress bar", negatable=True),
     Opt("optim_state", str, "float32", "optimizer state dtype between steps: float32, bfloat16 or float16",
         where=TORCH, choices=("float32", "bfloat16", "float16")),
-    Opt("lazy", bool, False, "read the IDX training files batch by batch, in file order (no data set in RAM)",
+    Opt("lazy", bool, False, "read the IDX sets (mnist, fashion-mnist) from disk batch by batch, in the same "
+        "shuffled order (no data set in RAM; unpacked once into --cache-dir), as edgeff-edge always does",
         where=TORCH),
     Opt("frugal", bool, True, "goodness presets, all/greedy: one layer at a time in chunks of --chunk pairs (the "
         "whole-batch update, a fraction of its memory); --whole-batch: the whole batch at once", where=TORCH,

@@ -57,7 +57,8 @@ class RunOptions:
     out: Path | None = None  # default runs/PRESET.pt
     resume: bool = False
     optim_state: str = "float32"
-    lazy: bool = False  # IDX files read batch by batch in file order
+    lazy: bool = False  # IDX files read from disk batch by batch (unpacked once into cache_dir), same order
+    cache_dir: Path | None = None  # where --lazy unpacks .gz files [default: ~/.cache/edgeff]
     frugal: bool = True
     chunk: int | None = None  # frugal step: pairs per chunk [default: the preset's]
     views: int | None = None
@@ -124,7 +125,7 @@ class Run:
         self.name = f"{o.preset}{'-bp' if o.backprop and p.algorithm != 'bp' else ''}"
         self.path = o.out or Path("runs") / f"{self.name}.pt"
         check_options(o, self.path)
-        self.data = load_data(o.data, o.data_dir, input_shape=p.model.input_shape)
+        self.data = load_data(o.data, o.data_dir, input_shape=p.model.input_shape, lazy=o.lazy, cache_dir=o.cache_dir)
         tc = train_config(p, o)
         self.epochs = o.epochs or p.train.epochs
         self.resumed = o.resume and self.path.is_file()
@@ -205,16 +206,9 @@ class Run:
                 checkpoint.save(learner, self.path, meta=self.meta)
                 saved[:] = [learner.samples_seen, time.perf_counter()]
 
-        if o.lazy:
-            from edgeff.data import lazy_train_batches
-            from edgeff.trainer import fit
-
-            for _ in range(self.epochs):
-                fit(learner, lazy_train_batches(self.data.name, o.data_dir or Path("."), learner.train_cfg.batch_size,
-                                                limit=o.samples), on_step=step)
-        else:
-            train_epochs(learner, self.data, epochs=self.epochs, batch_size=learner.train_cfg.batch_size, seed=self.seed,
-                         limit=o.samples, on_step=step)
+        # --lazy: the same loop over the same batches, the images read from disk batch by batch
+        train_epochs(learner, self.data, epochs=self.epochs, batch_size=learner.train_cfg.batch_size, seed=self.seed,
+                     limit=o.samples, on_step=step)
         self.seconds += time.perf_counter() - t0
         self.trained += learner.samples_seen - before
 

@@ -67,3 +67,49 @@ def test_stream_idx_reads_lazily_in_file_order(mnist_small, tmp_path: Path) -> N
     assert len(list(stream_idx(tmp_path / "img.gz", tmp_path / "lab.gz", 64, limit=70))) == 2
     with pytest.raises(DataNotFoundError):
         next(stream_idx(tmp_path / "nope.gz", tmp_path / "lab.gz", 1))
+
+
+def _idx_folder(root: Path, d) -> Path:  # type: ignore[no-untyped-def]
+    """``d``'s images written as an MNIST folder of IDX .gz files (torchvision's layout)."""
+    import gzip
+
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for stem, arr in (("train-images-idx3-ubyte", d.x_train[:, 0]), ("t10k-images-idx3-ubyte", d.x_test[:, 0]),
+                      ("train-labels-idx1-ubyte", d.y_train), ("t10k-labels-idx1-ubyte", d.y_test)):
+        with gzip.open(raw / f"{stem}.gz", "wb") as f:
+            f.write(bytes([0, 0, 8, arr.ndim]) + b"".join(v.to_bytes(4, "big") for v in arr.shape)
+                    + arr.astype(np.uint8).tobytes())
+    return root
+
+
+@pytest.mark.parametrize("preset", ["symba-mlp", "trifecta-cnn"])
+def test_a_lazy_run_reads_from_disk_and_trains_exactly_as_one_in_memory(preset, mnist_small, tmp_path, monkeypatch):
+    """--lazy runs the same loop (lr plan, window, the readout solved at the end of the plan) over the same shuffled
+    batches, reading the images from disk batch by batch: the checkpoints are equal tensor for tensor. Before, it
+    went through trainer.fit in file order, with no lr plan and no readout solve, and loaded the whole set."""
+    from edgeff.run import Run, RunOptions
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root = _idx_folder(tmp_path / "data", mnist_small)
+    extra = {"predictor": "lda", "schedule": "all"} if preset == "trifecta-cnn" else {"window": 2}
+    states, accs = [], []
+    for lazy in (False, True):
+        o = RunOptions(preset=preset, data="mnist", data_dir=root, samples=96, epochs=2, batch_size=16, device="cpu",
+                       lazy=lazy, out=tmp_path / f"{lazy}.pt", checkpoint_every=0, **extra)
+        run = Run(o)
+        assert run.data.in_memory is not lazy
+        run.train()
+        accs.append(run.finish().accuracy)
+        states.append(run.learner.state())
+    assert list((tmp_path / "cache" / "edgeff").iterdir())  # unpacked once, read with pread
+    a, b = states[0]["net"], states[1]["net"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert accs[0] == accs[1]
+
+
+def test_lazy_is_refused_in_one_line_where_the_set_is_held_in_memory(tmp_path):
+    from edgeff.errors import InputError
+
+    with pytest.raises(InputError, match="--lazy reads the IDX sets"):
+        load_data("builtin", lazy=True)
