@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeff.config import UNUSED_CORE, ModelConfig, TrainConfig
+from edgeff.config import ModelConfig, TrainConfig
 from edgeff.contract import LearnerBase, register
 from edgeff.errors import UnsupportedError
 from edgeff.inputs import BLOCK_BYTES, as_batch, as_labels, in_row_blocks
@@ -41,6 +41,7 @@ from edgeff.kmeans import KMeansPatches
 from edgeff.layers import make_block, out_shape
 from edgeff.loop import LayerMetrics
 from edgeff.readout import PENDING, solve_lda
+from edgeff.families import declaration
 
 
 class FrozenLayer(nn.Module):
@@ -204,27 +205,14 @@ class AnalyticLearner(LearnerBase):
     no optimizer, no window (each sample must count once), so those settings are refused."""
 
     net: AnalyticNet
-    kind = "analytic"
-    family = "streaming-LDA (closed-form)"
-    losses = frozenset({"lda"})
-    model_fields = frozenset({"shrinkage", "init", "fit_samples"})
-    train_fields = frozenset({"hflip"})  # each sample learned with its mirror image (a second sample, both counted)
-    capabilities = frozenset({"edge_runtime"})
+    declaration = declaration("analytic")  # kind, losses, fields read, no lr or window (edgeff.families)
     exact_once = True
     metrics = "spread"  # no loss: the batch's mean squared distance to its classes' means
-    core_unused = UNUSED_CORE["lda"]
 
     def __init__(self, model: ModelConfig, train: TrainConfig) -> None:
         super().__init__(model, train)
         self.net = AnalyticNet(model, self.generator).to(self.device)
         self._solved: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    @classmethod
-    def reads(cls, model: ModelConfig, train: TrainConfig) -> tuple[frozenset[str], frozenset[str]]:
-        """``fit_samples`` only with kmeans layers; ``init`` only with layers that have random weights."""
-        kinds = {spec.kind for spec in model.layers}
-        drop = (set() if "kmeans" in kinds else {"fit_samples"}) | (set() if kinds - {"kmeans"} else {"init"})
-        return cls.train_fields, cls.model_fields - drop
 
     def supports(self, capability: str) -> bool:
         """The numpy runtime has no kmeans op: such a body needs torch."""

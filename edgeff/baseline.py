@@ -22,6 +22,7 @@ from edgeff.kmeans import GridMean
 from edgeff.layers import HEAD_ROW_NORM, class_row, grow_linear, make_block, make_optimizer, out_shape
 from edgeff.loop import LayerMetrics
 from edgeff.losses import fresh_class_mask
+from edgeff.families import declaration
 
 
 class BPNet(nn.Module):
@@ -64,10 +65,7 @@ class BPLearner(LearnerBase):
     ``edgeff.contract.build(..., backprop=True)``, which drops the label encoder and local loss settings)."""
 
     net: BPNet
-    kind = "bp"
-    family = "backprop"
-    train_fields = frozenset({"views", "crop_padding", "hflip", "weight_decay"})
-    model_fields = frozenset({"global_pool"})
+    declaration = declaration("bp")  # kind, fields read (edgeff.families)
 
     def __init__(self, model: ModelConfig, train: TrainConfig) -> None:
         super().__init__(model, train)

@@ -10,17 +10,12 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from edgeff.errors import InputError
+from edgeff.families import known_losses
 from edgeff.names import checked_name, names_problem
 
 # the largest |value| a learner accepts in a batch after the float32 cast (normalised pixels are O(1); a larger
 # value overflows goodness and losses to inf/NaN and would poison every parameter)
 MAX_INPUT = 1e6
-# the core TrainConfig fields a family has no use for, by its loss (a closed-form family has no lr, no
-# optimizer and takes no window); the learner contract refuses them, the stream recipe leaves them alone
-# (here, not in the family's module, so the torch-free edge runtime can read it)
-UNUSED_CORE: dict[str, frozenset[str]] = {
-    "lda": frozenset({"lr", "optimizer", "optim_state_dtype", "lr_final", "lr_hold", "window"}),
-}
 
 
 @dataclass(frozen=True)
@@ -76,7 +71,7 @@ class ModelConfig:
     class_names: tuple[str, ...] = ()  # one name per class (empty: "0".."K-1"); grows with add_class
 
     def __post_init__(self) -> None:
-        labels, losses = ("overlay", "icp", "channel", "none"), ("ff", "symba", "supcon", "cfl", "mirror", "lda")
+        labels, losses = ("overlay", "icp", "channel", "none"), known_losses()  # the declared families' losses
         for name, allowed in (("relu_grad", ("zero", "pass")), ("init", ("torch", "normal"))):
             if getattr(self, name) not in allowed:
                 raise InputError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")

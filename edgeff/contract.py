@@ -3,7 +3,7 @@
 Every learner (goodness ``Learner``, ``ContrastiveLearner``, ``MirrorLearner``, the backprop twin
 ``BPLearner``, and any family added later) subclasses ``LearnerBase`` and registers itself with
 ``register``. Checkpoints, export, evaluation, the continual loop and the CLI talk to learners only
-through this contract, so adding a family touches its own module plus one line in ``FAMILY_MODULES``.
+through this contract, so adding a family touches its own module plus its declaration (``edgeff.families``).
 
 The verbs (``learn_many`` returns one ``LayerMetrics`` per layer that ran, for every family):
 
@@ -44,25 +44,18 @@ from torch import nn
 
 from edgeff.config import ModelConfig, TrainConfig
 from edgeff.errors import InputError, UnsupportedError
+from edgeff.families import CORE_MODEL, CORE_TRAIN, Family, declared, family_for
 from edgeff.inputs import as_batch, resolve_device
 from edgeff.loop import LayerMetrics
-
-# TrainConfig fields every learner honours (the optimizer and its state, the seed, the device) or the
-# training loop reads (batch size, epochs, the lr decay)
-CORE_TRAIN = frozenset({"lr", "optimizer", "optim_state_dtype", "seed", "device", "batch_size", "epochs", "lr_final",
-                        "lr_hold", "window"})
-# ModelConfig fields every learner honours
-CORE_MODEL = frozenset({"layers", "input_shape", "num_classes", "class_names", "loss", "bn_momentum", "bn_min_batch",
-                        "bn_always_running"})
-# the modules that define and register the families (imported on first use of the registry)
-FAMILY_MODULES = ("edgeff.trainer", "edgeff.contrastive", "edgeff.mirror", "edgeff.baseline", "edgeff.analytic")
-
 
 class LearnerBase(ABC):
     """The contract (see the module docstring). Subclasses set the class attributes, call
     ``super().__init__(model, train)`` first (it checks the configs, resolves the device and seeds
     the generator), then build ``self.net``."""
 
+    # the family's declaration (edgeff.families): kind, name, losses, fields read, capabilities, for both runtimes;
+    # a subclass that sets it gets the class attributes below from it
+    declaration: ClassVar[Family | None] = None
     kind: ClassVar[str]  # the registry's and the checkpoint's key: "local", "contrastive", "mirror", "bp"
     family: ClassVar[str]  # its name for people: "goodness", "contrastive", "mirror", "backprop"
     losses: ClassVar[frozenset[str]] = frozenset()  # the ModelConfig.loss values it trains
@@ -78,6 +71,13 @@ class LearnerBase(ABC):
     exact_once: ClassVar[bool] = False
 
     net: Any  # the family's network (a torch module; families narrow the type)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        d = cls.__dict__.get("declaration")
+        if d is not None:
+            cls.kind, cls.family, cls.losses, cls.capabilities = d.kind, d.name, d.losses, d.capabilities
+            cls.train_fields, cls.model_fields, cls.core_unused = d.train_fields, d.model_fields, d.core_unused
 
     def __init__(self, model: ModelConfig, train: TrainConfig) -> None:
         refuse_unread(type(self), model, train)
@@ -142,7 +142,9 @@ class LearnerBase(ABC):
     def reads(cls, model: ModelConfig, train: TrainConfig) -> tuple[frozenset[str], frozenset[str]]:
         """The train and model fields this family reads under these configs (beyond the core ones);
         a family narrows its ``train_fields``/``model_fields`` where a field only matters with another
-        setting (e.g. a head's learning rate without a head)."""
+        setting (e.g. a head's learning rate without a head): its declaration's ``narrow``."""
+        if cls.declaration is not None:
+            return cls.declaration.reads(model, train)
         return cls.train_fields, cls.model_fields
 
     def supports(self, capability: str) -> bool:
@@ -195,9 +197,11 @@ def register(cls: L) -> L:
 
 
 def families() -> dict[str, type[LearnerBase]]:
-    """Every registered family by kind (the family modules imported on first use)."""
-    for name in FAMILY_MODULES:
-        importlib.import_module(name)
+    """Every registered family by kind (the modules of the declared families' torch learners imported on first
+    use)."""
+    for d in declared().values():
+        if d.torch:
+            importlib.import_module(d.torch.partition(":")[0])
     return dict(_REGISTRY)
 
 
@@ -209,14 +213,9 @@ def learner_class(kind: str) -> type[LearnerBase]:
 
 
 def family_of(model: ModelConfig, *, backprop: bool = False) -> type[LearnerBase]:
-    """The family that trains ``model`` (by its loss), or the backprop twin."""
-    if backprop:
-        return learner_class("bp")
-    for cls in families().values():
-        if model.loss in cls.losses:
-            return cls
-    known = sorted(loss for c in families().values() for loss in c.losses)
-    raise InputError(f"unknown loss {model.loss!r}; choose one of {', '.join(known)}")
+    """The family that trains ``model`` (the declaration naming its loss, ``edgeff.families``), or the backprop
+    twin."""
+    return learner_class(family_for(model, backprop=backprop).kind)
 
 
 def for_family(cls: type[LearnerBase], model: ModelConfig, train: TrainConfig) -> tuple[ModelConfig, TrainConfig]:
@@ -244,15 +243,9 @@ def train_read(cls: type[LearnerBase], model: ModelConfig, train: TrainConfig) -
 def refuse_unread(cls: type[LearnerBase], model: ModelConfig, train: TrainConfig) -> None:
     """Raise ``InputError`` naming every config field ``cls`` would ignore that is not at its default
     (a family without a label input also takes ``label="none"``)."""
-    m_read = cls.reads(model, train)[1]
-    ignored = [f"{f.name}={getattr(train, f.name)!r}" for f in fields(TrainConfig)
-               if f.name not in train_read(cls, model, train) and getattr(train, f.name) != f.default]
-    ignored += [f"{f.name}={getattr(model, f.name)!r}" for f in fields(ModelConfig)
-                if f.name not in CORE_MODEL | m_read and getattr(model, f.name) != f.default
-                and not (f.name == "label" and model.label == "none")]
-    if ignored:
-        raise InputError(f"a {cls.family} learner does not use {', '.join(ignored)}; leave "
-                         f"{'it' if len(ignored) == 1 else 'them'} at the default")
+    d = cls.declaration or Family(cls.kind, cls.family, cls.losses, cls.train_fields, cls.model_fields,
+                                  cls.core_unused)
+    d.refuse_unread(model, train)  # the check the numpy runtime makes too, from the same declaration
 
 
 __all__ = ["CORE_MODEL", "CORE_TRAIN", "LearnerBase", "UnsupportedError", "build", "families", "family_of",

@@ -57,6 +57,7 @@ from edgeff.losses import (
     supcon_loss,
 )
 from edgeff.model import select_layers
+from edgeff.families import declaration
 
 CONTRASTIVE_LOSSES = ("supcon", "cfl")
 
@@ -149,21 +150,8 @@ class ContrastiveLearner(LearnerBase):
     """
 
     net: ContrastiveNet
-    kind = "contrastive"
-    family = "contrastive"
-    losses = frozenset(CONTRASTIVE_LOSSES)
+    declaration = declaration("contrastive")  # kind, losses, fields read (edgeff.families)
     metrics = "norm"
-    capabilities = frozenset({"layer_predictions", "edge_runtime", "zero_shot", "attention_maps"})
-    train_fields = frozenset({"eval_layers", "head_lr", "views", "crop_padding", "hflip"})
-    model_fields = frozenset({"global_pool", "temperature", "margin_first", "margin_last", "cfl_weights", "embed_dim",
-                              "groups", "embed_noise"})
-
-    @classmethod
-    def reads(cls, model: ModelConfig, train: TrainConfig) -> tuple[frozenset[str], frozenset[str]]:
-        if model.loss == "cfl":  # label embeddings: per-layer prediction; no head, no margins
-            return cls.train_fields - {"head_lr"}, cls.model_fields - {"margin_first", "margin_last"}
-        # CFF: a head on the last layer; no dictionary
-        return cls.train_fields - {"eval_layers"}, cls.model_fields - {"cfl_weights", "embed_dim", "embed_noise"}
 
     def __init__(self, model: ModelConfig, train: TrainConfig) -> None:
         super().__init__(model, train)

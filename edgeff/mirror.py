@@ -36,6 +36,7 @@ from edgeff.layers import (
 )
 from edgeff.loop import LayerMetrics
 from edgeff.optim import LeanOptimizer
+from edgeff.families import declaration
 
 
 def mirror_loss(h: torch.Tensor, target: torch.Tensor, y: torch.Tensor | None, *, margin: float = 0.0) -> torch.Tensor:
@@ -78,15 +79,7 @@ class MirrorLearner(LearnerBase):
         train: optimizer (Adam in the paper), lr, optimizer state dtype, seed.
     """
 
-    kind = "mirror"
-    family = "mirror"
-    losses = frozenset({"mirror"})
-    model_fields = frozenset({"mirror_negatives", "margin_last"})
-
-    @classmethod
-    def reads(cls, model: ModelConfig, train: TrainConfig) -> tuple[frozenset[str], frozenset[str]]:
-        # the cosine margin pushes other-class pairs apart: only the supervised pairing has them
-        return cls.train_fields, cls.model_fields - ({"margin_last"} if not model.mirror_negatives else set())
+    declaration = declaration("mirror")  # kind, losses, fields read (edgeff.families)
 
     def __init__(self, model: ModelConfig, train: TrainConfig) -> None:
         super().__init__(model, train)

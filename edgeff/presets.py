@@ -6,7 +6,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
-from edgeff.config import UNUSED_CORE, LayerSpec, ModelConfig, TrainConfig
+from edgeff.config import LayerSpec, ModelConfig, TrainConfig
+from edgeff.families import family_for
 from edgeff.errors import UnknownPresetError
 
 if TYPE_CHECKING:  # the learners import torch; the presets themselves are torch-free (the edge runtime reads them)
@@ -44,11 +45,11 @@ STREAM_RECIPE: dict[str, Any] = {"lr": 1e-4, "lr_final": None, "window": 8}
 def stream_train(p: Preset, train: TrainConfig, chosen: Iterable[str] = (), *, backprop: bool = False) -> TrainConfig:
     """``train`` as ``p`` (or its backprop twin) learns from a stream: at batch 1, ``STREAM_RECIPE`` with the
     preset's own changes, for every field not in ``chosen`` (those the user set) that the learner's family
-    reads (``config.UNUSED_CORE``: the closed-form family has no lr and takes no window; torch-free, for the
-    edge runtime); other batch sizes unchanged."""
+    reads (its declaration's ``core_unused``, ``edgeff.families``: the closed-form family has no lr and takes no
+    window; torch-free, for the edge runtime); other batch sizes unchanged."""
     if train.batch_size != 1:
         return train
-    skip = set(chosen) | (set() if backprop or p.algorithm == "bp" else UNUSED_CORE.get(p.model.loss, frozenset()))
+    skip = set(chosen) | (set() if backprop or p.algorithm == "bp" else family_for(p.model).core_unused)
     return replace(train, **{k: v for k, v in {**STREAM_RECIPE, **p.stream}.items() if k not in skip})
 
 

@@ -32,6 +32,7 @@ from edgeff.loop import LayerMetrics, train_epochs  # noqa: F401 - re-exported: 
 from edgeff.losses import get_loss, goodness, peer_loss
 from edgeff.model import NEGATIVES, GoodnessPredictor, HeadPredictor, LocalNet, make_predictor, select_layers
 from edgeff.readout import LdaPredictor
+from edgeff.families import declaration
 
 SCHEDULES = ("all", "greedy", "olu")
 PEER_MOMENTUM = 0.9  # peer normalisation's running mean activity (the reference implementation's value)
@@ -58,42 +59,8 @@ class Learner(LearnerBase):
     """
 
     net: LocalNet
-    kind = "local"
-    family = "goodness"
-    losses = frozenset({"ff", "symba"})
+    declaration = declaration("local")  # kind, losses, fields read (edgeff.families)
     metrics = "goodness"
-    capabilities = frozenset({"layer_predictions", "per_layer_export", "device_export", "edge_runtime", "pipeline"})
-    train_fields = frozenset({"schedule", "greedy_steps", "negatives", "predictor", "eval_layers", "head_lr", "frugal",
-                              "chunk", "weight_decay", "readout_memory",
-                              "readout_window", "readout_size"})
-    model_fields = frozenset({"label", "label_learned", "icp_rate", "threshold", "alpha", "sharpness", "peer_norm",
-                              "relu_grad", "init", "shrinkage"})
-
-    @classmethod
-    def reads(cls, model: ModelConfig, train: TrainConfig) -> tuple[frozenset[str], frozenset[str]]:
-        t, m = set(cls.train_fields), set(cls.model_fields)
-        if train.predictor != "head":
-            t.discard("head_lr")
-        if train.predictor != "lda":
-            t.discard("readout_memory")
-            t.discard("readout_window")
-            t.discard("readout_size")
-            m.discard("shrinkage")
-        if train.schedule != "greedy":
-            t.discard("greedy_steps")
-        if train.schedule == "olu":  # olu steps whole batches (two layers' graphs); the whole-batch step (frugal
-            t.discard("chunk")  # False) takes a preset's chunk as it is: chunks never change the update
-        if model.loss == "symba":
-            m -= {"threshold", "sharpness"}
-        else:
-            m.discard("alpha")
-        if not model.peer_norm:
-            m.discard("relu_grad")  # goodness has no gradient at a silent unit: only the peer loss reaches below 0
-        if model.label != "channel":
-            m.discard("label_learned")
-        if model.label != "icp":
-            m.discard("icp_rate")
-        return frozenset(t), frozenset(m)
 
     def __init__(self, model: ModelConfig, train: TrainConfig) -> None:
         if train.schedule not in SCHEDULES:

@@ -38,10 +38,10 @@ from edgeff.edge.ops import F32, Op, make_block, out_shape
 from edgeff.edge.optim import Optimizer
 from edgeff.edge.readout import LdaReadout
 from edgeff.errors import InputError, UnsupportedError
+from edgeff.families import family_for
 from edgeff.kinds import numpy_kind
 from edgeff.loop import LayerMetrics
 
-GOODNESS_LOSSES = ("ff", "symba")
 PEER_MOMENTUM = 0.9  # edgeff.trainer.PEER_MOMENTUM (this module imports no torch)
 
 
@@ -210,50 +210,16 @@ def as_labels(y: Any, n: int, k: int) -> np.ndarray:
 
 
 def check_supported(model: ModelConfig, train: TrainConfig) -> str:
-    """The family (``goodness`` or ``cfl``) the edge runtime trains this config with, or
-    ``UnsupportedError`` naming what needs torch."""
-    if model.loss in GOODNESS_LOSSES:
-        family = "goodness"
-        if train.schedule == "olu":
-            raise UnsupportedError("the olu schedule (Overlapping Local Updates) needs torch; the edge runtime "
-                                   "trains with --schedule all or greedy")
-        if train.schedule not in ("all", "greedy"):
-            raise UnsupportedError(f"unknown schedule {train.schedule!r}; the edge runtime trains all or greedy")
-        if train.negatives != "uniform":
-            raise UnsupportedError(f"{train.negatives!r} negatives need torch; the edge runtime draws uniform ones")
-        if train.predictor not in ("goodness", "lda"):
-            raise UnsupportedError(f"the {train.predictor!r} predictor needs torch; the edge runtime predicts by goodness "
-                                   "or an lda readout")
-        if train.predictor == "lda" and train.readout_memory:
-            raise UnsupportedError("an lda readout that follows the stream (readout_memory > 0) needs torch; the edge "
-                                   "runtime solves it when the planned run is complete (readout_memory 0), from a "
-                                   "pass over the data or its readout_window")
-        if model.label not in ("overlay", "icp", "channel"):
-            raise UnsupportedError(f"unknown label encoder {model.label!r}")
-        if train.views != 1 or train.crop_padding or train.hflip:
-            raise UnsupportedError("goodness models train on one un-augmented view (set views 1, crop padding 0, no flips)")
-    elif model.loss == "cfl":
-        family = "cfl"
-        if model.cfl_weights[0]:
-            raise UnsupportedError("CFL's batch loss L_batch (cfl_weights[0] > 0) needs torch; the edge runtime "
-                                   "trains L_dict and L_feat (total-D, the presets' choice)")
-        if train.views not in (1, 2):
-            raise UnsupportedError(f"views must be 1 or 2, got {train.views}")
-    elif model.loss == "lda":
-        family = "analytic"
-        if train.window:
-            raise UnsupportedError("a streaming-LDA model counts each sample once; it takes no window (--window 0)")
-    else:
-        raise UnsupportedError(f"{model.loss!r} models (CFF, mirror FFCL, backprop) need torch; the edge runtime "
-                               "trains the goodness family (ff, symba), CFL and streaming LDA")
-    if family != "goodness" and train.predictor != "goodness":
-        raise InputError(f"a {family} model does not use predictor={train.predictor!r}; it predicts by its own scores "
-                         "(the predictor is the goodness family's choice)")
-    if train.optim_state_dtype != "float32":
-        raise UnsupportedError("the edge runtime keeps optimizer state in float32")
+    """The family (``goodness``, ``cfl`` or ``analytic``) the edge runtime trains this config with, checked through
+    the family's declaration (``edgeff.families``), the one the torch contract checks too: ``UnsupportedError``
+    naming what needs torch (its declared numpy limits, a layer kind only torch runs), ``InputError`` for a
+    setting the family does not read."""
+    fam = family_for(model)
+    fam.refuse_numpy(model, train)
+    fam.refuse_unread(model, train)
     for spec in model.layers:
         numpy_kind(spec.kind)  # a kind only torch runs: refused with its registered reason
-    return family
+    return fam.numpy_name
 
 
 class EdgeLearner:
