@@ -190,7 +190,7 @@ register_family(Family(
     model_fields=frozenset({"label", "label_learned", "icp_rate", "threshold", "alpha", "sharpness", "peer_norm",
                             "relu_grad", "init", "shrinkage"}),
     capabilities=frozenset({"layer_predictions", "per_layer_export", "device_export", "edge_runtime", "pipeline"}),
-    narrow=_goodness_reads, torch="edgeff.trainer:Learner", numpy="edgeff.edge.learner:EdgeLearner",
+    narrow=_goodness_reads, torch="edgeff.trainer:Learner", numpy="edgeff.edge.learner:GoodnessEdge",
     numpy_name="goodness",
     numpy_limits=(
         (lambda m, t: t.schedule == "olu",
@@ -218,7 +218,7 @@ register_family(Family(
                             "groups", "embed_noise"}),
     capabilities=frozenset({"layer_predictions", "edge_runtime", "zero_shot", "attention_maps"}),
     narrow=_contrastive_reads, torch="edgeff.contrastive:ContrastiveLearner",
-    numpy="edgeff.edge.learner:EdgeLearner", numpy_name="cfl", numpy_losses=frozenset({"cfl"}),
+    numpy="edgeff.edge.learner:CflEdge", numpy_name="cfl", numpy_losses=frozenset({"cfl"}),
     numpy_limits=(
         (lambda m, t: bool(m.cfl_weights[0]),
          lambda m, t: "CFL's batch loss L_batch (cfl_weights[0] > 0) needs torch; the edge runtime trains L_dict and "
@@ -235,7 +235,7 @@ register_family(Family(
     model_fields=frozenset({"shrinkage", "init", "fit_samples"}),
     core_unused=frozenset({"lr", "optimizer", "optim_state_dtype", "lr_final", "lr_hold", "window"}),
     capabilities=frozenset({"edge_runtime"}), narrow=_analytic_reads, torch="edgeff.analytic:AnalyticLearner",
-    numpy="edgeff.edge.learner:EdgeLearner", numpy_name="analytic",
+    numpy="edgeff.edge.learner:AnalyticEdge", numpy_name="analytic",
     numpy_limits=(
         (lambda m, t: bool(t.window),
          lambda m, t: "a streaming-LDA model counts each sample once; it takes no window (--window 0)"),

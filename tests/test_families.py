@@ -1,7 +1,8 @@
 """Families are declared once (edgeff.families) and both runtimes read the declarations: the torch contract builds
 the declared family for a loss, both runtimes refuse a setting the family does not read with the same line,
 the numpy runtime refuses what only torch runs with the declared reason, and a toy family declared in this test
-is accepted by the configs, built, trained, checkpointed and refused by the numpy runtime, with no other edit."""
+(a torch learner and a numpy learner, registered under one name) is accepted by the configs, built, trained,
+checkpointed, converted to the numpy runtime and trained there step for step alike, with no other edit."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from edgeff import checkpoint
 from edgeff.config import ModelConfig, TrainConfig
 from edgeff.contract import build, families, register
 from edgeff.data import load_data
-from edgeff.edge.learner import check_supported
+from edgeff.edge.learner import GoodnessEdge, check_supported
+from edgeff.interchange import to_edge
 from edgeff.errors import InputError, UnsupportedError
 from edgeff.families import Family, declaration, declared, family_for, register_family, unregister_family
 from edgeff.presets import PRESETS, get_preset
@@ -69,7 +71,9 @@ def test_the_numpy_runtime_refuses_what_only_torch_runs_with_the_declared_reason
 # ------------------------------------------------------------------------------------------ a toy family
 TOY = Family("toy", "toy goodness", frozenset({"toy"}),
              train_fields=declaration("local").train_fields - {"predictor", "head_lr"},
-             model_fields=frozenset({"label", "threshold"}), torch=f"{__name__}:ToyLearner")
+             model_fields=frozenset({"label", "threshold"}), capabilities=frozenset({"edge_runtime"}),
+             torch=f"{__name__}:ToyLearner", numpy=f"{__name__}:ToyEdge", numpy_name="goodness",
+             numpy_limits=declaration("local").numpy_limits)
 
 
 class ToyLearner(Learner):
@@ -80,6 +84,10 @@ class ToyLearner(Learner):
     def __init__(self, model: ModelConfig, train: TrainConfig) -> None:
         super().__init__(replace(model, loss="ff"), train)  # the goodness machinery, trained with FF's loss
         self.model_cfg = model
+
+
+class ToyEdge(GoodnessEdge):
+    """The numpy twin: the goodness family's numpy learner, which trains any loss but symba with FF's."""
 
 
 @pytest.fixture
@@ -108,8 +116,36 @@ def test_a_declared_toy_family_is_built_trained_checkpointed_and_refused_by_nump
     assert type(again) is ToyLearner and torch.equal(again.scores(x), learner.scores(x))
     with pytest.raises(InputError, match=r"a toy goodness learner does not use predictor='lda'"):
         build(model, replace(train, predictor="lda"))
+    with pytest.raises(InputError, match=r"a toy goodness learner does not use predictor='lda'"):
+        check_supported(model, replace(train, predictor="lda"))  # the numpy runtime: the same declaration
+    register_family(replace(TOY, numpy=None))  # declared torch-only: refused by the numpy runtime
     with pytest.raises(UnsupportedError, match=r"'toy' models \(toy goodness\) need torch"):
         check_supported(model, train)
+
+
+def test_a_declared_toy_family_trains_alike_in_both_runtimes(toy_family, tmp_path):
+    """The toy family's numpy learner (its declaration's numpy class) against its torch learner, step for step."""
+    from test_edge import _assert_same_state, _recording
+
+    from edgeff.edge.store import load as load_edge
+    from edgeff.edge.store import save as save_edge
+
+    p = get_preset("ff-mlp")
+    model = ModelConfig(layers=p.model.layers[:2], loss="toy", label="overlay")
+    t = build(model, TrainConfig(batch_size=16, epochs=1, device="cpu", chunk=0))
+    e = to_edge(t)
+    assert type(e) is ToyEdge and e.family == "goodness"
+    _recording(t, e)
+    data = load_data("builtin")
+    for x, y in data.train_batches(16, seed=3, limit=16 * 5):
+        mt, me = t.learn_many(x, y), e.learn_many(x.numpy(), y.numpy())
+        assert [m.loss for m in me] == pytest.approx([m.loss for m in mt], rel=1e-3, abs=1e-5)
+    _assert_same_state(t, e, 1e-4)
+    x, _ = next(data.test_batches(64))
+    assert e.scores(x.numpy()) == pytest.approx(t.scores(x).numpy(), rel=1e-3, abs=1e-4)
+    save_edge(e, tmp_path / "toy.npz")
+    back, _ = load_edge(tmp_path / "toy.npz")
+    assert type(back) is ToyEdge and (back.scores(x.numpy()) == e.scores(x.numpy())).all()
 
 
 def test_a_loss_no_family_declares_is_refused_by_the_configs():

@@ -39,7 +39,7 @@ from edgeff.edge.optim import Optimizer
 from edgeff.edge.readout import LdaReadout
 from edgeff.errors import InputError, UnsupportedError
 from edgeff.families import family_for
-from edgeff.kinds import numpy_kind
+from edgeff.kinds import builder, numpy_kind
 from edgeff.loop import LayerMetrics
 
 PEER_MOMENTUM = 0.9  # edgeff.trainer.PEER_MOMENTUM (this module imports no torch)
@@ -221,7 +221,6 @@ def check_supported(model: ModelConfig, train: TrainConfig) -> str:
         numpy_kind(spec.kind)  # a kind only torch runs: refused with its registered reason
     return fam.numpy_name
 
-
 class EdgeLearner:
     """A layer-local learner in numpy; ``edgeff.trainer.Learner``'s and ``ContrastiveLearner``'s verbs.
 
@@ -234,6 +233,16 @@ class EdgeLearner:
     """
 
     runtime = "numpy"
+    kind = ""  # the contract's kind: set by each family's class below
+    exact_once = False  # each sample counted once (``LearnerBase.exact_once``): the analytic family
+
+    def __new__(cls, model: ModelConfig | None = None, train: TrainConfig | None = None, **_: Any) -> EdgeLearner:
+        """``EdgeLearner(model, train)`` builds the numpy learner its family declares (``edgeff.families``: the
+        declaration's ``numpy`` class), after the checks every family's config gets."""
+        if cls is EdgeLearner and model is not None and train is not None:
+            check_supported(model, train)
+            cls = builder(family_for(model).numpy)  # type: ignore[arg-type, assignment]
+        return super().__new__(cls)
 
     def __init__(self, model: ModelConfig, train: TrainConfig, *, fill: bool = True) -> None:
         """``fill=False``: the weights are left unwritten (zero pages the kernel has not handed out yet), for a
@@ -241,8 +250,6 @@ class EdgeLearner:
         if not model.layers:
             raise ValueError("a model needs at least one layer")
         self.family = check_supported(model, train)
-        self.kind = {"goodness": "local", "cfl": "contrastive", "analytic": "analytic"}[self.family]
-        self.exact_once = self.family == "analytic"  # each sample counted once (``LearnerBase.exact_once``)
         self.model_cfg = model
         self.train_cfg = train
         self.rng = np.random.default_rng(train.seed)
@@ -250,18 +257,7 @@ class EdgeLearner:
         self.step = 0
         self.samples_seen = 0
         self.extra: dict[str, np.ndarray] = {}  # learner-level tensors by torch name (label codes, dictionary)
-        c, h, w = model.input_shape
-        shape: tuple[int, ...] = model.input_shape
-        k = model.num_classes
-        if self.family == "goodness":
-            if model.label == "icp":
-                self.extra["encoder.patterns"] = (self.rng.random((k, 1, h, w)) < model.icp_rate).astype(F32)
-                shape = (c + 1, h, w)
-            elif model.label == "channel":
-                self.extra["encoder.matrix"] = self.rng.standard_normal((k, h * w), dtype=F32)
-                shape = (c + 1, h, w)
-            elif k > c * h * w:
-                raise ValueError("more classes than input values to overlay them on")
+        shape = self._input_shape()
         bn = {"momentum": model.bn_momentum, "min_batch": model.bn_min_batch, "always_running": model.bn_always_running}
         self.layers: list[EdgeLayer] = []
         self.shapes: list[tuple[int, ...]] = []
@@ -269,26 +265,35 @@ class EdgeLearner:
             self.layers.append(EdgeLayer(i, make_block(spec, shape, self.rng, bn=bn, relu_grad=model.relu_grad,
                                                        init=model.init, fill=fill), train.optimizer, train.lr, train.weight_decay))
             shape = out_shape(spec, shape)
-            if self.family == "goodness" and model.peer_norm:
-                self.layers[-1].peer_mean = np.full(shape[0], 0.5, F32)
+            self._layer_built(self.layers[-1], shape)
             self.shapes.append(shape)
-        if self.family == "goodness" and model.label == "channel" and model.label_learned:
-            self.layers[0].extra = ["encoder.matrix"]
-        if self.family == "cfl":
-            self.widths = [s[0] if len(s) == 3 else s[0] // model.groups for s in self.shapes]
-            for s in self.shapes:
-                if len(s) == 1 and s[0] % model.groups:
-                    raise ValueError(f"a linear layer of width {s[0]} cannot be split into {model.groups} groups")
-            self.extra["embed"] = self.rng.standard_normal((k, model.embed_dim or max(self.widths)), dtype=F32)
-            self.layers[-1].extra = ["embed"]
-            self._pool = {wd: pool_matrix(self.extra["embed"].shape[1], wd) for wd in set(self.widths)}
         self.eval_layers = select_layers(train.eval_layers, len(self.layers))
-        self.lda = LdaStats(k, int(np.prod(shape))) if self.family == "analytic" else None
+        self.lda: LdaStats | None = None  # the analytic family's statistics
         self.predictor: LdaReadout | None = None  # the goodness family's lda predictor (None: goodness)
-        if self.family == "goodness" and train.predictor == "lda":
-            self.predictor = LdaReadout(self._readout_dim(), k, model.shrinkage, train.readout_window,
-                                        model.input_shape)
         self._readout: tuple[np.ndarray, np.ndarray] | None = None  # the LDA readout, until the next step
+        self._built(shape)
+
+    # ------------------------------------------------------------ a family's part (overridden below)
+    def _input_shape(self) -> tuple[int, ...]:
+        """The first layer's input shape (a family that writes labels into the input draws its codes here)."""
+        return self.model_cfg.input_shape
+
+    def _layer_built(self, layer: EdgeLayer, shape: tuple[int, ...]) -> None:
+        """Layer ``layer`` (output ``shape``) was just built."""
+
+    def _built(self, shape: tuple[int, ...]) -> None:
+        """Every layer is built (``shape``: the last one's output): the family's own tensors."""
+
+    def _learn(self, x: np.ndarray, y: np.ndarray, fresh: int | None) -> list[LayerMetrics]:
+        raise NotImplementedError
+
+    def _chunk_scores(self, x: np.ndarray) -> list[np.ndarray]:
+        """Each layer's class scores (b, K) of a chunk of samples."""
+        raise NotImplementedError
+
+    def _grow(self, xb: np.ndarray | None, cfg: ModelConfig) -> None:
+        """Add a class (``cfg``: the config with it) to the family's tensors; ``xb``: its examples, or None."""
+        raise NotImplementedError
 
     # ----------------------------------------------------------------- state
     @property
@@ -345,9 +350,123 @@ class EdgeLearner:
             self.predictor.load(arrays, adopt=adopt)
 
     def end_of_plan(self, batches: Any) -> None:
+        """The planned run is complete (``LearnerBase.end_of_plan``): nothing for most families."""
+
+    def ready_to_predict(self, batches: Any = None) -> str | None:
+        """``LearnerBase.ready_to_predict``: nothing to do for most families."""
+        return None
+
+    def solve_readout(self, batches: Any = None) -> None:
+        raise InputError("solve_readout needs the lda predictor; this learner predicts by its family rule")
+
+    def set_lr(self, lr: float) -> None:
+        """Every layer's learning rate (live optimizers and those created later)."""
+        for layer in self.layers:
+            layer.set_lr(lr)
+
+    # ----------------------------------------------------------------- learning
+    def learn_many(self, x: Any, y: Any, *, fresh: int | None = None) -> list[LayerMetrics]:
+        """One local step of every scheduled layer on a batch of any size (including 1).
+
+        Returns one ``LayerMetrics`` per layer that ran; never mutates ``x`` or ``y``. ``fresh``: the
+        batch is ``fresh`` new samples followed by replayed ones (ER-ACE's asymmetric loss, as the
+        torch learners). Raises ``InputError`` (state untouched) for a bad batch.
+        """
+        xb = as_batch(x, self.model_cfg.input_shape)
+        yb = as_labels(y, xb.shape[0], self.num_classes)
+        out = self._learn(xb, yb, fresh)
+        self.step += 1
+        self.samples_seen += xb.shape[0]
+        return out
+
+    def learn_one(self, x: Any, y: int) -> list[LayerMetrics]:
+        """``learn_many`` on one sample of shape (C, H, W)."""
+        return self.learn_many(as_batch(x, self.model_cfg.input_shape, single=True), [int(y)])
+
+    def _body(self, x: np.ndarray) -> np.ndarray:
+        for layer in self.layers:
+            x = layer.forward(x, train=False)
+        return x.reshape(x.shape[0], -1)  # (B, D)
+
+    # ----------------------------------------------------------------- prediction
+    def _chunk(self) -> int:
+        """Samples per inference chunk, so inference never needs more memory than a small training batch."""
+        return 128
+
+    def layer_scores(self, x: Any) -> np.ndarray:
+        """Per-layer class scores (B, K, L), computed in chunks, so the working set stays small for any batch."""
+        xb = as_batch(x, self.model_cfg.input_shape)
+        step = self._chunk()
+        out = [np.stack(self._chunk_scores(xb[s : s + step]), axis=-1) for s in range(0, xb.shape[0], step)]
+        if not out:
+            return np.zeros((0, self.num_classes, len(self.layers)), F32)
+        return np.concatenate(out).astype(F32, copy=False)
+
+    def scores(self, x: Any, layers: list[int] | None = None) -> np.ndarray:
+        """Class scores (B, K): the lda predictor's readout, or (goodness, CFL, and any ``layers`` given) the
+        layers' scores summed over ``layers`` (default: the train config's ``eval_layers``)."""
+        if self.predictor is not None and layers is None:
+            p, c = self.predictor.readout()
+            return (self._readout_features(as_batch(x, self.model_cfg.input_shape)) @ p + c).astype(F32, copy=False)
+        sel = self.eval_layers if layers is None else layers
+        return self.layer_scores(x)[..., sel].sum(-1)
+
+    def predict_many(self, x: Any) -> np.ndarray:
+        return self.scores(x).argmax(1)
+
+    def predict_one(self, x: Any) -> int:
+        return int(self.predict_many(as_batch(x, self.model_cfg.input_shape, single=True))[0])
+
+    def layer_predictions(self, x: Any) -> np.ndarray:
+        """Each layer's own prediction: (B, L)."""
+        return self.layer_scores(x).argmax(1)
+
+    # ----------------------------------------------------------------- growth
+    def add_class(self, name: str, examples: Any = None) -> int:
+        """Add a class online; returns its index. As the torch learners (each family's ``_grow``); optimizer
+        state grows with the tensors. Raises ``InputError`` with nothing changed."""
+        cfg = self.model_cfg.with_class(name)
+        xb = None if examples is None else as_batch(examples, self.model_cfg.input_shape)
+        self._grow(xb, cfg)
+        self.model_cfg = cfg
+        return cfg.num_classes - 1
+
+
+class GoodnessEdge(EdgeLearner):
+    """The goodness family (``ff``/``symba``; ``edgeff.trainer.Learner``): labels written into the input,
+    positives and negatives through each layer, prediction by goodness over every label or an lda readout."""
+
+    kind = "local"
+
+    def _input_shape(self) -> tuple[int, ...]:
+        model = self.model_cfg
+        c, h, w = model.input_shape
+        k = model.num_classes
+        if model.label == "icp":
+            self.extra["encoder.patterns"] = (self.rng.random((k, 1, h, w)) < model.icp_rate).astype(F32)
+            return (c + 1, h, w)
+        if model.label == "channel":
+            self.extra["encoder.matrix"] = self.rng.standard_normal((k, h * w), dtype=F32)
+            return (c + 1, h, w)
+        if k > c * h * w:
+            raise ValueError("more classes than input values to overlay them on")
+        return model.input_shape
+
+    def _layer_built(self, layer: EdgeLayer, shape: tuple[int, ...]) -> None:
+        if self.model_cfg.peer_norm:
+            layer.peer_mean = np.full(shape[0], 0.5, F32)
+
+    def _built(self, shape: tuple[int, ...]) -> None:
+        model, train = self.model_cfg, self.train_cfg
+        if model.label == "channel" and model.label_learned:
+            self.layers[0].extra = ["encoder.matrix"]
+        if train.predictor == "lda":
+            self.predictor = LdaReadout(self._readout_dim(), model.num_classes, model.shrinkage,
+                                        train.readout_window, model.input_shape)
+
+    def end_of_plan(self, batches: Any) -> None:
         """The planned run is complete (``LearnerBase.end_of_plan``): an lda predictor is solved, from the
-        samples its window holds or from one pass over ``batches()``; nothing for goodness, and the analytic
-        family keeps its statistics up to date."""
+        samples its window holds or from one pass over ``batches()``; nothing for goodness."""
         if self.predictor is not None:
             self.predictor.solve(self._readout_features, None if self.predictor.window else batches())
 
@@ -360,14 +479,8 @@ class EdgeLearner:
         """Solve the lda predictor's readout from labelled ``batches`` through the layers as they are now (None:
         from the samples its window holds)."""
         if self.predictor is None:
-            raise InputError("solve_readout needs the lda predictor; this learner predicts by "
-                             f"{'goodness' if self.family == 'goodness' else 'its family rule'}")
+            raise InputError("solve_readout needs the lda predictor; this learner predicts by goodness")
         self.predictor.solve(self._readout_features, batches)
-
-    def set_lr(self, lr: float) -> None:
-        """Every layer's learning rate (live optimizers and those created later)."""
-        for layer in self.layers:
-            layer.set_lr(lr)
 
     # ----------------------------------------------------------------- encoders
     def _encode(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -421,56 +534,12 @@ class EdgeLearner:
             return np.zeros((0, self._readout_dim()), F32)
         return np.concatenate(out).astype(F32, copy=False)
 
-    # ----------------------------------------------------------------- learning
-    def learn_many(self, x: Any, y: Any, *, fresh: int | None = None) -> list[LayerMetrics]:
-        """One local step of every scheduled layer on a batch of any size (including 1).
-
-        Returns one ``LayerMetrics`` per layer that ran; never mutates ``x`` or ``y``. ``fresh``: the
-        batch is ``fresh`` new samples followed by replayed ones (ER-ACE's asymmetric loss, as the
-        torch learners). Raises ``InputError`` (state untouched) for a bad batch.
-        """
-        xb = as_batch(x, self.model_cfg.input_shape)
-        yb = as_labels(y, xb.shape[0], self.num_classes)
-        if self.lda is not None:
-            xb, yb = (xb[:fresh], yb[:fresh]) if fresh is not None else (xb, yb)
-            out = self._learn_analytic(xb, yb)
-        elif self.family == "goodness":
-            out = self._learn_goodness(xb, yb, fresh)
-            if self.predictor is not None:  # as the torch learner: the new samples, not a stream window's repeats
-                new = min(xb.shape[0], self.train_cfg.batch_size) if self.train_cfg.window else xb.shape[0]
-                self.predictor.learn(xb[:new], yb[:new])
-        else:
-            out = self._learn_cfl(xb, yb, fresh)
-        self.step += 1
-        self.samples_seen += xb.shape[0]
+    def _learn(self, x: np.ndarray, y: np.ndarray, fresh: int | None) -> list[LayerMetrics]:
+        out = self._learn_goodness(x, y, fresh)
+        if self.predictor is not None:  # as the torch learner: the new samples, not a stream window's repeats
+            new = min(x.shape[0], self.train_cfg.batch_size) if self.train_cfg.window else x.shape[0]
+            self.predictor.learn(x[:new], y[:new])
         return out
-
-    def learn_one(self, x: Any, y: int) -> list[LayerMetrics]:
-        """``learn_many`` on one sample of shape (C, H, W)."""
-        return self.learn_many(as_batch(x, self.model_cfg.input_shape, single=True), [int(y)])
-
-    def _body(self, x: np.ndarray) -> np.ndarray:
-        for layer in self.layers:
-            x = layer.forward(x, train=False)
-        return x.reshape(x.shape[0], -1)  # (B, D)
-
-    def _learn_analytic(self, x: np.ndarray, y: np.ndarray) -> list[LayerMetrics]:
-        """Streaming LDA (``edgeff.analytic``): the batch's features into the statistics (the replayed
-        samples of a ``fresh`` step were counted when new); the metric is the batch's mean squared
-        distance to its classes' running means."""
-        assert self.lda is not None
-        h = self._body(x)
-        self.lda.accumulate(h, y)
-        mu = self.lda.class_sum[y] / self.lda.count[y, None]
-        self._readout = None
-        return [LayerMetrics(float(((h.astype(np.float64) - mu) ** 2).mean()), 0.0, 0.0, True)]
-
-    def readout(self) -> tuple[np.ndarray, np.ndarray]:
-        """The solved LDA readout ``(P, c)`` (analytic family; cached until the next step)."""
-        assert self.lda is not None
-        if self._readout is None:
-            self._readout = self.lda.readout(self.model_cfg.shrinkage)
-        return self._readout
 
     def _greedy_active(self) -> int:
         active = min(self.step // self.train_cfg.greedy_steps, len(self.layers) - 1)
@@ -558,6 +627,55 @@ class EdgeLearner:
         pos = np.searchsorted(classes, y)
         return classes[(pos + self.draws.rng.integers(1, classes.size, size=y.shape[0])) % classes.size]
 
+    def _chunk(self) -> int:
+        """About 128 rows through a layer at a time: K rows per sample."""
+        return max(1, 128 // self.num_classes)
+
+    def _chunk_scores(self, x: np.ndarray) -> list[np.ndarray]:
+        b, k = x.shape[0], self.num_classes
+        h = self._encode(np.repeat(x, k, axis=0), np.tile(np.arange(k), b))  # (b·K, C', H, W)
+        per = []
+        for layer in self.layers:
+            h = layer.forward(h, train=False)
+            per.append((h * h).reshape(b, k, -1).mean(-1))
+        return per
+
+    def _grow(self, xb: np.ndarray | None, cfg: ModelConfig) -> None:
+        """A new ICP pattern, label-channel row (N(0, 1)) or overlay slot; an lda predictor's mean is the
+        examples' features until it has samples."""
+        c, h, w = self.model_cfg.input_shape
+        if self.predictor is not None:
+            dim = self.predictor.stats.dim
+            self.predictor.grow(self._readout_features(xb).mean(0) if xb is not None else np.zeros(dim, F32))
+        if self.model_cfg.label == "overlay" and cfg.num_classes > c * h * w:
+            raise InputError("no input value left to overlay another class on; use an icp or channel model")
+        if self.model_cfg.label == "icp":
+            row = (self.rng.random((1, 1, h, w)) < self.model_cfg.icp_rate).astype(F32)
+            self.extra["encoder.patterns"] = np.concatenate([self.extra["encoder.patterns"], row])
+        elif self.model_cfg.label == "channel":
+            row = self.rng.standard_normal((1, h * w), dtype=F32)
+            self.extra["encoder.matrix"] = np.concatenate([self.extra["encoder.matrix"], row])
+            if self.layers[0].opt is not None:
+                self.layers[0].opt.grow("encoder.matrix", 1)
+
+
+class CflEdge(EdgeLearner):
+    """CFL (``cfl`` loss; ``edgeff.contrastive.ContrastiveLearner``): L_dict on the pooled noisy dictionary and
+    L_feat on the normalised mean features, the dictionary learned from the last layer, prediction at any layer."""
+
+    kind = "contrastive"
+
+    def _built(self, shape: tuple[int, ...]) -> None:
+        model = self.model_cfg
+        self.widths = [s[0] if len(s) == 3 else s[0] // model.groups for s in self.shapes]
+        for s in self.shapes:
+            if len(s) == 1 and s[0] % model.groups:
+                raise ValueError(f"a linear layer of width {s[0]} cannot be split into {model.groups} groups")
+        self.extra["embed"] = self.rng.standard_normal((model.num_classes, model.embed_dim or max(self.widths)),
+                                                       dtype=F32)
+        self.layers[-1].extra = ["embed"]
+        self._pool = {wd: pool_matrix(self.extra["embed"].shape[1], wd) for wd in set(self.widths)}
+
     def _features(self, i: int, out: np.ndarray) -> np.ndarray:
         """A layer's mean feature h̄ (B, C_l): the mean over conv locations or linear groups."""
         if out.ndim == 4:
@@ -617,6 +735,9 @@ class EdgeLearner:
                 dh += np.where(norm > 1e-12, dz_h, dz / nrm)
         return loss, dh.astype(F32, copy=False), de
 
+    def _learn(self, x: np.ndarray, y: np.ndarray, fresh: int | None) -> list[LayerMetrics]:
+        return self._learn_cfl(x, y, fresh)
+
     def _learn_cfl(self, x: np.ndarray, y: np.ndarray, fresh: int | None) -> list[LayerMetrics]:
         k = self.num_classes
         allowed = None
@@ -642,109 +763,83 @@ class EdgeLearner:
             h = out
         return metrics
 
-    # ----------------------------------------------------------------- prediction
-    def _chunk(self) -> int:
-        """Samples per inference chunk: about 128 rows through a layer at a time (K rows per sample for
-        goodness), so inference never needs more memory than a small training batch."""
-        return max(1, 128 // self.num_classes) if self.family == "goodness" else 128
+    def _chunk_scores(self, x: np.ndarray) -> list[np.ndarray]:
+        h, per = x, []
+        for i, layer in enumerate(self.layers):
+            h = layer.forward(h, train=False)
+            f = self._features(i, h)
+            f = f / np.maximum(np.sqrt((f * f).sum(1, keepdims=True)), F32(1e-12))
+            per.append(f @ (self.extra["embed"] @ self._pool[f.shape[1]].T).T)
+        return per
+
+    def _grow(self, xb: np.ndarray | None, cfg: ModelConfig) -> None:
+        """A dictionary row from the examples' mean features at the ``eval_layers`` (random without examples) at
+        the mean norm of the other rows."""
+        embed = self.extra["embed"]
+        dim = embed.shape[1]
+        if xb is not None:
+            feats, hcur = [], xb
+            for i, layer in enumerate(self.layers):
+                hcur = layer.forward(hcur, train=False)
+                feats.append(self._features(i, hcur).mean(0))
+            protos = []
+            for i in self.eval_layers:
+                f = feats[i] / max(float(np.linalg.norm(feats[i])), 1e-12)
+                protos.append(f[(np.arange(dim) * f.shape[0]) // dim])  # nearest-neighbour widening
+            proto = np.mean(protos, axis=0)
+        else:
+            proto = self.rng.standard_normal(dim)
+        scale = float(np.linalg.norm(embed, axis=1).mean()) if embed.shape[0] else float(np.sqrt(dim))
+        row = (proto / max(float(np.linalg.norm(proto)), 1e-12) * scale).astype(F32)
+        self.extra["embed"] = np.concatenate([embed, row[None]])
+        if self.layers[-1].opt is not None:
+            self.layers[-1].opt.grow("embed", 1)
+
+
+class AnalyticEdge(EdgeLearner):
+    """Streaming LDA on a frozen random body (``lda`` loss; ``edgeff.analytic.AnalyticLearner``): the features'
+    class sums and Gram matrix, the readout solved in closed form."""
+
+    kind = "analytic"
+    exact_once = True
+
+    def _built(self, shape: tuple[int, ...]) -> None:
+        self.lda = LdaStats(self.model_cfg.num_classes, int(np.prod(shape)))
+
+    def _learn(self, x: np.ndarray, y: np.ndarray, fresh: int | None) -> list[LayerMetrics]:
+        if fresh is not None:
+            x, y = x[:fresh], y[:fresh]
+        return self._learn_analytic(x, y)
+
+    def _learn_analytic(self, x: np.ndarray, y: np.ndarray) -> list[LayerMetrics]:
+        """Streaming LDA (``edgeff.analytic``): the batch's features into the statistics (the replayed
+        samples of a ``fresh`` step were counted when new); the metric is the batch's mean squared
+        distance to its classes' running means."""
+        assert self.lda is not None
+        h = self._body(x)
+        self.lda.accumulate(h, y)
+        mu = self.lda.class_sum[y] / self.lda.count[y, None]
+        self._readout = None
+        return [LayerMetrics(float(((h.astype(np.float64) - mu) ** 2).mean()), 0.0, 0.0, True)]
+
+    def readout(self) -> tuple[np.ndarray, np.ndarray]:
+        """The solved LDA readout ``(P, c)`` (analytic family; cached until the next step)."""
+        assert self.lda is not None
+        if self._readout is None:
+            self._readout = self.lda.readout(self.model_cfg.shrinkage)
+        return self._readout
 
     def layer_scores(self, x: Any) -> np.ndarray:
-        """Per-layer class scores (B, K, L): goodness of every label, or ⟨h̄/‖h̄‖, pooled D⟩ (CFL).
-        Computed in chunks, so the working set stays small for any batch."""
+        """The readout's scores (B, K, 1)."""
         xb = as_batch(x, self.model_cfg.input_shape)
-        k = self.num_classes
-        if self.lda is not None:
-            p, c = self.readout()
-            return np.concatenate([self._body(xb[s : s + 128]) @ p + c for s in range(0, xb.shape[0], 128)]
-                                  or [np.zeros((0, k), F32)])[..., None]
-        out = []
-        step = self._chunk()
-        for s in range(0, xb.shape[0], step):
-            xc = xb[s : s + step]
-            b = xc.shape[0]
-            per = []
-            if self.family == "goodness":
-                h = self._encode(np.repeat(xc, k, axis=0), np.tile(np.arange(k), b))  # (b·K, C', H, W)
-                for layer in self.layers:
-                    h = layer.forward(h, train=False)
-                    per.append((h * h).reshape(b, k, -1).mean(-1))
-            else:
-                h = xc
-                for i, layer in enumerate(self.layers):
-                    h = layer.forward(h, train=False)
-                    f = self._features(i, h)
-                    f = f / np.maximum(np.sqrt((f * f).sum(1, keepdims=True)), F32(1e-12))
-                    per.append(f @ (self.extra["embed"] @ self._pool[f.shape[1]].T).T)
-            out.append(np.stack(per, axis=-1))
-        return np.concatenate(out).astype(F32, copy=False)
+        p, c = self.readout()
+        return np.concatenate([self._body(xb[s : s + 128]) @ p + c for s in range(0, xb.shape[0], 128)]
+                              or [np.zeros((0, self.num_classes), F32)])[..., None]
 
-    def scores(self, x: Any, layers: list[int] | None = None) -> np.ndarray:
-        """Class scores (B, K): the lda predictor's readout, or (goodness, CFL, and any ``layers`` given) the
-        layers' scores summed over ``layers`` (default: the train config's ``eval_layers``)."""
-        if self.predictor is not None and layers is None:
-            p, c = self.predictor.readout()
-            return (self._readout_features(as_batch(x, self.model_cfg.input_shape)) @ p + c).astype(F32, copy=False)
-        sel = self.eval_layers if layers is None else layers
-        return self.layer_scores(x)[..., sel].sum(-1)
-
-    def predict_many(self, x: Any) -> np.ndarray:
-        return self.scores(x).argmax(1)
-
-    def predict_one(self, x: Any) -> int:
-        return int(self.predict_many(as_batch(x, self.model_cfg.input_shape, single=True))[0])
-
-    def layer_predictions(self, x: Any) -> np.ndarray:
-        """Each layer's own prediction: (B, L)."""
-        return self.layer_scores(x).argmax(1)
-
-    # ----------------------------------------------------------------- growth
-    def add_class(self, name: str, examples: Any = None) -> int:
-        """Add a class online; returns its index. As the torch learners: a new ICP pattern, label-channel
-        row (N(0, 1)) or overlay slot; a CFL dictionary row from the examples' mean features at the
-        ``eval_layers`` (random without examples) at the mean norm of the other rows. Optimizer state
-        grows with the tensors. Raises ``InputError`` with nothing changed."""
-        cfg = self.model_cfg.with_class(name)
-        xb = None if examples is None else as_batch(examples, self.model_cfg.input_shape)
-        c, h, w = self.model_cfg.input_shape
-        if self.lda is not None:
-            self.lda.grow(self._body(xb).mean(0) if xb is not None else np.zeros(self.lda.dim, F32))
-            self._readout = None
-        elif self.family == "goodness":
-            if self.predictor is not None:  # its mean is the examples' features until it has samples
-                dim = self.predictor.stats.dim
-                self.predictor.grow(self._readout_features(xb).mean(0) if xb is not None else np.zeros(dim, F32))
-            if self.model_cfg.label == "overlay" and cfg.num_classes > c * h * w:
-                raise InputError("no input value left to overlay another class on; use an icp or channel model")
-            if self.model_cfg.label == "icp":
-                row = (self.rng.random((1, 1, h, w)) < self.model_cfg.icp_rate).astype(F32)
-                self.extra["encoder.patterns"] = np.concatenate([self.extra["encoder.patterns"], row])
-            elif self.model_cfg.label == "channel":
-                row = self.rng.standard_normal((1, h * w), dtype=F32)
-                self.extra["encoder.matrix"] = np.concatenate([self.extra["encoder.matrix"], row])
-                if self.layers[0].opt is not None:
-                    self.layers[0].opt.grow("encoder.matrix", 1)
-        else:
-            embed = self.extra["embed"]
-            dim = embed.shape[1]
-            if xb is not None:
-                feats, hcur = [], xb
-                for i, layer in enumerate(self.layers):
-                    hcur = layer.forward(hcur, train=False)
-                    feats.append(self._features(i, hcur).mean(0))
-                protos = []
-                for i in self.eval_layers:
-                    f = feats[i] / max(float(np.linalg.norm(feats[i])), 1e-12)
-                    protos.append(f[(np.arange(dim) * f.shape[0]) // dim])  # nearest-neighbour widening
-                proto = np.mean(protos, axis=0)
-            else:
-                proto = self.rng.standard_normal(dim)
-            scale = float(np.linalg.norm(embed, axis=1).mean()) if embed.shape[0] else float(np.sqrt(dim))
-            row = (proto / max(float(np.linalg.norm(proto)), 1e-12) * scale).astype(F32)
-            self.extra["embed"] = np.concatenate([embed, row[None]])
-            if self.layers[-1].opt is not None:
-                self.layers[-1].opt.grow("embed", 1)
-        self.model_cfg = cfg
-        return cfg.num_classes - 1
+    def _grow(self, xb: np.ndarray | None, cfg: ModelConfig) -> None:
+        assert self.lda is not None
+        self.lda.grow(self._body(xb).mean(0) if xb is not None else np.zeros(self.lda.dim, F32))
+        self._readout = None
 
 
 def make_edge_learner(preset: Any, *, input_shape: tuple[int, int, int] | None = None,
