@@ -86,10 +86,11 @@ def train(a: argparse.Namespace) -> None:
 
     def on_start(learner: Any, total: int) -> None:
         if learner.train_cfg.batch_size == 1 and learner.samples_seen == 0:  # a new stream: its recipe, said
+            from edgeff.families import family_for
             from edgeff.presets import get_preset, stream_line
 
             print(stream_line(learner.train_cfg, dict(get_preset(a.preset).stream_model),
-                              closed_form=learner.family == "analytic"))
+                              closed_form="lr" in family_for(learner.model_cfg).core_unused))
         bar.append(Progress("train", total, a.progress))
 
     def on_step(metrics: Any, n: int) -> None:

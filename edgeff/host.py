@@ -49,6 +49,7 @@ class LinkStats:
     nacks: int = 0
     corrupt_replies: int = 0
     stale_replies: int = 0
+    busy: int = 0  # "busy" replies: the device was working on a long request, the request was sent again
     reconnects: int = 0
     bytes_tx: int = 0
     bytes_rx: int = 0
@@ -95,6 +96,8 @@ class DeviceClient:
         timeout: base reply timeout in seconds; the effective one also scales with the observed
             round-trip time (4× its running average), so slow requests are not retransmitted early.
         retries: retransmissions before a request raises ``LinkError``.
+        busy_s: how long a request is sent again while the device answers ``busy`` (it is working on a long
+            request: a readout solve, a large batch) before ``DeviceRefusedError`` says so.
         reconnect_s: how long ``reconnect`` keeps trying to reopen the port.
         wrap: optional function applied to the opened port (e.g. ``FaultyPort`` for fault injection).
     """
@@ -105,12 +108,14 @@ class DeviceClient:
         *,
         timeout: float = 0.25,
         retries: int = 40,
+        busy_s: float = 300.0,
         reconnect_s: float = 15.0,
         wrap: Callable[[Any], Any] | None = None,
     ) -> None:
         self.url = url
         self.timeout = timeout
         self.retries = retries
+        self.busy_s = busy_s
         self.reconnect_s = reconnect_s
         self.wrap = wrap
         self.stats = LinkStats()
@@ -176,7 +181,10 @@ class DeviceClient:
         self.seq = (self.seq + 1) & 0xFFFFFFFF
         frame = encode_frame(Message(kind, self.seq, meta or {}, arrays or {}))
         self.stats.requests += 1
-        for attempt in range(self.retries + 1):
+        busy_until = time.monotonic() + self.busy_s
+        attempt = -1
+        while attempt < self.retries:
+            attempt += 1
             if attempt:
                 self.stats.retransmits += 1
             t0 = time.monotonic()
@@ -192,6 +200,11 @@ class DeviceClient:
             boot = reply.meta.get("boot")
             if kind != MsgType.HELLO and self.boot_id is not None and boot is not None and boot != self.boot_id:
                 raise DeviceResetError(f"the device at {self.url} rebooted (boot id {boot:#x})")
+            if reply.type == MsgType.ERROR and reply.meta.get("code") == "busy" and time.monotonic() < busy_until:
+                self.stats.busy += 1  # the device is alive and working on a long request: ask again shortly,
+                attempt -= 1  # without spending a retry
+                time.sleep(max(self.timeout, 4 * self._rtt))
+                continue
             if reply.type == MsgType.ERROR:
                 raise DeviceRefusedError(str(reply.meta.get("code")), str(reply.meta.get("text")))
             return reply

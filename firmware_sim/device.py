@@ -32,6 +32,7 @@ import select
 import socket
 import sys
 import tempfile
+import threading
 import time
 import tracemalloc
 import zipfile
@@ -65,6 +66,9 @@ MAX_CLASSES = 1024
 MAX_MEMBERS = 1024  # arrays in an uploaded .npz model (a 12-layer edge model with Adam state holds ~150)
 MAX_BATCH = 4096  # samples in one TRAIN or INFER request
 MAX_INPUT = 1e6  # largest |value| of a float input after the float32 cast (normalised pixels are O(1))
+# requests that may run long (a readout solve, a large batch): with ``Device.background`` set they continue in a
+# worker once that long has passed, and the device answers HELLO meanwhile
+LONG_REQUESTS = frozenset({MsgType.INFER, MsgType.TRAIN, MsgType.ADD_CLASS})
 
 
 def _int(meta: dict[str, Any], key: str, lo: int = 0, hi: int = 2**53) -> int:
@@ -198,7 +202,11 @@ class Device:
         self.decoder = FrameDecoder()
         self.planned_peak = 0  # the largest plan of a request accepted since STATS last reset the peak
         self.counters = {"frames_rx": 0, "frames_tx": 0, "frame_errors": 0, "nacks": 0, "duplicates": 0,
-                         "stale_train": 0}
+                         "stale_train": 0, "busy": 0}
+        # seconds a long request runs before it continues in a worker thread (the serving loops set it: the
+        # device then answers HELLO while it solves); None: every request is answered before receive returns
+        self.background: float | None = None
+        self.job: tuple[Message, threading.Thread, list[Message]] | None = None  # (request, worker, its reply)
         self.boot()
 
     # ----------------------------------------------------------------- lifecycle
@@ -277,6 +285,9 @@ class Device:
                 out += self._send(Message(MsgType.NACK, 0, {"error": str(item)}))
                 continue
             self.counters["frames_rx"] += 1
+            if self.job is not None:  # a long request is being worked on: HELLO is answered, the rest waits
+                out += self._while_busy(item)
+                continue
             if item.type != MsgType.HELLO and item.seq == self.last_seq and self.last_reply is not None:
                 self.counters["duplicates"] += 1  # a retransmission: answer again, apply nothing
                 self.counters["frames_tx"] += 1
@@ -284,6 +295,18 @@ class Device:
                 continue
             if item.type != MsgType.LOAD_MODEL:
                 self.staging = None  # an upload interrupted by anything else is abandoned: its bytes are freed
+            if self.background is not None and item.type in LONG_REQUESTS:
+                done: list[Message] = []
+                worker = threading.Thread(target=lambda m=item, d=done: d.append(self.handle(m)), daemon=True)
+                worker.start()
+                worker.join(self.background)
+                if worker.is_alive():  # it goes on; its reply is sent by ``poll`` when it is ready
+                    self.job = (item, worker, done)
+                    continue
+                reply = self._send(done[0])
+                self.last_seq, self.last_reply = item.seq, reply
+                out += reply
+                continue
             reply = self._send(self.handle(item))
             if item.type == MsgType.RESET:
                 self.boot()  # the reply was built before rebooting; the new boot has an empty cache
@@ -291,6 +314,32 @@ class Device:
                 self.last_seq, self.last_reply = item.seq, reply
             out += reply
         return bytes(out)
+
+    def _while_busy(self, item: Message) -> bytes:
+        """A frame that arrives while a long request runs: HELLO is answered (the host's liveness check); anything
+        else, the running request's retransmission included, gets a ``busy`` ERROR (nothing applied, not cached:
+        the host asks again, and gets the running request's reply once it is done)."""
+        assert self.job is not None
+        running = self.job[0]
+        if item.type == MsgType.HELLO:
+            return self._send(self.handle(item))
+        if item.seq == running.seq:
+            self.counters["duplicates"] += 1  # the host asks again: it is told to wait (its reply follows)
+        self.counters["busy"] += 1
+        return self._send(Message(MsgType.ERROR, item.seq, {
+            "code": "busy", "text": f"the device is working on {running.type.name} (seq {running.seq}); retry when "
+                                    "it has answered", "boot": self.boot_id}))
+
+    def poll(self) -> bytes:
+        """The reply of a long request that has finished in the background (the serving loops call this while
+        one runs); empty while it still runs or when there is none."""
+        if self.job is None or self.job[1].is_alive():
+            return b""
+        item, _, done = self.job
+        self.job = None
+        reply = self._send(done[0])
+        self.last_seq, self.last_reply = item.seq, reply
+        return reply
 
     def _send(self, msg: Message) -> bytes:
         """Encode a reply; one that cannot be represented becomes a short ERROR (the device never dies on it)."""
@@ -600,18 +649,24 @@ class Device:
 
 
 # --------------------------------------------------------------------------- transports
+BACKGROUND = 0.2  # seconds a long request holds the serving loop before it continues in a worker (Device.background)
+POLL = 0.01  # seconds between checks for a background request's reply
+
+
 def serve_fd(dev: Device, fd: int, *, idle: float = 0.5, until: float | None = None) -> None:
-    """Serve on a file descriptor (a pty master) until ``until`` (a ``time.monotonic`` deadline) or forever."""
+    """Serve on a file descriptor (a pty master) until ``until`` (a ``time.monotonic`` deadline) or forever.
+    A long request continues in a worker after ``BACKGROUND`` seconds; HELLO is answered meanwhile."""
+    dev.background = BACKGROUND
     while until is None or time.monotonic() < until:
-        ready, _, _ = select.select([fd], [], [], idle)
-        if not ready:
-            continue
-        try:
-            data = os.read(fd, 65536)
-        except OSError:  # EIO: no one has the other end open right now
-            time.sleep(0.05)
-            continue
-        reply = dev.receive(data)
+        ready, _, _ = select.select([fd], [], [], idle if dev.job is None else POLL)
+        reply = dev.poll()
+        if ready:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:  # EIO: no one has the other end open right now
+                time.sleep(0.05)
+                continue
+            reply += dev.receive(data)
         view = memoryview(reply)
         while view:
             n = os.write(fd, view)
@@ -646,6 +701,7 @@ def serve_socket(dev: Device, port: int, *, host: str = "127.0.0.1", announce: b
     that is let go reconnects and waits its turn). A reply not taken within ``idle`` seconds drops the
     client. At most ``backlog`` more wait to be served (the kernel refuses the rest); a client that resets or
     vanishes mid-reply is dropped, the device keeps serving."""
+    dev.background = BACKGROUND
     srv = socket.create_server((host, port), backlog=backlog)
     if announce:
         print(f"port: socket://{host}:{srv.getsockname()[1]}", flush=True)
@@ -667,19 +723,21 @@ def _serve_client(dev: Device, conn: socket.socket, srv: socket.socket, idle: fl
     try:
         while True:
             now = time.monotonic()
-            if now >= last + idle:
+            if now >= last + idle and dev.job is None:
                 return  # no complete frame within the deadline: idle or trickling
-            ready, _, _ = select.select([conn, srv], [], [], min(last + idle - now, share))
+            wait = POLL if dev.job is not None else min(last + idle - now, share)
+            ready, _, _ = select.select([conn, srv], [], [], max(0.0, wait))
+            reply = dev.poll()  # a long request's reply, once its worker is done
             if conn in ready:
                 data = conn.recv(65536)
                 if not data:
                     return
-                reply = dev.receive(data)
-                if reply:
-                    conn.settimeout(idle)  # the whole reply within the deadline (sendall's total since 3.5)
-                    conn.sendall(reply)
-                    conn.setblocking(True)
-                    last = time.monotonic()
+                reply += dev.receive(data)
+            if reply:
+                conn.settimeout(idle)  # the whole reply within the deadline (sendall's total since 3.5)
+                conn.sendall(reply)
+                conn.setblocking(True)
+                last = time.monotonic()
             if srv in ready:
                 now = time.monotonic()
                 waited = now if waited is None else waited

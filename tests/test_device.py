@@ -307,3 +307,84 @@ def test_socket_transport(tmp_path: Path, mnist_small: ImageData) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def _slowed(dev: Device, gate: threading.Event) -> None:
+    """The loaded model's training step waits for ``gate``: a request that runs as long as the test says."""
+    assert dev.net is not None
+    step = dev.net.train_step
+
+    def slow(*args, **kwargs):  # type: ignore[no-untyped-def]
+        gate.wait(30)
+        return step(*args, **kwargs)
+
+    dev.net.train_step = slow  # type: ignore[method-assign]
+
+
+def test_the_device_answers_hello_while_a_long_request_runs(mnist_small: ImageData) -> None:
+    """Before: the device served one request at a time, so while it solved (a 10 s lda readout) a host's HELLO went
+    unanswered and the host gave up. Now a long request continues in a worker: HELLO is answered, anything else
+    gets `busy` (nothing applied), and the request's reply comes when it is done, equal to a synchronous device's."""
+    x, y = _flat(mnist_small, 8)
+    blob = new_model("device-embed", [32])
+    sync = Device(parse_size("4MiB"))
+    _load(sync, blob)
+    want = _ask(sync, Message(MsgType.TRAIN, 10, {"first": 0}, {"x": x, "y": y}))
+    dev = Device(parse_size("4MiB"))
+    _load(dev, blob)
+    gate = threading.Event()
+    _slowed(dev, gate)
+    dev.background = 0.0  # a long request continues in a worker at once
+    train = encode_frame(Message(MsgType.TRAIN, 10, {"first": 0}, {"x": x, "y": y}))
+    assert dev.receive(train) == b"" and dev.job is not None  # no reply yet: it runs
+    hello = _ask(dev, Message(MsgType.HELLO, 11))
+    assert hello.type == MsgType.ACK and hello.seq == 11 and hello.meta["samples_seen"] == 0
+    for msg in (Message(MsgType.TRAIN, 10, {"first": 0}, {"x": x, "y": y}), Message(MsgType.STATS, 12)):
+        busy = _ask(dev, msg)
+        assert busy.type == MsgType.ERROR and busy.meta["code"] == "busy" and busy.seq == msg.seq
+        assert "TRAIN (seq 10)" in busy.meta["text"]
+    assert dev.poll() == b""
+    gate.set()
+    dev.job[1].join(30)  # type: ignore[index]
+    (reply,) = FrameDecoder().feed(dev.poll())
+    assert isinstance(reply, Message) and reply.type == MsgType.ACK and reply.seq == 10
+    assert reply.meta["samples_seen"] == want.meta["samples_seen"] == 8 and dev.job is None
+    assert all(np.array_equal(a, sync.net.learner.arrays()[k]) for k, a in dev.net.learner.arrays().items())  # type: ignore[union-attr]
+    again = _ask(dev, Message(MsgType.TRAIN, 10, {"first": 0}, {"x": x, "y": y}))  # the host's late retransmission
+    assert again.type == MsgType.ACK and dev.samples_seen == 8 and dev.counters["busy"] == 2
+
+
+def test_a_host_waits_for_a_busy_device_without_spending_its_retries(mnist_small: ImageData) -> None:
+    """Over a real socket: a request that runs 3 s against a host that gives up after 9 silent attempts of 0.1 s
+    (the device holds a long request 0.2 s before it continues in a worker); the device says `busy` to each
+    retransmission and the host keeps asking until the reply comes."""
+    from edgeff.firmware_sim.device import serve_socket
+
+    dev = Device(parse_size("4MiB"))
+    _load(dev, new_model("device-embed", [32]))
+    gate = threading.Event()
+    _slowed(dev, gate)
+    import socket as socketlib
+
+    probe = socketlib.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    threading.Thread(target=serve_socket, args=(dev, port), kwargs={"announce": False}, daemon=True).start()
+    threading.Timer(3.0, gate.set).start()
+    x, y = _flat(mnist_small, 8)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            host = DeviceClient(f"socket://127.0.0.1:{port}", timeout=0.1, retries=8)
+            host.open()
+            break
+        except Exception:  # noqa: BLE001 - the server thread is starting
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    with host:
+        t0 = time.monotonic()
+        res = host.request(MsgType.TRAIN, {"first": 0}, {"x": x, "y": y})
+        assert res.type == MsgType.ACK and res.meta["samples_seen"] == 8 and time.monotonic() - t0 >= 2.5
+        assert host.stats.busy >= 10 and host.hello()["samples_seen"] == 8
