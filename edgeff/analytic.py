@@ -36,12 +36,12 @@ from torch import nn
 from edgeff.config import ModelConfig, TrainConfig
 from edgeff.contract import LearnerBase, register
 from edgeff.errors import UnsupportedError
+from edgeff.families import declaration
 from edgeff.inputs import BLOCK_BYTES, as_batch, as_labels, in_row_blocks
 from edgeff.kmeans import KMeansPatches
 from edgeff.layers import make_block, out_shape
 from edgeff.loop import LayerMetrics
 from edgeff.readout import PENDING, solve_lda
-from edgeff.families import declaration
 
 
 class FrozenLayer(nn.Module):

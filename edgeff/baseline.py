@@ -16,13 +16,13 @@ from torch import nn
 from edgeff.augment import make_augment, make_views
 from edgeff.config import ModelConfig, TrainConfig
 from edgeff.contract import LearnerBase, register
+from edgeff.families import declaration
 from edgeff.graphs import inference_block
 from edgeff.inputs import as_batch, as_labels, check_loss, in_row_blocks, peak_row_bytes
 from edgeff.kmeans import GridMean
 from edgeff.layers import HEAD_ROW_NORM, class_row, grow_linear, make_block, make_optimizer, out_shape
 from edgeff.loop import LayerMetrics
 from edgeff.losses import fresh_class_mask
-from edgeff.families import declaration
 
 
 class BPNet(nn.Module):

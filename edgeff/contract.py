@@ -48,6 +48,7 @@ from edgeff.families import CORE_MODEL, CORE_TRAIN, Family, declared, family_for
 from edgeff.inputs import as_batch, resolve_device
 from edgeff.loop import LayerMetrics
 
+
 class LearnerBase(ABC):
     """The contract (see the module docstring). Subclasses set the class attributes, call
     ``super().__init__(model, train)`` first (it checks the configs, resolves the device and seeds

@@ -35,6 +35,7 @@ from edgeff import factored
 from edgeff.augment import make_augment, make_views
 from edgeff.config import ModelConfig, TrainConfig
 from edgeff.contract import LearnerBase, register
+from edgeff.families import declaration
 from edgeff.graphs import inference_block
 from edgeff.inputs import as_batch, as_labels, check_loss
 from edgeff.layers import (
@@ -57,7 +58,6 @@ from edgeff.losses import (
     supcon_loss,
 )
 from edgeff.model import select_layers
-from edgeff.families import declaration
 
 CONTRASTIVE_LOSSES = ("supcon", "cfl")
 

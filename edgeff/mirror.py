@@ -23,6 +23,7 @@ from torch import nn
 
 from edgeff.config import ModelConfig, TrainConfig
 from edgeff.contract import LearnerBase, register
+from edgeff.families import declaration
 from edgeff.graphs import inference_block
 from edgeff.inputs import as_batch, as_labels, check_loss
 from edgeff.layers import (
@@ -36,7 +37,6 @@ from edgeff.layers import (
 )
 from edgeff.loop import LayerMetrics
 from edgeff.optim import LeanOptimizer
-from edgeff.families import declaration
 
 
 def mirror_loss(h: torch.Tensor, target: torch.Tensor, y: torch.Tensor | None, *, margin: float = 0.0) -> torch.Tensor:

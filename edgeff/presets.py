@@ -7,8 +7,8 @@ from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 from edgeff.config import LayerSpec, ModelConfig, TrainConfig
-from edgeff.families import family_for
 from edgeff.errors import UnknownPresetError
+from edgeff.families import family_for
 
 if TYPE_CHECKING:  # the learners import torch; the presets themselves are torch-free (the edge runtime reads them)
     from edgeff.contract import LearnerBase

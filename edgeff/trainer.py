@@ -23,6 +23,7 @@ from edgeff import factored
 from edgeff.config import ModelConfig, TrainConfig
 from edgeff.contract import LearnerBase, register
 from edgeff.errors import InputError
+from edgeff.families import declaration
 from edgeff.graphs import AllLabels, inference_block
 from edgeff.inputs import as_batch, as_labels, check_loss, resolve_device  # noqa: F401 - re-exported
 from edgeff.labelled import LabelledPairs, PairSource, TensorPairs
@@ -32,7 +33,6 @@ from edgeff.loop import LayerMetrics, train_epochs  # noqa: F401 - re-exported: 
 from edgeff.losses import get_loss, goodness, peer_loss
 from edgeff.model import NEGATIVES, GoodnessPredictor, HeadPredictor, LocalNet, make_predictor, select_layers
 from edgeff.readout import LdaPredictor
-from edgeff.families import declaration
 
 SCHEDULES = ("all", "greedy", "olu")
 PEER_MOMENTUM = 0.9  # peer normalisation's running mean activity (the reference implementation's value)

@@ -56,8 +56,8 @@ from edgeff.firmware_sim.protocol import (
 
 from edgeff.edge.plan import file_plan
 from edgeff.files import BytesReader
-from edgeff.names import name_problem, names_problem
 from edgeff.kinds import numpy_kinds
+from edgeff.names import name_problem, names_problem
 
 STATE_FILE = "state.npz"
 ONNX_FILE = "model.onnx"

@@ -379,7 +379,7 @@ def test_a_host_waits_for_a_busy_device_without_spending_its_retries(mnist_small
             host = DeviceClient(f"socket://127.0.0.1:{port}", timeout=0.1, retries=8)
             host.open()
             break
-        except Exception:  # noqa: BLE001 - the server thread is starting
+        except Exception:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)

@@ -16,9 +16,9 @@ from edgeff.config import ModelConfig, TrainConfig
 from edgeff.contract import build, families, register
 from edgeff.data import load_data
 from edgeff.edge.learner import GoodnessEdge, check_supported
-from edgeff.interchange import to_edge
 from edgeff.errors import InputError, UnsupportedError
 from edgeff.families import Family, declaration, declared, family_for, register_family, unregister_family
+from edgeff.interchange import to_edge
 from edgeff.presets import PRESETS, get_preset
 from edgeff.trainer import Learner
 
@@ -54,7 +54,7 @@ def test_both_runtimes_refuse_an_unread_setting_with_the_same_line(preset):
 
 
 def test_the_numpy_runtime_refuses_what_only_torch_runs_with_the_declared_reason():
-    for name, p in PRESETS.items():
+    for p in PRESETS.values():
         if p.algorithm != "local":
             continue
         d = family_for(p.model)

@@ -236,13 +236,15 @@ class EdgeLearner:
     kind = ""  # the contract's kind: set by each family's class below
     exact_once = False  # each sample counted once (``LearnerBase.exact_once``): the analytic family
 
-    def __new__(cls, model: ModelConfig | None = None, train: TrainConfig | None = None, **_: Any) -> EdgeLearner:
+    def __new__(cls, model: ModelConfig | None = None, train: TrainConfig | None = None,  # noqa: PYI034
+                **_: Any) -> EdgeLearner:
         """``EdgeLearner(model, train)`` builds the numpy learner its family declares (``edgeff.families``: the
         declaration's ``numpy`` class), after the checks every family's config gets."""
+        impl = cls
         if cls is EdgeLearner and model is not None and train is not None:
             check_supported(model, train)
-            cls = builder(family_for(model).numpy)  # type: ignore[arg-type, assignment]
-        return super().__new__(cls)
+            impl = builder(family_for(model).numpy)  # type: ignore[arg-type]
+        return super().__new__(impl)  # the family's class, not necessarily cls
 
     def __init__(self, model: ModelConfig, train: TrainConfig, *, fill: bool = True) -> None:
         """``fill=False``: the weights are left unwritten (zero pages the kernel has not handed out yet), for a
