@@ -204,7 +204,8 @@ def run_job(name: str, data_dir: Path, threads: int, budget_scale: float, keep: 
         if all(len(s) == 3 for s in local.net.shapes):
             x = data.normalise(data.x_test[:1])[0]
             maps, _ = attention_maps(local, x)
-            files = save_attention(data.x_test[0], maps, RESULTS / f"attention_{preset_name}_{dataset}.png")
+            # named by the job: a variant (PRESET:DATA:VARIANT) keeps its own maps beside its main job's
+            files = save_attention(data.x_test[0], maps, RESULTS / f"attention_{name.replace(':', '_')}.png")
             extra["attention_png"] = ",".join(str(f.relative_to(RESULTS.parent)) for f in files)
     return {**extra,
         "job": name, "preset": preset_name, "dataset": dataset, "mode": mode, "batch_size": batch,
