@@ -239,11 +239,11 @@ class EdgeLearner:
     def __new__(cls, model: ModelConfig | None = None, train: TrainConfig | None = None,  # noqa: PYI034
                 **_: Any) -> EdgeLearner:
         """``EdgeLearner(model, train)`` builds the numpy learner its family declares (``edgeff.families``: the
-        declaration's ``numpy`` class), after the checks every family's config gets."""
+        declaration's ``numpy`` class); ``__init__`` checks the config (a family only torch runs is refused there)."""
         impl = cls
-        if cls is EdgeLearner and model is not None and train is not None:
-            check_supported(model, train)
-            impl = builder(family_for(model).numpy)  # type: ignore[arg-type]
+        if cls is EdgeLearner and model is not None:
+            numpy_class = family_for(model).numpy
+            impl = builder(numpy_class) if numpy_class is not None else cls
         return super().__new__(impl)  # the family's class, not necessarily cls
 
     def __init__(self, model: ModelConfig, train: TrainConfig, *, fill: bool = True) -> None:

@@ -42,8 +42,8 @@ def state_sizes(arrays: dict[str, np.ndarray]) -> dict[str, int]:
     return {name: int(a.nbytes) for name, a in arrays.items() if name != "header"}
 
 
-def _layer_working(model: ModelConfig, fam: str, views: int, i: int, in_shape: tuple[int, ...], shape: tuple[int, ...],
-                   batch: int, params: int) -> tuple[int, int]:
+def _layer_working(model: ModelConfig, fam: str, views: int, i: int, in_shape: tuple[int, ...], batch: int,
+                   params: int) -> tuple[int, int]:
     """(train, infer) working bytes of layer ``i`` (``params`` bytes of weights) at ``batch`` samples."""
     spec = model.layers[i]
     rows_train = (2 if fam == "goodness" else views if fam == "cfl" else 1) * batch
@@ -77,7 +77,7 @@ def memory_plan(model: ModelConfig, train: TrainConfig, sizes: dict[str, int], b
     for i, spec in enumerate(model.layers):
         out = out_shape(spec, shape)
         params = sum(b for n, b in tensors.items() if n.startswith(f"layers.{i}.") and n.endswith((".weight", ".bias")))
-        tw, iw = _layer_working(model, fam, train.views, i, shape, out, batch, params)
+        tw, iw = _layer_working(model, fam, train.views, i, shape, batch, params)
         layers.append({"layer": i, "params": params, "optimizer": per_state * params, "train_working": tw,
                        "infer_working": iw})
         shape = out
