@@ -24,7 +24,7 @@ _EXPORTS = {
     "ModelConfig": "edgeff.config",
     "TrainConfig": "edgeff.config",
     "evaluate": "edgeff.evaluation",
-    "fit": "edgeff.trainer",
+    "fit": "edgeff.loop",
     "get_preset": "edgeff.presets",
     "make_learner": "edgeff.presets",
 }
@@ -54,10 +54,10 @@ if TYPE_CHECKING:
     from edgeff.contract import LearnerBase
     from edgeff.contrastive import ContrastiveLearner
     from edgeff.evaluation import EvalResult, evaluate
-    from edgeff.loop import LayerMetrics
+    from edgeff.loop import LayerMetrics, fit
     from edgeff.mirror import MirrorLearner
     from edgeff.presets import PRESETS, get_preset, make_learner
-    from edgeff.trainer import Learner, fit
+    from edgeff.trainer import Learner
 
 
 def __getattr__(name: str) -> Any:

@@ -1,7 +1,7 @@
 """Continual learning: class-incremental streams, a reservoir replay buffer, and the usual metrics.
 
 - ``ReplayBuffer``: reservoir sampling (Vitter's algorithm R) with a fixed capacity and its own seed;
-  passed into ``edgeff.trainer.fit`` (``replay=``), which mixes a replay batch into every step.
+  the training loop's replay hook (``edgeff.loop.run_batches``, ``replay=``): a replay batch mixed into every step.
 - ``split_experiences``: split-MNIST / split-Fashion-MNIST (5 experiences of 2 classes each, in class
   order 0-1, 2-3, ... unless ``class_order`` says otherwise).
 - ``run_stream``: streams experiences through any learner in one pass, growing the learner with
@@ -30,7 +30,7 @@ import torch
 from edgeff.contract import LearnerBase
 from edgeff.data import ImageData
 from edgeff.errors import InputError
-from edgeff.trainer import fit
+from edgeff.loop import fit
 
 POLICIES = ("reservoir", "balanced")
 
@@ -93,8 +93,16 @@ class ReplayBuffer:
             candidates = torch.nonzero(self.y[: self.size] == label).flatten()
         return int(candidates[self._randint(candidates.numel())])
 
-    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Offer a batch; never keeps a reference to the caller's tensors."""
+    def mixed(self, x: torch.Tensor, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's batch ``x, y`` followed by ``batch`` (default: as many) samples drawn from the buffer, on
+        ``x``'s device (the training loop's replay hook, ``edgeff.loop.run_batches``)."""
+        yt = torch.as_tensor(y)
+        rx, ry = self.sample(self.batch or int(x.shape[0]))
+        return torch.cat([x, rx.to(x.device)]), torch.cat([yt, ry.to(yt.device)])
+
+    def add(self, x: torch.Tensor, y: Any) -> None:
+        """Offer a batch (labels as a tensor, an array or a list); never keeps a reference to the caller's tensors."""
+        y = torch.as_tensor(y)
         if self.capacity == 0:
             self.seen += int(x.shape[0])
             return
@@ -290,7 +298,7 @@ def run_stream(
     Args:
         learner: any edgeff learner; it grows with ``add_class`` when a class first appears.
         names: a name per data-set label.
-        replay: a buffer passed to ``fit``: every step also learns from an equal number of replayed samples.
+        replay: the loop's replay hook: every step also learns from an equal number of replayed samples.
         eval_every: also record the accuracy on each experience's test set every this many samples (the
             plot's curve; the first ``eval_limit`` test samples of each experience), 0 for none.
         known: data-set label -> learner class index for classes the learner already has.
@@ -475,7 +483,7 @@ def pretrain_without(data: ImageData, new: int, *, preset: str = "cfl-mlp-stream
     ``data`` but ``new``; its class indices are the data-set labels with ``new`` left out."""
     from dataclasses import replace
 
-    from edgeff.trainer import train_epochs
+    from edgeff.loop import train_epochs
 
     k = len(data.classes)
     if not 0 <= new < k:

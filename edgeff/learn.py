@@ -23,7 +23,7 @@ from edgeff.continual import ReplayBuffer
 from edgeff.data import ImageData, load_data
 from edgeff.errors import DataNotFoundError, InputError
 from edgeff.files import check_output
-from edgeff.trainer import fit
+from edgeff.loop import fit
 
 SEED_EXAMPLES = 20  # a new class's first examples, its initial row
 

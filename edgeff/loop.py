@@ -1,7 +1,9 @@
-"""The runtime-free part of training: per-layer metrics and the epoch loop with its lr schedule.
+"""The runtime-free part of training: per-layer metrics and the one training loop with its hooks.
 
 Torch-free, so the torch learners (``edgeff.trainer``) and the numpy edge runtime (``edgeff.edge``)
-share one data order, one resume rule and one learning-rate schedule.
+share one loop (``run_batches``), one data order, one resume rule and one learning-rate schedule; the
+runners (``edgeff train``, ``edgeff-edge train``, ``edgeff learn``, ``edgeff continual``, the layer pipeline's
+first stage) differ only in the batches they feed it and the hooks they pass (progress, checkpoints, replay).
 """
 
 from __future__ import annotations
@@ -44,6 +46,18 @@ class LearnerLike(Protocol):
     def end_of_plan(self, batches: Callable[[], Iterable[tuple[Any, Any]]]) -> None: ...
 
 
+class ReplayLike(Protocol):
+    """The replay hook (``edgeff.continual.ReplayBuffer``): what the loop mixes into a step and offers the stream to."""
+
+    asymmetric: bool
+
+    def __len__(self) -> int: ...
+
+    def mixed(self, x: Any, y: Any) -> tuple[Any, Any]: ...
+
+    def add(self, x: Any, y: Any) -> None: ...
+
+
 class ImageDataLike(Protocol):
     @property
     def y_train(self) -> Any: ...
@@ -62,6 +76,7 @@ def train_epochs(
     seed: int = 0,
     limit: int | None = None,
     on_step: Callable[[object, int], None] | None = None,
+    replay: ReplayLike | None = None,
 ) -> None:
     """Train for ``epochs`` passes over ``data``'s training set (the first ``limit`` shuffled samples
     of each pass when given), resuming where ``learner.samples_seen`` says it stopped.
@@ -81,17 +96,65 @@ def train_epochs(
     epochs (up to the plan) is therefore the same as the longer run from the start; to extend a run past
     its plan, plan it longer from the start (``edgeff train --lr-epochs``).
     """
-    for x, y, lr, fresh in planned_batches(learner.train_cfg, learner.samples_seen, data, epochs=epochs,
-                                           batch_size=batch_size, seed=seed, limit=limit):
-        if lr is not None:
-            learner.set_lr(lr)
-        m = learner.learn_many(x, y)
-        learner.samples_seen -= int(x.shape[0]) - fresh  # the window's samples were counted when they were new
-        if on_step is not None:
-            on_step(m, fresh)
+    run_batches(learner, planned_batches(learner.train_cfg, learner.samples_seen, data, epochs=epochs,
+                                         batch_size=batch_size, seed=seed, limit=limit), on_step=on_step, replay=replay)
     per_epoch = min(limit, len(data.y_train)) if limit is not None else len(data.y_train)
     if learner.samples_seen >= per_epoch * max(1, learner.train_cfg.epochs):  # the planned run is complete
         learner.end_of_plan(lambda: data.train_batches(max(batch_size, READOUT_BATCH), seed=seed, limit=limit))
+
+
+def run_batches(
+    learner: LearnerLike,
+    batches: Iterable[tuple[Any, Any, float | None, int]],
+    *,
+    on_step: Callable[[Any, int], None] | None = None,
+    replay: ReplayLike | None = None,
+) -> None:
+    """The one training loop: every runner's steps go through it (``train_epochs`` with the planned batches,
+    ``fit`` with a stream's, ``edgeff learn`` and ``edgeff continual`` with a replay buffer).
+
+    Each item is ``(x, y, lr, fresh)``: a batch whose first ``fresh`` rows are new (the rest: the window's,
+    ``planned_batches``), and its step's learning rate (None: unchanged). The hooks, in the order a step
+    runs them: the lr plan (``learner.set_lr``); ``replay`` mixes its samples into the batch
+    (``replay.mixed``; with ``replay.asymmetric`` the learner is told how many rows are the stream's, ER-ACE)
+    unless the learner learns each sample exactly once (``exact_once``: the analytic family; its buffer still
+    fills); the step; the new rows offered to ``replay``; ``on_step(metrics, fresh)``. ``learner.samples_seen``
+    counts each stream sample once (a window's and a replay's rows were counted when they were new)."""
+    for x, y, lr, fresh in batches:
+        if lr is not None:
+            learner.set_lr(lr)
+        xs, ys = x, y
+        if replay is not None and len(replay) and not getattr(learner, "exact_once", False):
+            xs, ys = replay.mixed(x, y)
+        if xs is not x and replay is not None and replay.asymmetric:
+            m = learner.learn_many(xs, ys, fresh=int(x.shape[0]))
+        else:
+            m = learner.learn_many(xs, ys)
+        learner.samples_seen -= int(xs.shape[0]) - fresh
+        if replay is not None:
+            replay.add(x[:fresh], y[:fresh])
+        if on_step is not None:
+            on_step(m, fresh)
+
+
+def stream(batches: Iterable[tuple[Any, Any]]) -> Iterator[tuple[Any, Any, None, int]]:
+    """A stream's batches as the loop takes them: every row new, no lr plan."""
+    for x, y in batches:
+        yield x, y, None, int(x.shape[0])
+
+
+def fit(
+    learner: LearnerLike,
+    batches: Iterable[tuple[Any, Any]],
+    *,
+    on_step: Callable[[Any, int], None] | None = None,
+    replay: ReplayLike | None = None,
+) -> None:
+    """Stream ``batches`` through the loop (``run_batches``): no lr plan, no window, no end of plan;
+    ``on_step(metrics, batch_size)`` after each step. With a ``replay`` buffer (``edgeff.continual.ReplayBuffer``)
+    every step also learns from ``replay.batch`` (default: as many) samples drawn from it, and the batch is then
+    offered to it."""
+    run_batches(learner, stream(batches), on_step=on_step, replay=replay)
 
 
 def decayed(step: int, total: int, hold: float) -> float:

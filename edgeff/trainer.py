@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from edgeff.inputs import as_batch, as_labels, check_loss, resolve_device  # noq
 from edgeff.labelled import LabelledPairs, PairSource, TensorPairs
 from edgeff.labels import OverlayEncoder
 from edgeff.layers import RunningBatchNorm
-from edgeff.loop import LayerMetrics, train_epochs  # noqa: F401 - re-exported: the runtime-free training loop
+from edgeff.loop import LayerMetrics, fit, train_epochs  # noqa: F401 - re-exported: the runtime-free training loop
 from edgeff.losses import get_loss, goodness, peer_loss
 from edgeff.model import NEGATIVES, GoodnessPredictor, HeadPredictor, LocalNet, make_predictor, select_layers
 from edgeff.readout import LdaPredictor
@@ -406,45 +406,6 @@ class Learner(LearnerBase):
     def prediction_kind(self, layers: str | None = None) -> str:
         return "logits" if isinstance(self.predictor, HeadPredictor | LdaPredictor) and layers is None else \
             f"goodness:{layers or 'default'}"
-
-
-class ReplayLike(Protocol):
-    batch: int | None
-    asymmetric: bool
-
-    def __len__(self) -> int: ...
-
-    def add(self, x: torch.Tensor, y: torch.Tensor) -> None: ...
-
-    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-
-def fit(
-    learner: LearnerBase,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    *,
-    on_step: Callable[[Any, int], None] | None = None,
-    replay: ReplayLike | None = None,
-) -> None:
-    """Stream ``batches`` through ``learner.learn_many``; ``on_step(metrics, batch_size)`` after each.
-
-    With a ``replay`` buffer (e.g. ``edgeff.continual.ReplayBuffer``) every step learns from the batch
-    plus ``replay.batch`` (default: as many) samples drawn from the buffer (experience replay), and the batch is then offered to
-    the buffer; ``on_step`` counts the stream's samples only. A learner that learns each sample exactly once
-    (``exact_once``: the analytic family) learns the batch alone; the buffer still fills.
-    """
-    for x, y in batches:
-        if replay is None or not len(replay) or getattr(learner, "exact_once", False):  # replayed rows would count twice
-            m = learner.learn_many(x, y)
-        else:
-            yt = torch.as_tensor(y)
-            rx, ry = replay.sample(replay.batch or int(x.shape[0]))
-            xs, ys = torch.cat([x, rx.to(x.device)]), torch.cat([yt, ry.to(yt.device)])
-            m = learner.learn_many(xs, ys, fresh=int(x.shape[0])) if replay.asymmetric else learner.learn_many(xs, ys)
-        if replay is not None:
-            replay.add(x, torch.as_tensor(y))
-        if on_step is not None:
-            on_step(m, int(x.shape[0]))
 
 
 class GoodnessGraph(nn.Module):

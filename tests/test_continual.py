@@ -27,9 +27,9 @@ from edgeff.continual import (
 from edgeff.data import ImageData
 from edgeff.errors import InputError
 from edgeff.layers import grow_rows
+from edgeff.loop import fit, train_epochs
 from edgeff.losses import cfl_dict_loss
 from edgeff.presets import PRESETS
-from edgeff.trainer import fit
 
 runner = CliRunner()
 GROWABLE = [n for n in PRESETS if not n.endswith("-paper") and n not in ("cff-vit", "cfl-conv512")]
@@ -188,14 +188,44 @@ def test_fit_mixes_replay_and_offers_only_the_stream(mnist_small: ImageData) -> 
     seen: list[tuple[int, int | None]] = []
 
     class Spy:
+        samples_seen = 0
+
         def learn_many(self, x: torch.Tensor, y: torch.Tensor, fresh: int | None = None) -> float:
             seen.append((int(x.shape[0]), fresh))
+            self.samples_seen += int(x.shape[0])  # as a learner counts the rows it learns
             return 0.0
 
     buf = ReplayBuffer(30, seed=0, batch=6, asymmetric=True)
-    fit(Spy(), mnist_small.train_batches(10, seed=0, limit=40), replay=buf)  # type: ignore[arg-type]
+    spy = Spy()
+    fit(spy, mnist_small.train_batches(10, seed=0, limit=40), replay=buf)  # type: ignore[arg-type]
     assert seen == [(10, None), (16, 10), (16, 10), (16, 10)]
     assert len(buf) == 30 and buf.seen == 40
+    assert spy.samples_seen == 40  # the stream's samples, each once: replayed rows were counted when they were new
+
+
+def test_replay_runs_through_the_one_loop_with_the_lr_plan_and_window(mnist_small: ImageData) -> None:
+    """train_epochs takes the replay hook: the planned batches (window rows included) are mixed with the
+    buffer's samples, the lr plan still applies, only the new rows are offered to the buffer, and a resumed run
+    (the buffer restored from its state) continues with exactly the uninterrupted run's weights."""
+    p = PRESETS["symba-mlp"]
+    tc = replace(p.train, batch_size=8, epochs=2, lr_final=1e-5, window=4, seed=0)
+
+    def build():  # type: ignore[no-untyped-def]
+        return make_learner(p, input_shape=mnist_small.input_shape, num_classes=10, train=tc)
+
+    whole, buf = build(), ReplayBuffer(20, seed=1, batch=5)
+    train_epochs(whole, mnist_small, epochs=2, batch_size=8, limit=48, replay=buf)
+    assert whole.samples_seen == 96 and buf.seen == 96  # each stream sample once, window and replay rows not again
+    plain = build()
+    train_epochs(plain, mnist_small, epochs=2, batch_size=8, limit=48)
+    assert not all(torch.equal(a, b) for a, b in zip(whole.net.state_dict().values(), plain.net.state_dict().values(),
+                                                     strict=True))  # the replayed rows were learned
+    half, buf2 = build(), ReplayBuffer(20, seed=1, batch=5)
+    train_epochs(half, mnist_small, epochs=1, batch_size=8, limit=48, replay=buf2)
+    buf2 = ReplayBuffer.from_state(buf2.state())
+    train_epochs(half, mnist_small, epochs=2, batch_size=8, limit=48, replay=buf2)
+    for a, b in zip(whole.net.state_dict().values(), half.net.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_asymmetric_dict_loss_limits_fresh_samples_to_fresh_classes() -> None:
