@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-from edgeff.options import Opt, check_choices, options
+from edgeff.options import Opt, options
 
 PROG = "edgeff-edge"
 
@@ -76,12 +76,10 @@ class Progress:
 def train(a: argparse.Namespace) -> None:
     """Train a preset with numpy alone, streaming batches from disk, then report test accuracy."""
     from edgeff.edge.run import train_run
+    from edgeff.spec import RunOptions
 
-    check_choices(vars(a), "edge")
-    overrides = {k: getattr(a, k) for k in ("lr", "schedule", "views", "seed", "window", "predictor", "eval_layers",
-                                             "readout_size") if getattr(a, k) is not None}
-    if a.views == 1:
-        overrides["crop_padding"] = 0
+    spec = RunOptions(**{o.name: getattr(a, o.name) for o in options("edge") if o.name not in ("out_path", "progress")},
+                      out=a.out_path)
     bar: list[Progress] = []
 
     def on_start(learner: Any, total: int) -> None:
@@ -97,9 +95,7 @@ def train(a: argparse.Namespace) -> None:
         bar[0].advance(n, " ".join(f"L{i + 1} {m.loss:.3f}" for i, m in enumerate(metrics)))
 
     try:
-        res = train_run(preset=a.preset, data=a.data, data_dir=a.data_dir, cache_dir=a.cache_dir, out=a.out_path,
-                        resume=a.resume, epochs=a.epochs, batch_size=a.batch_size, samples=a.samples,
-                        overrides=overrides, shrinkage=a.shrinkage, on_step=on_step, on_start=on_start)
+        res = train_run(spec, on_step=on_step, on_start=on_start)
     finally:
         for b in bar:
             b.close()

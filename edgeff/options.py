@@ -3,8 +3,8 @@
 ``edgeff train`` (typer, ``cli/train.py``) and ``edgeff-edge train`` (argparse, ``cli/edge.py``) build their
 ``train`` options from ``TRAIN``: the same names, types, defaults and help in both, each option present in the
 runtimes its ``where`` names. ``check_choices`` refuses a value outside an option's choices in one line, for
-both. Adding an option means one ``Opt`` here and reading it where the run is built (``edgeff.run.RunOptions``
-for torch, ``edgeff.edge.run.train_run`` for numpy).
+both. Adding an option means one ``Opt`` here and, for an option of the run itself, a field of
+``edgeff.spec.RunOptions`` (the one specification both runtimes build a run from) read in ``edgeff.spec.recipe``.
 """
 
 from __future__ import annotations

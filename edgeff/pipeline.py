@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -215,20 +215,23 @@ def run(preset: str, data_name: str = "builtin", data_dir: Path | None = None, *
     from edgeff import checkpoint
     from edgeff.data import load_data
     from edgeff.presets import for_data, get_preset, make_learner
+    from edgeff.spec import RunOptions, check_options, recipe
 
     if mode not in MODES:
         raise InputError(f"unknown pipeline mode {mode!r}; choose {' or '.join(MODES)}")
     if not dist.is_initialized():
         _init_group()
     rank, world = dist.get_rank(), dist.get_world_size()
-    p = for_data(get_preset(preset), data_name)
-    ds = load_data(data_name, data_dir)
-    tc = replace(p.train, seed=seed, device="cpu", **(train_overrides or {}))
-    if batch_size is not None:
-        tc = replace(tc, batch_size=batch_size)
-    n_epochs = epochs if epochs is not None else tc.epochs
-    tc = replace(tc, epochs=max(tc.epochs if epochs is None else epochs, 1))
     out = Path(out) if out is not None else Path("runs") / f"{preset}.pipeline.pt"
+    # the run's specification, as edgeff train builds it (edgeff.spec); the pipeline takes no window (a batch-1
+    # run's stream recipe would add one)
+    spec = RunOptions(preset=preset, data=data_name, data_dir=data_dir, epochs=epochs, batch_size=batch_size,
+                      samples=samples, seed=seed, device="cpu", **{"window": 0, **(train_overrides or {})})
+    check_options(spec, out, "torch")
+    r = recipe(for_data(get_preset(preset), data_name), spec, "torch")
+    p, tc = r.preset, r.train
+    ds = load_data(data_name, data_dir)
+    n_epochs = epochs if epochs is not None else tc.epochs
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     committed = _committed(out, rank) if (resume or restarted) else []
     # every rank resumes from the newest save that every rank committed (a crash between a save's two

@@ -8,15 +8,13 @@ checkpointed along the way, evaluated at the end. The CLI only parses options an
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from edgeff import checkpoint
-from edgeff.config import TrainConfig
 from edgeff.contract import LearnerBase
 from edgeff.errors import InputError
 from edgeff.evaluation import EvalResult, evaluate
@@ -24,94 +22,21 @@ from edgeff.files import check_output
 from edgeff.inputs import resolve_device
 from edgeff.loop import READOUT_BATCH, train_epochs
 from edgeff.optim import STATE_DTYPES
-from edgeff.presets import (
-    Preset,
-    for_data,
-    get_preset,
-    make_learner,
-    stream_line,
-    stream_preset,
-    stream_train,
-    twin_train,
-    without_unread_lda,
-)
+from edgeff.presets import Preset, for_data, get_preset, make_learner, stream_line
+from edgeff.spec import RunOptions, recipe, train_config
+from edgeff.spec import check_options as check_run_options
 
 CHECKPOINT_SECONDS = 300.0  # a run saves its checkpoint this often by default
 
 
-@dataclass(frozen=True)
-class RunOptions:
-    """What a user chooses for a run; ``None`` means the preset's value."""
-
-    preset: str = "symba-mlp"
-    data: str = "builtin"  # a data set's name, or a folder with one sub-folder of images per class
-    data_dir: Path | None = None
-    epochs: int | None = None
-    samples: int | None = None  # training samples per pass
-    batch_size: int | None = None
-    lr: float | None = None
-    schedule: str | None = None
-    seed: int | None = None  # the preset's (0 for every preset)
-    device: str = "auto"
-    backprop: bool = False
-    out: Path | None = None  # default runs/PRESET.pt
-    resume: bool = False
-    optim_state: str = "float32"
-    lazy: bool = False  # IDX files read from disk batch by batch (unpacked once into cache_dir), same order
-    cache_dir: Path | None = None  # where --lazy unpacks .gz files [default: ~/.cache/edgeff]
-    frugal: bool = True
-    chunk: int | None = None  # frugal step: pairs per chunk [default: the preset's]
-    views: int | None = None
-    crop_padding: int | None = None
-    hflip: bool | None = None
-    lr_epochs: int | None = None  # the lr decay's horizon
-    window: int | None = None  # stream window (TrainConfig.window) [default: the preset's, its stream recipe's at batch 1]
-    predictor: str | None = None  # goodness family: goodness, head or lda (TrainConfig.predictor)
-    eval_layers: str | None = None  # the layers the predictor reads (TrainConfig.eval_layers)
-    shrinkage: float | None = None  # an lda readout's ridge (ModelConfig.shrinkage) [default: the preset's]
-    readout_size: int | None = None  # an lda readout's conv maps pooled to about N×N (TrainConfig.readout_size)
-    checkpoint_every: int | None = None  # samples; None: every CHECKPOINT_SECONDS; 0: only at the end
-
-
 def check_options(o: RunOptions, path: Path) -> None:
-    """Every option mistake, found before any work starts (``InputError``, one line each)."""
-    if o.lr is not None and not (math.isfinite(o.lr) and o.lr > 0):
-        raise InputError(f"--lr must be a positive finite number, got {o.lr}")
-    for opt, v in (("--epochs", o.epochs), ("--lr-epochs", o.lr_epochs), ("--samples", o.samples),
-                   ("--batch-size", o.batch_size)):
-        if v is not None and v < 1:
-            raise InputError(f"{opt} must be at least 1, got {v}")
-    if o.checkpoint_every is not None and o.checkpoint_every < 0:
-        raise InputError(f"--checkpoint-every must be 0 (only at the end) or a number of samples, got {o.checkpoint_every}")
-    if o.window is not None and o.window < 0:
-        raise InputError(f"--window must be 0 (off) or a number of samples, got {o.window}")
-    if o.chunk is not None and o.chunk < 0:
-        raise InputError(f"--chunk must be 0 (the whole batch) or a number of pairs, got {o.chunk}")
-    if o.shrinkage is not None and not (math.isfinite(o.shrinkage) and o.shrinkage >= 0):
-        raise InputError(f"--shrinkage must be a finite number >= 0, got {o.shrinkage}")
-    if o.shrinkage is not None and o.resume and path.is_file():
-        raise InputError("--shrinkage sets a new model's readout; a resumed run keeps the one it was saved with")
+    """Every option mistake, found before any work starts (``InputError``, one line each): the checks both
+    runtimes share (``edgeff.spec.check_options``), the optimizer state's dtype and the device."""
+    check_run_options(o, path, "torch")
     if o.optim_state not in STATE_DTYPES:
         raise InputError(f"--optim-state must be {', '.join(STATE_DTYPES)}, got {o.optim_state!r}")
     resolve_device(o.device)  # unknown or unavailable device
     check_output(path, (".pt", ".pth", ".ckpt"))
-
-
-def train_config(p: Preset, o: RunOptions) -> TrainConfig:
-    """The preset's train config with the user's choices; ``epochs`` is the planned run (the lr horizon)."""
-    chosen: dict[str, Any] = {"batch_size": o.batch_size, "lr": o.lr, "schedule": o.schedule, "views": o.views,
-                              "crop_padding": o.crop_padding, "hflip": o.hflip, "window": o.window,
-                              "predictor": o.predictor, "eval_layers": o.eval_layers, "readout_size": o.readout_size}
-    chosen = {k: v for k, v in chosen.items() if v is not None}
-    if o.chunk is not None:
-        chosen["chunk"] = o.chunk
-    seed = p.train.seed if o.seed is None else o.seed
-    tc = replace(p.train, seed=seed, device=o.device, optim_state_dtype=o.optim_state, frugal=o.frugal, **chosen)
-    tc = stream_train(p, tc, chosen)  # batch 1: the stream recipe where the user chose nothing
-    _, tc = without_unread_lda(p, tc, chosen)  # another predictor than the recipe's lda readout
-    if o.backprop:
-        tc = twin_train(p, tc, chosen)  # the backprop twin's own recipe where the preset has one
-    return replace(tc, epochs=o.lr_epochs or (o.epochs or tc.epochs))
 
 
 class Run:
@@ -126,7 +51,7 @@ class Run:
         self.path = o.out or Path("runs") / f"{self.name}.pt"
         check_options(o, self.path)
         self.data = load_data(o.data, o.data_dir, input_shape=p.model.input_shape, lazy=o.lazy, cache_dir=o.cache_dir)
-        tc = train_config(p, o)
+        r = recipe(p, o, "torch")
         self.epochs = o.epochs or p.train.epochs
         self.resumed = o.resume and self.path.is_file()
         self.learner: LearnerBase
@@ -135,13 +60,10 @@ class Run:
             self.learner = self._resume(p)
         else:
             classes = tuple(self.data.classes)  # the data set's class names travel with the model
-            streaming = stream_preset(p, tc.batch_size)  # batch 1: the stream recipe's model
-            self.model_changes = {} if streaming is p else dict(p.stream_model)
-            p, _ = without_unread_lda(streaming, tc, ["shrinkage"] if o.shrinkage is not None else [])
-            shrinkage = p.model.shrinkage if o.shrinkage is None else o.shrinkage  # refused where nothing reads it
-            p = replace(p, model=replace(p.model, input_shape=self.data.input_shape, num_classes=len(classes),
-                                         class_names=classes, shrinkage=shrinkage))
-            self.learner = make_learner(p, train=tc, backprop=o.backprop)
+            self.model_changes = r.model_changes
+            p = replace(r.preset, model=replace(r.preset.model, input_shape=self.data.input_shape,
+                                                num_classes=len(classes), class_names=classes))
+            self.learner = make_learner(p, train=r.train, backprop=o.backprop)
         o = self.options
         n = len(self.data.y_train)
         self.per_epoch = min(o.samples, n) if o.samples else n
@@ -223,4 +145,5 @@ class Run:
         return evaluate(self.learner, self.data.test_batches(500), per_layer=True, on_batch=on_batch)
 
 
-__all__ = ["CHECKPOINT_SECONDS", "Run", "RunOptions", "check_options", "train_config"]
+__all__ = ["CHECKPOINT_SECONDS", "Run", "RunOptions", "check_options", "train_config"]  # RunOptions, train_config:
+# edgeff.spec's, re-exported

@@ -180,7 +180,7 @@ def test_shrinkage_sets_a_new_models_lda_readout(tmp_path: Path) -> None:
         scores[shr] = learner.scores(torch.zeros(2, 1, 28, 28))
     assert not torch.allclose(scores["0.5"], scores[None])
     res = runner.invoke(app, [*base, "--shrinkage", "0.5", "--out", str(tmp_path / "g.pt")])
-    assert res.exit_code != 0 and "does not use shrinkage=0.5" in res.output, res.output
+    assert res.exit_code != 0 and "the goodness predictor does not use it (add --predictor lda)" in res.output, res.output
     res = runner.invoke(app, [*base, "--predictor", "lda", "--shrinkage", "0.1", "--out", str(tmp_path / "m0.5.pt"),
                               "--resume"])
     assert res.exit_code != 0 and "a resumed run keeps" in res.output, res.output

@@ -91,3 +91,31 @@ def test_the_edge_commands_load_no_typer_rich_pydantic_or_torch(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stderr
     assert "test accuracy" in res.stdout
+
+
+@pytest.mark.parametrize("argv", [
+    ["--preset", "cfl-mlp", "--batch-size", "1"],  # the stream recipe: lr, window, model changes
+    ["--preset", "symba-mlp", "--batch-size", "16", "--predictor", "lda", "--shrinkage", "0.5", "--seed", "3"],
+    ["--preset", "trifecta-cnn", "--batch-size", "8", "--predictor", "goodness", "--schedule", "all"],  # lda's dropped
+    ["--preset", "slda-conv", "--batch-size", "1", "--shrinkage", "0.02"],
+])
+def test_both_runtimes_build_a_new_run_from_one_specification(argv, tmp_path):  # type: ignore[no-untyped-def]
+    """`edgeff train` and `edgeff-edge train` build the run a command line asks for through one specification
+    (edgeff.spec): the learners they build have the same model and train configs (torch's device, optimizer
+    state and frugal step aside)."""
+    from dataclasses import replace
+
+    from edgeff.edge.run import train_run
+    from edgeff.run import Run
+    from edgeff.spec import RunOptions
+
+    argv = [*argv, "--samples", "8", "--epochs", "1"]
+    t = _torch_train().make_context("train", [*argv, "--out", str(tmp_path / "t.pt"), "--device", "cpu"]).params
+    e = vars(_edge_train().parse_args([*argv, "--out", str(tmp_path / "e.npz")]))
+    torch_run = Run(RunOptions(**{o.name: t[o.name] for o in options("torch") if o.name in RunOptions.__dataclass_fields__},
+                               out=t["out_path"]))
+    edge = train_run(RunOptions(**{o.name: e[o.name] for o in options("edge") if o.name in RunOptions.__dataclass_fields__},
+                                out=e["out_path"])).learner
+    tl = torch_run.learner
+    assert edge.model_cfg == tl.model_cfg
+    assert edge.train_cfg == replace(tl.train_cfg, device="auto", optim_state_dtype="float32", frugal=True)

@@ -66,7 +66,7 @@ def test_another_predictor_than_the_recipes_lda_needs_no_other_flag(tmp_path: Pa
     assert Run(RunOptions(preset="trifecta-cnn", samples=20, epochs=1, device="cpu",
                           out=tmp_path / "l.pt")).learner.model_cfg.shrinkage == 3e-3
     res = train_run(preset="trifecta-cnn", data="builtin", out=tmp_path / "g.npz", epochs=1, samples=16, batch_size=8,
-                    overrides={"predictor": "goodness", "schedule": "all"})  # the edge runtime has no olu
+                    predictor="goodness", schedule="all")  # the edge runtime has no olu
     assert res.learner.train_cfg.readout_size == 0 and res.learner.model_cfg.shrinkage == 1e-2
     with pytest.raises(InputError, match="shrinkage"):
         Run(RunOptions(preset="trifecta-cnn", predictor="goodness", shrinkage=0.1, samples=20, epochs=1,

@@ -106,6 +106,5 @@ def test_the_edge_runtime_streams_with_the_same_recipe(tmp_path):
     tc = res.learner.train_cfg
     assert (tc.batch_size, tc.lr, tc.lr_final, tc.window, tc.views) == (1, 1e-4, None, 8, 1)
     assert res.learner.samples_seen == 40
-    res = train_run(preset="cfl-mlp", batch_size=1, samples=40, epochs=1, out=tmp_path / "f.npz",
-                    overrides={"window": 2})
+    res = train_run(preset="cfl-mlp", batch_size=1, samples=40, epochs=1, out=tmp_path / "f.npz", window=2)
     assert res.learner.train_cfg.window == 2
