@@ -30,6 +30,7 @@ from edgeff.checkpoint import save
 from edgeff.data import load_data
 from edgeff.explain import attention_maps, save_attention
 from edgeff.presets import (
+    TRIFECTA_CIFAR_READOUT,
     TRIFECTA_PAPER_RECIPE,
     for_data,
     stream_preset,
@@ -92,6 +93,7 @@ JOBS: dict[str, tuple[str, str, str, float]] = {
     "ffcl-mirror-paper:cifar10": ("ffcl-mirror-paper", "cifar10", "epochs", 12 * 60),
     "trifecta-cnn:cifar10": ("trifecta-cnn", "cifar10", "epochs", 25 * 60),
     "trifecta-cnn:cifar10:mnist-recipe": ("trifecta-cnn", "cifar10", "epochs", 25 * 60),
+    "trifecta-cnn:cifar10:goodness-predictor": ("trifecta-cnn", "cifar10", "epochs", 25 * 60),
     "cfl-conv:cifar10": ("cfl-conv", "cifar10", "epochs", 30 * 60),
     "cfl-mlp3072:cifar10": ("cfl-mlp3072", "cifar10", "epochs", 15 * 60),
     "kmeans-conv3200:cifar10": ("kmeans-conv3200", "cifar10", "epochs", 60 * 60),
@@ -109,6 +111,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # the MNIST default (lr 1e-2, peer normalisation, an lda readout on the last four layers) on CIFAR-10
     "trifecta-cnn:cifar10:mnist-recipe": {"lr": 1e-2, "peer_norm": 0.06, "relu_grad": "pass", "predictor": "lda",
                                           "eval_layers": "last:4", "readout_size": 7, "shrinkage": 3e-3},
+    # the paper's predictor (the last layer's goodness) instead of the recipe's lda readout on layers 2-6
+    "trifecta-cnn:cifar10:goodness-predictor": {k: TRIFECTA_PAPER_RECIPE[k] for k in TRIFECTA_CIFAR_READOUT},
     "cfl-mlp:fashion-mnist:two-views-flips": {"views": 2, "crop_padding": 2, "hflip": True},
     "cff-mlp:fashion-mnist:two-views-flips": {"views": 2, "crop_padding": 1, "hflip": True},
     "cff-mlp:mnist:one-forward": {"views": 1, "crop_padding": 0, "hflip": False},

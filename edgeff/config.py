@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from edgeff.errors import InputError
-from edgeff.families import known_losses
+from edgeff.families import check_loss_of, family_of_loss
 from edgeff.names import checked_name, names_problem
 
 # the largest |value| a learner accepts in a batch after the float32 cast (normalised pixels are O(1); a larger
@@ -69,9 +69,16 @@ class ModelConfig:
     shrinkage: float = 1e-2  # lda (analytic family, lda predictor): the covariance's ridge, a share of its mean variance
     fit_samples: int = 500  # analytic family with kmeans layers: the stream's first samples they are fitted from
     class_names: tuple[str, ...] = ()  # one name per class (empty: "0".."K-1"); grows with add_class
+    # the learner family (edgeff.families: local, contrastive, mirror, analytic, or one registered later), which
+    # selects the learner in each runtime; "" only in configs written before the field: the family declaring
+    # ``loss`` is filled in when such a config is read (the one place the loss names a family)
+    family: str = ""
 
     def __post_init__(self) -> None:
-        labels, losses = ("overlay", "icp", "channel", "none"), known_losses()  # the declared families' losses
+        if not self.family:
+            object.__setattr__(self, "family", family_of_loss(self.loss))
+        check_loss_of(self.family, self.loss)  # a known family, and a loss it trains
+        labels = ("overlay", "icp", "channel", "none")
         for name, allowed in (("relu_grad", ("zero", "pass")), ("init", ("torch", "normal"))):
             if getattr(self, name) not in allowed:
                 raise InputError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
@@ -83,8 +90,6 @@ class ModelConfig:
             raise InputError(f"peer_norm must be a finite number >= 0, got {self.peer_norm!r}")
         if self.label not in labels:
             raise InputError(f"unknown label encoding {self.label!r}; choose one of {', '.join(labels)}")
-        if self.loss not in losses:
-            raise InputError(f"unknown loss {self.loss!r}; choose one of {', '.join(losses)}")
         if not self.layers:
             raise InputError("a model needs at least one layer")
         if self.fit_samples < 1:

@@ -29,8 +29,8 @@ ModelConfig = TrainConfig = Any
 CORE_TRAIN = frozenset({"lr", "optimizer", "optim_state_dtype", "seed", "device", "batch_size", "epochs", "lr_final",
                         "lr_hold", "window"})
 # ModelConfig fields every learner honours
-CORE_MODEL = frozenset({"layers", "input_shape", "num_classes", "class_names", "loss", "bn_momentum", "bn_min_batch",
-                        "bn_always_running"})
+CORE_MODEL = frozenset({"layers", "input_shape", "num_classes", "class_names", "family", "loss", "bn_momentum",
+                        "bn_min_batch", "bn_always_running"})
 
 Narrow = Callable[[Any, Any, set[str], set[str]], None]  # (model, train, train fields, model fields)
 Limit = tuple[Callable[[Any, Any], bool], Callable[[Any, Any], str]]  # (refused(model, train), why(model, train))
@@ -90,7 +90,8 @@ class Family:
         if self.numpy is None or model.loss not in losses:
             runs = ", ".join(f"{f.numpy_name} ({', '.join(sorted(f.losses if f.numpy_losses is None else f.numpy_losses))})"
                              for f in _FAMILIES.values() if f.numpy is not None)
-            raise UnsupportedError(f"{model.loss!r} models ({self.name}) need torch; the edge runtime trains {runs}")
+            raise UnsupportedError(f"{self.name} models ({self.kind}, loss {model.loss!r}) need torch; the edge "
+                                   f"runtime trains {runs}")
         for refused, why in self.numpy_limits:
             if refused(model, train):
                 raise UnsupportedError(why(model, train))
@@ -121,17 +122,32 @@ def declaration(kind: str) -> Family:
 
 
 def known_losses() -> list[str]:
-    return sorted(loss for f in _FAMILIES.values() for loss in f.losses)
+    return sorted({loss for f in _FAMILIES.values() for loss in f.losses})
 
 
 def family_for(model: ModelConfig, *, backprop: bool = False) -> Family:
-    """The family that trains ``model`` (the one declaring its loss), or the backprop twin."""
-    if backprop:
-        return declaration("bp")
+    """The family that trains ``model`` (its ``family`` field), or the backprop twin."""
+    return declaration("bp" if backprop else model.family)
+
+
+def family_of_loss(loss: str) -> str:
+    """The kind of the first declared family that trains ``loss``: how a config written before
+    ``ModelConfig.family`` existed (a checkpoint, an edge file) names its family, once, when it is read."""
     for f in _FAMILIES.values():
-        if model.loss in f.losses:
-            return f
-    raise InputError(f"unknown loss {model.loss!r}; choose one of {', '.join(known_losses())}")
+        if loss in f.losses:
+            return f.kind
+    raise InputError(f"unknown loss {loss!r}; choose one of {', '.join(known_losses())}")
+
+
+def check_loss_of(kind: str, loss: str) -> None:
+    """``InputError`` in one line unless ``kind`` is a declared family (not the backprop twin, which is chosen by
+    ``backprop``, not by the model) that trains ``loss``."""
+    f = _FAMILIES.get(kind)
+    if f is None or kind == "bp":
+        kinds = ", ".join(sorted(k for k in _FAMILIES if k != "bp"))
+        raise InputError(f"unknown learner family {kind!r}; choose one of {kinds}")
+    if loss not in f.losses:
+        raise InputError(f"a {f.name} learner ({kind}) trains {', '.join(sorted(f.losses))}, not loss {loss!r}")
 
 
 # ------------------------------------------------------------------------------ the built-in families
@@ -248,5 +264,6 @@ register_family(Family(
     model_fields=frozenset({"global_pool"}), torch="edgeff.baseline:BPLearner"))
 
 
-__all__ = ["CORE_MODEL", "CORE_TRAIN", "Family", "declaration", "declared", "family_for", "known_losses",
+__all__ = ["CORE_MODEL", "CORE_TRAIN", "Family", "check_loss_of", "declaration", "declared", "family_for",
+           "family_of_loss", "known_losses",
            "register_family", "unregister_family"]

@@ -185,7 +185,7 @@ def saved_bytes(block: nn.Module, x: torch.Tensor, *, with_goodness: bool, in_pa
 def step_kind(model: ModelConfig, train: TrainConfig) -> str:
     if train.schedule == "olu":
         return "olu pairs"
-    if train.frugal and model.loss in ("ff", "symba"):
+    if train.frugal and model.family == "local":
         return f"frugal (chunks of {train.chunk} pairs)" if train.chunk else "frugal (whole batch)"
     return "whole batch"
 
@@ -194,7 +194,7 @@ def account(model: ModelConfig, train: TrainConfig, batch_size: int, *, dtype: s
     """Accounted memory of one training step at ``batch_size`` (see the module docstring)."""
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
-    if model.loss == "lda":
+    if model.family == "analytic":
         raise UnsupportedError("the memory accounting covers the gradient-trained families; a streaming-LDA "
                                "model holds its statistics (D x D float64) and a step only the body's activations: "
                                "measure it (--memory-report measures, bench/memory.py --process)")

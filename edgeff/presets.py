@@ -88,7 +88,7 @@ def without_unread_lda(p: Preset, train: TrainConfig, chosen: Iterable[str] = ()
     """A goodness preset whose recipe predicts by an lda readout (trifecta-cnn), run with another predictor: the
     readout's settings the user did not give (``chosen``) go back to their defaults, where they would otherwise
     be refused as unread; other presets and predictors unchanged."""
-    if train.predictor == "lda" or p.model.loss not in ("ff", "symba"):
+    if train.predictor == "lda" or p.model.family != "local":
         return p, train
     chosen = set(chosen)
     train = replace(train, **{k: v for k, v in LDA_TRAIN.items() if k not in chosen})
@@ -134,24 +134,27 @@ def _cnn(channels: tuple[int, ...], norm: str = "batch") -> tuple[LayerSpec, ...
 
 # FF with the public reference implementation's recipe (Löwe): BCE on Σh² − width (θ = 1 on the mean of squares,
 # slope = width), peer normalisation through a gradient-passing ReLU, N(0, 1/√width) weights
-FF_MLP = ModelConfig(layers=_mlp(1000, 3, "length"), label="overlay", loss="ff", threshold=1.0, sharpness=1000.0,
+FF_MLP = ModelConfig(layers=_mlp(1000, 3, "length"), label="overlay", family="local", loss="ff", threshold=1.0, sharpness=1000.0,
                      peer_norm=0.06, relu_grad="pass", init="normal")
-SYMBA_BASE = ModelConfig(layers=_mlp(1000, 2, "length"), label="icp", loss="symba", alpha=4.0)
+SYMBA_BASE = ModelConfig(layers=_mlp(1000, 2, "length"), label="icp", family="local", loss="symba", alpha=4.0)
 # symba-mlp with ff-mlp's peer normalisation through a gradient-passing ReLU
 SYMBA_MLP = replace(SYMBA_BASE, peer_norm=0.06, relu_grad="pass")
 TRIFECTA_CNN_BASE = ModelConfig(layers=_cnn((16, 16, 32, 32, 64, 64)), label="channel", label_learned=True,
-                                loss="symba", alpha=4.0)
+                                family="local", loss="symba", alpha=4.0)
 # the CPU preset with ff-mlp's peer normalisation through a gradient-passing ReLU (trained at lr 1e-2)
 TRIFECTA_CNN = replace(TRIFECTA_CNN_BASE, peer_norm=0.06, relu_grad="pass", shrinkage=3e-3)
 # trifecta-cnn as the paper trains it (lr 1e-3, no peer loss, the last layer's goodness): its Fashion-MNIST and
 # CIFAR-10 rows were measured so
 TRIFECTA_PAPER_RECIPE: dict[str, Any] = {"lr": 1e-3, "peer_norm": 0.0, "relu_grad": "zero", "predictor": "goodness",
                                          "eval_layers": "last", "readout_size": 0, "shrinkage": 1e-2}
+# its CIFAR-10 readout: a closed-form lda readout on layers 2-6's neutral-label features, maps pooled to about 7x7
+TRIFECTA_CIFAR_READOUT: dict[str, Any] = {"predictor": "lda", "eval_layers": "all-but-first", "readout_size": 7,
+                                          "shrinkage": 0.03}
 TRIFECTA_CNN_PAPER = replace(TRIFECTA_CNN_BASE, layers=_cnn((64, 128, 256, 256, 512, 512)))
 # CFL, Lee et al. table 4: MNIST FC = FC1024-ReLU-LN-FC1024-ReLU (K = 8 groups); conv256 / conv512 =
 # conv3x3x64 s1 p0 -> BN -> ReLU -> conv3x3x256 s2 p1 -> BN -> ReLU (-> conv3x3x512 s2 p1 -> BN -> ReLU) -> GAP
 CFL_MLP = ModelConfig(layers=(LayerSpec("linear", 1024, norm="layer", order="post-act"),) * 2, label="none",
-                      loss="cfl", groups=8, temperature=0.07, cfl_weights=(0.0, 1.0, 1.0))
+                      family="contrastive", loss="cfl", groups=8, temperature=0.07, cfl_weights=(0.0, 1.0, 1.0))
 # table 4's CIFAR-10 FC: (FC3072-ReLU-LayerNorm) x 2, K = 24 groups of 128, dictionary 10x128
 CFL_MLP3072 = replace(CFL_MLP, layers=(LayerSpec("linear", 3072, norm="layer", order="post-act"),) * 2, groups=24)
 _CONV64 = LayerSpec("conv", 64, norm="batch", padding=0, order="post")
@@ -162,24 +165,26 @@ CFL_CONV512 = replace(CFL_CONV, layers=(_CONV64, _CONV256, _CONV512))
 # CFF ViT[E H L] (sec. 3.4): patch projection + first encoder layer = layer 1, one local layer per
 # further pre-LN encoder layer, tokens mean-pooled, no class token; the paper's CIFAR-10 model is ViT[128 4 5]
 CFF_VIT = ModelConfig(layers=(LayerSpec("vit", 128, heads=4, patch=4),) * 5, input_shape=(3, 32, 32), label="none",
-                      loss="supcon", temperature=0.15, margin_first=0.4, margin_last=0.1, global_pool=True)
+                      family="contrastive", loss="supcon", temperature=0.15, margin_first=0.4, margin_last=0.1, global_pool=True)
 # Mirror FFCL (arXiv:2405.03432): two 784-64-64-10 models, cosine pull between corresponding layers
-FFCL_PAPER = ModelConfig(layers=_mlp(64, 2, "none"), label="none", loss="mirror")
+FFCL_PAPER = ModelConfig(layers=_mlp(64, 2, "none"), label="none", family="mirror", loss="mirror")
 FFCL_MIRROR = replace(FFCL_PAPER, layers=(LayerSpec("linear", 256, norm="layer", order="post-act"),) * 2,
                       mirror_negatives=True, margin_last=0.3)
 # CFF, Aghagolzadeh & Ezoji table 1: MNIST MLP[500 3], marginal loss m = 0.4 -> 0.1; τ = 0.07 (SupCon's and
 # CFL's value; on MNIST with two views the CFF reference code's 0.15 gives 97.7%, 0.07 98.2%)
 # 64 random 5x5 filters, ReLU, 4x4 max-pool: 2304 features, frozen at their seeded initialisation
-SLDA_CONV = ModelConfig(layers=(LayerSpec("conv", 64, kernel=5, padding=0, pool=4),), label="none", loss="lda")
+SLDA_CONV = ModelConfig(layers=(LayerSpec("conv", 64, kernel=5, padding=0, pool=4),), label="none", family="analytic",
+                       loss="lda")
 # Coates, Lee & Ng 2011: k-means centroids over whitened 6x6 patches, triangle activation, quadrant pooling
-KMEANS_CONV = ModelConfig(layers=(LayerSpec("kmeans", 1600, kernel=6, pool=2),), label="none", loss="lda",
+KMEANS_CONV = ModelConfig(layers=(LayerSpec("kmeans", 1600, kernel=6, pool=2),), label="none", family="analytic",
+                          loss="lda",
                           fit_samples=500)
 KMEANS_CONV3200 = replace(KMEANS_CONV, layers=(LayerSpec("kmeans", 3200, kernel=6, pool=2),))
 # the small MLPs a microcontroller-sized device trains (the retired device network's two rules, as edge models)
 DEVICE_GOODNESS = replace(SYMBA_BASE, layers=_mlp(64, 2, "length"))
-DEVICE_EMBED = ModelConfig(layers=_mlp(128, 2, "length"), label="none", loss="cfl", groups=4, temperature=0.07,
+DEVICE_EMBED = ModelConfig(layers=_mlp(128, 2, "length"), label="none", family="contrastive", loss="cfl", groups=4, temperature=0.07,
                            cfl_weights=(0.0, 1.0, 0.0))
-CFF_MLP = ModelConfig(layers=_mlp(500, 3, "none"), label="none", loss="supcon", temperature=0.07,
+CFF_MLP = ModelConfig(layers=_mlp(500, 3, "none"), label="none", family="contrastive", loss="supcon", temperature=0.07,
                       margin_first=0.4, margin_last=0.1)
 
 PRESETS: dict[str, Preset] = {
@@ -243,7 +248,9 @@ PRESETS: dict[str, Preset] = {
             recipes={
                 # measured before its peer normalisation and lr 1e-2 (Dec 1): the paper's recipe, goodness predictor
                 "fashion-mnist": {**TRIFECTA_PAPER_RECIPE, "epochs": 4},
-                "cifar10": {**TRIFECTA_PAPER_RECIPE, "epochs": 50}},
+                # the paper's training; an lda readout on layers 2-6 instead of the last layer's goodness (45.9%
+                # -> 54.3% on the same trained body, bench variant trifecta-cnn:cifar10:goodness-predictor)
+                "cifar10": {**TRIFECTA_PAPER_RECIPE, "epochs": 50, **TRIFECTA_CIFAR_READOUT}},
         ),
         Preset(
             "trifecta-cnn-paper", "local", TRIFECTA_CNN_PAPER,

@@ -69,7 +69,8 @@ def test_the_numpy_runtime_refuses_what_only_torch_runs_with_the_declared_reason
 
 
 # ------------------------------------------------------------------------------------------ a toy family
-TOY = Family("toy", "toy goodness", frozenset({"toy"}),
+# the toy family trains FF's loss, as the goodness family does: the model's family field, not its loss, selects it
+TOY = Family("toy", "toy goodness", frozenset({"ff"}),
              train_fields=declaration("local").train_fields - {"predictor", "head_lr"},
              model_fields=frozenset({"label", "threshold"}), capabilities=frozenset({"edge_runtime"}),
              torch=f"{__name__}:ToyLearner", numpy=f"{__name__}:ToyEdge", numpy_name="goodness",
@@ -82,7 +83,7 @@ class ToyLearner(Learner):
     declaration = TOY
 
     def __init__(self, model: ModelConfig, train: TrainConfig) -> None:
-        super().__init__(replace(model, loss="ff"), train)  # the goodness machinery, trained with FF's loss
+        super().__init__(replace(model, family="local"), train)  # the goodness machinery, trained with FF's loss
         self.model_cfg = model
 
 
@@ -103,7 +104,10 @@ def toy_family():  # type: ignore[no-untyped-def]
 
 def test_a_declared_toy_family_is_built_trained_checkpointed_and_refused_by_numpy(toy_family, tmp_path):
     p = get_preset("ff-mlp")
-    model = ModelConfig(layers=p.model.layers[:1], loss="toy", label="overlay")  # accepted: "toy" is declared
+    model = ModelConfig(layers=p.model.layers[:1], family="toy", loss="ff", label="overlay")  # accepted: declared
+    assert type(build(replace(model, family=""), TrainConfig(device="cpu", chunk=0))) is Learner  # by loss: local
+    with pytest.raises(InputError, match="a toy goodness learner \\(toy\\) trains ff, not loss 'symba'"):
+        replace(model, loss="symba")
     train = TrainConfig(batch_size=32, epochs=1, device="cpu", chunk=0)
     learner = build(model, train)
     assert type(learner) is ToyLearner and learner.kind == "toy" and learner.family == "toy goodness"
@@ -119,7 +123,7 @@ def test_a_declared_toy_family_is_built_trained_checkpointed_and_refused_by_nump
     with pytest.raises(InputError, match=r"a toy goodness learner does not use predictor='lda'"):
         check_supported(model, replace(train, predictor="lda"))  # the numpy runtime: the same declaration
     register_family(replace(TOY, numpy=None))  # declared torch-only: refused by the numpy runtime
-    with pytest.raises(UnsupportedError, match=r"'toy' models \(toy goodness\) need torch"):
+    with pytest.raises(UnsupportedError, match=r"toy goodness models \(toy, loss 'ff'\) need torch"):
         check_supported(model, train)
 
 
@@ -131,7 +135,7 @@ def test_a_declared_toy_family_trains_alike_in_both_runtimes(toy_family, tmp_pat
     from edgeff.edge.store import save as save_edge
 
     p = get_preset("ff-mlp")
-    model = ModelConfig(layers=p.model.layers[:2], loss="toy", label="overlay")
+    model = ModelConfig(layers=p.model.layers[:2], family="toy", loss="ff", label="overlay")
     t = build(model, TrainConfig(batch_size=16, epochs=1, device="cpu", chunk=0))
     e = to_edge(t)
     assert type(e) is ToyEdge and e.family == "goodness"
@@ -151,3 +155,26 @@ def test_a_declared_toy_family_trains_alike_in_both_runtimes(toy_family, tmp_pat
 def test_a_loss_no_family_declares_is_refused_by_the_configs():
     with pytest.raises(InputError, match="unknown loss 'toy'; choose one of cfl, ff, lda, mirror, supcon, symba"):
         ModelConfig(layers=get_preset("ff-mlp").model.layers, loss="toy")
+
+
+def test_a_config_written_before_the_family_field_takes_the_family_of_its_loss(tmp_path):
+    """Checkpoints and edge files written before ModelConfig.family hold no family: reading one names the family
+    declaring its loss (the one place a loss names a family), and the file then loads and predicts as before."""
+    from edgeff.edge.store import load as load_edge
+    from edgeff.edge.store import save as save_edge
+
+    for name in ("symba-mlp", "cfl-mlp", "ffcl-mirror", "slda-conv"):
+        cfg = get_preset(name).model
+        old = {k: v for k, v in cfg.to_dict().items() if k != "family"}
+        assert ModelConfig.from_dict(old) == cfg and cfg.family == family_for(cfg).kind
+    learner = build(get_preset("symba-mlp").model, TrainConfig(device="cpu"))
+    path = checkpoint.save(learner, tmp_path / "m.pt")
+    state = torch.load(path, weights_only=True)
+    state["model"].pop("family")  # as an older edgeff wrote it
+    torch.save(state, path)
+    again, _ = checkpoint.load(path)
+    x, _ = next(load_data("builtin").test_batches(8))
+    assert again.model_cfg.family == "local" and torch.equal(again.scores(x), learner.scores(x))
+    e = to_edge(learner)
+    save_edge(e, tmp_path / "m.npz")
+    assert load_edge(tmp_path / "m.npz")[0].model_cfg.family == "local"
