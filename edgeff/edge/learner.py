@@ -27,7 +27,7 @@ the same draws (``Draws``), which is how the parity tests drive them.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -221,6 +221,29 @@ def check_supported(model: ModelConfig, train: TrainConfig) -> str:
         numpy_kind(spec.kind)  # a kind only torch runs: refused with its registered reason
     return fam.numpy_name
 
+@dataclass(frozen=True)
+class PlanTerms:
+    """What a family adds to the numpy runtime's memory plan (``edgeff.edge.plan``), from its configs alone: the
+    plan reads these instead of comparing family names (``EdgeLearner.plan_terms``, overridden per family)."""
+
+    input_shape: tuple[int, ...]  # the first layer's input (a label written into it adds a channel)
+    train_rows: int = 1  # rows a layer's training step runs per sample (positives and negatives, views)
+    infer_rows: int = 1  # rows a prediction runs per sample (goodness: one per label)
+    moments: int = 2  # optimizer moments per trained value (0: nothing is trained by gradient)
+    frozen_body: bool = False  # the layers only run forward (their features feed closed-form statistics)
+    learned_labels: bool = False  # the label codes / dictionary are trained (their moments are planned)
+    window_views: int = 1  # copies of each windowed sample the window holds
+    readout_layers: tuple[int, ...] = ()  # layers whose features feed closed-form statistics (a Gram matrix)
+    readout_size: int = 0  # their maps pooled to about N×N first (0: as they are)
+
+
+def numpy_class(model: ModelConfig) -> type[EdgeLearner]:
+    """The numpy learner class ``model``'s family declares (``EdgeLearner`` itself for a family only torch runs:
+    its ``__init__`` refuses the config in one line)."""
+    path = family_for(model).numpy
+    return builder(path) if path is not None else EdgeLearner  # type: ignore[no-any-return]
+
+
 class EdgeLearner:
     """A layer-local learner in numpy; ``edgeff.trainer.Learner``'s and ``ContrastiveLearner``'s verbs.
 
@@ -240,10 +263,7 @@ class EdgeLearner:
                 **_: Any) -> EdgeLearner:
         """``EdgeLearner(model, train)`` builds the numpy learner its family declares (``edgeff.families``: the
         declaration's ``numpy`` class); ``__init__`` checks the config (a family only torch runs is refused there)."""
-        impl = cls
-        if cls is EdgeLearner and model is not None:
-            numpy_class = family_for(model).numpy
-            impl = builder(numpy_class) if numpy_class is not None else cls
+        impl = numpy_class(model) if cls is EdgeLearner and model is not None else cls
         return super().__new__(impl)  # the family's class, not necessarily cls
 
     def __init__(self, model: ModelConfig, train: TrainConfig, *, fill: bool = True) -> None:
@@ -276,6 +296,11 @@ class EdgeLearner:
         self._built(shape)
 
     # ------------------------------------------------------------ a family's part (overridden below)
+    @classmethod
+    def plan_terms(cls, model: ModelConfig, train: TrainConfig) -> PlanTerms:
+        """The family's terms of the memory plan (``PlanTerms``): a gradient-trained body, one row per sample."""
+        return PlanTerms(tuple(model.input_shape), moments=1 if train.optimizer == "sgd" else 2)
+
     def _input_shape(self) -> tuple[int, ...]:
         """The first layer's input shape (a family that writes labels into the input draws its codes here)."""
         return self.model_cfg.input_shape
@@ -439,6 +464,17 @@ class GoodnessEdge(EdgeLearner):
     positives and negatives through each layer, prediction by goodness over every label or an lda readout."""
 
     kind = "local"
+
+    @classmethod
+    def plan_terms(cls, model: ModelConfig, train: TrainConfig) -> PlanTerms:
+        """Positives and negatives through each layer, one pass per label to predict (or one through an lda
+        readout's statistics), a label channel unless overlaid."""
+        c, h, w = model.input_shape
+        lda = train.predictor == "lda"
+        return replace(super().plan_terms(model, train), input_shape=(c, h, w) if model.label == "overlay" else
+                       (c + 1, h, w), train_rows=2, infer_rows=model.num_classes, learned_labels=model.label_learned,
+                       readout_layers=tuple(select_layers(train.eval_layers, len(model.layers))) if lda else (),
+                       readout_size=train.readout_size)
 
     def _input_shape(self) -> tuple[int, ...]:
         model = self.model_cfg
@@ -667,6 +703,12 @@ class CflEdge(EdgeLearner):
 
     kind = "contrastive"
 
+    @classmethod
+    def plan_terms(cls, model: ModelConfig, train: TrainConfig) -> PlanTerms:
+        """Every view through each layer (and in the window); the label dictionary is learned."""
+        return replace(super().plan_terms(model, train), train_rows=train.views, learned_labels=True,
+                       window_views=train.views)
+
     def _built(self, shape: tuple[int, ...]) -> None:
         model = self.model_cfg
         self.widths = [s[0] if len(s) == 3 else s[0] // model.groups for s in self.shapes]
@@ -804,6 +846,12 @@ class AnalyticEdge(EdgeLearner):
 
     kind = "analytic"
     exact_once = True
+
+    @classmethod
+    def plan_terms(cls, model: ModelConfig, train: TrainConfig) -> PlanTerms:
+        """A frozen body (no moments, forward only) whose last features feed the statistics."""
+        return replace(super().plan_terms(model, train), moments=0, frozen_body=True,
+                       readout_layers=(len(model.layers) - 1,))
 
     def _built(self, shape: tuple[int, ...]) -> None:
         self.lda = LdaStats(self.model_cfg.num_classes, int(np.prod(shape)))

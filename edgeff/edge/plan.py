@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from edgeff.config import ModelConfig, TrainConfig, readout_shape, select_layers
+from edgeff.config import ModelConfig, TrainConfig, readout_shape
 from edgeff.edge.analytic import GRAM_ROWS, PENDING
-from edgeff.edge.learner import check_supported
+from edgeff.edge.learner import PlanTerms, check_supported, numpy_class
 from edgeff.edge.ops import out_shape
 from edgeff.edge.optim import BLOCK
 from edgeff.kinds import numpy_kind
@@ -42,13 +42,12 @@ def state_sizes(arrays: dict[str, np.ndarray]) -> dict[str, int]:
     return {name: int(a.nbytes) for name, a in arrays.items() if name != "header"}
 
 
-def _layer_working(model: ModelConfig, fam: str, views: int, i: int, in_shape: tuple[int, ...], batch: int,
+def _layer_working(model: ModelConfig, terms: PlanTerms, i: int, in_shape: tuple[int, ...], batch: int,
                    params: int) -> tuple[int, int]:
     """(train, infer) working bytes of layer ``i`` (``params`` bytes of weights) at ``batch`` samples."""
     spec = model.layers[i]
-    rows_train = (2 if fam == "goodness" else views if fam == "cfl" else 1) * batch
-    k = model.num_classes
-    rows_infer = min(batch * (k if fam == "goodness" else 1), INFER_CHUNK + k)
+    rows_train = terms.train_rows * batch
+    rows_infer = min(batch * terms.infer_rows, INFER_CHUNK + model.num_classes)
     n_in = int(np.prod(in_shape))
     cost = numpy_kind(spec.kind).cost(spec, in_shape)  # type: ignore[misc]
     cols = 2 * cost.patches  # unfolded patches (im2col) and their gradient, per sample
@@ -56,7 +55,7 @@ def _layer_working(model: ModelConfig, fam: str, views: int, i: int, in_shape: t
     # the optimizer's scratch: a block of the gradient and one of its temporaries (edgeff.edge.optim)
     train = F32 * rows_train * (2 * n_in + 4 * n_out_pre + cols) + 2 * F32 * min(BLOCK, params // F32)
     infer = F32 * rows_infer * (2 * n_in + 2 * n_out_pre + cols // 2)
-    if fam == "analytic":  # the frozen body only runs forward; its features go into the statistics
+    if terms.frozen_body:  # the body only runs forward; its features go into the statistics
         train = F32 * batch * (2 * n_in + 2 * n_out_pre + cols // 2)
     return train, infer
 
@@ -64,37 +63,29 @@ def _layer_working(model: ModelConfig, fam: str, views: int, i: int, in_shape: t
 def memory_plan(model: ModelConfig, train: TrainConfig, sizes: dict[str, int], batch: int, *,
                 file_bytes: int = 0) -> dict[str, Any]:
     """The plan of a model (configs and array sizes by name) at ``batch`` samples; ``file_bytes``: the size of the
-    file it is loaded from (0: not loading)."""
-    fam = check_supported(model, train)  # the family the edge runtime trains it with (or its one-line refusal)
+    file it is loaded from (0: not loading). The family's part comes from its numpy learner's ``plan_terms``."""
+    check_supported(model, train)  # the edge runtime trains it (or its one-line refusal)
+    terms = numpy_class(model).plan_terms(model, train)
     c, h, w = model.input_shape
-    shape: tuple[int, ...] = tuple(model.input_shape)
-    if fam == "goodness" and model.label != "overlay":
-        shape = (c + 1, h, w)
-    per_state = 0 if fam == "analytic" else 1 if train.optimizer == "sgd" else 2
+    shape: tuple[int, ...] = terms.input_shape
     tensors = {n[2:]: b for n, b in sizes.items() if n.startswith("t:")}
     moments = sum(b for n, b in sizes.items() if n.startswith("o:"))
     layers, shapes = [], []
     for i, spec in enumerate(model.layers):
         out = out_shape(spec, shape)
         params = sum(b for n, b in tensors.items() if n.startswith(f"layers.{i}.") and n.endswith((".weight", ".bias")))
-        tw, iw = _layer_working(model, fam, train.views, i, shape, batch, params)
-        layers.append({"layer": i, "params": params, "optimizer": per_state * params, "train_working": tw,
+        tw, iw = _layer_working(model, terms, i, shape, batch, params)
+        layers.append({"layer": i, "params": params, "optimizer": terms.moments * params, "train_working": tw,
                        "infer_working": iw})
         shape = out
         shapes.append(out)
     labels = sum(b for n, b in tensors.items() if n.startswith(("encoder.", "embed")))
-    learned = labels if fam == "cfl" or (fam == "goodness" and model.label_learned) else 0
-    planned_moments = sum(lay["optimizer"] for lay in layers) + per_state * learned
-    stats_dim = 0
-    if fam == "analytic":
-        stats_dim = int(np.prod(shape))
-    elif fam == "goodness" and train.predictor == "lda":
-        stats_dim = sum(int(np.prod(readout_shape(shapes[i], train.readout_size)))
-                        for i in select_layers(train.eval_layers, len(shapes)))
+    planned_moments = sum(lay["optimizer"] for lay in layers) + terms.moments * (labels if terms.learned_labels else 0)
+    stats_dim = sum(int(np.prod(readout_shape(shapes[i], terms.readout_size))) for i in terms.readout_layers)
     k = model.num_classes
     # the closed-form statistics and the readout's window of samples, as the model holds them
     stats = sum(b for n, b in tensors.items() if not n.startswith(("layers.", "encoder.", "embed")))
-    windows = train.window * c * h * w * F32 * (train.views if fam == "cfl" else 1)
+    windows = train.window * c * h * w * F32 * terms.window_views
     resident = sum(lay["params"] for lay in layers) + labels + max(moments, planned_moments) + stats + windows
     resident += sum(b for n, b in tensors.items() if n.startswith("layers.") and not n.endswith((".weight", ".bias")))
     solve = (2 * stats_dim * stats_dim * F64 + stats_dim * k * (F32 + F64)) if stats_dim else 0
