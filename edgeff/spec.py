@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from edgeff.config import TrainConfig
+from edgeff.config import TrainConfig, select_layers
 from edgeff.errors import InputError
 from edgeff.families import family_for
 from edgeff.options import check_choices, options
@@ -126,9 +126,11 @@ def recipe(p: Preset, o: RunOptions, runtime: str = "torch") -> Recipe:
     streaming = stream_preset(p, tc.batch_size)  # batch 1: the stream recipe's model
     changes = {} if streaming is p else dict(p.stream_model)
     q, _ = without_unread_lda(streaming, tc, ["shrinkage"] if o.shrinkage is not None else [])
+    family = family_for(q.model, backprop=o.backprop)
+    if "eval_layers" in family.train_read(q.model, tc):  # a layer the model lacks: refused before any work
+        select_layers(tc.eval_layers, len(q.model.layers))
     if o.shrinkage is not None:
         q = replace(q, model=replace(q.model, shrinkage=o.shrinkage))
-        family = family_for(q.model, backprop=o.backprop)
         if "shrinkage" not in family.reads(q.model, tc)[1] and "predictor" in family.train_read(q.model, tc):
             raise InputError(f"--shrinkage is the lda readout's ridge; the {tc.predictor} predictor does not use it "
                              "(add --predictor lda)")
