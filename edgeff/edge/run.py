@@ -14,7 +14,7 @@ from edgeff.edge.learner import EdgeLearner, evaluate, make_edge_learner
 from edgeff.edge.limits import check_fits
 from edgeff.edge.plan import still_needed
 from edgeff.edge.store import load, save
-from edgeff.errors import CheckpointError, InputError
+from edgeff.errors import CheckpointError
 from edgeff.files import check_output
 from edgeff.loop import train_epochs
 from edgeff.spec import RunOptions, check_options
@@ -71,8 +71,6 @@ def train_run(
         learner.model_cfg = replace(learner.model_cfg, class_names=tuple(ds.classes))
     n_epochs = epochs if epochs is not None else learner.train_cfg.epochs
     bs = batch_size if batch_size is not None else learner.train_cfg.batch_size
-    if bs < 1 or n_epochs < 1:
-        raise InputError("batch size and epochs must be at least 1")
     per_epoch = min(samples, len(ds.y_train)) if samples is not None else len(ds.y_train)
     before = learner.samples_seen
     check_fits(still_needed(learner, bs), f"training {preset} at batch {bs}")  # before any work
