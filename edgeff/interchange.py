@@ -23,6 +23,7 @@ from edgeff.contract import LearnerBase, learner_class
 from edgeff.edge.analytic import PENDING
 from edgeff.edge.learner import EdgeLearner, UnsupportedError
 from edgeff.edge.optim import Optimizer
+from edgeff.edge.rand import Rng
 from edgeff.edge.store import load as load_edge
 from edgeff.edge.store import save as save_edge
 from edgeff.files import check_output
@@ -58,7 +59,7 @@ def to_edge(learner: LearnerBase) -> EdgeLearner:
             opt.steps[names[j]] = int(st["step"]) if "step" in st else learner.step
             opt.state[names[j]] = {k: v.detach().cpu().float().numpy().copy() for k, v in st.items() if k != "step"}
         el.opt = opt
-    edge.rng = np.random.default_rng([learner.train_cfg.seed, learner.step])
+    edge.rng = Rng([learner.train_cfg.seed, learner.step])
     edge.draws.rng = edge.rng
     return edge
 
@@ -120,7 +121,7 @@ def from_edge(edge: EdgeLearner) -> LearnerBase:
         template["state"] = state
         opt.load_state_dict(template)
         tl.set_lr(el.lr)
-    learner.generator.manual_seed(int(np.random.default_rng([edge.train_cfg.seed, edge.step]).integers(2**62)))
+    learner.generator.manual_seed(Rng([edge.train_cfg.seed, edge.step]).key >> 2)  # 62 bits of a seeded word
     return learner
 
 

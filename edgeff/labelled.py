@@ -23,18 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeff.config import ModelConfig
+from edgeff.edge.labelled import applies  # noqa: F401  # the rule both runtimes split by
 from edgeff.factored import partial_linear
 from edgeff.labels import LabelSplit
 from edgeff.layers import LengthNorm
-
-
-def applies(cfg: ModelConfig) -> bool:
-    """Whether ``cfg``'s first layer takes its labelled input split: a Linear layer (normalised by length or
-    not at all, before its weights) after a fixed overlay or pattern label."""
-    first = cfg.layers[0]
-    return (cfg.label in ("icp", "overlay") and not cfg.label_learned and first.kind == "linear"
-            and first.order == "pre" and first.norm in ("length", "none"))
 
 
 def layer_rows(layer: nn.Module, split: LabelSplit, labels: torch.Tensor,

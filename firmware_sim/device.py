@@ -55,6 +55,7 @@ from edgeff.firmware_sim.protocol import (
 )
 
 from edgeff.edge.plan import file_plan
+from edgeff.edge.rand import Rng
 from edgeff.files import BytesReader
 from edgeff.kinds import numpy_kinds
 from edgeff.names import name_problem, names_problem
@@ -216,7 +217,7 @@ class Device:
         self.boot_id = int.from_bytes(os.urandom(4), "little")
         self.net: EdgeModel | None = None  # an edge-runtime model (edgeff.edge's learners)
         self.onnx: OnnxModel | None = None
-        self.rng = np.random.default_rng(self.seed)
+        self.rng = Rng(self.seed)
         self.samples_seen = 0
         self.applied_crc = 0  # crc32 over the ids of every applied sample, in order
         self.last_seq: int | None = None
@@ -243,7 +244,7 @@ class Device:
             self.samples_seen = int(state.get("samples_seen", 0))
             self.applied_crc = int(state.get("applied_crc", 0))
             if "rng" in state:
-                self.rng.bit_generator.state = state["rng"]
+                self.rng.state = state["rng"]
 
     def save(self) -> int:
         if self.state_dir is None:
@@ -255,7 +256,7 @@ class Device:
         if self.net is None:
             raise DeviceError("no_model", "no model loaded; send LOAD_MODEL first")
         state = {"samples_seen": self.samples_seen, "applied_crc": self.applied_crc,
-                 "rng": self.rng.bit_generator.state}
+                 "rng": self.rng.state}
         net = self.net
         plan = net.memory_plan(1)
         self._planned(plan["resident"] + plan["save"])
@@ -509,7 +510,7 @@ class Device:
         self.net, self.onnx = net, None
         self.samples_seen = 0
         self.applied_crc = 0
-        self.rng = np.random.default_rng(int(net.spec.get("seed", self.seed)) % 2**63)
+        self.rng = Rng(int(net.spec.get("seed", self.seed)) % 2**63)
         return {"received": have, "memory": plan["total"], "classes": net.spec["classes"]}, {}
 
     def _resident(self) -> int:
@@ -609,14 +610,14 @@ class Device:
         if x is not None and net.rule != "goodness":  # the examples pass forward once (goodness does not read them)
             self._fit_inference(net, x.shape[0], f"the {x.shape[0]} examples of class {name!r}")
         restore = net.class_snapshot()  # references, not a copy of the model
-        rng_state = self.rng.bit_generator.state
+        rng_state = self.rng.state
         try:
             index = net.add_class(name, self.rng, x)
             self._fit(net, 1, f"the model with class {name!r}")
             self._representable(net=net)
         except (DeviceError, ModelError):
             restore()
-            self.rng.bit_generator.state = rng_state
+            self.rng.state = rng_state
             raise
         return {"index": index, "classes": net.spec["classes"]}, {}
 

@@ -19,6 +19,7 @@ import numpy as np
 from edgeff.edge.data import MNIST_MEAN, MNIST_STD
 from edgeff.edge.learner import EdgeLearner
 from edgeff.edge.plan import learner_plan
+from edgeff.edge.rand import Rng
 from edgeff.edge.store import FORMAT, from_arrays, to_arrays, to_bytes
 from edgeff.errors import EdgeFFError
 from edgeff.files import BytesReader
@@ -87,7 +88,7 @@ class EdgeModel:
         """Class scores (B, K): the model's predicting layers summed (what INFER answers)."""
         return self.layer_scores(x)[..., self.spec["eval_layers"]].sum(-1)
 
-    def train_step(self, x: np.ndarray, y: np.ndarray, rng: np.random.Generator, **_: Any) -> list[float]:
+    def train_step(self, x: np.ndarray, y: np.ndarray, rng: Rng, **_: Any) -> list[float]:
         self.learner.rng = self.learner.draws.rng = rng  # the device's generator, saved with its state
         try:
             metrics = self.learner.learn_many(self.normalise_input(x), np.asarray(y).reshape(-1))
@@ -123,7 +124,7 @@ class EdgeModel:
 
         return restore
 
-    def add_class(self, name: str, rng: np.random.Generator, x: np.ndarray | None = None) -> int:
+    def add_class(self, name: str, rng: Rng, x: np.ndarray | None = None) -> int:
         self.learner.rng = self.learner.draws.rng = rng
         try:
             idx = self.learner.add_class(name, None if x is None or not len(x) else self.normalise_input(x))

@@ -19,6 +19,7 @@ from edgeff.firmware_sim.protocol import FrameDecoder, Message, MsgType, encode_
 
 from edgeff.data import ImageData
 from edgeff.edge.plan import file_plan, learner_plan
+from edgeff.edge.rand import Rng
 from edgeff.host import CHUNK, DeviceClient, DeviceRefusedError
 
 
@@ -33,10 +34,10 @@ def _ask(dev: Device, msg: Message) -> Message:
     return reply
 
 
-def _local(blob: bytes) -> tuple[EdgeModel, np.random.Generator]:
+def _local(blob: bytes) -> tuple[EdgeModel, Rng]:
     """The same model in this process, with the generator a device seeds for it at LOAD."""
     net, _ = EdgeModel.from_bytes(blob)
-    return net, np.random.default_rng(int(net.spec["seed"]))
+    return net, Rng(int(net.spec["seed"]))
 
 
 def _load(dev: Device, blob: bytes, seq: int = 1, *, declare: bool = False) -> Message:

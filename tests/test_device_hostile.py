@@ -22,6 +22,8 @@ from edgeff.firmware_sim.protocol import FrameDecoder, Message, MsgType, encode_
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from edgeff.edge.rand import Rng
+
 
 def _reply(dev: Device, frame: bytes) -> Message:
     (out,) = FrameDecoder().feed(dev.receive(frame))
@@ -220,15 +222,15 @@ def test_a_refused_class_leaves_an_edge_model_as_it_was(preset: str) -> None:
     p = get_preset(preset)
     learner = make_edge_learner(p, train=replace(p.train, views=1, crop_padding=0, batch_size=8, schedule="all"))
     model = EdgeModel(learner, {})
-    rng = np.random.default_rng(0)
-    model.train_step(rng.integers(0, 255, (8, 784), dtype=np.uint8), np.arange(8) % 10, rng)
+    rng, draws = np.random.default_rng(0), Rng(0)  # the data's, the device's (edgeff.edge.rand)
+    model.train_step(rng.integers(0, 255, (8, 784), dtype=np.uint8), np.arange(8) % 10, draws)
     x = rng.integers(0, 255, (4, 784), dtype=np.uint8)
-    before, rng_state = model.to_bytes(), rng.bit_generator.state
+    before, rng_state = model.to_bytes(), draws.state
     restore = model.class_snapshot()
-    model.add_class("extra", rng, x)
+    model.add_class("extra", draws, x)
     assert model.to_bytes() != before
     restore()
-    rng.bit_generator.state = rng_state  # the device restores its generator itself
+    draws.state = rng_state  # the device restores its generator itself
     assert model.to_bytes() == before and model.spec["classes"] == [str(i) for i in range(10)]
 
 

@@ -21,6 +21,7 @@ from edgeff.edge import EdgeLearner, UnsupportedError, make_edge_learner
 from edgeff.edge import ops as eops
 from edgeff.edge.data import load_edge_data
 from edgeff.edge.learner import Draws
+from edgeff.edge.rand import Rng
 from edgeff.edge.store import load as load_edge
 from edgeff.edge.store import save as save_edge
 from edgeff.errors import InputError
@@ -32,7 +33,7 @@ from edgeff.presets import get_preset, make_learner
 class ReplayDraws(Draws):
     """Replays a torch learner's recorded draws to the numpy learner."""
 
-    def __init__(self, rng: np.random.Generator, rec: dict[str, list[np.ndarray]]) -> None:
+    def __init__(self, rng: Rng, rec: dict[str, list[np.ndarray]]) -> None:
         super().__init__(rng)
         self.rec = rec
 
@@ -531,7 +532,7 @@ def test_simulated_device_trains_an_edge_file_as_the_edge_runtime_does(tmp_path)
         ask(MsgType.LOAD_MODEL, {"offset": off, "total": len(blob), "crc32": zlib.crc32(blob)},
             {"chunk": np.frombuffer(blob[off : off + CHUNK], np.uint8)})
     ref, _ = load_edge(tmp_path / "m.npz")
-    ref.rng = ref.draws.rng = np.random.default_rng(ref.train_cfg.seed)  # the device seeds its generator so
+    ref.rng = ref.draws.rng = Rng(ref.train_cfg.seed)  # the device seeds its generator so
     order = np.random.default_rng(0).permutation(len(data.y_train))[:24]
     for i in range(0, 24, 8):
         idx = order[i : i + 8]

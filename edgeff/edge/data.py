@@ -15,12 +15,12 @@ import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
+from edgeff.edge.rand import permutation
 from edgeff.errors import DataNotFoundError
 from edgeff.files import atomic_write
 
@@ -96,7 +96,7 @@ def _unpacked(path: Path, cache: Path) -> Path:
 def epoch_order(n: int, seed: int, epoch: int, limit: int | None = None) -> np.ndarray:
     """The training order of an epoch, shared by both runtimes: it depends only on (seed, epoch), so a
     stream resumes where it stopped and the torch and numpy runtimes see the same batches."""
-    order = np.random.default_rng([seed, epoch]).permutation(n)
+    order = permutation(n, [seed, epoch])  # numpy.random.default_rng([seed, epoch])'s, without numpy.random
     return order if limit is None else order[:limit]
 
 
@@ -163,6 +163,8 @@ def load_edge_data(name: str = "builtin", data_dir: str | Path | None = None, *,
                    cache_dir: str | Path | None = None) -> EdgeData:
     """Load a data set by name (``edgeff.data.load_data``'s names and folder layout)."""
     if name == "builtin":
+        from importlib import resources  # the builtin set only (0.9 MiB of modules otherwise left unloaded)
+
         with resources.files("edgeff").joinpath("data/mnist_small.npz").open("rb") as f:
             z = np.load(f)
             return EdgeData("builtin", z["x_train"][:, None], z["y_train"], z["x_test"][:, None], z["y_test"], DIGITS,

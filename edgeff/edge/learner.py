@@ -19,7 +19,7 @@ refused with ``UnsupportedError`` naming it: the ``olu`` schedule, ``hard`` nega
 term. The goodness family's ``lda`` predictor is ``edgeff.edge.readout``: solved at the end of the plan from a
 pass over the data or from a window of the stream's last samples.
 
-Random draws (wrong labels, embedding noise, crops) come from a ``numpy.random.Generator`` seeded by
+Random draws (wrong labels, embedding noise, crops) come from an ``edgeff.edge.rand.Rng`` (no ``numpy.random``) seeded by
 ``train.seed``; they differ from torch's draws, so the two runtimes agree step for step only when given
 the same draws (``Draws``), which is how the parity tests drive them.
 """
@@ -34,8 +34,11 @@ import numpy as np
 
 from edgeff.config import MAX_INPUT, ModelConfig, TrainConfig, readout_pool, readout_shape, select_layers
 from edgeff.edge.analytic import LdaStats, own
+from edgeff.edge.labelled import Split, SplitFirst, split
+from edgeff.edge.labelled import applies as split_applies
 from edgeff.edge.ops import F32, Op, make_block, out_shape
 from edgeff.edge.optim import Optimizer
+from edgeff.edge.rand import Rng
 from edgeff.edge.readout import LdaReadout
 from edgeff.errors import InputError, UnsupportedError
 from edgeff.families import family_for
@@ -82,7 +85,7 @@ class Draws:
     A test replaces this object to feed the draws a torch learner made, so both runtimes take the
     same step."""
 
-    def __init__(self, rng: np.random.Generator) -> None:
+    def __init__(self, rng: Rng) -> None:
         self.rng = rng
 
     def negatives(self, y: np.ndarray, k: int) -> np.ndarray:
@@ -221,6 +224,11 @@ def check_supported(model: ModelConfig, train: TrainConfig) -> str:
         numpy_kind(spec.kind)  # a kind only torch runs: refused with its registered reason
     return fam.numpy_name
 
+def _pairs(t: np.ndarray) -> np.ndarray:
+    """A per-sample array's rows for positive/negative pairs: positives then negatives."""
+    return np.concatenate([t, t])
+
+
 @dataclass(frozen=True)
 class PlanTerms:
     """What a family adds to the numpy runtime's memory plan (``edgeff.edge.plan``), from its configs alone: the
@@ -274,7 +282,7 @@ class EdgeLearner:
         self.family = check_supported(model, train)
         self.model_cfg = model
         self.train_cfg = train
-        self.rng = np.random.default_rng(train.seed)
+        self.rng = Rng(train.seed)
         self.draws = Draws(self.rng)
         self.step = 0
         self.samples_seen = 0
@@ -609,14 +617,19 @@ class GoodnessEdge(EdgeLearner):
             y_neg = y_neg.copy()
             y_neg[:fresh] = self._fresh_negatives(y[:fresh], y_neg[:fresh])
         labels = np.concatenate([y, y_neg])
-        h = np.concatenate([self._encode(x, y), self._encode(x, y_neg)])  # (2B, C', H, W): positives, negatives
+        first = self._split_first()
+        # the first layer's input: the image and the label codes apart (edge.labelled), or encoded rows (2B, C', H, W)
+        h = x if first is not None else np.concatenate([self._encode(x, y), self._encode(x, y_neg)])
         schedule = self.train_cfg.schedule
         last, active = len(self.layers) - 1, -1
         if schedule == "greedy":
             active = last = self._greedy_active()
         metrics = []
         for i, layer in enumerate(self.layers[: last + 1]):
-            out = layer.forward(h, train=True)
+            if i == 0 and first is not None:  # positives then negatives: each sample's row twice
+                out = first.forward(self._split(x), labels, _pairs, train=True)
+            else:
+                out = layer.forward(h, train=True)
             g = (out * out).reshape(2 * b, -1).mean(1)  # (2B,)
             loss, dgp, dgn = self._goodness_loss(g[:b], g[b:])
             trains = schedule != "greedy" or i == active
@@ -626,8 +639,11 @@ class GoodnessEdge(EdgeLearner):
                 if layer.peer_mean is not None:
                     loss += self._peer_step(layer, out[:b], dout[:b])
                 learned = "encoder.matrix" in layer.extra
-                dx = layer.backward(dout.astype(F32, copy=False), need_input_grad=learned)
                 extra = {}
+                if i == 0 and first is not None:  # a sample's positive and negative rows summed: its share
+                    first.backward(dout.astype(F32, copy=False), lambda d: d[:b] + d[b:])
+                else:
+                    dx = layer.backward(dout.astype(F32, copy=False), need_input_grad=learned)
                 if learned:
                     assert dx is not None
                     dchan = dx[:, -1].reshape(2 * b, -1)  # (2B, H·W)
@@ -671,12 +687,25 @@ class GoodnessEdge(EdgeLearner):
 
     def _chunk_scores(self, x: np.ndarray) -> list[np.ndarray]:
         b, k = x.shape[0], self.num_classes
-        h = self._encode(np.repeat(x, k, axis=0), np.tile(np.arange(k), b))  # (b·K, C', H, W)
+        first = self._split_first()
+        labels = np.tile(np.arange(k), b)  # sample-major: every label of a sample, then the next sample
         per = []
-        for layer in self.layers:
+        if first is not None:
+            h = first.forward(self._split(x), labels, lambda t: np.repeat(t, k, axis=0), train=False)
+            per.append((h * h).reshape(b, k, -1).mean(-1))
+        else:
+            h = self._encode(np.repeat(x, k, axis=0), labels)  # (b·K, C', H, W)
+        for layer in self.layers[len(per):]:
             h = layer.forward(h, train=False)
             per.append((h * h).reshape(b, k, -1).mean(-1))
         return per
+
+    def _split_first(self) -> SplitFirst | None:
+        """The first layer run on the image and the label codes apart, where it takes them so (edge.labelled)."""
+        return SplitFirst(self.layers[0].ops) if split_applies(self.model_cfg) else None
+
+    def _split(self, x: np.ndarray) -> Split:
+        return split(self.model_cfg.label, x, self.extra.get("encoder.patterns"), self.num_classes)
 
     def _grow(self, xb: np.ndarray | None, cfg: ModelConfig) -> None:
         """A new ICP pattern, label-channel row (N(0, 1)) or overlay slot; an lda predictor's mean is the

@@ -15,6 +15,7 @@ import numpy as np
 
 from edgeff.config import LayerSpec
 from edgeff.edge.optim import Outer
+from edgeff.edge.rand import Rng
 from edgeff.kinds import builder, layer_kind, numpy_kind
 
 F32 = np.float32
@@ -284,7 +285,7 @@ def out_shape(spec: LayerSpec, in_shape: tuple[int, ...]) -> tuple[int, ...]:
     return layer_kind(spec.kind).out_shape(spec, in_shape)
 
 
-def make_block(spec: LayerSpec, in_shape: tuple[int, ...], rng: np.random.Generator, *, bn: dict[str, Any],
+def make_block(spec: LayerSpec, in_shape: tuple[int, ...], rng: Rng, *, bn: dict[str, Any],
                relu_grad: str = "zero", init: str = "torch", fill: bool = True) -> list[Op]:
     """The ops of one local layer: its kind's registered numpy builder (``edgeff.kinds``), in the order and with
     the parameter names of the torch block; ``UnsupportedError`` for a kind only torch runs."""
@@ -292,12 +293,12 @@ def make_block(spec: LayerSpec, in_shape: tuple[int, ...], rng: np.random.Genera
     return build(spec, in_shape, rng, bn=bn, relu_grad=relu_grad, init=init, fill=fill)  # type: ignore[no-any-return]
 
 
-def linear_block(spec: LayerSpec, in_shape: tuple[int, ...], rng: np.random.Generator, **opts: Any) -> list[Op]:
+def linear_block(spec: LayerSpec, in_shape: tuple[int, ...], rng: Rng, **opts: Any) -> list[Op]:
     fan_in = int(np.prod(in_shape))
     return weighted_block(spec, [Flatten()], Linear(fan_in, spec.out), fan_in, fan_in, False, rng, **opts)
 
 
-def conv_block(spec: LayerSpec, in_shape: tuple[int, ...], rng: np.random.Generator, **opts: Any) -> list[Op]:
+def conv_block(spec: LayerSpec, in_shape: tuple[int, ...], rng: Rng, **opts: Any) -> list[Op]:
     if len(in_shape) != 3:
         raise ValueError(f"a conv layer cannot follow a linear one (input shape {in_shape})")
     weight = Conv2d(in_shape[0], spec.out, spec.kernel, spec.stride, spec.padding)
@@ -308,7 +309,7 @@ def conv_block(spec: LayerSpec, in_shape: tuple[int, ...], rng: np.random.Genera
 
 
 def weighted_block(spec: LayerSpec, head: list[Op], weight: Op, in_features: int, fan_in: int, spatial: bool,
-                   rng: np.random.Generator, *, bn: dict[str, Any], relu_grad: str = "zero", init: str = "torch",
+                   rng: Rng, *, bn: dict[str, Any], relu_grad: str = "zero", init: str = "torch",
                    fill: bool = True) -> list[Op]:
     """``edgeff.layers.weighted_block``: ``head`` -> (norm) -> ``weight`` -> (norm) -> ReLU -> (norm), initialised
     like torch's defaults (weights and biases U(±1/√fan_in)) or ``init="normal"`` (N(0, 1/√out) weights, zero

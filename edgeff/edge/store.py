@@ -48,7 +48,7 @@ def to_arrays(learner: EdgeLearner, meta: dict[str, Any] | None = None) -> dict[
         "format": FORMAT, "format_version": FORMAT_VERSION, "edgeff_version": __version__, "kind": learner.kind,
         "model": learner.model_cfg.to_dict(), "train": learner.train_cfg.to_dict(), "step": learner.step,
         "samples_seen": learner.samples_seen, "lrs": [layer.lr for layer in learner.layers], "optim": optim,
-        "rng": learner.rng.bit_generator.state, "meta": dict(meta or {}),
+        "rng": learner.rng.state, "meta": dict(meta or {}),
     }
     arrays["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
     return arrays
@@ -78,14 +78,31 @@ def from_arrays(arrays: dict[str, np.ndarray], *, adopt: bool = False) -> tuple[
                 name, key = k[len(prefix):].rsplit(":", 1)
                 o.state.setdefault(name, {})[key] = own(a, np.float32) if adopt else np.asarray(a, np.float32).copy()
         layer.opt = o
-    learner.rng.bit_generator.state = head["rng"]
+    learner.rng.state = head["rng"]  # an older file's numpy state: a stream derived from it (edge.rand)
     return learner, dict(head.get("meta", {}))
+
+
+WRITE_CHUNK = 1 << 20  # bytes of an array handed to the zip member at a time
+
+
+def write_npz(f: Any, arrays: dict[str, np.ndarray]) -> None:
+    """``np.savez(f, **arrays)``'s file (stored members ``NAME.npy``, read back by ``np.load``) without its copies:
+    ``np.savez`` hands each array to the zip member as ``tobytes()`` chunks of up to 16 MiB (a layer's weights or
+    moments copied whole, at the end of a run); this writes views of 1 MiB."""
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, a in arrays.items():
+            a = np.asarray(a, order="C")  # every array the runtime saves already is C-ordered (no copy)
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array_header_1_0(member, np.lib.format.header_data_from_array_1_0(a))
+                view = memoryview(a.reshape(-1)).cast("B") if a.size else memoryview(b"")
+                for s in range(0, len(view), WRITE_CHUNK):
+                    member.write(view[s : s + WRITE_CHUNK])
 
 
 def save(learner: EdgeLearner, path: str | Path, *, meta: dict[str, Any] | None = None) -> Path:
     """Write ``learner`` to ``path`` atomically (temp file in the same folder, fsync, rename)."""
     arrays = to_arrays(learner, meta)
-    return atomic_write(path, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
+    return atomic_write(path, lambda f: write_npz(f, arrays))
 
 
 def _declared(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple[tuple[int, ...], np.dtype, int]:
