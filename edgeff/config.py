@@ -196,10 +196,20 @@ class TrainConfig:
         return TrainConfig(**d)
 
 
+def token_grid(shape: tuple[int, ...]) -> tuple[int, int, int] | None:
+    """A ViT layer's output (N tokens, E) as the map it covers, (E, g, g), when its N tokens are a g×g grid of
+    patches (no class token); None for any other shape."""
+    if len(shape) != 2:
+        return None
+    g = math.isqrt(shape[0])
+    return (shape[1], g, g) if g * g == shape[0] else None
+
+
 def readout_pool(shape: tuple[int, ...], size: int) -> tuple[int, int]:
     """The lda readout's average-pooling kernel (= stride, remainder rows and columns dropped) for a layer's
     output ``shape`` under ``TrainConfig.readout_size``: (1, 1) for flat features, maps of at most size×size
-    and size 0."""
+    and size 0. A ViT layer's tokens are pooled as the patch grid they cover (``token_grid``)."""
+    shape = token_grid(shape) or shape
     if size <= 0 or len(shape) != 3:
         return 1, 1
     return -(-shape[1] // size), -(-shape[2] // size)
@@ -208,7 +218,8 @@ def readout_pool(shape: tuple[int, ...], size: int) -> tuple[int, int]:
 def readout_shape(shape: tuple[int, ...], size: int) -> tuple[int, ...]:
     """A layer's output shape as the lda readout reads it (``readout_pool``)."""
     kh, kw = readout_pool(shape, size)
-    return shape if (kh, kw) == (1, 1) else (shape[0], shape[1] // kh, shape[2] // kw)
+    grid = token_grid(shape) or shape
+    return shape if (kh, kw) == (1, 1) else (grid[0], grid[1] // kh, grid[2] // kw)
 
 
 def select_layers(spec: str, n_layers: int | None) -> list[int]:

@@ -17,6 +17,10 @@
   cost; the paper: 1-2 pt lower). Either mode works for CFL too. Prediction: a linear head trained
   with cross-entropy on the detached last-layer mean features, alongside the stream (the paper's
   stage 2 run concurrently; it converges to the same frozen-feature head once the encoder settles).
+  Or (``TrainConfig.predictor = "lda"``) the goodness family's closed-form lda readout
+  (``edgeff.readout.LdaPredictor``) on the ``eval_layers``' outputs, a ViT's tokens pooled over the patch grid
+  they cover to about ``readout_size``×``readout_size`` (CIFAR-10's cff-vit: 2×2 of the last layer's 8×8 tokens,
+  where the head reads their mean), solved when the planned run is complete; no head is trained then.
 
 ``ContrastiveLearner`` speaks the same verbs as ``edgeff.trainer.Learner``.
 """
@@ -24,6 +28,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -35,6 +40,7 @@ from edgeff import factored
 from edgeff.augment import make_augment, make_views
 from edgeff.config import ModelConfig, TrainConfig
 from edgeff.contract import LearnerBase, register
+from edgeff.errors import InputError
 from edgeff.families import declaration
 from edgeff.graphs import inference_block
 from edgeff.inputs import as_batch, as_labels, check_loss
@@ -58,6 +64,7 @@ from edgeff.losses import (
     supcon_loss,
 )
 from edgeff.model import select_layers
+from edgeff.readout import LdaPredictor, layer_features
 
 CONTRASTIVE_LOSSES = ("supcon", "cfl")
 
@@ -82,6 +89,14 @@ def pool_embeddings(d: torch.Tensor, width: int) -> torch.Tensor:
         raise ValueError(f"cannot pool {dim}-wide embeddings to {width} values; raise embed_dim")
     stride = dim // width
     return F.avg_pool1d(d[None], dim - (width - 1) * stride, stride)[0]
+
+
+class NoLabel:
+    """The neutral-label pass of a network with no label in its input: the input as it is."""
+
+    @staticmethod
+    def neutral(x: torch.Tensor) -> torch.Tensor:
+        return x
 
 
 class ContrastiveNet(nn.Module):
@@ -115,6 +130,21 @@ class ContrastiveNet(nn.Module):
         bound = 1 / math.sqrt(self.widths[-1])
         nn.init.uniform_(self.head.weight, -bound, bound, generator=generator)
         nn.init.zeros_(self.head.bias)
+        self.readout: LdaPredictor | None = None  # CFF's lda predictor (in the checkpoint as readout.*)
+        if cfg.loss == "supcon" and train.predictor == "lda":
+            self.readout = LdaPredictor(self, select_layers(train.eval_layers, len(self.layers)), train.readout_memory,
+                                        cfg.shrinkage, train.readout_window, train.readout_size)
+
+    encoder = NoLabel()  # what a readout reads through (``readout.LocalNet``): no label in the input
+
+    def features(self, z: torch.Tensor) -> list[torch.Tensor]:
+        """Every layer's output (no gradient)."""
+        out = []
+        with torch.no_grad():
+            for layer in self.layers:
+                z = layer(z)
+                out.append(z)
+        return out
 
     @property
     def local_layers(self) -> list[LocalLayer]:
@@ -157,7 +187,8 @@ class ContrastiveLearner(LearnerBase):
         super().__init__(model, train)
         self.net = ContrastiveNet(model, train, self.generator).to(self.device)
         self.head_opt = make_optimizer(list(self.net.head.parameters()), "adam", train.head_lr,
-                                       train.optim_state_dtype) if model.loss == "supcon" else None
+                                       train.optim_state_dtype) if model.loss == "supcon" and self.net.readout is None \
+            else None
         self.eval_layers = select_layers(train.eval_layers, len(self.net.layers))
         self.augment = make_augment(train, self.generator)
 
@@ -210,6 +241,7 @@ class ContrastiveLearner(LearnerBase):
         yb = as_labels(y, xb.shape[0], self.net.num_classes).to(self.device)
         allowed = fresh_class_mask(yb, fresh, self.net.num_classes)
         n = xb.shape[0]
+        x0, y0 = xb, yb  # the samples as they came, for a readout that follows the stream or keeps a window
         xb, yb, allowed = make_views(xb, yb, self.train_cfg.views, self.augment, allowed)
         self.net.train()
         loss_fn = self._cfl_loss if self.model_cfg.loss == "cfl" else self._supcon_loss
@@ -238,6 +270,9 @@ class ContrastiveLearner(LearnerBase):
             self.head_opt.zero_grad(set_to_none=True)
             head_loss.backward()
             self.head_opt.step()
+        if self.net.readout is not None:  # the new samples, not a stream window's repeats (as the goodness learner)
+            new = min(n, self.train_cfg.batch_size) if self.train_cfg.window else n
+            self.net.readout.learn(self.net, x0[:new], y0[:new])
         self.step += 1
         self.samples_seen += n
         return metrics
@@ -247,6 +282,8 @@ class ContrastiveLearner(LearnerBase):
         self.net.eval()
         if self.model_cfg.loss == "cfl":
             return self.net.layer_scores(xb)
+        if self.net.readout is not None:
+            return [self.net.readout.scores(self.net, xb)]
         with torch.no_grad():
             return [self.net.head(self.net.mean_features(xb)[-1])]
 
@@ -261,6 +298,30 @@ class ContrastiveLearner(LearnerBase):
         if len(sel) == 1:
             return per[sel[0]]
         return torch.stack([per[i] for i in sel]).sum(0)
+
+    # ----------------------------------------------------------------- an lda readout (CFF)
+    def end_of_plan(self, batches: Callable[[], Iterable[tuple[Any, Any]]]) -> None:
+        """The planned run is complete: an lda readout that does not follow the stream is solved from one pass
+        over ``batches()`` through the trained layers (or from its window)."""
+        if self.net.readout is not None:
+            self.net.readout.end_of_plan(self.net, lambda: self._as_tensors(batches()))
+
+    def ready_to_predict(self, batches: Callable[[], Iterable[tuple[Any, Any]]] | None = None) -> str | None:
+        if self.net.readout is None:
+            return None
+        return self.net.readout.ready(self.net, None if batches is None else lambda: self._as_tensors(batches()))
+
+    def solve_readout(self, batches: Iterable[tuple[Any, Any]] | None = None) -> None:
+        """Solve the lda readout from ``batches`` through the layers as they are now (None: its window)."""
+        if self.net.readout is None:
+            raise InputError("solve_readout needs the lda predictor; this model predicts by "
+                             f"{'its label embeddings' if self.net.embed is not None else 'its head'}")
+        self.net.readout.solve(self.net, None if batches is None else self._as_tensors(batches))
+
+    def _as_tensors(self, batches: Iterable[tuple[Any, Any]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in batches:
+            xb = as_batch(x, self.model_cfg.input_shape).to(self.device)
+            yield xb, as_labels(y, xb.shape[0], self.net.num_classes).to(self.device)
 
     def layer_predictions(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Each layer's own prediction (B, L) (CFL); CFF has only the head: (B, 1)."""
@@ -299,6 +360,8 @@ class ContrastiveLearner(LearnerBase):
             row = class_row(self.net.embed, proto, self.generator)
             grow_rows(self.net, "embed", row[None], [last.opt])
             last.extra_params = [self.net.embed]
+        if self.net.readout is not None:
+            self.net.readout.grow(self.net, None if examples is None else xb, self.generator)
         head_proto = None if feats is None else feats[-1].mean(0)
         grow_linear(self.net.head, class_row(self.net.head.weight, head_proto, self.generator, HEAD_ROW_NORM), [self.head_opt])
         self.model_cfg = cfg
@@ -343,11 +406,35 @@ class ContrastiveLearner(LearnerBase):
         self.eval_layers = select_layers(layers, len(self.net.layers))
 
     def inference_graph(self, layers: str | None = None) -> nn.Module:
+        if self.net.readout is not None:
+            return ReadoutGraph(self).eval()
 
         return ContrastiveGraph(self, layers).eval()
 
     def prediction_kind(self, layers: str | None = None) -> str:
         return f"label-embedding:{layers or self.train_cfg.eval_layers}" if self.net.embed is not None else "logits"
+
+
+class ReadoutGraph(nn.Module):
+    """One pass through the layers and the solved lda readout on their pooled outputs (CFF's lda predictor)."""
+
+    def __init__(self, learner: ContrastiveLearner) -> None:
+        super().__init__()
+        readout = learner.net.readout
+        assert readout is not None
+        self.blocks = nn.ModuleList(inference_block(layer.block) for layer in learner.net.local_layers)
+        self.idx, self.pools, self.scales = list(readout.idx), list(readout.pools), list(readout.scales)
+        self.linear = readout.linear
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        outs, h = [], x
+        for block in self.blocks[: max(self.idx) + 1]:
+            h = block(h)
+            outs.append(h)
+        feats = torch.cat([layer_features(outs[i], k, s) for i, k, s in zip(self.idx, self.pools, self.scales,
+                                                                            strict=True)], dim=1)
+        logits = self.linear(feats)
+        return logits, logits.argmax(1)
 
 
 class ContrastiveGraph(nn.Module):

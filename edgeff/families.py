@@ -174,12 +174,17 @@ def _goodness_reads(model: Any, train: Any, t: set[str], m: set[str]) -> None:
 
 
 def _contrastive_reads(model: Any, train: Any, t: set[str], m: set[str]) -> None:
-    if model.loss == "cfl":  # label embeddings: per-layer prediction; no head, no margins
+    readout = {"predictor", "readout_memory", "readout_window", "readout_size"}
+    if model.loss == "cfl":  # label embeddings: per-layer prediction; no head, no margins, no readout
+        t -= {"head_lr", *readout}
+        m -= {"margin_first", "margin_last", "shrinkage"}
+        return
+    m -= {"cfl_weights", "embed_dim", "embed_noise"}  # CFF: no dictionary
+    if train.predictor == "lda":  # an lda readout on the eval_layers (edgeff.readout); no head
         t.discard("head_lr")
-        m -= {"margin_first", "margin_last"}
-    else:  # CFF: a head on the last layer; no dictionary
-        t.discard("eval_layers")
-        m -= {"cfl_weights", "embed_dim", "embed_noise"}
+    else:  # the head on the last layer (predictor "head", or the default)
+        t -= {"eval_layers", *readout} - ({"predictor"} if train.predictor == "head" else set())
+        m.discard("shrinkage")
 
 
 def _mirror_reads(model: Any, train: Any, t: set[str], m: set[str]) -> None:
@@ -229,9 +234,10 @@ register_family(Family(
     )))
 register_family(Family(
     "contrastive", "contrastive", frozenset({"supcon", "cfl"}),
-    train_fields=frozenset({"eval_layers", "head_lr", "views", "crop_padding", "hflip"}),
+    train_fields=frozenset({"eval_layers", "head_lr", "views", "crop_padding", "hflip", "predictor", "readout_memory",
+                            "readout_window", "readout_size"}),
     model_fields=frozenset({"global_pool", "temperature", "margin_first", "margin_last", "cfl_weights", "embed_dim",
-                            "groups", "embed_noise"}),
+                            "groups", "embed_noise", "shrinkage"}),
     capabilities=frozenset({"layer_predictions", "edge_runtime", "zero_shot", "attention_maps"}),
     narrow=_contrastive_reads, torch="edgeff.contrastive:ContrastiveLearner",
     numpy="edgeff.edge.learner:CflEdge", numpy_name="cfl", numpy_losses=frozenset({"cfl"}),

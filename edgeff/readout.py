@@ -170,6 +170,18 @@ class ForgettingStats(nn.Module):
         self.imprint = torch.cat([self.imprint, proto.to(self.imprint)[None]])
 
 
+def layer_features(h: torch.Tensor, pool: tuple[int, int], scale: float) -> torch.Tensor:
+    """One layer's output as a readout reads it: average-pooled by ``pool`` (a ViT's tokens as the patch grid they
+    cover, ``config.token_grid``), flattened and scaled to length ``scale`` (B, D_l). The readouts' features and
+    their exported graphs both call this."""
+    if pool != (1, 1):
+        if h.dim() == 3:  # (B, N, E) tokens of a g×g patch grid -> (B, E, g, g)
+            g = math.isqrt(h.shape[1])
+            h = h.transpose(1, 2).reshape(h.shape[0], h.shape[2], g, g)
+        h = F.avg_pool2d(h, pool)
+    return F.normalize(h.flatten(1), dim=1) * scale
+
+
 class LdaPredictor(nn.Module):
     """Streaming LDA on the detached, length-normalised features of one neutral-label pass (the inputs
     ``HeadPredictor`` reads), solved in closed form when scores are asked for after new samples. Exported
@@ -198,9 +210,12 @@ class LdaPredictor(nn.Module):
         self.register_buffer("window_seen", torch.zeros((), dtype=torch.long))
 
     def _features(self, net: LocalNet, x: torch.Tensor) -> torch.Tensor:
-        outs = net.features(net.encoder.neutral(x))
-        maps = [outs[i] if k == (1, 1) else F.avg_pool2d(outs[i], k) for i, k in zip(self.idx, self.pools, strict=True)]
-        return torch.cat([F.normalize(m.flatten(1), dim=1) * s for m, s in zip(maps, self.scales, strict=True)], dim=1)
+        return self.features_of(net.features(net.encoder.neutral(x)))
+
+    def features_of(self, outs: list[torch.Tensor]) -> torch.Tensor:
+        """The readout's features (B, D) from every layer's output (at least up to the last one it reads)."""
+        return torch.cat([layer_features(outs[i], k, s) for i, k, s in zip(self.idx, self.pools, self.scales, strict=True)],
+                         dim=1)
 
     @property
     def linear(self) -> nn.Linear:

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from edgeff import factored
@@ -32,7 +31,7 @@ from edgeff.layers import RunningBatchNorm
 from edgeff.loop import LayerMetrics, fit, train_epochs  # noqa: F401 - re-exported: the runtime-free training loop
 from edgeff.losses import get_loss, goodness, peer_loss
 from edgeff.model import NEGATIVES, GoodnessPredictor, HeadPredictor, LocalNet, make_predictor, select_layers
-from edgeff.readout import LdaPredictor
+from edgeff.readout import LdaPredictor, layer_features
 
 SCHEDULES = ("all", "greedy", "olu")
 PEER_MOMENTUM = 0.9  # peer normalisation's running mean activity (the reference implementation's value)
@@ -464,7 +463,6 @@ class HeadGraph(nn.Module):
         for i, block in enumerate(self.blocks):
             z = block(z)
             if i in self.idx:
-                m = z if self.pools[i] == (1, 1) else F.avg_pool2d(z, self.pools[i])
-                feats.append(F.normalize(m.flatten(1), dim=1) * self.scales[i])
+                feats.append(layer_features(z, self.pools[i], self.scales[i]))
         logits = self.linear(torch.cat(feats, dim=1))
         return logits, logits.argmax(1)

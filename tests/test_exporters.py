@@ -12,10 +12,10 @@ from edgeff.cli.app import app
 from edgeff.exporters.onnx import OnnxPredictor, export_layers, export_onnx, parity, quantize_onnx
 from typer.testing import CliRunner
 
-from edgeff import Learner, make_learner
-from edgeff.checkpoint import save
+from edgeff import Learner, get_preset, make_learner
+from edgeff.checkpoint import load, save
 from edgeff.errors import InputError
-from edgeff.presets import PRESETS
+from edgeff.presets import PRESETS, with_changes
 from edgeff.trainer import train_epochs
 
 EXPORTABLE = [n for n in PRESETS if not n.endswith("-paper") and n != "cff-vit"]  # cff-vit: CIFAR-shaped, below
@@ -166,3 +166,22 @@ def test_vit_exports_with_parity(mnist_small, tmp_path: Path) -> None:
     x, _ = next(mnist_small.test_batches(64))
     res = parity(learner, OnnxPredictor(path), x)
     assert res["agreement"] == 1.0 and res["max_abs_diff"] < 1e-4
+
+
+def test_vit_lda_readout_exports_and_resumes(mnist_small, tmp_path: Path) -> None:
+    """CFF's lda predictor (cff-vit's CIFAR-10 recipe): solved at the end of the plan on the tokens pooled over
+    their patch grid; onnxruntime gives the torch scores, and a checkpoint predicts as the learner did."""
+    p = with_changes(get_preset("cff-vit"), {"predictor": "lda", "eval_layers": "last:2", "readout_size": 3,
+                                             "shrinkage": 0.03})
+    learner = make_learner(p, input_shape=(1, 28, 28), train=replace(p.train, device="cpu", epochs=1))
+    assert learner.head_opt is None and learner.net.readout is not None
+    assert learner.net.readout.stats.dim == 2 * 128 * 2 * 2  # two layers' 7x7 tokens pooled to 2x2
+    train_epochs(learner, mnist_small, epochs=1, batch_size=50, limit=200)
+    x, _ = next(mnist_small.test_batches(64))
+    res = parity(learner, OnnxPredictor(export_onnx(learner, tmp_path / "vit.onnx")), x)
+    scale = max(1.0, float(learner.scores(x).abs().max()))  # lda scores run to the hundreds
+    assert res["agreement"] == 1.0 and res["max_abs_diff"] <= 1e-4 * scale
+    back, _ = load(save(learner, tmp_path / "v.pt"))
+    assert torch.equal(back.scores(x), learner.scores(x))
+    with pytest.raises(InputError, match="does not use predictor='lda'"):
+        make_learner(with_changes(get_preset("cfl-mlp"), {"predictor": "lda"}))
