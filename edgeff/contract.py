@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import fields, replace
 from typing import Any, ClassVar, TypeVar
 
@@ -45,7 +45,7 @@ from torch import nn
 from edgeff.config import ModelConfig, TrainConfig
 from edgeff.errors import InputError, UnsupportedError
 from edgeff.families import CORE_MODEL, CORE_TRAIN, Family, declared, family_for
-from edgeff.inputs import as_batch, resolve_device
+from edgeff.inputs import as_batch, as_labels, resolve_device
 from edgeff.loop import LayerMetrics
 
 
@@ -101,6 +101,12 @@ class LearnerBase(ABC):
         set once). Nothing for most families; a goodness learner with an lda predictor that does not follow
         the stream (``readout_memory=0``) solves its readout here, from one pass through the trained layers (or
         from the samples its ``readout_window`` holds, without that pass)."""
+
+    def _as_tensors(self, batches: Iterable[tuple[Any, Any]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Labelled batches checked and moved to the learner's device (what a readout solve reads)."""
+        for x, y in batches:
+            xb = as_batch(x, self.model_cfg.input_shape).to(self.device)
+            yield xb, as_labels(y, xb.shape[0], self.model_cfg.num_classes).to(self.device)
 
     def ready_to_predict(self, batches: Callable[[], Iterable[tuple[Any, Any]]] | None = None) -> str | None:
         """Ready a model saved partway through its plan to predict; a line saying what was done, or None when

@@ -28,7 +28,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -317,11 +317,6 @@ class ContrastiveLearner(LearnerBase):
             raise InputError("solve_readout needs the lda predictor; this model predicts by "
                              f"{'its label embeddings' if self.net.embed is not None else 'its head'}")
         self.net.readout.solve(self.net, None if batches is None else self._as_tensors(batches))
-
-    def _as_tensors(self, batches: Iterable[tuple[Any, Any]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for x, y in batches:
-            xb = as_batch(x, self.model_cfg.input_shape).to(self.device)
-            yield xb, as_labels(y, xb.shape[0], self.net.num_classes).to(self.device)
 
     def layer_predictions(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Each layer's own prediction (B, L) (CFL); CFF has only the head: (B, 1)."""

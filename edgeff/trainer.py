@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -204,11 +204,6 @@ class Learner(LearnerBase):
         if not isinstance(self.predictor, LdaPredictor):
             raise InputError(f"solve_readout needs the lda predictor; this learner predicts by {self.predictor.kind}")
         self.predictor.solve(self.net, None if batches is None else self._as_tensors(batches))
-
-    def _as_tensors(self, batches: Iterable[tuple[Any, Any]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for x, y in batches:
-            xb = as_batch(x, self.model_cfg.input_shape).to(self.device)
-            yield xb, as_labels(y, xb.shape[0], self.model_cfg.num_classes).to(self.device)
 
     def _predictor_learns(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
         """The predictor learns the batch's new samples: with a stream window the loop puts them first
