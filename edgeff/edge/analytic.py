@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from edgeff.edge.blocked import LowerBlocks, NotPositiveDefinite
+
 F32 = np.float32
 PENDING = 64  # samples whose features wait before one Gram-matrix update (as edgeff.analytic.PENDING)
 GRAM_ROWS = 256  # rows of the Gram matrix one update adds to at a time (edgeff.edge.plan plans the band)
@@ -27,22 +29,6 @@ def own(a: np.ndarray, dtype: Any) -> np.ndarray:
     """``a`` as a writeable array of ``dtype``: itself where it already is one (no copy), else a copy."""
     a = np.asarray(a)
     return a if a.dtype == dtype and a.flags.writeable and a.flags.c_contiguous else a.astype(dtype, copy=True)
-
-
-def lower_inverse(low: np.ndarray, leaf: int = 256) -> np.ndarray:
-    """The inverse of a lower-triangular matrix by halves, in matrix products ([[A, 0], [B, C]]⁻¹ =
-    [[A⁻¹, 0], [−C⁻¹ B A⁻¹, C⁻¹]]): a third of a general inverse's work, and numpy has no triangular solver.
-    Written into ``low`` (which is consumed)."""
-    n = low.shape[0]
-    if n <= leaf:
-        low[:] = np.tril(np.linalg.inv(low))
-        return low
-    h = n // 2
-    a_inv = lower_inverse(low[:h, :h], leaf)
-    c_inv = lower_inverse(low[h:, h:], leaf)
-    low[h:, :h] = -(c_inv @ (low[h:, :h] @ a_inv))
-    low[:h, h:] = 0.0
-    return low
 
 
 class LdaStats:
@@ -106,45 +92,54 @@ class LdaStats:
         return np.where(seen[:, None], self.class_sum / np.maximum(self.count, 1)[:, None], self.imprint)
 
     def readout(self, shrinkage: float) -> tuple[np.ndarray, np.ndarray]:
-        """``(P, c)``: scores = h @ P + c (see ``edgeff.analytic``), float32. Built in place, so the solve
-        holds about three D×D float64 matrices (the Gram matrix, the covariance, LAPACK's copy)."""
+        """``(P, c)``: scores = h @ P + c (see ``edgeff.analytic``), float32. The covariance is held as its lower
+        blocks (``edgeff.edge.blocked``), factored and inverted in place: the solve adds about half a D×D float64
+        matrix to the Gram matrix the model keeps."""
         k, d = self.count.shape[0], self.dim
         n = float(self.count.sum())
         seen = self.count > 0
         mu = self.means()
         if k == 0:
             return np.zeros((d, 0), F32), np.zeros(0, F32)
-        shrink = floor = 0.0
-        if n < 2:
-            cov = np.eye(d)
-        else:
-            cov = self.gram.copy()
-            tail = self.pending[: int(self.n_pending)].astype(np.float64)
-            cov += tail.T @ tail
-            floor = ridge_floor(float(np.trace(cov)) / (n * d))
-            m_seen = mu[seen] * np.sqrt(self.count[seen])[:, None]
-            cov -= m_seen.T @ m_seen
-            cov /= n
-            shrink = max(shrinkage * max(float(np.diagonal(cov).mean()), 0.0), floor)
-            cov[np.diag_indices(d)] += shrink
         d_eff: float | None = None
-        try:
-            low: np.ndarray | None = np.linalg.cholesky(cov)  # Σ' = L Lᵀ: Σ'⁻¹ = L⁻ᵀ L⁻¹
-        except np.linalg.LinAlgError:
-            low = None
-        if low is not None:
-            del cov
-            linv = lower_inverse(low)
-            p = linv.T @ (linv @ mu.T)  # (D, K): Σ'⁻¹ μᵀ
-            if n >= 2:  # Σ' = Σ + s·I: d_eff = tr(Σ'⁻¹ Σ) = D − s·tr(Σ'⁻¹), as edgeff.readout.solve_lda
-                d_eff = d - shrink * float(np.einsum("ij,ij->", linv, linv))
-            del linv, low
-        else:  # rounding left it indefinite: Σ' = V Λ Vᵀ with Λ clamped at the floor
-            lam, vec = np.linalg.eigh(cov)
-            lam = np.maximum(lam, max(floor, 1e-300))
-            p = vec @ ((vec.T @ mu.T) / lam[:, None])
-            del vec
-            if n >= 2:
+        if n < 2:
+            p = mu.T.copy()  # Σ' = I
+        else:
+            tail = self.pending[: int(self.n_pending)].astype(np.float64)
+            m_seen = mu[seen] * np.sqrt(self.count[seen])[:, None]
+            diag = (np.diagonal(self.gram) + (tail * tail).sum(0) - (m_seen * m_seen).sum(0)) / n
+            floor = ridge_floor(float(np.diagonal(self.gram).sum() + (tail * tail).sum()) / (n * d))
+            shrink = max(shrinkage * max(float(diag.mean()), 0.0), floor)
+
+            def block(rows: slice, cols: slice) -> np.ndarray:  # (G + tailᵀ tail − Σ n_c μ_c μ_cᵀ) / n + s·I
+                a = self.gram[rows, cols] + tail[:, rows].T @ tail[:, cols] - m_seen[:, rows].T @ m_seen[:, cols]
+                a /= n
+                r0, c0 = rows.indices(d)[0], cols.indices(d)[0]  # the diagonal's part in this block
+                first, last = max(r0, c0), min(rows.indices(d)[1], cols.indices(d)[1])
+                idx = np.arange(first, last)
+                a[idx - r0, idx - c0] += shrink
+                return a
+
+            try:
+                low = LowerBlocks(d, block)
+                low.cholesky()  # Σ' = L Lᵀ: Σ'⁻¹ = L⁻ᵀ L⁻¹
+            except NotPositiveDefinite:
+                low = None
+            if low is not None:
+                low.invert_lower()
+                p = low.lower_t_times(low.lower_times(mu.T))  # (D, K): Σ'⁻¹ μᵀ
+                # Σ' = Σ + s·I: d_eff = tr(Σ'⁻¹ Σ) = D − s·tr(Σ'⁻¹), as edgeff.readout.solve_lda
+                d_eff = d - shrink * low.frobenius_sq()
+                del low
+            else:  # rounding left it indefinite: Σ' = V Λ Vᵀ with Λ clamped at the floor (dense: a rare case)
+                cov = np.empty((d, d))
+                for r in range(0, d, GRAM_ROWS):
+                    cov[r : r + GRAM_ROWS] = block(slice(r, r + GRAM_ROWS), slice(0, d))
+                lam, vec = np.linalg.eigh(cov)
+                del cov
+                lam = np.maximum(lam, max(floor, 1e-300))
+                p = vec @ ((vec.T @ mu.T) / lam[:, None])
+                del vec
                 d_eff = float(np.maximum((lam - shrink) / lam, 0.0).sum())
         c = -0.5 * (mu * p.T).sum(1)
         if d_eff is not None:

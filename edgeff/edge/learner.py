@@ -135,6 +135,7 @@ class EdgeLayer:
         first = -1 if need_input_grad else next((j for j, op in enumerate(self.ops) if op.params), len(self.ops))
         g: np.ndarray | None = dy
         for j in range(len(self.ops) - 1, -1, -1):
+            self.ops[j].dy_owned = g is not None and g is not dy and not np.may_share_memory(g, dy)
             g = self.ops[j].backward(g, need_dx=j > first)  # type: ignore[arg-type]
         return g
 
@@ -227,6 +228,30 @@ def check_supported(model: ModelConfig, train: TrainConfig) -> str:
 def _pairs(t: np.ndarray) -> np.ndarray:
     """A per-sample array's rows for positive/negative pairs: positives then negatives."""
     return np.concatenate([t, t])
+
+
+INFER_ROWS = 128  # rows a prediction pass runs through a layer at a time, at most
+INFER_BYTES = 4 << 20  # a prediction chunk's largest layer working set, at most (one sample at least)
+
+
+def infer_row_bytes(model: ModelConfig, input_shape: tuple[int, ...], layers: int | None = None) -> int:
+    """Bytes one row holds in a prediction pass at its largest layer (of the first ``layers``): the layer's input
+    and output, before and after the norm and pool (a conv's patches are unfolded a few samples at a time apart:
+    ``edgeff.edge.ops.cols_samples``; ``edgeff.edge.plan`` plans the same)."""
+    shape, most = input_shape, 0
+    for spec in model.layers[:layers]:
+        cost = numpy_kind(spec.kind).cost(spec, shape)  # type: ignore[misc]
+        most = max(most, 4 * (2 * int(np.prod(shape)) + 2 * cost.pre_pool))
+        shape = out_shape(spec, shape)
+    return most
+
+
+def chunk_samples(model: ModelConfig, input_shape: tuple[int, ...], rows_per_sample: int,
+                  layers: int | None = None) -> int:
+    """Samples a prediction pass runs at a time: at most ``INFER_ROWS`` rows (``rows_per_sample`` each: one per label
+    for the goodness family) and at most ``INFER_BYTES`` at its largest layer; one at least."""
+    per_sample = rows_per_sample * infer_row_bytes(model, input_shape, layers)
+    return max(1, min(INFER_ROWS // rows_per_sample, INFER_BYTES // max(per_sample, 1)))
 
 
 @dataclass(frozen=True)
@@ -424,9 +449,12 @@ class EdgeLearner:
         return x.reshape(x.shape[0], -1)  # (B, D)
 
     # ----------------------------------------------------------------- prediction
-    def _chunk(self) -> int:
-        """Samples per inference chunk, so inference never needs more memory than a small training batch."""
-        return 128
+    def _chunk(self, rows_per_sample: int | None = None, layers: int | None = None) -> int:
+        """Samples per prediction chunk (``chunk_samples``): the family's rows per sample (``PlanTerms.infer_rows``)
+        unless given, through all layers or the first ``layers``."""
+        terms = self.plan_terms(self.model_cfg, self.train_cfg)
+        rows = terms.infer_rows if rows_per_sample is None else rows_per_sample
+        return chunk_samples(self.model_cfg, terms.input_shape, rows, layers)
 
     def layer_scores(self, x: Any) -> np.ndarray:
         """Per-layer class scores (B, K, L), computed in chunks, so the working set stays small for any batch."""
@@ -560,9 +588,9 @@ class GoodnessEdge(EdgeLearner):
         """What the lda predictor reads: each chosen layer's output on the neutral-label input (a conv map
         average-pooled to about readout_size×readout_size), flattened, scaled to length √D
         (``edgeff.readout.LdaPredictor._features``), side by side; in chunks."""
-        out = []
-        for s in range(0, x.shape[0], 128):
-            h, feats = self._neutral(x[s : s + 128]), []
+        out, step = [], self._chunk(1, max(self.eval_layers) + 1)
+        for s in range(0, x.shape[0], step):
+            h, feats = self._neutral(x[s : s + step]), []
             for i, layer in enumerate(self.layers[: max(self.eval_layers) + 1]):
                 h = layer.forward(h, train=False)
                 if i in self.eval_layers:
@@ -681,10 +709,6 @@ class GoodnessEdge(EdgeLearner):
         pos = np.searchsorted(classes, y)
         return classes[(pos + self.draws.rng.integers(1, classes.size, size=y.shape[0])) % classes.size]
 
-    def _chunk(self) -> int:
-        """About 128 rows through a layer at a time: K rows per sample."""
-        return max(1, 128 // self.num_classes)
-
     def _chunk_scores(self, x: np.ndarray) -> list[np.ndarray]:
         b, k = x.shape[0], self.num_classes
         first = self._split_first()
@@ -759,7 +783,8 @@ class CflEdge(EdgeLearner):
     def _features_backward(self, out: np.ndarray, dh: np.ndarray) -> np.ndarray:
         if out.ndim == 4:
             hw = out.shape[2] * out.shape[3]
-            return np.broadcast_to((dh / F32(hw))[:, :, None, None], out.shape).astype(F32)
+            # a read-only broadcast view (no map of copies): the ops read their output gradient, never write it
+            return np.broadcast_to((dh / F32(hw)).astype(F32, copy=False)[:, :, None, None], out.shape)
         g = self.model_cfg.groups
         return np.tile(dh / F32(g), (1, g))
 
@@ -912,7 +937,8 @@ class AnalyticEdge(EdgeLearner):
         """The readout's scores (B, K, 1)."""
         xb = as_batch(x, self.model_cfg.input_shape)
         p, c = self.readout()
-        return np.concatenate([self._body(xb[s : s + 128]) @ p + c for s in range(0, xb.shape[0], 128)]
+        step = self._chunk()
+        return np.concatenate([self._body(xb[s : s + step]) @ p + c for s in range(0, xb.shape[0], step)]
                               or [np.zeros((0, self.num_classes), F32)])[..., None]
 
     def _grow(self, xb: np.ndarray | None, cfg: ModelConfig) -> None:

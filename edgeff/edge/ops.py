@@ -29,6 +29,9 @@ class Op:
         self.buffers: dict[str, np.ndarray] = {}  # running statistics
         self.grads: dict[str, Any] = {}  # arrays, or an Outer the optimizer reads block by block
         self.cache: Any = None
+        # the next backward's output gradient is this step's own scratch (made by a later op of the layer, shared
+        # with nothing else): the op may write its input gradient into it (``EdgeLayer.backward`` sets it)
+        self.dy_owned = False
 
     def forward(self, x: np.ndarray, train: bool) -> np.ndarray:
         raise NotImplementedError
@@ -142,6 +145,11 @@ class BatchNorm(Op):
     def _axes(self) -> tuple[int, ...]:
         return (0, 2, 3) if self.spatial else (0,)
 
+    @property
+    def _sub(self) -> str:
+        """einsum's per-channel sum of a product (no map of products)."""
+        return "bchw,bchw->c" if self.spatial else "bc,bc->c"
+
     def _shape(self, v: np.ndarray) -> np.ndarray:
         return v.reshape(1, -1, 1, 1) if self.spatial else v.reshape(1, -1)
 
@@ -151,31 +159,49 @@ class BatchNorm(Op):
         if train:
             n = x.size // x.shape[1]
             mean = x.mean(axis=ax)
+            xhat = x - self._shape(mean)  # the centred values; their mean square is the batch's (biased) variance
+            var = np.einsum(self._sub, xhat, xhat) / F32(n)  # no map of squares
             rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
             rm += F32(self.momentum) * (mean - rm)  # torch's lerp_
-            if n > 1:
-                rv += F32(self.momentum) * (x.var(axis=ax, ddof=1) - rv)
+            if n > 1:  # the running variance takes the unbiased one
+                rv += F32(self.momentum) * (var * F32(n / (n - 1)) - rv)
             if not self.always_running and x.shape[0] >= self.min_batch:
-                mu = self._shape(mean)
-                inv = F32(1) / np.sqrt(self._shape(x.var(axis=ax)) + self.eps)
-                xhat = (x - mu) * inv
+                inv = F32(1) / np.sqrt(self._shape(var) + self.eps)
+                xhat *= inv
                 self.cache = ("batch", xhat, inv)
-                return xhat * w + b
+                out = xhat * w
+                out += b
+                return out
+            del xhat
         inv = F32(1) / np.sqrt(self._shape(self.buffers["running_var"]) + self.eps)
-        xhat = (x - self._shape(self.buffers["running_mean"])) * inv
+        xhat = x - self._shape(self.buffers["running_mean"])
+        xhat *= inv
         self.cache = ("running", xhat, inv) if train else None
-        return xhat * w + b
+        out = xhat * w if train else xhat
+        if not train:
+            out *= w
+        out += b
+        return out
 
     def backward(self, dy: np.ndarray, need_dx: bool) -> np.ndarray | None:
         mode, xhat, inv = self.cache
         ax = self._axes()
-        self.grads = {"weight": (dy * xhat).sum(axis=ax), "bias": dy.sum(axis=ax)}
+        self.grads = {"weight": np.einsum(self._sub, dy, xhat), "bias": dy.sum(axis=ax)}
         if not need_dx:
             return None
-        g = dy * self._shape(self.params["weight"])
+        w = self._shape(self.params["weight"])
+        g = np.multiply(dy, w, out=dy) if self.dy_owned and dy.flags.writeable else dy * w  # g = dy·w
         if mode == "running":
-            return g * inv
-        return inv * (g - g.mean(axis=ax, keepdims=True) - xhat * (g * xhat).mean(axis=ax, keepdims=True))
+            g *= inv
+            return g
+        # inv · (g − mean(g) − xhat · mean(g · xhat)), in place on g (one temporary map at a time)
+        gx = self._shape(np.einsum(self._sub, g, xhat) / F32(g.size // g.shape[1]))  # mean(g · xhat), no map
+        g -= g.mean(axis=ax, keepdims=True)
+        xhat *= gx  # the cache is spent: its buffer takes xhat · mean(g · xhat)
+        self.cache = None
+        g -= xhat
+        g *= inv
+        return g
 
 
 class Linear(Op):
@@ -194,6 +220,14 @@ class Linear(Op):
         return dy @ self.params["weight"] if need_dx else None
 
 
+COLS_BYTES = 1 << 20  # a conv's unfolded patches (im2col) held at a time, at most (one sample at least)
+
+
+def cols_samples(patches: int) -> int:
+    """Samples whose unfolded patches (``patches`` values each) a conv unfolds at a time (``COLS_BYTES``)."""
+    return max(1, COLS_BYTES // max(4 * patches, 1))
+
+
 def _im2col(x: np.ndarray, k: int, stride: int, pad: int) -> tuple[np.ndarray, int, int]:
     """(B, C, H, W) -> (B·Ho·Wo, C·k·k) patches in torch's weight order (C, kh, kw)."""
     if pad:
@@ -204,35 +238,64 @@ def _im2col(x: np.ndarray, k: int, stride: int, pad: int) -> tuple[np.ndarray, i
 
 
 class Conv2d(Op):
-    """2-D convolution by im2col and one matrix product; W (out, in, k, k)."""
+    """2-D convolution by im2col and matrix products, a few samples' patches at a time (``cols_samples``): the
+    forward keeps its input, and the backward unfolds it again, so no whole batch of patches is ever held;
+    W (out, in, k, k)."""
 
     def __init__(self, n_in: int, n_out: int, kernel: int, stride: int, padding: int) -> None:
         super().__init__()
         self.k, self.stride, self.pad = kernel, stride, padding
         self.params = {"weight": np.zeros((n_out, n_in, kernel, kernel), F32), "bias": np.zeros(n_out, F32)}
 
+    def _out_hw(self, x: np.ndarray) -> tuple[int, int]:
+        return ((x.shape[2] + 2 * self.pad - self.k) // self.stride + 1,
+                (x.shape[3] + 2 * self.pad - self.k) // self.stride + 1)
+
+    def _step(self, x: np.ndarray) -> int:
+        ho, wo = self._out_hw(x)
+        return cols_samples(ho * wo * x.shape[1] * self.k * self.k)
+
     def forward(self, x: np.ndarray, train: bool) -> np.ndarray:
-        cols, ho, wo = _im2col(x, self.k, self.stride, self.pad)
         w = self.params["weight"]
-        y = cols @ w.reshape(w.shape[0], -1).T + self.params["bias"]  # (B·Ho·Wo, O)
-        self.cache = (cols, x.shape, ho, wo) if train else None
-        return np.ascontiguousarray(y.reshape(x.shape[0], ho, wo, -1).transpose(0, 3, 1, 2))  # (B, O, Ho, Wo)
+        wm = w.reshape(w.shape[0], -1).T
+        ho, wo = self._out_hw(x)
+        out = np.empty((x.shape[0], w.shape[0], ho, wo), F32)  # (B, O, Ho, Wo)
+        step = self._step(x)
+        for s in range(0, x.shape[0], step):
+            cols, _, _ = _im2col(x[s : s + step], self.k, self.stride, self.pad)
+            y = cols @ wm + self.params["bias"]  # (b·Ho·Wo, O)
+            del cols
+            out[s : s + step] = y.reshape(-1, ho, wo, w.shape[0]).transpose(0, 3, 1, 2)
+        self.cache = x if train else None
+        return out
 
     def backward(self, dy: np.ndarray, need_dx: bool) -> np.ndarray | None:
-        cols, shape, ho, wo = self.cache
+        x = self.cache
         w = self.params["weight"]
         o = w.shape[0]
-        dym = dy.transpose(0, 2, 3, 1).reshape(-1, o)  # (B·Ho·Wo, O)
-        self.grads = {"weight": Outer(dym, cols, w.shape), "bias": dym.sum(0)}
-        if not need_dx:
+        wm = w.reshape(o, -1)
+        b, c, h, wd = x.shape
+        k, st, p = self.k, self.stride, self.pad
+        ho, wo = dy.shape[2:]
+        gw = np.zeros_like(wm)
+        dxp = np.zeros((b, c, h + 2 * p, wd + 2 * p), F32) if need_dx else None
+        step = self._step(x)
+        for s in range(0, b, step):
+            dym = dy[s : s + step].transpose(0, 2, 3, 1).reshape(-1, o)  # (b·Ho·Wo, O)
+            cols, _, _ = _im2col(x[s : s + step], k, st, p)
+            gw += dym.T @ cols
+            del cols
+            if dxp is not None:
+                n = dy[s : s + step].shape[0]
+                dcols = (dym @ wm).reshape(n, ho, wo, c, k, k)
+                part = dxp[s : s + n]
+                for i in range(k):
+                    for j in range(k):
+                        part[:, :, i : i + st * ho : st, j : j + st * wo : st] += dcols[:, :, :, :, i, j].transpose(0, 3, 1, 2)
+                del dcols
+        self.grads = {"weight": gw.reshape(w.shape), "bias": dy.sum((0, 2, 3))}
+        if dxp is None:
             return None
-        b, c, h, wd = shape
-        k, s, p = self.k, self.stride, self.pad
-        dcols = (dym @ w.reshape(o, -1)).reshape(b, ho, wo, c, k, k)
-        dxp = np.zeros((b, c, h + 2 * p, wd + 2 * p), F32)
-        for i in range(k):
-            for j in range(k):
-                dxp[:, :, i : i + s * ho : s, j : j + s * wo : s] += dcols[:, :, :, :, i, j].transpose(0, 3, 1, 2)
         return dxp[:, :, p : p + h, p : p + wd]
 
 

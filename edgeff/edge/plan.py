@@ -10,8 +10,8 @@ before it builds the model, and ``edgeff-edge`` and the docs use the same figure
   first step has created them yet);
 - per layer, ``train_working`` and ``infer_working``: what one layer's step (forward with its caches, backward,
   the optimizer's block) or one layer's forward pass holds at a batch size (the largest layer is the working set);
-- ``solve``: what solving a closed-form readout adds (a copy of the Gram matrix as the covariance, LAPACK's
-  factor, the readout itself);
+- ``solve``: what solving a closed-form readout adds (the covariance's lower blocks, factored and inverted in
+  place: about half the Gram matrix's bytes; the readout itself);
 - ``load``: reading a model file: the file, its unpacked arrays and the model built from them, together;
 - ``save``: writing one (numpy copies an array into a buffer of at most 16 MiB as it writes it).
 
@@ -27,14 +27,15 @@ import numpy as np
 
 from edgeff.config import ModelConfig, TrainConfig, readout_shape
 from edgeff.edge.analytic import GRAM_ROWS, PENDING
-from edgeff.edge.learner import PlanTerms, check_supported, numpy_class
-from edgeff.edge.ops import out_shape
+from edgeff.edge.blocked import BLOCK as BLOCK_ROWS
+from edgeff.edge.blocked import LowerBlocks
+from edgeff.edge.learner import PlanTerms, check_supported, chunk_samples, numpy_class
+from edgeff.edge.ops import cols_samples, out_shape
 from edgeff.edge.optim import BLOCK
 from edgeff.kinds import numpy_kind
 
 F32, F64 = 4, 8
 SAVE_BUFFER = 16 << 20  # numpy.lib.format.write_array's buffer (bytes of one array copied at a time)
-INFER_CHUNK = 128  # rows a prediction pass runs at a time
 
 
 def state_sizes(arrays: dict[str, np.ndarray]) -> dict[str, int]:
@@ -47,16 +48,20 @@ def _layer_working(model: ModelConfig, terms: PlanTerms, i: int, in_shape: tuple
     """(train, infer) working bytes of layer ``i`` (``params`` bytes of weights) at ``batch`` samples."""
     spec = model.layers[i]
     rows_train = terms.train_rows * batch
-    rows_infer = min(batch * terms.infer_rows, INFER_CHUNK + model.num_classes)
+    rows_infer = min(batch, chunk_samples(model, terms.input_shape, terms.infer_rows)) * terms.infer_rows
     n_in = int(np.prod(in_shape))
     cost = numpy_kind(spec.kind).cost(spec, in_shape)  # type: ignore[misc]
-    cols = 2 * cost.patches  # unfolded patches (im2col) and their gradient, per sample
     n_out_pre = cost.pre_pool
+    # unfolded patches (im2col) a few samples at a time, and in training their gradient and the whole weight's
+    # (edgeff.edge.ops.Conv2d); a linear layer's gradient is read a block at a time (edgeff.edge.optim.Outer)
+    cols_rows = min(rows_train, cols_samples(cost.patches))
+    conv_grad = params if cost.patches else 0
     # the optimizer's scratch: a block of the gradient and one of its temporaries (edgeff.edge.optim)
-    train = F32 * rows_train * (2 * n_in + 4 * n_out_pre + cols) + 2 * F32 * min(BLOCK, params // F32)
-    infer = F32 * rows_infer * (2 * n_in + 2 * n_out_pre + cols // 2)
+    train = (F32 * (rows_train * (2 * n_in + 4 * n_out_pre) + 2 * cols_rows * cost.patches) + conv_grad
+             + 2 * F32 * min(BLOCK, params // F32))
+    infer = F32 * (rows_infer * (2 * n_in + 2 * n_out_pre) + min(rows_infer, cols_samples(cost.patches)) * cost.patches)
     if terms.frozen_body:  # the body only runs forward; its features go into the statistics
-        train = F32 * batch * (2 * n_in + 2 * n_out_pre + cols // 2)
+        train = F32 * (batch * (2 * n_in + 2 * n_out_pre) + min(batch, cols_samples(cost.patches)) * cost.patches)
     return train, infer
 
 
@@ -88,7 +93,10 @@ def memory_plan(model: ModelConfig, train: TrainConfig, sizes: dict[str, int], b
     windows = train.window * c * h * w * F32 * terms.window_views
     resident = sum(lay["params"] for lay in layers) + labels + max(moments, planned_moments) + stats + windows
     resident += sum(b for n, b in tensors.items() if n.startswith("layers.") and not n.endswith((".weight", ".bias")))
-    solve = (2 * stats_dim * stats_dim * F64 + stats_dim * k * (F32 + F64)) if stats_dim else 0
+    # the covariance's lower blocks, factored and inverted in place (edgeff.edge.blocked), a few blocks' temporaries,
+    # two D×K products and the readout
+    solve = (LowerBlocks.nbytes_for(stats_dim) + 4 * BLOCK_ROWS * BLOCK_ROWS * F64 + stats_dim * k * (F32 + 3 * F64)
+             if stats_dim else 0)
     # adding features to the statistics: the pending block in float64 and a band of the Gram matrix's update
     accumulate = (PENDING * stats_dim + GRAM_ROWS * stats_dim) * F64 if stats_dim else 0
     working_train = max(lay["train_working"] for lay in layers) + accumulate
