@@ -7,9 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import edgeff.edge.ops as ops
 from edgeff.config import LayerSpec
-from edgeff.edge import make_edge_learner
+from edgeff.edge import make_edge_learner, ops
 from edgeff.edge.learner import INFER_BYTES, chunk_samples, infer_row_bytes
 from edgeff.edge.rand import Rng
 

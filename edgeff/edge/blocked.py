@@ -11,6 +11,7 @@ LAPACK call larger than one block. Every block is float64, so the result agrees 
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import pairwise
 
 import numpy as np
 
@@ -39,7 +40,7 @@ class LowerBlocks:
     def nbytes_for(dim: int, block: int = BLOCK) -> int:
         """Bytes the blocks of a ``dim``-wide matrix take (``edgeff.edge.plan`` plans the solve with it)."""
         edges = list(range(0, dim, block)) + [dim]
-        widths = [b - a for a, b in zip(edges, edges[1:])]
+        widths = [b - a for a, b in pairwise(edges)]
         return sum(widths[i] * widths[j] for i in range(len(widths)) for j in range(i + 1)) * 8
 
     def _sl(self, i: int) -> slice:
