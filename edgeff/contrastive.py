@@ -133,7 +133,8 @@ class ContrastiveNet(nn.Module):
         self.readout: LdaPredictor | None = None  # CFF's lda predictor (in the checkpoint as readout.*)
         if cfg.loss == "supcon" and train.predictor == "lda":
             self.readout = LdaPredictor(self, select_layers(train.eval_layers, len(self.layers)), train.readout_memory,
-                                        cfg.shrinkage, train.readout_window, train.readout_size)
+                                        cfg.shrinkage, train.readout_window, train.readout_size,
+                                        mirror=train.hflip)
 
     encoder = NoLabel()  # what a readout reads through (``readout.LocalNet``): no label in the input
 

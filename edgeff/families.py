@@ -207,7 +207,8 @@ _NUMPY_STATE: Limit = (lambda m, t: t.optim_state_dtype != "float32",
 register_family(Family(
     "local", "goodness", frozenset({"ff", "symba"}),
     train_fields=frozenset({"schedule", "greedy_steps", "negatives", "predictor", "eval_layers", "head_lr", "frugal",
-                            "chunk", "weight_decay", "readout_memory", "readout_window", "readout_size"}),
+                            "chunk", "weight_decay", "readout_memory", "readout_window", "readout_size",
+                            "crop_padding", "hflip"}),
     model_fields=frozenset({"label", "label_learned", "icp_rate", "threshold", "alpha", "sharpness", "peer_norm",
                             "relu_grad", "init", "shrinkage"}),
     capabilities=frozenset({"layer_predictions", "per_layer_export", "device_export", "edge_runtime", "pipeline"}),
@@ -228,6 +229,9 @@ register_family(Family(
          lambda m, t: "an lda readout that follows the stream (readout_memory > 0) needs torch; the edge runtime "
                       "solves it when the planned run is complete (readout_memory 0), from a pass over the data or "
                       "its readout_window"),
+        (lambda m, t: bool(t.crop_padding or t.hflip),
+         lambda m, t: "random crops and flips (--crop-padding, --hflip) need torch; the edge runtime learns each "
+                      "sample as it is (leave them out: --crop-padding 0 --no-hflip)"),
         (lambda m, t: m.label not in ("overlay", "icp", "channel"),
          lambda m, t: f"unknown label encoder {m.label!r}"),
         _NUMPY_STATE,

@@ -213,7 +213,7 @@ def make_predictor(train: TrainConfig, net: LocalNet, generator: torch.Generator
                              train.weight_decay)
     if train.predictor == "lda":
         return LdaPredictor(net, select_layers(train.eval_layers, len(net.layers)), train.readout_memory,
-                            net.cfg.shrinkage, train.readout_window, train.readout_size)
+                            net.cfg.shrinkage, train.readout_window, train.readout_size, mirror=train.hflip)
     raise ValueError(f"unknown predictor {train.predictor!r}; choose goodness, head or lda")
 
 

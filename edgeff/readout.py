@@ -194,9 +194,10 @@ class LdaPredictor(nn.Module):
     window_seen: torch.Tensor
 
     def __init__(self, net: LocalNet, idx: list[int], memory: int, shrinkage: float, window: int = 0,
-                 size: int = 0) -> None:
+                 size: int = 0, mirror: bool = False) -> None:
         super().__init__()
         self.idx = idx
+        self.mirror = mirror  # each sample also counted mirrored (a learner trained with random flips)
         self.pools = [readout_pool(net.shapes[i], size) for i in idx]  # conv maps pooled to about size×size
         shapes = [readout_shape(net.shapes[i], size) for i in idx]
         self.scales = [math.sqrt(math.prod(s)) for s in shapes]
@@ -319,6 +320,8 @@ class LdaPredictor(nn.Module):
         net.eval()
         with torch.no_grad():
             self.stats.accumulate(self._features(net, x), y)
+            if self.mirror:  # the flipped image is as much a sample of its class: twice the samples to estimate from
+                self.stats.accumulate(self._features(net, x.flip(-1)), y)
         net.train(was_training)
         self._solved = None
 

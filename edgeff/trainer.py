@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from edgeff import factored
+from edgeff.augment import make_augment
 from edgeff.config import ModelConfig, TrainConfig
 from edgeff.contract import LearnerBase, register
 from edgeff.errors import InputError
@@ -74,6 +75,7 @@ class Learner(LearnerBase):
         if isinstance(self.predictor, torch.nn.Module):
             self.predictor.to(self.device)
         self.negatives = NEGATIVES[train.negatives]
+        self.augment = make_augment(train, self.generator)  # random crops / flips of each batch before its step
         self.loss_fn = get_loss(model.loss, threshold=model.threshold, alpha=model.alpha, sharpness=model.sharpness)
 
     def _layer_loss(self, layer: torch.nn.Module, out: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor,
@@ -121,6 +123,9 @@ class Learner(LearnerBase):
         """
         xb = as_batch(x, self.model_cfg.input_shape).to(self.device)
         yb = as_labels(y, xb.shape[0], self.model_cfg.num_classes).to(self.device)
+        seen = xb  # what the predictor learns: the samples as they came (a readout mirrors them itself, --hflip)
+        if self.augment is not None:
+            xb = self.augment(xb)
         b = xb.shape[0]
         self.net.train()
         y_neg = self.negatives(self.net, xb, yb, self.generator)
@@ -130,7 +135,7 @@ class Learner(LearnerBase):
         first = self._first_pairs(xb, yb, y_neg)
         if self.train_cfg.frugal and self.train_cfg.schedule != "olu":  # olu carries two layers' graphs by design
             frugal, _, _ = self.learn_block(first)
-            self._predictor_learns(xb, yb)
+            self._predictor_learns(seen, yb)
             self.step += 1
             self.samples_seen += b
             return frugal
@@ -184,7 +189,7 @@ class Learner(LearnerBase):
             h = out.detach()  # the memory contract: no graph crosses this boundary
         if hook is not None:
             hook(min(last_to_run, n_layers - 1), False)
-        self._predictor_learns(xb, yb)
+        self._predictor_learns(seen, yb)
         self.step += 1
         self.samples_seen += b
         return metrics
@@ -217,6 +222,8 @@ class Learner(LearnerBase):
         them): what the first stage of a layer pipeline computes before its layers."""
         xb = as_batch(x, self.model_cfg.input_shape).to(self.device)
         yb = as_labels(y, xb.shape[0], self.model_cfg.num_classes).to(self.device)
+        if self.augment is not None:
+            xb = self.augment(xb)
         self.net.train()
         return self._first_pairs(xb, yb, self.negatives(self.net, xb, yb, self.generator))
 

@@ -125,3 +125,52 @@ def test_two_view_cff_learns_real_mnist(mnist_small: ImageData) -> None:
         learner.learn_many(xb, yb)
     res = evaluate(learner, mnist_small.test_batches(500, limit=500))
     assert res.accuracy > 0.7, res  # chance 0.1; 0.79 here (0.58 after 2,000 images)
+
+
+# ---------------------------------------------------------------------------------- the goodness family
+def test_a_goodness_step_learns_the_augmented_batch(real_batch) -> None:
+    """With crops or flips a goodness learner steps on the augmented batch: the same step as a plain learner
+    given those images (the augmentation made deterministic here: every image mirrored)."""
+    x, y = real_batch
+    p = get_preset("symba-mlp")
+    a = make_learner(p, train=replace(p.train, hflip=True))
+    b = make_learner(p, train=p.train)
+    assert a.augment is not None and b.augment is None
+    a.augment = lambda xb: xb.flip(-1)  # type: ignore[assignment]
+    a.learn_many(x, y)
+    b.learn_many(x.flip(-1), y)
+    for (name, va), vb in zip(a.net.state_dict().items(), b.net.state_dict().values(), strict=True):
+        torch.testing.assert_close(va, vb, msg=name)
+    c = make_learner(p, train=p.train)  # and not the step on the images as they came
+    c.learn_many(x, y)
+    assert any(not torch.equal(vc, va) for vc, va in zip(c.net.state_dict().values(), a.net.state_dict().values()))
+
+
+def test_a_flipped_learners_lda_readout_counts_each_sample_and_its_mirror(mnist_small: ImageData) -> None:
+    """The lda readout of a learner trained with flips is solved from each sample and its mirror image: the
+    readout a plain learner with the same layers solves from the batches and their mirrored copies."""
+    p = get_preset("trifecta-cnn")
+    train = replace(p.train, epochs=1)
+    a = make_learner(p, train=replace(train, hflip=True), input_shape=(1, 28, 28), num_classes=10)
+    b = make_learner(p, train=train, input_shape=(1, 28, 28), num_classes=10)
+    b.net.load_state_dict(a.net.state_dict())
+    batches = list(mnist_small.train_batches(250, seed=0, limit=500))
+    a.solve_readout(batches)
+    b.solve_readout([*batches, *((xb.flip(-1), yb) for xb, yb in batches)])
+    x = next(mnist_small.test_batches(100, limit=100))[0]
+    torch.testing.assert_close(a.scores(x), b.scores(x), rtol=1e-4, atol=1e-4)
+    c = make_learner(p, train=train, input_shape=(1, 28, 28), num_classes=10)  # without the mirrors: another readout
+    c.net.load_state_dict(a.net.state_dict())
+    c.solve_readout(batches)
+    assert not torch.allclose(c.scores(x), a.scores(x), atol=1e-3)
+
+
+def test_the_edge_runtime_refuses_a_goodness_learner_with_crops_or_flips() -> None:
+    from edgeff.edge.learner import check_supported
+    from edgeff.errors import UnsupportedError
+
+    p = get_preset("symba-mlp")
+    assert check_supported(p.model, p.train) == "goodness"
+    for change in ({"hflip": True}, {"crop_padding": 2}):
+        with pytest.raises(UnsupportedError, match="crops and flips .* need torch"):
+            check_supported(p.model, replace(p.train, **change))
