@@ -97,6 +97,8 @@ JOBS: dict[str, tuple[str, str, str, float]] = {
     "trifecta-cnn:cifar10:mnist-recipe": ("trifecta-cnn", "cifar10", "epochs", 25 * 60),
     "trifecta-cnn:cifar10:goodness-predictor": ("trifecta-cnn", "cifar10", "epochs", 25 * 60),
     "trifecta-cnn:cifar10:wide": ("trifecta-cnn", "cifar10", "epochs", 60 * 60),
+    "trifecta-cnn:cifar10:crop-flip": ("trifecta-cnn", "cifar10", "epochs", 40 * 60),
+    "trifecta-cnn:cifar10:flip": ("trifecta-cnn", "cifar10", "epochs", 40 * 60),
     "cfl-conv:cifar10": ("cfl-conv", "cifar10", "epochs", 30 * 60),
     "cfl-mlp3072:cifar10": ("cfl-mlp3072", "cifar10", "epochs", 15 * 60),
     "kmeans-conv3200:cifar10": ("kmeans-conv3200", "cifar10", "epochs", 60 * 60),
@@ -118,6 +120,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "trifecta-cnn:cifar10:goodness-predictor": {k: TRIFECTA_PAPER_RECIPE[k] for k in TRIFECTA_CIFAR_READOUT},
     # twice the channels (32-32-64-64-128-128, about 4x the conv work) for 20 epochs instead of 50
     "trifecta-cnn:cifar10:wide": {"layers": _cnn((32, 32, 64, 64, 128, 128)), "epochs": 20},
+    # augmentation on both sides: random crops (4 replicated border pixels) and flips, or flips alone; the local
+    # learner's lda readout also counts each sample mirrored
+    "trifecta-cnn:cifar10:crop-flip": {"crop_padding": 4, "hflip": True},
+    "trifecta-cnn:cifar10:flip": {"hflip": True},
     "cfl-mlp:fashion-mnist:two-views-flips": {"views": 2, "crop_padding": 2, "hflip": True},
     "cff-mlp:fashion-mnist:two-views-flips": {"views": 2, "crop_padding": 1, "hflip": True},
     "cff-mlp:mnist:one-forward": {"views": 1, "crop_padding": 0, "hflip": False},
