@@ -52,6 +52,8 @@ def _current(r: dict[str, Any]) -> bool:
 
 def _views(r: dict[str, Any]) -> str:
     if r.get("views", 1) == 1:
+        if r.get("crop_padding"):
+            return f"1 (crop {r['crop_padding']}{', flip' if r.get('hflip') else ''})"
         return "1" + (" (mirrored)" if r.get("hflip") else "")
     return f"2 (crop {r.get('crop_padding', 0)}{', flip' if r.get('hflip') else ''})"
 
@@ -75,6 +77,15 @@ def accuracy_table(dataset: str) -> str:
                      _cpu(r, "bp_cpu_seconds"), pct(r["bp_test_acc"]), f"{r['ratio']:.3f}"])
     return md(["preset", "views", "batch", "epochs", "local CPU s", "local acc", "BP CPU s", "BP acc", "ratio"], rows,
               f"python bench/accuracy.py --data-dir ../shared/data --threads 1 --jobs PRESET:{dataset}")
+
+
+def readout_probe_table() -> str:
+    rows = [[r["preset"], r["body"] + (f" ({r['body_epochs']} epochs)" if r["body_epochs"] else ""),
+             f"{r['eval_layers']}, size {r['readout_size']}, shrinkage {r['shrinkage']:g}", str(r["features"]),
+             "yes" if r["mirror"] else "no", pct(r["test_acc"])] for r in records("readout_probe")]
+    return md(["preset", "body", "lda readout", "features", "mirror images", "test acc"], rows,
+              "python bench/readout_probe.py --data-dir ../shared/data --preset trifecta-cnn --data cifar10 "
+              "--models KEPT.pt")
 
 
 def stream_table() -> str:
@@ -327,6 +338,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "accuracy-fashion-mnist": lambda: accuracy_table("fashion-mnist"),
     "accuracy-cifar10": lambda: accuracy_table("cifar10"),
     "stream": stream_table,
+    "readout-probe": readout_probe_table,
     "cli": cli_table,
     "process": process_table,
     "step": step_table,
