@@ -28,7 +28,9 @@ ARGS = ["--preset", "symba-mlp4", "--schedule", "all", "--samples", "400", "--ep
 
 
 def _torchrun(out: Path, *extra: str, restarts: int = 0) -> subprocess.Popen[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    tmp = out.parent / "torchrun-tmp"  # torchrun's own torchelastic_* folders, inside the test's directory
+    tmp.mkdir(exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "--max-restarts", str(restarts), "-m", "edgeff.cli.app", "train", *ARGS, "--out", str(out), "--pipeline",
            *extra]
