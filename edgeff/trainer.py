@@ -121,11 +121,7 @@ class Learner(LearnerBase):
         negative label is then drawn from the fresh samples' other classes (when there are any), the
         goodness analogue of ER-ACE's asymmetric loss, so new data does not push down old classes.
         """
-        xb = as_batch(x, self.model_cfg.input_shape).to(self.device)
-        yb = as_labels(y, xb.shape[0], self.model_cfg.num_classes).to(self.device)
-        seen = xb  # what the predictor learns: the samples as they came (a readout mirrors them itself, --hflip)
-        if self.augment is not None:
-            xb = self.augment(xb)
+        seen, xb, yb = self._step_batch(x, y)  # the predictor learns ``seen``, the samples as they came
         b = xb.shape[0]
         self.net.train()
         y_neg = self.negatives(self.net, xb, yb, self.generator)
@@ -220,12 +216,17 @@ class Learner(LearnerBase):
     def encode_batch(self, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray | list[int]) -> PairSource:
         """The positive and negative rows of layer 1 for a batch (negatives drawn as ``learn_many`` draws
         them): what the first stage of a layer pipeline computes before its layers."""
-        xb = as_batch(x, self.model_cfg.input_shape).to(self.device)
-        yb = as_labels(y, xb.shape[0], self.model_cfg.num_classes).to(self.device)
-        if self.augment is not None:
-            xb = self.augment(xb)
+        _, xb, yb = self._step_batch(x, y)
         self.net.train()
         return self._first_pairs(xb, yb, self.negatives(self.net, xb, yb, self.generator))
+
+    def _step_batch(self, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray | list[int]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(the batch as it came, the batch a step learns: randomly cropped / flipped with --crop-padding / --hflip,
+        its labels), on the learner's device (an lda readout mirrors the samples itself)."""
+        xb = as_batch(x, self.model_cfg.input_shape).to(self.device)
+        yb = as_labels(y, xb.shape[0], self.model_cfg.num_classes).to(self.device)
+        return xb, xb if self.augment is None else self.augment(xb), yb
 
     def _first_pairs(self, xb: torch.Tensor, yb: torch.Tensor, y_neg: torch.Tensor) -> PairSource:
         """The first layer's positive and negative rows: from the input's split where the layer takes it
